@@ -1,0 +1,159 @@
+"""The overlay interface: the node's own IP addresses and the dispatch of packets to protocols.
+
+Packets arrive from a link (the WireGuard device, a simulated link, a TUN device in tests) through
+:meth:`NetworkInterface.receive`, and leave through the ``transmit`` callable the owner provides.
+ICMP and ICMPv6 echo are answered here; transports (TCP, UDP) plug in with
+:meth:`NetworkInterface.register_protocol`. Like every core, it never touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from embedmesh.errors import ParseError
+from embedmesh.wire import icmp
+from embedmesh.wire.ip import PROTO_ICMP, PROTO_ICMPV6, IpPacket, build_ip, parse_ip
+
+logger = logging.getLogger("embedmesh.netstack")
+
+Buffer = bytes | bytearray | memoryview
+ProtocolHandler = Callable[[IpPacket, bytes | memoryview, float], None]
+
+
+@dataclass(slots=True)
+class EchoReply:
+    """An ICMP(v6) echo reply addressed to us."""
+
+    source: bytes
+    ident: int
+    sequence: int
+    payload: bytes
+    received_at: float
+
+
+class NetworkInterface:
+    """One overlay interface with any number of IPv4 and IPv6 addresses."""
+
+    def __init__(
+        self,
+        addresses: Iterable[bytes | str | IPv4Address | IPv6Address],
+        transmit: Callable[[bytes], None],
+        *,
+        mtu: int = 1420,
+    ) -> None:
+        self.addresses: list[bytes] = [
+            a if isinstance(a, bytes) else ip_address(a).packed for a in addresses
+        ]
+        self._address_set = set(self.addresses)
+        self.transmit = transmit
+        self.mtu = mtu
+        self.counters: Counter[str] = Counter()
+        self._handlers: dict[int, ProtocolHandler] = {}
+        #: Called with each echo reply addressed to us; the runtime matches it to a waiting ping.
+        self.on_echo_reply: Callable[[EchoReply], None] | None = None
+
+    # ------------------------------------------------------------------ addresses
+
+    def is_local(self, address: bytes) -> bool:
+        return address in self._address_set
+
+    def source_for(self, destination: bytes) -> bytes:
+        """Our address to send from towards ``destination``: the first of the same family."""
+        for address in self.addresses:
+            if len(address) == len(destination):
+                return address
+        family = "IPv4" if len(destination) == 4 else "IPv6"
+        raise ValueError(f"this node has no {family} address to send from")
+
+    def register_protocol(self, protocol: int, handler: ProtocolHandler) -> None:
+        """Hand every packet of ``protocol`` addressed to us to ``handler(packet, raw, now)``."""
+        self._handlers[protocol] = handler
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, raw: Buffer, now: float) -> None:
+        """Process one IP packet from the link. Never raises for anything the packet contains."""
+        try:
+            packet = parse_ip(raw)
+        except ParseError:
+            self.counters["drop_malformed"] += 1
+            return
+        if packet.dst not in self._address_set:
+            self.counters["drop_not_local"] += 1
+            return
+        self.counters["rx_packets"] += 1
+        protocol = packet.protocol
+        handler = self._handlers.get(protocol)
+        if handler is not None:
+            handler(packet, raw if isinstance(raw, bytes | memoryview) else bytes(raw), now)
+        elif protocol == PROTO_ICMP and packet.version == 4:
+            self._receive_icmpv4(packet, now)
+        elif protocol == PROTO_ICMPV6 and packet.version == 6:
+            self._receive_icmpv6(packet, now)
+        else:
+            self.counters["drop_unknown_protocol"] += 1
+
+    def _receive_icmpv4(self, packet: IpPacket, now: float) -> None:
+        try:
+            message = icmp.parse_icmpv4(packet.payload)
+        except ParseError:
+            self.counters["drop_malformed_icmp"] += 1
+            return
+        if message.type == icmp.ICMPV4_ECHO_REQUEST:
+            reply = icmp.build_icmpv4_echo(
+                icmp.ICMPV4_ECHO_REPLY, message.ident, message.sequence, message.payload
+            )
+            self.counters["tx_echo_reply"] += 1
+            self.transmit(build_ip(packet.dst, packet.src, PROTO_ICMP, reply))
+        elif message.type == icmp.ICMPV4_ECHO_REPLY:
+            self._deliver_echo_reply(packet.src, message, now)
+        else:
+            self.counters["rx_icmp_other"] += 1
+
+    def _receive_icmpv6(self, packet: IpPacket, now: float) -> None:
+        try:
+            message = icmp.parse_icmpv6(packet.payload, packet.src, packet.dst)
+        except ParseError:
+            self.counters["drop_malformed_icmp"] += 1
+            return
+        if message.type == icmp.ICMPV6_ECHO_REQUEST:
+            reply = icmp.build_icmpv6_echo(
+                packet.dst,
+                packet.src,
+                icmp.ICMPV6_ECHO_REPLY,
+                message.ident,
+                message.sequence,
+                message.payload,
+            )
+            self.counters["tx_echo_reply"] += 1
+            self.transmit(build_ip(packet.dst, packet.src, PROTO_ICMPV6, reply))
+        elif message.type == icmp.ICMPV6_ECHO_REPLY:
+            self._deliver_echo_reply(packet.src, message, now)
+        else:
+            self.counters["rx_icmp_other"] += 1
+
+    def _deliver_echo_reply(self, source: bytes, message: icmp.IcmpMessage, now: float) -> None:
+        self.counters["rx_echo_reply"] += 1
+        if self.on_echo_reply is not None:
+            self.on_echo_reply(
+                EchoReply(source, message.ident, message.sequence, bytes(message.payload), now)
+            )
+
+    # ------------------------------------------------------------------ output
+
+    def send_echo_request(self, destination: bytes, ident: int, sequence: int, payload: bytes) -> None:
+        """Send an ICMP (IPv4) or ICMPv6 (IPv6) echo request to ``destination``."""
+        source = self.source_for(destination)
+        if len(destination) == 4:
+            message = icmp.build_icmpv4_echo(icmp.ICMPV4_ECHO_REQUEST, ident, sequence, payload)
+            self.transmit(build_ip(source, destination, PROTO_ICMP, message))
+        else:
+            message = icmp.build_icmpv6_echo(
+                source, destination, icmp.ICMPV6_ECHO_REQUEST, ident, sequence, payload
+            )
+            self.transmit(build_ip(source, destination, PROTO_ICMPV6, message))
+        self.counters["tx_echo_request"] += 1

@@ -1,0 +1,671 @@
+"""The WireGuard device: a sans-IO state machine for one interface and all its peers.
+
+Inputs are UDP payloads from the underlay (:meth:`WireGuardDevice.receive_datagram`), IP packets
+from the overlay (:meth:`WireGuardDevice.send_packet`) and the passage of time
+(:meth:`WireGuardDevice.handle_timeout`), each with ``now`` on a monotonic clock in seconds. Outputs
+are pulled: :meth:`WireGuardDevice.datagrams_to_send` for the underlay, the return value of
+``receive_datagram`` for the overlay, and :meth:`WireGuardDevice.next_deadline` for the runtime's
+timer. Nothing here opens a socket, reads a clock or draws randomness it was not handed.
+
+Hostile input never raises: every malformed, unauthenticated, stale or replayed datagram is
+dropped and counted in :attr:`WireGuardDevice.counters`, and nothing is allocated for a sender
+before it has proved who it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Network, IPv6Network, ip_network
+
+from embedmesh.errors import ParseError
+from embedmesh.wireguard import crypto, messages
+from embedmesh.wireguard.allowedips import AllowedIPs
+from embedmesh.wireguard.cookie import CookieChecker, Endpoint
+from embedmesh.wireguard.crypto import CryptoError, InvalidTag
+from embedmesh.wireguard.keypair import Keypair
+from embedmesh.wireguard.messages import (
+    INITIATION_MAC1_OFFSET,
+    INITIATION_MAC2_OFFSET,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
+    RESPONSE_MAC1_OFFSET,
+    RESPONSE_MAC2_OFFSET,
+    TRANSPORT_HEADER,
+    TRANSPORT_MIN_SIZE,
+)
+from embedmesh.wireguard.noise import InitiatorState, PeerKeys, StaticIdentity
+from embedmesh.wireguard.peer import Peer
+from embedmesh.wireguard.timers import (
+    INITIATION_MIN_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    MAX_HANDSHAKE_ATTEMPTS,
+    MAX_STAGED_PACKETS,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER,
+)
+
+logger = logging.getLogger("embedmesh.wireguard")
+
+_unpack_transport = TRANSPORT_HEADER.unpack_from
+_pack_transport = TRANSPORT_HEADER.pack
+_pack_nonce = struct.Struct("<4xQ").pack
+_unpack_u16 = struct.Struct("!H").unpack_from
+_PADDING = bytes(16)
+
+Network = IPv4Network | IPv6Network
+
+#: Handshake messages per second above which the device counts as under load and demands mac2.
+DEFAULT_UNDER_LOAD_THRESHOLD = 64
+#: How long the device stays under load after the rate last exceeded the threshold (wireguard-go).
+UNDER_LOAD_DURATION = 1.0
+#: Per-source handshake rate once under load (wireguard-go's rate limiter: 20/s, burst 5).
+RATE_LIMIT_PER_SECOND = 20.0
+RATE_LIMIT_BURST = 5.0
+RATE_LIMIT_MAX_SOURCES = 4096
+
+
+class WireGuardDevice:
+    """One WireGuard interface: a static key, a UDP port's worth of peers, cryptokey routing.
+
+    ``random_bytes`` supplies ephemeral keys, indices and cookie secrets (``os.urandom`` by
+    default; the simulator hands in a seeded source). ``rng`` supplies timer jitter. The TAI64N
+    timestamp of an initiation must grow across restarts, so it is taken from
+    ``now + wall_clock_offset`` (the runtime passes ``time.time() - time.monotonic()``).
+    """
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        mtu: int = 1420,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        rng: random.Random | None = None,
+        wall_clock_offset: float = 0.0,
+        under_load_threshold: int = DEFAULT_UNDER_LOAD_THRESHOLD,
+    ) -> None:
+        if len(private_key) != 32:
+            raise ValueError("a WireGuard private key is 32 bytes")
+        self.identity = StaticIdentity(private_key)
+        self.mtu = mtu
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.counters: Counter[str] = Counter()
+        self._random_bytes = random_bytes
+        self._rng = rng or random.Random()
+        self._wall_clock_offset = wall_clock_offset
+        self._cookie_checker = CookieChecker(
+            self.identity.mac1_key, self.identity.cookie_key, random_bytes
+        )
+        # Local index -> what it names: a Keypair, or (peer, initiator state) while a handshake
+        # we started is in flight.
+        self._indices: dict[int, Keypair | tuple[Peer, InitiatorState]] = {}
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._under_load_threshold = under_load_threshold
+        self._load_window_start = float("-inf")
+        self._load_count = 0
+        self._under_load_until = float("-inf")
+        self._rate_buckets: dict[str, tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_key
+
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        allowed_ips: Iterable[Network | str] = (),
+        endpoint: Endpoint | None = None,
+        persistent_keepalive: float | None = None,
+    ) -> Peer:
+        """Add a peer (or update one with the same key) and route ``allowed_ips`` to it."""
+        if len(public_key) != 32:
+            raise ValueError("a WireGuard public key is 32 bytes")
+        if public_key == self.public_key:
+            raise ValueError("a device cannot have itself as a peer")
+        peer = self.peers.get(public_key)
+        if peer is None:
+            keys = PeerKeys.derive(self.identity, public_key, preshared_key)
+            peer = Peer(
+                keys,
+                endpoint=endpoint,
+                persistent_keepalive=persistent_keepalive,
+                max_staged=MAX_STAGED_PACKETS,
+            )
+            self.peers[public_key] = peer
+        else:
+            if endpoint is not None:
+                peer.endpoint = endpoint
+            peer.persistent_keepalive = persistent_keepalive or None
+            if preshared_key is not None:
+                peer.keys = PeerKeys.derive(self.identity, public_key, preshared_key)
+        for network in allowed_ips:
+            self.allowed_ips.insert(network, peer)
+        return peer
+
+    def set_allowed_ips(self, peer: Peer, allowed_ips: Iterable[Network | str]) -> None:
+        """Replace the prefixes routed to ``peer``."""
+        self.allowed_ips.remove_value(peer)
+        for network in allowed_ips:
+            self.allowed_ips.insert(ip_network(network, strict=False) if isinstance(network, str) else network, peer)
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Forget a peer, its routes, sessions and staged packets."""
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        self.allowed_ips.remove_value(peer)
+        self._zero_keys(peer)
+
+    # ------------------------------------------------------------------ outputs
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
+        """Take every datagram waiting to go out: (UDP payload, destination endpoint)."""
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which :meth:`handle_timeout` has work, or None."""
+        deadline: float | None = None
+        for peer in self.peers.values():
+            at = peer.next_deadline()
+            if at is not None and (deadline is None or at < deadline):
+                deadline = at
+        return deadline
+
+    # ------------------------------------------------------------------ underlay input
+
+    def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> bytes | memoryview | None:
+        """Process one UDP payload; return the IP packet it carried, if any.
+
+        Never raises for anything ``data`` contains.
+        """
+        try:
+            kind = messages.message_type(data)
+            if kind == MESSAGE_TRANSPORT:
+                return self._receive_transport(data, source, now)
+            if kind == MESSAGE_INITIATION:
+                self._receive_initiation(data, source, now)
+            elif kind == MESSAGE_RESPONSE:
+                self._receive_response(data, source, now)
+            elif kind == MESSAGE_COOKIE_REPLY:
+                self._receive_cookie_reply(data, now)
+            else:
+                self.counters["drop_unknown_type"] += 1
+        except CryptoError:
+            self.counters["drop_authentication"] += 1
+        except ParseError:
+            self.counters["drop_malformed"] += 1
+        return None
+
+    def _receive_transport(self, data: bytes, source: Endpoint, now: float) -> bytes | memoryview | None:
+        if len(data) < TRANSPORT_MIN_SIZE:
+            self.counters["drop_malformed"] += 1
+            return None
+        _, receiver, counter = _unpack_transport(data)
+        keypair = self._indices.get(receiver)
+        if keypair is None or keypair.__class__ is not Keypair:
+            self.counters["drop_unknown_index"] += 1
+            return None
+        assert isinstance(keypair, Keypair)
+        if now - keypair.created >= REJECT_AFTER_TIME:
+            self.counters["drop_expired_keypair"] += 1
+            return None
+        replay = keypair.replay
+        if not replay.would_accept(counter):
+            self.counters["drop_replay"] += 1
+            return None
+        try:
+            plaintext = keypair.receiver.decrypt(_pack_nonce(counter), memoryview(data)[16:], None)
+        except InvalidTag:
+            self.counters["drop_authentication"] += 1
+            return None
+        if not replay.accept(counter):
+            self.counters["drop_replay"] += 1
+            return None
+        peer = keypair.peer
+        peer.endpoint = source
+        peer.stats.rx_bytes += len(data)
+        if keypair is peer.next:
+            self._confirm_next_keypair(peer, now)
+        self._keep_key_fresh_receiving(peer, now)
+        # Any authenticated packet: the peer is alive, so the "new handshake" timer stops.
+        peer.new_handshake_at = None
+        self._touch_persistent_keepalive(peer, now)
+        if not plaintext:
+            self.counters["rx_keepalive"] += 1
+            return None
+        if peer.send_keepalive_at is None:
+            peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+        else:
+            peer.need_another_keepalive = True
+        return self._validate_inner(peer, plaintext)
+
+    def _validate_inner(self, peer: Peer, plaintext: bytes) -> bytes | memoryview | None:
+        """Strip the padding and enforce cryptokey routing on the source address (§2)."""
+        version = plaintext[0] >> 4
+        if version == 4 and len(plaintext) >= 20:
+            length = _unpack_u16(plaintext, 2)[0]
+            source = plaintext[12:16]
+        elif version == 6 and len(plaintext) >= 40:
+            length = _unpack_u16(plaintext, 4)[0] + 40
+            source = plaintext[8:24]
+        else:
+            self.counters["drop_inner_malformed"] += 1
+            return None
+        if length > len(plaintext) or length < 20:
+            self.counters["drop_inner_malformed"] += 1
+            return None
+        if self.allowed_ips.lookup(source) is not peer:
+            self.counters["drop_source_not_allowed"] += 1
+            return None
+        self.counters["rx_packets"] += 1
+        if length == len(plaintext):
+            return plaintext
+        return memoryview(plaintext)[:length]
+
+    def _handshake_allowed(self, data: bytes, mac1_offset: int, mac2_offset: int, sender_index: int,
+                           source: Endpoint, now: float) -> bool:
+        """mac1 always; under load also mac2 (else a cookie reply) and a per-source rate limit."""
+        if not self._cookie_checker.check_mac1(data, mac1_offset):
+            self.counters["drop_bad_mac1"] += 1
+            return False
+        if not self._under_load(now):
+            return True
+        if not self._cookie_checker.check_mac2(data, mac2_offset, source, now):
+            reply = self._cookie_checker.create_reply(data, mac1_offset, sender_index, source, now)
+            self._outbox.append((reply.to_bytes(), source))
+            self.counters["tx_cookie_reply"] += 1
+            return False
+        if not self._rate_limit_allows(source[0], now):
+            self.counters["drop_rate_limited"] += 1
+            return False
+        return True
+
+    def _under_load(self, now: float) -> bool:
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += 1
+        if self._load_count > self._under_load_threshold:
+            self._under_load_until = now + UNDER_LOAD_DURATION
+        return now < self._under_load_until
+
+    def _rate_limit_allows(self, host: str, now: float) -> bool:
+        tokens, last = self._rate_buckets.get(host, (RATE_LIMIT_BURST, now))
+        tokens = min(RATE_LIMIT_BURST, tokens + (now - last) * RATE_LIMIT_PER_SECOND)
+        if len(self._rate_buckets) >= RATE_LIMIT_MAX_SOURCES and host not in self._rate_buckets:
+            # Bounded memory under a spoofed-source flood: start over rather than grow.
+            self._rate_buckets.clear()
+        if tokens < 1.0:
+            self._rate_buckets[host] = (tokens, now)
+            return False
+        self._rate_buckets[host] = (tokens - 1.0, now)
+        return True
+
+    def _receive_initiation(self, data: bytes, source: Endpoint, now: float) -> None:
+        message = messages.parse_initiation(data)
+        if not self._handshake_allowed(
+            data, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET, message.sender_index, source, now
+        ):
+            return
+        from embedmesh.wireguard import noise
+
+        peer_public, ck, h = noise.open_initiation_static(self.identity, message)
+        peer = self.peers.get(peer_public)
+        if peer is None:
+            self.counters["drop_unknown_peer"] += 1
+            return
+        consumed = noise.finish_initiation(peer.keys, message, ck, h)
+        # TAI64N labels are big-endian, so byte order is time order (whitepaper §5.1).
+        if consumed.timestamp <= peer.last_timestamp:
+            self.counters["drop_replayed_initiation"] += 1
+            return
+        if now - peer.last_initiation_consumed < INITIATION_MIN_INTERVAL:
+            self.counters["drop_initiation_flood"] += 1
+            return
+        peer.last_timestamp = consumed.timestamp
+        peer.last_initiation_consumed = now
+        # As in wireguard-go, consuming the peer's initiation supersedes one of ours in flight.
+        self._drop_handshake(peer)
+        local_index = self._new_index()
+        ephemeral = crypto.generate_private_key(self._random_bytes(32))
+        response, keys = noise.create_response(consumed, peer.keys, local_index, ephemeral)
+        keypair = Keypair(
+            peer,
+            keys.send_key,
+            keys.receive_key,
+            is_initiator=False,
+            local_index=local_index,
+            remote_index=consumed.sender_index,
+            created=now,
+        )
+        # The responder may not send with the new keypair until the initiator's first packet
+        # proves it derived the same keys, so it waits in `next`.
+        self._release(peer.next)
+        self._release(peer.previous)
+        peer.previous = None
+        peer.next = keypair
+        self._indices[local_index] = keypair
+        peer.endpoint = source
+        self._session_derived(peer, now)
+        self._send_handshake_message(peer, response.to_bytes(), RESPONSE_MAC1_OFFSET, now)
+        self.counters["rx_initiation"] += 1
+
+    def _receive_response(self, data: bytes, source: Endpoint, now: float) -> None:
+        message = messages.parse_response(data)
+        if not self._handshake_allowed(
+            data, RESPONSE_MAC1_OFFSET, RESPONSE_MAC2_OFFSET, message.sender_index, source, now
+        ):
+            return
+        entry = self._indices.get(message.receiver_index)
+        if not isinstance(entry, tuple):
+            self.counters["drop_unknown_index"] += 1
+            return
+        peer, state = entry
+        if peer.handshake is not state:
+            self.counters["drop_stale_response"] += 1
+            return
+        from embedmesh.wireguard import noise
+
+        keys = noise.consume_response(self.identity, peer.keys, state, message)
+        keypair = Keypair(
+            peer,
+            keys.send_key,
+            keys.receive_key,
+            is_initiator=True,
+            local_index=state.local_index,
+            remote_index=message.sender_index,
+            created=now,
+        )
+        peer.handshake = None
+        self._indices[state.local_index] = keypair
+        # Initiator: the new keypair is usable at once. A pending `next` (we were also responder)
+        # becomes `previous` so packets sent with it are still accepted.
+        if peer.next is not None:
+            self._release(peer.previous)
+            self._release(peer.current)
+            peer.previous = peer.next
+            peer.next = None
+        else:
+            self._release(peer.previous)
+            peer.previous = peer.current
+        peer.current = keypair
+        peer.endpoint = source
+        self._session_derived(peer, now)
+        self._handshake_complete(peer, now)
+        self._touch_persistent_keepalive(peer, now)
+        self.counters["rx_response"] += 1
+        # Confirm the session to the responder right away, with data if any is waiting.
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        reply = messages.parse_cookie_reply(data)
+        entry = self._indices.get(reply.receiver_index)
+        if entry is None:
+            self.counters["drop_unknown_index"] += 1
+            return
+        peer = entry.peer if isinstance(entry, Keypair) else entry[0]
+        peer.cookies.consume_reply(reply, now)
+        self.counters["rx_cookie_reply"] += 1
+
+    # ------------------------------------------------------------------ overlay input
+
+    def send_packet(self, packet: bytes | memoryview, now: float) -> bool:
+        """Route an IP packet by its destination (cryptokey routing) and send it.
+
+        Returns False when no peer's allowed IPs contain the destination; the packet is dropped.
+        Without a valid session the packet waits while a handshake runs.
+        """
+        if not packet:
+            return False
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            destination = bytes(packet[16:20])
+        elif version == 6 and len(packet) >= 40:
+            destination = bytes(packet[24:40])
+        else:
+            self.counters["drop_outbound_malformed"] += 1
+            return False
+        peer = self.allowed_ips.lookup(destination)
+        if peer is None:
+            self.counters["drop_no_route"] += 1
+            return False
+        self.send_to_peer(peer, packet, now)
+        return True
+
+    def send_to_peer(self, peer: Peer, packet: bytes | memoryview, now: float) -> None:
+        """Send ``packet`` to ``peer`` (an empty packet is a keepalive)."""
+        keypair = peer.current
+        if (
+            not peer.staged
+            and keypair is not None
+            and peer.endpoint is not None
+            and now - keypair.created < REJECT_AFTER_TIME
+            and keypair.send_counter < REJECT_AFTER_MESSAGES
+        ):
+            # The common case, inlined: a live session and nothing queued before this packet.
+            self._encrypt(peer, keypair, packet, now)
+            self._keep_key_fresh_sending(peer, keypair, now)
+            return
+        if len(peer.staged) == peer.staged.maxlen:
+            self.counters["drop_staged_overflow"] += 1
+        peer.staged.append(packet)
+        self._send_staged(peer, now)
+
+    def send_keepalive(self, peer: Peer, now: float) -> None:
+        """Send an empty transport message (only if nothing else is waiting to carry the same news)."""
+        if not peer.staged:
+            self.send_to_peer(peer, b"", now)
+
+    def initiate_handshake(self, peer: Peer, now: float) -> None:
+        """Start a handshake with ``peer`` now (normally the device decides when)."""
+        self._initiate(peer, now, retry=False)
+
+    # ------------------------------------------------------------------ time
+
+    def handle_timeout(self, now: float) -> None:
+        """Fire every peer timer that is due at ``now``."""
+        for peer in list(self.peers.values()):
+            at = peer.retransmit_handshake_at
+            if at is not None and at <= now:
+                peer.retransmit_handshake_at = None
+                self._retransmit_handshake(peer, now)
+            at = peer.send_keepalive_at
+            if at is not None and at <= now:
+                peer.send_keepalive_at = None
+                self.send_keepalive(peer, now)
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+            at = peer.new_handshake_at
+            if at is not None and at <= now:
+                # We sent data and heard nothing for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (§6.5).
+                peer.new_handshake_at = None
+                self.counters["handshake_for_silence"] += 1
+                self._initiate(peer, now, retry=False)
+            at = peer.zero_keys_at
+            if at is not None and at <= now:
+                peer.zero_keys_at = None
+                self._zero_keys(peer)
+            at = peer.persistent_keepalive_at
+            if at is not None and at <= now:
+                peer.persistent_keepalive_at = None
+                self.send_keepalive(peer, now)
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self._random_bytes(4), "little")
+            if index not in self._indices:
+                return index
+
+    def _release(self, keypair: Keypair | None) -> None:
+        if keypair is not None and self._indices.get(keypair.local_index) is keypair:
+            del self._indices[keypair.local_index]
+
+    def _drop_handshake(self, peer: Peer) -> None:
+        state = peer.handshake
+        if state is not None:
+            entry = self._indices.get(state.local_index)
+            if isinstance(entry, tuple) and entry[1] is state:
+                del self._indices[state.local_index]
+            peer.handshake = None
+
+    def _zero_keys(self, peer: Peer) -> None:
+        for keypair in peer.keypairs():
+            self._release(keypair)
+        peer.current = peer.previous = peer.next = None
+        self._drop_handshake(peer)
+
+    def _confirm_next_keypair(self, peer: Peer, now: float) -> None:
+        """The initiator used the session we answered: promote it (wireguard-go's ReceivedWithKeypair)."""
+        self._release(peer.previous)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer, now)
+        if peer.staged:
+            self._send_staged(peer, now)
+
+    def _session_derived(self, peer: Peer, now: float) -> None:
+        peer.zero_keys_at = now + REJECT_AFTER_TIME * 3
+        peer.sent_last_minute_handshake = False
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.retransmit_handshake_at = None
+        peer.handshake_attempts = 0
+        peer.stats.last_handshake = now
+        peer.stats.handshakes_completed += 1
+
+    def _touch_persistent_keepalive(self, peer: Peer, now: float) -> None:
+        if peer.persistent_keepalive:
+            peer.persistent_keepalive_at = now + peer.persistent_keepalive
+
+    def _keep_key_fresh_sending(self, peer: Peer, keypair: Keypair, now: float) -> None:
+        if keypair.is_initiator and (
+            keypair.send_counter > REKEY_AFTER_MESSAGES or now - keypair.created >= REKEY_AFTER_TIME
+        ):
+            self._initiate(peer, now, retry=False)
+
+    def _keep_key_fresh_receiving(self, peer: Peer, now: float) -> None:
+        # The initiator rekeys shortly before the session would be rejected even if it only
+        # receives (§6.2), once per session.
+        keypair = peer.current
+        if (
+            keypair is not None
+            and keypair.is_initiator
+            and not peer.sent_last_minute_handshake
+            and now - keypair.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+        ):
+            peer.sent_last_minute_handshake = True
+            self._initiate(peer, now, retry=False)
+
+    def _send_staged(self, peer: Peer, now: float) -> None:
+        keypair = peer.current
+        if (
+            keypair is None
+            or peer.endpoint is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            self._initiate(peer, now, retry=False)
+            return
+        staged = peer.staged
+        while staged:
+            self._encrypt(peer, keypair, staged.popleft(), now)
+        self._keep_key_fresh_sending(peer, keypair, now)
+
+    def _encrypt(self, peer: Peer, keypair: Keypair, packet: bytes | memoryview, now: float) -> None:
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        length = len(packet)
+        # Pad to a multiple of 16 without exceeding the MTU (whitepaper §5.4.6).
+        padded = min(-(-length // 16) * 16, max(self.mtu, length))
+        plaintext = bytes(packet) + _PADDING[: padded - length] if padded != length else packet
+        datagram = _pack_transport(MESSAGE_TRANSPORT, keypair.remote_index, counter) + keypair.sender.encrypt(
+            _pack_nonce(counter), plaintext, None
+        )
+        self._outbox.append((datagram, peer.endpoint))  # type: ignore[arg-type]
+        peer.stats.tx_bytes += len(datagram)
+        # Timers (wireguard-go's timersAnyAuthenticatedPacketSent/Traversal, timersDataSent).
+        peer.send_keepalive_at = None
+        if length:
+            self.counters["tx_packets"] += 1
+            if peer.new_handshake_at is None:
+                peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        else:
+            self.counters["tx_keepalive"] += 1
+        if peer.persistent_keepalive:
+            peer.persistent_keepalive_at = now + peer.persistent_keepalive
+
+    def _jitter(self) -> float:
+        return self._rng.uniform(0.0, REKEY_TIMEOUT_JITTER)
+
+    def _initiate(self, peer: Peer, now: float, *, retry: bool) -> None:
+        if not retry:
+            if peer.handshake is not None and now - peer.last_initiation_sent < REKEY_TIMEOUT:
+                return  # one handshake in flight is enough; its retransmit timer is armed
+            if now - peer.last_initiation_sent < REKEY_TIMEOUT:
+                return
+            peer.handshake_attempts = 0
+        if peer.endpoint is None:
+            self.counters["handshake_no_endpoint"] += 1
+            # Keep the retransmit timer running so the handshake starts once an endpoint is known.
+            peer.retransmit_handshake_at = now + REKEY_TIMEOUT + self._jitter()
+            return
+        from embedmesh.wireguard import noise
+
+        self._drop_handshake(peer)
+        local_index = self._new_index()
+        ephemeral = crypto.generate_private_key(self._random_bytes(32))
+        timestamp = crypto.tai64n(now + self._wall_clock_offset)
+        message, state = noise.create_initiation(
+            self.identity, peer.keys, local_index, ephemeral, timestamp, now
+        )
+        peer.handshake = state
+        self._indices[local_index] = (peer, state)
+        peer.last_initiation_sent = now
+        self._send_handshake_message(peer, message.to_bytes(), INITIATION_MAC1_OFFSET, now)
+        peer.retransmit_handshake_at = now + REKEY_TIMEOUT + self._jitter()
+        self.counters["tx_initiation"] += 1
+
+    def _send_handshake_message(self, peer: Peer, message: bytes, mac1_offset: int, now: float) -> None:
+        sealed = peer.cookies.seal(message[: mac1_offset + 32], mac1_offset, now)
+        self._outbox.append((sealed, peer.endpoint))  # type: ignore[arg-type]
+        peer.stats.tx_bytes += len(sealed)
+        peer.send_keepalive_at = None
+        if peer.persistent_keepalive:
+            peer.persistent_keepalive_at = now + peer.persistent_keepalive
+
+    def _retransmit_handshake(self, peer: Peer, now: float) -> None:
+        if peer.handshake_attempts >= MAX_HANDSHAKE_ATTEMPTS:
+            # REKEY_ATTEMPT_TIME has passed: give up and drop what waited for this handshake.
+            self.counters["handshake_gave_up"] += 1
+            peer.staged.clear()
+            peer.send_keepalive_at = None
+            self._drop_handshake(peer)
+            if peer.zero_keys_at is None:
+                peer.zero_keys_at = now + REJECT_AFTER_TIME * 3
+            return
+        peer.handshake_attempts += 1
+        self.counters["handshake_retransmit"] += 1
+        self._initiate(peer, now, retry=True)
