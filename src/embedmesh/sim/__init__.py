@@ -1,0 +1,1 @@
+"""Simulation: virtual time, simulated underlay networks and nodes, for deterministic tests."""

@@ -341,8 +341,12 @@ class WireGuardDevice:
             return
         peer.last_timestamp = consumed.timestamp
         peer.last_initiation_consumed = now
-        # As in wireguard-go, consuming the peer's initiation supersedes one of ours in flight.
-        self._drop_handshake(peer)
+        # wireguard-go and Linux discard a handshake of their own that is in flight when the
+        # peer's initiation arrives; when both sides start at once (common: both have data
+        # waiting) that leaves both with an unconfirmed responder session and only retransmit
+        # jitter to break the tie, which fails when the RTT exceeds the jitter. Keeping ours
+        # lets its response complete it: each side then sends on the session it initiated and
+        # receives on the other, which its peer keeps in `previous`.
         local_index = self._new_index()
         ephemeral = crypto.generate_private_key(self._random_bytes(32))
         response, keys = noise.create_response(consumed, peer.keys, local_index, ephemeral)
