@@ -33,11 +33,14 @@ class _Family(Generic[T]):
 class AllowedIPs(Generic[T]):
     """A longest-prefix-match table over IPv4 and IPv6 prefixes."""
 
-    __slots__ = ("_v4", "_v6")
+    __slots__ = ("_cache", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)
         self._v6: _Family[T] = _Family(128)
+        # Exact-address answers: a busy node talks to few addresses, and one dict probe beats the
+        # per-length walk. Cleared on every change of the table, and when it grows too large.
+        self._cache: dict[bytes, T | None] = {}
 
     def _family(self, network: Network) -> _Family[T]:
         return self._v4 if network.version == 4 else self._v6
@@ -49,6 +52,7 @@ class AllowedIPs(Generic[T]):
         key = int(net.network_address) >> (family.bits - net.prefixlen)
         family.tables.setdefault(net.prefixlen, {})[key] = value
         family._reindex()
+        self._cache.clear()
 
     def remove(self, network: Network | str) -> None:
         net = ip_network(network, strict=False) if isinstance(network, str) else network
@@ -57,6 +61,7 @@ class AllowedIPs(Generic[T]):
         if table is not None:
             table.pop(int(net.network_address) >> (family.bits - net.prefixlen), None)
             family._reindex()
+        self._cache.clear()
 
     def remove_value(self, value: T) -> None:
         """Drop every prefix that routes to ``value`` (a peer being removed)."""
@@ -65,9 +70,19 @@ class AllowedIPs(Generic[T]):
                 for key in [k for k, v in table.items() if v is value]:
                     del table[key]
             family._reindex()
+        self._cache.clear()
 
     def lookup(self, address: bytes) -> T | None:
         """The value of the longest prefix containing ``address`` (4 or 16 raw bytes), or None."""
+        cache = self._cache
+        if address in cache:
+            return cache[address]
+        if len(cache) >= 4096:
+            cache.clear()
+        found = cache[address] = self._walk(address)
+        return found
+
+    def _walk(self, address: bytes) -> T | None:
         family = self._v4 if len(address) == 4 else self._v6
         number = int.from_bytes(address, "big")
         bits = family.bits
