@@ -829,10 +829,11 @@ class TcpConnection:
             self._persist_at = _INF
             self._persist_backoff = 0
         newly_sacked = 0
+        fack = self.scoreboard.highest
         if seg.sack_blocks and self._sack_ok:
             newly_sacked = self._receive_sack(seg.sack_blocks, ack, ts, now)
         if ack > una:
-            self._ack_advance(ack, ts, now)
+            self._ack_advance(ack, ts, fack, now)
             if self.state is CLOSED:
                 return False
         elif (
@@ -923,7 +924,8 @@ class TcpConnection:
         if elapsed < 0x7FFFFFFF:
             self.rtt.sample(elapsed / 1000.0)
 
-    def _ack_advance(self, ack: int, ts: tuple[int, int] | None, now: float) -> None:
+    def _ack_advance(self, ack: int, ts: tuple[int, int] | None, fack: int, now: float) -> None:
+        """Process an ACK that acknowledges new data; ``fack`` is the highest SACKed byte before it."""
         una = self.snd_una
         sbuf_seq = self._sbuf_seq
         data_end = sbuf_seq + len(self._sbuf)
@@ -934,7 +936,6 @@ class TcpConnection:
             self._sbuf.consume(acked_data)
             self._sbuf_seq = hi
         sb = self.scoreboard
-        fack = sb.highest
         self.snd_una = ack
         if self.snd_nxt < ack:
             self.snd_nxt = ack
@@ -955,7 +956,7 @@ class TcpConnection:
         self.rtt.reset_backoff()
         self._retries = 0
         if sb:
-            if fack > ack and not self._in_recovery and self.snd_nxt == self.snd_max:
+            if fack > una and not self._in_recovery and self.snd_nxt == self.snd_max:
                 # A hole filled without a retransmission: reordering, by this many segments.
                 self._raise_dupthresh((fack - una) // max(self._snd_mss, 1))
             sb.advance(ack)

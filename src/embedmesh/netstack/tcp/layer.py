@@ -203,6 +203,15 @@ class TcpLayer:
             if conn._sched != t or conn.state is _CLOSED:
                 heapq.heappop(heap)
                 continue
+            actual = conn._deadline()
+            if actual > t:
+                # The timer behind this entry was pushed back (an RTO restarted by an ACK, a delayed
+                # ACK that went out with data): move the entry instead of waking up for nothing.
+                heapq.heappop(heap)
+                conn._sched = _INF
+                if actual != _INF:
+                    self._reschedule(conn)
+                continue
             return t
         return None
 
