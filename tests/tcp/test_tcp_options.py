@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tcp_harness import LOCAL_PORT, REMOTE_ISS, Harness
+from tcp_harness import LOCAL_PORT, REMOTE_ISS, Harness, M
 
 from embedmesh.netstack.tcp import TcpState
 from embedmesh.wire.tcp import ACK, FIN, PSH, SYN
@@ -78,10 +78,13 @@ def test_timestamps_echo_and_paws() -> None:
     ack = h.recv_one()
     assert ack.timestamp is not None and ack.timestamp[1] == 2000 and ack.ack == R1 + 10
     # An old timestamp (wrapped sequence space, RFC 7323 §5) is dropped and answered with an ACK.
-    h.send(2.0, ACK | PSH, R1 + 10, una, payload=b"b" * 10, timestamp=(1500, 0))
+    h.send(2.0, ACK | PSH, R1 + 10, una, payload=b"b" * 10, timestamp=((2000 - 5000) & M, 0))
     ack = h.recv_one()
     assert ack.ack == R1 + 10 and conn.readable == 10
     assert h.layer.counters["paws_dropped"] == 1
+    # A segment merely overtaken (reordered by less than a second of the peer's clock) is taken.
+    h.send(2.1, ACK | PSH, R1 + 10, una, payload=b"c" * 10, timestamp=(1500, 0))
+    assert conn.readable == 20 and h.layer.counters["paws_dropped"] == 1
 
 
 def test_final_ack_without_timestamp_is_accepted() -> None:

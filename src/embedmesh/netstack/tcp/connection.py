@@ -41,6 +41,7 @@ _M = 0xFFFFFFFF
 _HALF = 0x80000000
 _INF = math.inf
 _MIN_PEER_MSS = 64
+_PAWS_TOLERANCE = 1000  # peer timestamp ticks (1 s at the usual 1 ms tick)
 _MAX_WSCALE = 14
 
 CLOSED = TcpState.CLOSED
@@ -149,6 +150,7 @@ class TcpConnection:
         "_rto_at",
         "_rtt_seq",
         "_rtt_time",
+        "_rxt_high",
         "_rxt_tsval",
         "_sack_ok",
         "_sbuf",
@@ -285,6 +287,7 @@ class TcpConnection:
         self._undo_state: dict[str, object] | None = None
         self._undo_retrans = 0
         self._rxt_tsval: int | None = None
+        self._rxt_high = iss  # end of the highest byte ever retransmitted
 
     wscale_for = staticmethod(_wscale_for)
 
@@ -625,11 +628,12 @@ class TcpConnection:
             self._receive_rst(seq, now)
             return
         ts = seg.timestamp if self._ts_ok else None
-        # PAWS (RFC 7323 §5.3); a segment without TSopt is let through (gVisor #11536).
-        if ts is not None and ((ts[0] - self._ts_recent) & _M) >= _HALF:
+        # PAWS (RFC 7323 §5.3); a segment without TSopt is let through (gVisor #11536). Segments less
+        # than _PAWS_TOLERANCE ticks older than TS.Recent pass: they are reordered, not from an earlier
+        # wrap of the sequence space (which takes 2**31 bytes: seconds at any rate this stack reaches).
+        # Strict PAWS drops every segment overtaken by a retransmission of the hole before it.
+        if ts is not None and _PAWS_TOLERANCE < ((self._ts_recent - ts[0]) & _M) < _HALF:
             self._layer.counters["paws_dropped"] += 1
-            if plen:
-                self._dsack = (seq, seq + plen)
             self._reply_unacceptable(seq, plen + (flags & (SYN | FIN) != 0), now)
             return
         seg_len = plen
@@ -655,7 +659,7 @@ class TcpConnection:
             return
         if not flags & ACK:
             return
-        if ts is not None and seq <= self._last_ack_sent:
+        if ts is not None and seq <= self._last_ack_sent and ((ts[0] - self._ts_recent) & _M) < _HALF:
             self._ts_recent = ts[0]
         if st is SYN_RECEIVED:
             ack = self.snd_una + (((seg.ack - self.snd_una + _HALF) & _M) - _HALF)
@@ -956,7 +960,7 @@ class TcpConnection:
         self.rtt.reset_backoff()
         self._retries = 0
         if sb:
-            if fack > una and not self._in_recovery and self.snd_nxt == self.snd_max:
+            if fack > una and una >= self._rxt_high:
                 # A hole filled without a retransmission: reordering, by this many segments.
                 self._raise_dupthresh((fack - una) // max(self._snd_mss, 1))
             sb.advance(ack)
@@ -1039,6 +1043,8 @@ class TcpConnection:
         self._emit_data(seq, n, now)
         self.stats.retransmits += 1
         self._undo_retrans += 1
+        if self._rxt_high < seq + n:
+            self._rxt_high = seq + n
         if self._high_rxt < seq + n:
             self._high_rxt = seq + n
         if self._rtt_seq is not None and seq < self._rtt_seq:
@@ -1238,6 +1244,8 @@ class TcpConnection:
                 end += 1
             if retransmit:
                 self.stats.retransmits += 1
+                if end > self._rxt_high:
+                    self._rxt_high = end
                 if self._rtt_seq is not None and seq < self._rtt_seq:
                     self._rtt_seq = None
             elif self._rtt_seq is None and not self._ts_ok:
@@ -1294,6 +1302,8 @@ class TcpConnection:
             if self._rtt_seq is not None and left < self._rtt_seq:
                 self._rtt_seq = None
             self._high_rxt = left + n
+            if left + n > self._rxt_high:
+                self._rxt_high = left + n
             pipe += n
             if self._rto_at == _INF:
                 self._rto_at = now + self.rtt.rto
