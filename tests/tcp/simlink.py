@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from embedmesh.netstack.tcp import TcpConfig, TcpConnection, TcpLayer, TcpState
+from embedmesh.netstack.tcp import TcpConfig, TcpConnection, TcpLayer, TcpListener, TcpState
 
 ADDR_A4 = bytes([100, 64, 0, 1])
 ADDR_B4 = bytes([100, 64, 0, 2])
@@ -221,9 +221,17 @@ class _App:
 class Transfer:
     """A connects to B; each sends its bytes, half-closes, and reads the other's until EOF."""
 
-    def __init__(self, link: SimLink, data_ab: bytes, data_ba: bytes = b"", *, read_chunk: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        link: SimLink,
+        data_ab: bytes,
+        data_ba: bytes = b"",
+        *,
+        read_chunk: int = 1 << 20,
+        listener: TcpListener | None = None,
+    ) -> None:
         self.link = link
-        self.listener = link.b.listen(None, 80, 16)
+        self.listener = listener if listener is not None else link.b.listen(None, 80, 16)
         self.client = _App(data_ab, read_chunk)
         self.server = _App(data_ba, read_chunk)
         self.client.conn = link.a.connect(link.addr_a, link.addr_b, 80, link.now)

@@ -108,6 +108,10 @@ class ReceiveBuffer:
     def has_ooo(self) -> bool:
         return bool(self._ooo_starts)
 
+    @property
+    def ooo_count(self) -> int:
+        return len(self._ooo_starts)
+
     def ooo_blocks(self) -> list[tuple[int, int]]:
         return list(zip(self._ooo_starts, self._ooo_ends, strict=True))
 

@@ -1036,7 +1036,7 @@ class TcpConnection:
                 self._emit(ACK | FIN, seq, b"", now)
                 self.stats.retransmits += 1
             return
-        n = min(self._snd_mss, data_end - seq, self.snd_max - seq)
+        n = min(self._payload_room(), data_end - seq, self.snd_max - seq)
         nxt = self.scoreboard.next_sacked(seq) if self.scoreboard else None
         if nxt is not None and nxt - seq < n:
             n = nxt - seq
@@ -1175,7 +1175,7 @@ class TcpConnection:
         return value if value < self.config.max_rto else self.config.max_rto
 
     def _send_data(self, now: float) -> None:
-        mss = self._snd_mss
+        mss = self._payload_room()
         cc = self._cc
         sbuf_seq = self._sbuf_seq
         data_end = sbuf_seq + len(self._sbuf)
@@ -1259,6 +1259,15 @@ class TcpConnection:
             if flags & FIN:
                 break
 
+    def _payload_room(self) -> int:
+        """Payload bytes that fit in the next segment: SACK blocks eat into the MSS (RFC 6691)."""
+        mss = self._snd_mss
+        if self._sack_ok and (self._dsack is not None or self._rbuf.has_ooo):
+            blocks = self._rbuf.ooo_count + (1 if self._dsack is not None else 0)
+            cap = 3 if self._ts_ok else 4
+            mss -= 4 + 8 * (blocks if blocks < cap else cap)
+        return mss
+
     def _lost_edge(self) -> int:
         """RFC 6675 IsLost, cut short: holes below the returned sequence number count as lost."""
         need = (self._dupthresh - 1) * self._snd_mss
@@ -1274,7 +1283,7 @@ class TcpConnection:
         """Retransmit lost holes while the pipe allows (RFC 6675 §5); return the room left for new data."""
         sb = self.scoreboard
         una = self.snd_una
-        mss = self._snd_mss
+        mss = self._payload_room()
         lost_edge = self._lost_edge()
         lo = self._high_rxt if self._high_rxt > una else una
         lost = 0
