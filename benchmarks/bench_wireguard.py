@@ -118,8 +118,12 @@ def main() -> None:
     raw_s = timed(raw_sodium, seconds)
 
     print(f"handshakes (initiation+response+confirm): {hs:10.0f} /s")
-    print(f"transport encrypt, 1280-byte packets:      {enc:10.0f} /s  ({1e6 / enc:.2f} µs, {enc * 1280 / 1e6:.0f} MB/s)")
-    print(f"transport decrypt, 1280-byte packets:      {dec:10.0f} /s  ({1e6 / dec:.2f} µs, {dec * 1280 / 1e6:.0f} MB/s)")
+    print(
+        f"transport encrypt, 1280-byte packets:      {enc:10.0f} /s  ({1e6 / enc:.2f} µs, {enc * 1280 / 1e6:.0f} MB/s)"
+    )
+    print(
+        f"transport decrypt, 1280-byte packets:      {dec:10.0f} /s  ({1e6 / dec:.2f} µs, {dec * 1280 / 1e6:.0f} MB/s)"
+    )
     print(f"raw seal, cryptography (OpenSSL):          {raw_o:10.0f} /s  ({1e6 / raw_o:.2f} µs)")
     print(f"raw seal, pynacl (libsodium):              {raw_s:10.0f} /s  ({1e6 / raw_s:.2f} µs)")
     print(f"OpenSSL / libsodium speed:                 {raw_o / raw_s:10.2f}x")

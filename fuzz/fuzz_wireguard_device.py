@@ -19,8 +19,12 @@ _B_EP = ("198.18.0.2", 51820)
 
 
 def _pair() -> tuple[WireGuardDevice, WireGuardDevice, list[bytes]]:
-    a = WireGuardDevice(crypto.generate_private_key(_rng.randbytes(32)), random_bytes=_rng.randbytes, rng=_rng)
-    b = WireGuardDevice(crypto.generate_private_key(_rng.randbytes(32)), random_bytes=_rng.randbytes, rng=_rng)
+    a = WireGuardDevice(
+        crypto.generate_private_key(_rng.randbytes(32)), random_bytes=_rng.randbytes, rng=_rng
+    )
+    b = WireGuardDevice(
+        crypto.generate_private_key(_rng.randbytes(32)), random_bytes=_rng.randbytes, rng=_rng
+    )
     a.add_peer(b.public_key, allowed_ips=["100.64.0.2/32"], endpoint=_B_EP)
     b.add_peer(a.public_key, allowed_ips=["100.64.0.1/32"], endpoint=_A_EP)
     seen: list[bytes] = []
@@ -42,7 +46,7 @@ def TestOneInput(data: bytes) -> None:
     if data and _MESSAGES:
         template = _MESSAGES[data[0] % len(_MESSAGES)]
         body = data[1:]
-        data = body + template[len(body):] if len(body) < len(template) else body
+        data = body + template[len(body) :] if len(body) < len(template) else body
     _B.receive_datagram(data, ("198.18.9.9", 4242), 1.0)
     _B.datagrams_to_send()
     # An unauthenticated datagram must never add an index or a peer.

@@ -89,7 +89,10 @@ def test_lifecycle_errors() -> None:
 def test_demo_command_runs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "embedmesh.cli.main", "demo", "--pings", "2"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "120"},
     )
     assert result.returncode == 0, result.stderr
     assert "icmp_seq=2" in result.stdout

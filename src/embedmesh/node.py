@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, ip_address
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 from types import TracebackType
 from typing import Self
 
@@ -81,7 +81,9 @@ class Node:
             else wireguard_config
         )
         for line, key in config.ignored:
-            logger.warning("wg-quick key %s (line %d) has no meaning for an in-process node; ignored", key, line)
+            logger.warning(
+                "wg-quick key %s (line %d) has no meaning for an in-process node; ignored", key, line
+            )
         self._config = config
         self._listen_host = listen_host
         self.mtu = config.interface.mtu or DEFAULT_MTU
@@ -209,7 +211,9 @@ class Node:
         counters = dict(self._device.counters)
         counters.update({f"ip_{k}": v for k, v in self._interface.counters.items()})
         counters.update({f"udp_{k}": v for k, v in self._underlay.counters.items()})
-        return NodeStatus(self.public_key, tuple(str(ip) for ip in self.ips), self.listen_port, tuple(peers), counters)
+        return NodeStatus(
+            self.public_key, tuple(str(ip) for ip in self.ips), self.listen_port, tuple(peers), counters
+        )
 
     # ------------------------------------------------------------------ operations
 

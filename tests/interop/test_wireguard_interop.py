@@ -21,8 +21,14 @@ NODE_V6, PEER_V6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
 NODE_PORT = 51901
 
 
-def setup(rig: NetnsRig, *, psk: str | None = None, node_knows_endpoint: bool = True,
-          peer_knows_endpoint: bool = True, keepalive: int | None = None) -> tuple[str, object, object]:
+def setup(
+    rig: NetnsRig,
+    *,
+    psk: str | None = None,
+    node_knows_endpoint: bool = True,
+    peer_knows_endpoint: bool = True,
+    keepalive: int | None = None,
+) -> tuple[str, object, object]:
     """A namespace with wireguard-go, and the wg-quick text of an embedmesh node that peers with it."""
     ns = rig.add_namespace("wg")
     link = rig.veth_to_root(ns)
@@ -110,7 +116,7 @@ def test_embedmesh_pings_the_kernel_through_wireguard_go(wg_rig: NetnsRig) -> No
 
 def test_preshared_key_interop(wg_rig: NetnsRig) -> None:
     psk = generate_preshared_key()
-    config, ns, (wg, link) = setup(wg_rig, psk=psk)
+    config, ns, (_wg, link) = setup(wg_rig, psk=psk)
 
     async def main() -> None:
         async with Node(wireguard_config=config, listen_host=link.a.ip) as node:
@@ -121,7 +127,7 @@ def test_preshared_key_interop(wg_rig: NetnsRig) -> None:
 
 
 def test_wrong_preshared_key_fails_cleanly(wg_rig: NetnsRig) -> None:
-    config, ns, (wg, link) = setup(wg_rig, psk=generate_preshared_key())
+    config, _ns, (_wg, link) = setup(wg_rig, psk=generate_preshared_key())
     config = re.sub(r"PresharedKey = \S+", f"PresharedKey = {generate_preshared_key()}", config)
 
     async def main() -> None:
@@ -138,7 +144,7 @@ def test_rekeys_with_wireguard_go_without_losing_traffic(wg_rig: NetnsRig) -> No
     """New sessions replace old ones while pings flow: ours forced every 0.5 s (the 120-s schedule
     itself is proved on the virtual clock in tests/wireguard/test_wg_timers.py), and the kernel
     pings throughout."""
-    config, ns, (wg, link) = setup(wg_rig)
+    config, ns, (_wg, link) = setup(wg_rig)
 
     async def main() -> None:
         async with Node(wireguard_config=config, listen_host=link.a.ip) as node:
@@ -164,7 +170,7 @@ def test_rekeys_with_wireguard_go_without_losing_traffic(wg_rig: NetnsRig) -> No
 
 
 def test_handshake_and_ping_through_a_lossy_reordering_link(wg_rig: NetnsRig) -> None:
-    config, ns, (wg, link) = setup(wg_rig)
+    config, ns, (_wg, link) = setup(wg_rig)
     wg_rig.netem(None, link.a.ifname, "delay 20ms 5ms loss 20% reorder 25% 50%", seed=1)
     wg_rig.netem(ns, link.b.ifname, "delay 20ms 5ms loss 20% duplicate 10%", seed=2)
 

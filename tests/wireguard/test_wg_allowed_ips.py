@@ -31,13 +31,24 @@ def test_host_bits_are_masked() -> None:
     assert table.networks_of("x") == [ip_network("192.0.2.0/24")]
 
 
-v4_nets = st.builds(lambda a, p: IPv4Network((a, p), strict=False), st.integers(0, 2**32 - 1), st.integers(0, 32))
-v6_nets = st.builds(lambda a, p: IPv6Network((a, p), strict=False), st.integers(0, 2**128 - 1), st.integers(0, 128))
+v4_nets = st.builds(
+    lambda a, p: IPv4Network((a, p), strict=False), st.integers(0, 2**32 - 1), st.integers(0, 32)
+)
+v6_nets = st.builds(
+    lambda a, p: IPv6Network((a, p), strict=False), st.integers(0, 2**128 - 1), st.integers(0, 128)
+)
 
 
-@given(st.lists(st.tuples(st.one_of(v4_nets, v6_nets), st.integers(0, 5)), max_size=30),
-       st.lists(st.one_of(st.integers(0, 2**32 - 1).map(IPv4Address), st.integers(0, 2**128 - 1).map(IPv6Address)), max_size=30))
-def test_matches_brute_force(entries: list[tuple[IPv4Network | IPv6Network, int]], probes: list[IPv4Address | IPv6Address]) -> None:
+@given(
+    st.lists(st.tuples(st.one_of(v4_nets, v6_nets), st.integers(0, 5)), max_size=30),
+    st.lists(
+        st.one_of(st.integers(0, 2**32 - 1).map(IPv4Address), st.integers(0, 2**128 - 1).map(IPv6Address)),
+        max_size=30,
+    ),
+)
+def test_matches_brute_force(
+    entries: list[tuple[IPv4Network | IPv6Network, int]], probes: list[IPv4Address | IPv6Address]
+) -> None:
     table: AllowedIPs[int] = AllowedIPs()
     model: dict[IPv4Network | IPv6Network, int] = {}
     for net, value in entries:

@@ -66,7 +66,9 @@ def test_replayed_initiation_is_rejected_and_changes_nothing() -> None:
 def test_replayed_transport_is_rejected() -> None:
     p = make_pair()
     captured: list[bytes] = []
-    p.net.observers.append(lambda s, d, data: captured.append(data) if s == A_EP and message_type(data) == 4 else None)
+    p.net.observers.append(
+        lambda s, d, data: captured.append(data) if s == A_EP and message_type(data) == 4 else None
+    )
     p.ping(p.a, 1)
     p.net.run(1.0)
     before = len(p.b.delivered)
@@ -79,7 +81,9 @@ def test_replayed_transport_is_rejected() -> None:
 def test_tampered_transport_is_dropped() -> None:
     p = make_pair()
     captured: list[bytes] = []
-    p.net.observers.append(lambda s, d, data: captured.append(data) if s == A_EP and message_type(data) == 4 else None)
+    p.net.observers.append(
+        lambda s, d, data: captured.append(data) if s == A_EP and message_type(data) == 4 else None
+    )
     p.ping(p.a, 1)
     p.net.run(1.0)
     forged = bytearray(captured[0])
@@ -94,10 +98,12 @@ def test_unknown_sender_gets_no_state() -> None:
     """A stranger who knows our public key (so mac1 is valid) still allocates nothing."""
     p = make_pair()
     rng = random.Random(9)
-    stranger = WireGuardDevice(crypto.generate_private_key(rng.randbytes(32)), random_bytes=rng.randbytes, rng=rng)
+    stranger = WireGuardDevice(
+        crypto.generate_private_key(rng.randbytes(32)), random_bytes=rng.randbytes, rng=rng
+    )
     peer = stranger.add_peer(p.b.public_key, endpoint=B_EP, allowed_ips=["0.0.0.0/0"])
     stranger.initiate_handshake(peer, 0.0)
-    (initiation, _), = stranger.datagrams_to_send()
+    ((initiation, _),) = stranger.datagrams_to_send()
     indices_before = dict(p.b.device._indices)
     peers_before = dict(p.b.device.peers)
     p.b.receive_datagram(initiation, ("198.18.9.9", 1), 0.0)
@@ -154,7 +160,9 @@ def test_cookie_reply_under_load_then_mac2_handshake_succeeds() -> None:
     # A threshold of 0 puts the responder under load from the first handshake message.
     p.b.device._under_load_threshold = 0
     cookie_replies: list[bytes] = []
-    p.net.observers.append(lambda s, d, data: cookie_replies.append(data) if message_type(data) == MESSAGE_COOKIE_REPLY else None)
+    p.net.observers.append(
+        lambda s, d, data: cookie_replies.append(data) if message_type(data) == MESSAGE_COOKIE_REPLY else None
+    )
     p.ping(p.a, 1)
     p.net.run(1.0)
     assert len(cookie_replies) == 1

@@ -53,7 +53,9 @@ REPAIR_WINDOW = 12.0
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), drops=st.lists(st.booleans(), min_size=1, max_size=12))
-def test_duplicated_and_replayed_handshake_messages_never_break_a_session(seed: int, drops: list[bool]) -> None:
+def test_duplicated_and_replayed_handshake_messages_never_break_a_session(
+    seed: int, drops: list[bool]
+) -> None:
     """Every handshake message is delivered twice (and some a third time much later)."""
     p = make_pair(seed, LinkConditions(duplicate=1.0, reorder=0.5, reorder_delay=2.0))
     for i, drop in enumerate(drops):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from embedmesh.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
     MAX_HANDSHAKE_ATTEMPTS,
@@ -83,7 +85,7 @@ def test_retransmissions_are_spaced_by_rekey_timeout_with_jitter() -> None:
     p.net.observers.append(lambda s, d, data: sent.append(p.net.now) if data[0] == 1 else None)
     p.ping(p.a, 1)
     p.net.run(40.0)
-    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert gaps and all(REKEY_TIMEOUT <= g <= REKEY_TIMEOUT + 1 / 3 + 1e-9 for g in gaps)
 
 

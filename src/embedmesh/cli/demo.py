@@ -45,16 +45,25 @@ async def run_demo(console: Console, pings: int = 5) -> None:
     key_b = crypto.generate_private_key(os.urandom(32))
     pub_a, pub_b = crypto.public_key(key_a), crypto.public_key(key_b)
     port_a, port_b = free_port(), free_port()
-    config_a = _config(key_a, "100.64.0.1/32, fd7a:115c:a1e0::1/128", port_a,
-                       [(pub_b, "100.64.0.2/32, fd7a:115c:a1e0::2/128", port_b)])
-    config_b = _config(key_b, "100.64.0.2/32, fd7a:115c:a1e0::2/128", port_b,
-                       [(pub_a, "100.64.0.1/32, fd7a:115c:a1e0::1/128", port_a)])
+    config_a = _config(
+        key_a,
+        "100.64.0.1/32, fd7a:115c:a1e0::1/128",
+        port_a,
+        [(pub_b, "100.64.0.2/32, fd7a:115c:a1e0::2/128", port_b)],
+    )
+    config_b = _config(
+        key_b,
+        "100.64.0.2/32, fd7a:115c:a1e0::2/128",
+        port_b,
+        [(pub_a, "100.64.0.1/32, fd7a:115c:a1e0::1/128", port_a)],
+    )
 
     console.rule("[bold]embedmesh demo: a WireGuard network inside one Python process")
     started = time.perf_counter()
-    async with Node(wireguard_config=config_a, listen_host="127.0.0.1") as alpha, Node(
-        wireguard_config=config_b, listen_host="127.0.0.1"
-    ) as beta:
+    async with (
+        Node(wireguard_config=config_a, listen_host="127.0.0.1") as alpha,
+        Node(wireguard_config=config_b, listen_host="127.0.0.1") as beta,
+    ):
         await alpha.up()
         await beta.up()
         nodes = Table(title="nodes (no root, no TUN device, no daemon)")
@@ -63,7 +72,9 @@ async def run_demo(console: Console, pings: int = 5) -> None:
         nodes.add_column("overlay addresses")
         nodes.add_column("underlay UDP")
         for name, node in (("alpha", alpha), ("beta", beta)):
-            nodes.add_row(name, node.public_key, ", ".join(str(ip) for ip in node.ips), f"127.0.0.1:{node.listen_port}")
+            nodes.add_row(
+                name, node.public_key, ", ".join(str(ip) for ip in node.ips), f"127.0.0.1:{node.listen_port}"
+            )
         console.print(nodes)
         console.print(f"both nodes up in {1000 * (time.perf_counter() - started):.1f} ms")
 
@@ -82,10 +93,16 @@ async def run_demo(console: Console, pings: int = 5) -> None:
             peers.add_column(column)
         for peer in alpha.status().peers:
             ago = "never" if peer.last_handshake_ago is None else f"{peer.last_handshake_ago:.2f} s ago"
-            peers.add_row(peer.public_key, f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "-",
-                          ago, f"{peer.rx_bytes} B received, {peer.tx_bytes} B sent")
+            peers.add_row(
+                peer.public_key,
+                f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "-",
+                ago,
+                f"{peer.rx_bytes} B received, {peer.tx_bytes} B sent",
+            )
         console.print(peers)
-    console.print("[green]done[/]: every packet above was encrypted with WireGuard and carried over loopback UDP.")
+    console.print(
+        "[green]done[/]: every packet above was encrypted with WireGuard and carried over loopback UDP."
+    )
 
 
 def main(pings: int = 5) -> None:

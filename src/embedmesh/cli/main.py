@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import sys
@@ -52,8 +53,13 @@ def pubkey() -> None:
 
 
 @main.command()
-@click.option("--wireguard-config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="A wg-quick configuration file to join a plain WireGuard network with.")
+@click.option(
+    "--wireguard-config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A wg-quick configuration file to join a plain WireGuard network with.",
+)
 @click.option("--listen-host", default=None, help="Bind the underlay UDP socket to this local address only.")
 def up(config_path: Path, listen_host: str | None) -> None:
     """Run a node in the foreground until interrupted."""
@@ -68,14 +74,14 @@ def up(config_path: Path, listen_host: str | None) -> None:
             raise click.ClickException(f"{config_path}: {exc}") from exc
         async with node:
             await node.up()
-            click.echo(f"up: {node.public_key} on UDP {node.listen_port}, "
-                       f"addresses {', '.join(str(ip) for ip in node.ips)}; Ctrl-C to stop")
+            click.echo(
+                f"up: {node.public_key} on UDP {node.listen_port}, "
+                f"addresses {', '.join(str(ip) for ip in node.ips)}; Ctrl-C to stop"
+            )
             await anyio.sleep_forever()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         anyio.run(run)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ class NetworkInterface:
         *,
         mtu: int = 1420,
     ) -> None:
-        self.addresses: list[bytes] = [
-            a if isinstance(a, bytes) else ip_address(a).packed for a in addresses
-        ]
+        self.addresses: list[bytes] = [a if isinstance(a, bytes) else ip_address(a).packed for a in addresses]
         self._address_set = set(self.addresses)
         self.transmit = transmit
         self.mtu = mtu

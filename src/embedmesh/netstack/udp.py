@@ -30,7 +30,9 @@ class UdpSocketState:
 
     __slots__ = ("closed", "layer", "local_address", "local_port", "on_readable", "queue", "queue_limit")
 
-    def __init__(self, layer: UdpLayer, local_address: bytes | None, local_port: int, queue_limit: int) -> None:
+    def __init__(
+        self, layer: UdpLayer, local_address: bytes | None, local_port: int, queue_limit: int
+    ) -> None:
         self.layer = layer
         self.local_address = local_address
         self.local_port = local_port
@@ -67,14 +69,18 @@ class UdpLayer:
 
     # ------------------------------------------------------------------ sockets
 
-    def bind(self, local_address: bytes | None, port: int, *, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> UdpSocketState:
+    def bind(
+        self, local_address: bytes | None, port: int, *, queue_limit: int = DEFAULT_QUEUE_LIMIT
+    ) -> UdpSocketState:
         """Bind ``port`` (0 picks an ephemeral one) on one address or, with None, on all."""
         if local_address is not None and not self.interface.is_local(local_address):
             raise OSError(99, "Cannot assign requested address: not an address of this node")
         if port == 0:
             port = self._ephemeral_port(local_address)
-        if (local_address, port) in self._sockets or (None, port) in self._sockets or (
-            local_address is None and any(p == port for (_, p) in self._sockets)
+        if (
+            (local_address, port) in self._sockets
+            or (None, port) in self._sockets
+            or (local_address is None and any(p == port for (_, p) in self._sockets))
         ):
             raise OSError(98, f"Address already in use: UDP port {port}")
         sock = UdpSocketState(self, local_address, port, queue_limit)
@@ -121,7 +127,9 @@ class UdpLayer:
             sock.on_readable()
 
     def _port_unreachable(self, packet: IpPacket, raw: bytes | memoryview, now: float) -> None:
-        self._icmp_tokens = min(ICMP_ERROR_BURST, self._icmp_tokens + (now - self._icmp_last) * ICMP_ERRORS_PER_SECOND)
+        self._icmp_tokens = min(
+            ICMP_ERROR_BURST, self._icmp_tokens + (now - self._icmp_last) * ICMP_ERRORS_PER_SECOND
+        )
         self._icmp_last = now
         if self._icmp_tokens < 1.0:
             self.counters["icmp_error_rate_limited"] += 1

@@ -65,10 +65,15 @@ class UdpUnderlay:
                 sock.bind((address, port or self.port))
             except OSError as exc:
                 sock.close()
-                if family == socket.AF_INET6 and host is None and exc.errno in (
-                    errno.EADDRNOTAVAIL,
-                    errno.EAFNOSUPPORT,
-                    errno.EADDRINUSE,
+                if (
+                    family == socket.AF_INET6
+                    and host is None
+                    and exc.errno
+                    in (
+                        errno.EADDRNOTAVAIL,
+                        errno.EAFNOSUPPORT,
+                        errno.EADDRINUSE,
+                    )
                 ):
                     # A host without IPv6 (common in containers) still gets an IPv4 underlay.
                     logger.info("IPv6 underlay unavailable: %s", exc)

@@ -69,13 +69,29 @@ class SimNode:
         self.device.handle_timeout(now)
 
 
-def connect(a: SimNode, b: SimNode, *, a_allowed: Iterable[str], b_allowed: Iterable[str],
-            a_knows_endpoint: bool = True, b_knows_endpoint: bool = True,
-            preshared_key: bytes | None = None, persistent_keepalive: float | None = None) -> None:
+def connect(
+    a: SimNode,
+    b: SimNode,
+    *,
+    a_allowed: Iterable[str],
+    b_allowed: Iterable[str],
+    a_knows_endpoint: bool = True,
+    b_knows_endpoint: bool = True,
+    preshared_key: bytes | None = None,
+    persistent_keepalive: float | None = None,
+) -> None:
     """Make ``a`` and ``b`` peers. ``a_allowed`` are the prefixes ``a`` routes to ``b``."""
-    a.device.add_peer(b.public_key, allowed_ips=a_allowed, preshared_key=preshared_key,
-                      endpoint=b.endpoint if a_knows_endpoint else None,
-                      persistent_keepalive=persistent_keepalive)
-    b.device.add_peer(a.public_key, allowed_ips=b_allowed, preshared_key=preshared_key,
-                      endpoint=a.endpoint if b_knows_endpoint else None,
-                      persistent_keepalive=persistent_keepalive)
+    a.device.add_peer(
+        b.public_key,
+        allowed_ips=a_allowed,
+        preshared_key=preshared_key,
+        endpoint=b.endpoint if a_knows_endpoint else None,
+        persistent_keepalive=persistent_keepalive,
+    )
+    b.device.add_peer(
+        a.public_key,
+        allowed_ips=b_allowed,
+        preshared_key=preshared_key,
+        endpoint=a.endpoint if b_knows_endpoint else None,
+        persistent_keepalive=persistent_keepalive,
+    )

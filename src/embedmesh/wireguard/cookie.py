@@ -94,5 +94,7 @@ class CookieGenerator:
         """Store the cookie in ``reply``; raises CryptoError unless it answers our last message."""
         if not self._last_mac1:
             raise crypto.CryptoError("cookie reply without a message of ours to answer")
-        self._cookie = crypto.xaead_decrypt(self._cookie_key, reply.nonce, reply.encrypted_cookie, self._last_mac1)
+        self._cookie = crypto.xaead_decrypt(
+            self._cookie_key, reply.nonce, reply.encrypted_cookie, self._last_mac1
+        )
         self._cookie_born = now

@@ -122,17 +122,13 @@ def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, associated: bytes)
 
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, associated: bytes) -> bytes:
     """XAEAD: XChaCha20-Poly1305 with a 24-byte random nonce, used for cookie replies."""
-    return bytes(
-        sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, associated, nonce24, key)
-    )
+    return bytes(sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, associated, nonce24, key))
 
 
 def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, associated: bytes) -> bytes:
     """The inverse of :func:`xaead_encrypt`; raises :class:`CryptoError` when the tag is wrong."""
     try:
-        return bytes(
-            sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, associated, nonce24, key)
-        )
+        return bytes(sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, associated, nonce24, key))
     except nacl.exceptions.CryptoError as exc:
         raise CryptoError("XAEAD authentication failed") from exc
 

@@ -104,9 +104,7 @@ class WireGuardDevice:
         self._random_bytes = random_bytes
         self._rng = rng or random.Random()
         self._wall_clock_offset = wall_clock_offset
-        self._cookie_checker = CookieChecker(
-            self.identity.mac1_key, self.identity.cookie_key, random_bytes
-        )
+        self._cookie_checker = CookieChecker(self.identity.mac1_key, self.identity.cookie_key, random_bytes)
         # Local index -> what it names: a Keypair, or (peer, initiator state) while a handshake
         # we started is in flight.
         self._indices: dict[int, Keypair | tuple[Peer, InitiatorState]] = {}
@@ -161,7 +159,9 @@ class WireGuardDevice:
         """Replace the prefixes routed to ``peer``."""
         self.allowed_ips.remove_value(peer)
         for network in allowed_ips:
-            self.allowed_ips.insert(ip_network(network, strict=False) if isinstance(network, str) else network, peer)
+            self.allowed_ips.insert(
+                ip_network(network, strict=False) if isinstance(network, str) else network, peer
+            )
 
     def remove_peer(self, public_key: bytes) -> None:
         """Forget a peer, its routes, sessions and staged packets."""
@@ -279,8 +279,9 @@ class WireGuardDevice:
             return plaintext
         return memoryview(plaintext)[:length]
 
-    def _handshake_allowed(self, data: bytes, mac1_offset: int, mac2_offset: int, sender_index: int,
-                           source: Endpoint, now: float) -> bool:
+    def _handshake_allowed(
+        self, data: bytes, mac1_offset: int, mac2_offset: int, sender_index: int, source: Endpoint, now: float
+    ) -> bool:
         """mac1 always; under load also mac2 (else a cookie reply) and a per-source rate limit."""
         if not self._cookie_checker.check_mac1(data, mac1_offset):
             self.counters["drop_bad_mac1"] += 1

@@ -148,9 +148,7 @@ def finish_initiation(
         raise crypto.CryptoError("peer has a low-order public key")
     timestamp = crypto.aead_decrypt(key, 0, message.encrypted_timestamp, hash_value)
     h = hash_(hash_value, message.encrypted_timestamp)
-    return ConsumedInitiation(
-        peer.public_key, timestamp, message.sender_index, message.ephemeral, ck, h
-    )
+    return ConsumedInitiation(peer.public_key, timestamp, message.sender_index, message.ephemeral, ck, h)
 
 
 def create_response(

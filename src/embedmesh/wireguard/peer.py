@@ -29,12 +29,12 @@ class Peer:
     """
 
     __slots__ = (
+        "cookies",
         "current",
         "endpoint",
         "handshake",
         "handshake_attempts",
         "keys",
-        "cookies",
         "last_initiation_consumed",
         "last_initiation_sent",
         "last_timestamp",
