@@ -19,9 +19,12 @@ import anyio.abc
 
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.errors import ConfigError, NodeError
-from embedmesh.netstack.interface import EchoReply, NetworkInterface
+from embedmesh.netstack.interface import EchoReply
+from embedmesh.netstack.stack import Netstack
 from embedmesh.runtime.dataplane import DataPlane
+from embedmesh.runtime.links import WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
+from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.wireguard.device import WireGuardDevice
 
 logger = logging.getLogger("embedmesh")
@@ -92,12 +95,16 @@ class Node:
             mtu=self.mtu,
             wall_clock_offset=time.time() - time.monotonic(),
         )
-        self._interface = NetworkInterface(
-            [a.ip.packed for a in config.interface.addresses], self._transmit, mtu=self.mtu
-        )
-        self._interface.on_echo_reply = self._on_echo_reply
         self._underlay = UdpUnderlay()
-        self._dataplane = DataPlane(self._device, self._interface, self._underlay)
+        self._link = WireGuardLink(self._device, self._underlay)
+        self._stack = Netstack(
+            [a.ip.packed for a in config.interface.addresses], self._link.send, mtu=self.mtu
+        )
+        self._interface = self._stack.interface
+        self._interface.on_echo_reply = self._on_echo_reply
+        self._dataplane = DataPlane(self._stack, self._link)
+        self._sockets = SocketLayer(self._stack, self._dataplane.kick)
+        self._dataplane.after_activity.append(self._sockets.dispatch)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._started = anyio.Event()
         self._closed = False
@@ -210,7 +217,9 @@ class Node:
             )
         counters = dict(self._device.counters)
         counters.update({f"ip_{k}": v for k, v in self._interface.counters.items()})
-        counters.update({f"udp_{k}": v for k, v in self._underlay.counters.items()})
+        counters.update({f"tcp_{k}": v for k, v in self._stack.tcp.counters.items()})
+        counters.update({f"udp_{k}": v for k, v in self._stack.udp.counters.items()})
+        counters.update({f"underlay_{k}": v for k, v in self._underlay.counters.items()})
         return NodeStatus(
             self.public_key, tuple(str(ip) for ip in self.ips), self.listen_port, tuple(peers), counters
         )
@@ -247,14 +256,65 @@ class Node:
         assert isinstance(received_at, float)
         return max(received_at - started, 0.0)
 
+    async def listen(self, network: str, address: str, *, backlog: int = 128) -> TcpListener:
+        """Listen for TCP connections on the mesh: ``await node.listen("tcp", ":8080")``.
+
+        ``address`` is ``":PORT"`` (every address of this node), ``"IP:PORT"`` or ``"[IPv6]:PORT"``;
+        port 0 picks a free port (see the listener's ``port``). Returns an anyio ``Listener``.
+        """
+        self._require_running()
+        if network not in ("tcp", "tcp4", "tcp6"):
+            raise ValueError(f"listen() supports network 'tcp', not {network!r}; use listen_packet() for UDP")
+        local, port = self._local_endpoint(address)
+        return self._sockets.listen_tcp(local, port, backlog)
+
+    async def dial(self, network: str, address: str, *, timeout: float | None = 30.0) -> TcpStream:
+        """Open a TCP connection over the mesh: ``await node.dial("tcp", "100.64.0.2:9000")``.
+
+        Returns an anyio ``ByteStream``. Raises ``ConnectionRefusedError`` when the port is closed
+        and ``TimeoutError`` when the peer does not answer within ``timeout`` seconds.
+        """
+        self._require_running()
+        if network not in ("tcp", "tcp4", "tcp6"):
+            raise ValueError(f"dial() supports network 'tcp', not {network!r}")
+        host, port = split_host_port(address)
+        if not host:
+            raise ValueError(f"dial() needs a host in {address!r}")
+        try:
+            remote = ip_address(host).packed
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (name resolution comes with MagicDNS)") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is outside 1..65535")
+        return await self._sockets.dial_tcp(remote, port, timeout)
+
+    async def listen_packet(self, network: str, address: str) -> UdpSocket:
+        """Bind a UDP socket on the mesh: ``await node.listen_packet("udp", ":5353")``.
+
+        Returns an anyio ``UDPSocket`` (``sendto(data, host, port)``, ``receive()``).
+        """
+        self._require_running()
+        if network not in ("udp", "udp4", "udp6"):
+            raise ValueError(f"listen_packet() supports network 'udp', not {network!r}")
+        local, port = self._local_endpoint(address)
+        return self._sockets.bind_udp(local, port)
+
+    def _local_endpoint(self, address: str) -> tuple[bytes | None, int]:
+        host, port = split_host_port(address)
+        if not 0 <= port < 65536:
+            raise ValueError(f"port {port} is outside 0..65535")
+        if not host:
+            return None, port
+        local = ip_address(host).packed
+        if not self._interface.is_local(local):
+            raise OSError(99, f"{host} is not an address of this node ({', '.join(map(str, self.ips))})")
+        return local, port
+
     # ------------------------------------------------------------------ plumbing
 
     def _require_running(self) -> None:
         if self._task_group is None:
             raise NodeError("the node is not running: use 'async with node:' or 'await node.start()'")
-
-    def _transmit(self, packet: bytes) -> None:
-        self._device.send_packet(packet, time.monotonic())
 
     def _on_echo_reply(self, reply: EchoReply) -> None:
         waiter = self._ping_waiters.get((reply.source, reply.ident, reply.sequence))
@@ -278,3 +338,23 @@ async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
     return (str(address[0]), int(address[1]))
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``"host:port"``, ``"[v6]:port"`` or ``":port"`` (Go's net.SplitHostPort rules)."""
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0 or address[end + 1 : end + 2] != ":":
+            raise ValueError(f"bad address {address!r}: expected [IPv6]:port")
+        host, port_text = address[1:end], address[end + 2 :]
+    else:
+        host, sep, port_text = address.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad address {address!r}: expected host:port or :port")
+        if ":" in host:
+            raise ValueError(f"bad address {address!r}: put an IPv6 address in brackets, [addr]:port")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port in {address!r}") from None
+    return host, port

@@ -1,8 +1,9 @@
-"""The runtime loop: real sockets and a real clock driving the sans-IO cores.
+"""The runtime loop: real file descriptors and a real clock driving the sans-IO cores.
 
-One reader task per underlay socket drains every waiting datagram through the WireGuard device and
-the overlay interface, then flushes what they produced as one batch. One timer task sleeps until
-the cores' earliest deadline, or until an application call moves that deadline closer.
+One reader task per link descriptor drains everything waiting (one wake-up, many packets), runs the
+stack over the whole batch, then flushes what the cores produced as one batch and wakes the
+application tasks whose sockets changed. One timer task sleeps until the earliest deadline of the
+link and the stack, or until an application call moves that deadline closer.
 """
 
 from __future__ import annotations
@@ -14,65 +15,44 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 
-from embedmesh.netstack.interface import NetworkInterface
-from embedmesh.runtime.underlay import UdpUnderlay
-from embedmesh.wireguard.device import WireGuardDevice
+from embedmesh.netstack.stack import Netstack
+from embedmesh.runtime.links import Link
 
 logger = logging.getLogger("embedmesh.runtime")
 
 
 class DataPlane:
-    """Moves packets between the underlay sockets, the WireGuard device and the overlay interface."""
+    """Moves packets between a link and the overlay stack, and keeps their timers."""
 
-    def __init__(
-        self,
-        device: WireGuardDevice,
-        interface: NetworkInterface,
-        underlay: UdpUnderlay,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.device = device
-        self.interface = interface
-        self.underlay = underlay
+    def __init__(self, stack: Netstack, link: Link, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stack = stack
+        self.link = link
         self.clock = clock
+        stack.transmit = link.send
         self._wake = anyio.Event()
         self._sleep_until = math.inf
-        self._deadline_sources: list[Callable[[], float | None]] = [device.next_deadline]
-        self._timeout_handlers: list[Callable[[float], None]] = [device.handle_timeout]
-
-    def add_timer_source(
-        self, next_deadline: Callable[[], float | None], handle_timeout: Callable[[float], None]
-    ) -> None:
-        """Let another core (a transport layer) share the timer task."""
-        self._deadline_sources.append(next_deadline)
-        self._timeout_handlers.append(handle_timeout)
+        #: Called after every batch of input, timer run or application call, once output is
+        #: flushed: the socket layer wakes the tasks whose connections changed.
+        self.after_activity: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
-            for sock in self.underlay.sockets:
-                tg.start_soon(self._read_loop, sock)
+            for readable in self.link.readables():
+                tg.start_soon(self._read_loop, readable)
             tg.start_soon(self._timer_loop)
             task_status.started()
 
-    async def _read_loop(self, sock: socket.socket) -> None:
-        drain = self.underlay.drain
-        receive_datagram = self.device.receive_datagram
-        receive_packet = self.interface.receive
+    async def _read_loop(self, readable: socket.socket | int) -> None:
+        read = self.link.read
+        deliver = self.stack.receive
         clock = self.clock
         while True:
-            await anyio.wait_readable(sock)
-            batch = drain(sock)
-            if not batch:
-                continue
-            now = clock()
-            for data, source in batch:
-                packet = receive_datagram(data, source, now)
-                if packet is not None:
-                    receive_packet(packet, now)
+            await anyio.wait_readable(readable)
+            read(readable, deliver, clock())
             self.kick()
 
     async def _timer_loop(self) -> None:
@@ -86,32 +66,29 @@ class DataPlane:
                     await self._wake.wait()
             self._sleep_until = math.inf
             now = self.clock()
-            for handle in self._timeout_handlers:
-                handle(now)
-            self.flush()
+            self.link.handle_timeout(now)
+            self.stack.handle_timeout(now)
+            self._after()
 
     def _next_deadline(self) -> float:
         deadline = math.inf
-        for source in self._deadline_sources:
-            at = source()
+        for at in (self.link.next_deadline(), self.stack.next_deadline()):
             if at is not None and at < deadline:
                 deadline = at
         return deadline
 
     # ------------------------------------------------------------------ after every input
 
-    def flush(self) -> None:
-        """Send every datagram the device has produced."""
-        datagrams = self.device.datagrams_to_send()
-        if datagrams:
-            self.underlay.send(datagrams)
+    def _after(self) -> None:
+        self.link.flush()
+        for callback in self.after_activity:
+            callback()
 
     def kick(self) -> None:
-        """Flush output and wake the timer task if a core now has an earlier deadline.
+        """Flush output, wake changed sockets, and wake the timer task if a deadline moved closer.
 
-        Call after anything that fed the cores outside the reader and timer tasks (an
-        application send, a ping).
+        Call after anything that fed the cores outside the reader and timer tasks.
         """
-        self.flush()
+        self._after()
         if self._next_deadline() < self._sleep_until:
             self._wake.set()

@@ -1,0 +1,68 @@
+"""Links: what carries the overlay's IP packets. The runtime reads a link's file descriptors when
+they become readable, hands each packet to the stack, and sends the stack's packets through it.
+
+- :class:`WireGuardLink`: the real thing, WireGuard over UDP sockets.
+- :class:`TunLink` (Linux, needs CAP_NET_ADMIN): a TUN device, used by the tests and benchmarks to
+  put the stack face to face with the kernel's TCP/IP in a network namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from embedmesh.runtime.underlay import UdpUnderlay
+from embedmesh.wireguard.device import WireGuardDevice
+
+Deliver = Callable[[bytes | memoryview, float], None]
+
+
+class Link(Protocol):
+    """What the runtime needs from a link."""
+
+    def readables(self) -> list[socket.socket | int]: ...
+    def read(self, readable: socket.socket | int, deliver: Deliver, now: float) -> None: ...
+    def send(self, packet: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def next_deadline(self) -> float | None: ...
+    def handle_timeout(self, now: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class WireGuardLink:
+    """The WireGuard device over the node's UDP underlay."""
+
+    def __init__(self, device: WireGuardDevice, underlay: UdpUnderlay, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device = device
+        self.underlay = underlay
+        self.clock = clock
+
+    def readables(self) -> list[socket.socket | int]:
+        return list(self.underlay.sockets)
+
+    def read(self, readable: socket.socket | int, deliver: Deliver, now: float) -> None:
+        assert isinstance(readable, socket.socket)
+        receive_datagram = self.device.receive_datagram
+        for data, source in self.underlay.drain(readable):
+            packet = receive_datagram(data, source, now)
+            if packet is not None:
+                deliver(packet, now)
+
+    def send(self, packet: bytes) -> None:
+        self.device.send_packet(packet, self.clock())
+
+    def flush(self) -> None:
+        datagrams = self.device.datagrams_to_send()
+        if datagrams:
+            self.underlay.send(datagrams)
+
+    def next_deadline(self) -> float | None:
+        return self.device.next_deadline()
+
+    def handle_timeout(self, now: float) -> None:
+        self.device.handle_timeout(now)
+
+    def close(self) -> None:
+        self.underlay.close()
