@@ -440,7 +440,7 @@ class TcpConnection:
             return
         if self.state is not SYN_SENT:
             t = self._layer.now if now is None else now
-            self._emit(RST | ACK, self.snd_nxt, b"", t)
+            self._emit(RST | ACK, self.snd_max, b"", t)
         self._set_closed(None)
 
     def _raise_if_failed(self) -> None:
@@ -1065,7 +1065,7 @@ class TcpConnection:
         if self._app_closed and plen:
             # Data for a connection the application closed: nobody will read it (RFC 9293 §3.10.7.4,
             # as Linux): reset.
-            self._emit(RST | ACK, self.snd_nxt, b"", now)
+            self._emit(RST | ACK, self.snd_max, b"", now)
             self._set_closed(None)
             return
         if seq < rcv_nxt:
@@ -1386,7 +1386,9 @@ class TcpConnection:
         self._layer._transmit(self.local_addr, self.remote_addr, seg)
 
     def _send_ack(self, now: float) -> None:
-        self._emit(ACK, self.snd_nxt, b"", now)
+        # SND.MAX, not SND.NXT: while retransmitting after a timeout SND.NXT is rewound, and an ACK
+        # carrying it would look old to the peer, which would drop it unread (as BSD does).
+        self._emit(ACK, self.snd_max, b"", now)
 
     def _send_rst(self, seq: int, ack: int, with_ack: bool, now: float) -> None:
         """A reset whose fields come from the offending segment (RFC 9293 §3.10.7)."""
@@ -1445,7 +1447,7 @@ class TcpConnection:
             return
         self._retries += 1
         if self._retries > self.config.max_retransmissions:
-            self._emit(RST | ACK, self.snd_nxt, b"", now)
+            self._emit(RST | ACK, self.snd_max, b"", now)
             self._set_closed("timeout")
             return
         self.stats.rto_timeouts += 1
@@ -1492,7 +1494,7 @@ class TcpConnection:
             self._keepalive_at = now + self._keepalive_interval
             return
         if self._keepalive_probes >= self._keepalive_count:
-            self._emit(RST | ACK, self.snd_nxt, b"", now)
+            self._emit(RST | ACK, self.snd_max, b"", now)
             self._set_closed("timeout")
             return
         self._keepalive_probes += 1
