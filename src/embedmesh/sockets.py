@@ -207,13 +207,18 @@ class TcpListener(anyio.abc.Listener[TcpStream]):
         local = state.local_addr
         return {
             SocketAttribute.local_port: lambda: state.port,
-            SocketAttribute.local_address: lambda: (str(bytes_to_address(local)) if local else "", state.port),
+            SocketAttribute.local_address: lambda: (
+                str(bytes_to_address(local)) if local else "",
+                state.port,
+            ),
         }
 
 
-class UdpSocket(anyio.abc.UDPSocket):
-    """A UDP socket on a mesh address (an anyio ``UDPSocket``): ``sendto(data, host, port)`` and
-    ``receive() -> (data, (host, port))``."""
+class UdpSocket(anyio.abc.UnreliableObjectStream[tuple[bytes, tuple[str, int]]]):
+    """A UDP socket on a mesh address, with the interface of anyio's ``UDPSocket``:
+    ``sendto(data, host, port)``, ``send((data, (host, port)))``, ``receive() -> (data, (host, port))``
+    and the socket attributes. (It is not an ``anyio.abc.UDPSocket`` only because there is no OS
+    socket underneath to expose as ``raw_socket``.)"""
 
     def __init__(self, state: UdpSocketState, kick: Kick) -> None:
         self._state = state

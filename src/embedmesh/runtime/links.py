@@ -34,7 +34,9 @@ class Link(Protocol):
 class WireGuardLink:
     """The WireGuard device over the node's UDP underlay."""
 
-    def __init__(self, device: WireGuardDevice, underlay: UdpUnderlay, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, device: WireGuardDevice, underlay: UdpUnderlay, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.device = device
         self.underlay = underlay
         self.clock = clock
