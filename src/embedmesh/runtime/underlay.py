@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 logger = logging.getLogger("embedmesh.runtime")
 
@@ -24,6 +25,17 @@ SOCKET_BUFFER_BYTES = 7 << 20
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 MAX_DATAGRAM = 65535
+# Linux UDP segmentation offload (include/uapi/linux/udp.h): one sendmsg carries many equal-size
+# datagrams (UDP_SEGMENT), one recvmsg returns several coalesced ones (UDP_GRO). Measured here at
+# ~0.1 µs per datagram instead of 2–6 µs (shared/research/performance.md).
+UDP_SEGMENT = 103
+UDP_GRO = 104
+#: Datagrams per GSO send; the kernel's limit is 64 (UDP_MAX_SEGMENTS) and 64 KiB in all.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_GSO_FALLBACK_ERRNOS = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+_unpack_int = struct.Struct("i").unpack_from
+_pack_u16 = struct.Struct("H").pack
 
 
 def _grow_buffers(sock: socket.socket, size: int) -> None:
@@ -47,6 +59,11 @@ class UdpUnderlay:
         self._v6: socket.socket | None = None
         self.port = 0
         self.counters: Counter[str] = Counter()
+        self.gso = True
+        self._gro: set[socket.socket] = set()
+        self._buffer = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
+        self._ancillary_size = socket.CMSG_SPACE(4)
 
     def open(self, port: int = 0, host: str | None = None) -> None:
         """Bind the sockets. ``host`` limits them to one local address (IPv4 or IPv6)."""
@@ -81,6 +98,11 @@ class UdpUnderlay:
                 raise
             sock.setblocking(False)
             _grow_buffers(sock, SOCKET_BUFFER_BYTES)
+            try:
+                sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+                self._gro.add(sock)
+            except OSError:
+                logger.debug("UDP GRO unavailable on this kernel")
             self.port = sock.getsockname()[1]
             self.sockets.append(sock)
             if family == socket.AF_INET:
@@ -95,14 +117,36 @@ class UdpUnderlay:
         self._v4 = self._v6 = None
 
     def drain(self, sock: socket.socket, limit: int = 512) -> list[tuple[bytes, Endpoint]]:
-        """Read up to ``limit`` datagrams that are waiting, without blocking."""
+        """Read what is waiting, up to ``limit`` receive calls, without blocking.
+
+        With GRO one call may return several datagrams from one sender, back to back, each of the
+        size the control message names (the last one may be shorter); they are split here.
+        """
         out: list[tuple[bytes, Endpoint]] = []
-        recvfrom = sock.recvfrom
         append = out.append
         try:
+            if sock not in self._gro:
+                recvfrom = sock.recvfrom
+                for _ in range(limit):
+                    data, address = recvfrom(MAX_DATAGRAM)
+                    append((data, (address[0], address[1])))
+                return out
+            recvmsg_into = sock.recvmsg_into
+            buffers = [self._buffer]
+            view = self._view
+            ancillary_size = self._ancillary_size
             for _ in range(limit):
-                data, address = recvfrom(MAX_DATAGRAM)
-                append((data, (address[0], address[1])))
+                size, ancillary, _flags, address = recvmsg_into(buffers, ancillary_size)
+                endpoint = (address[0], address[1])
+                segment = size
+                for level, kind, data in ancillary:
+                    if level == socket.IPPROTO_UDP and kind == UDP_GRO:
+                        segment = _unpack_int(data)[0]
+                if segment >= size:
+                    append((bytes(view[:size]), endpoint))
+                else:
+                    for offset in range(0, size, segment):
+                        append((bytes(view[offset : min(offset + segment, size)]), endpoint))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
@@ -111,16 +155,73 @@ class UdpUnderlay:
             self.counters[f"recv_error_{exc.errno}"] += 1
         return out
 
-    def send(self, datagrams: Iterable[tuple[bytes, Endpoint]]) -> None:
-        """Send datagrams without blocking; a full socket buffer drops, as UDP may."""
-        for data, endpoint in datagrams:
-            sock = self._v6 if ":" in endpoint[0] else self._v4
-            if sock is None:
-                self.counters["send_no_socket"] += 1
-                continue
-            try:
-                sock.sendto(data, endpoint)
-            except (BlockingIOError, InterruptedError):
-                self.counters["send_dropped_full"] += 1
-            except OSError as exc:
-                self.counters[f"send_error_{exc.errno}"] += 1
+    def send(self, datagrams: Sequence[tuple[bytes, Endpoint]]) -> None:
+        """Send datagrams without blocking; a full socket buffer drops, as UDP may.
+
+        Runs of datagrams to one endpoint with one size (the last may be shorter) go out as one
+        GSO send. Order is kept.
+        """
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            data, endpoint = datagrams[i]
+            size = len(data)
+            j = i + 1
+            if self.gso:
+                total = size
+                while (
+                    j < count
+                    and j - i < GSO_MAX_SEGMENTS
+                    and datagrams[j][1] == endpoint
+                    and total + len(datagrams[j][0]) <= GSO_MAX_BYTES
+                ):
+                    next_size = len(datagrams[j][0])
+                    if next_size > size:
+                        break
+                    total += next_size
+                    j += 1
+                    if next_size < size:
+                        break  # a shorter datagram can only end a GSO batch
+            if j - i == 1:
+                self._send_one(data, endpoint)
+            else:
+                self._send_batch(datagrams, i, j, size, endpoint)
+            i = j
+
+    def _socket_for(self, endpoint: Endpoint) -> socket.socket | None:
+        sock = self._v6 if ":" in endpoint[0] else self._v4
+        if sock is None:
+            self.counters["send_no_socket"] += 1
+        return sock
+
+    def _send_one(self, data: bytes, endpoint: Endpoint) -> None:
+        sock = self._socket_for(endpoint)
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, endpoint)
+        except (BlockingIOError, InterruptedError):
+            self.counters["send_dropped_full"] += 1
+        except OSError as exc:
+            self.counters[f"send_error_{exc.errno}"] += 1
+
+    def _send_batch(
+        self, datagrams: Sequence[tuple[bytes, Endpoint]], start: int, end: int, size: int, endpoint: Endpoint
+    ) -> None:
+        sock = self._socket_for(endpoint)
+        if sock is None:
+            return
+        payload = b"".join([datagrams[k][0] for k in range(start, end)])
+        try:
+            sock.sendmsg([payload], [(socket.IPPROTO_UDP, UDP_SEGMENT, _pack_u16(size))], 0, endpoint)
+            self.counters["gso_batches"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.counters["send_dropped_full"] += end - start
+        except OSError as exc:
+            if exc.errno in _GSO_FALLBACK_ERRNOS:
+                logger.info("UDP GSO refused (%s); sending one datagram per call from now on", exc)
+                self.gso = False
+                for k in range(start, end):
+                    self._send_one(datagrams[k][0], endpoint)
+            else:
+                self.counters[f"send_error_{exc.errno}"] += end - start
