@@ -30,6 +30,7 @@ __all__ = [
     "URG",
     "TcpSegment",
     "build_tcp",
+    "build_tcp_fast",
     "flags_repr",
     "parse_tcp",
     "pseudo_base",
@@ -153,8 +154,8 @@ def parse_tcp(
             pseudo_sum = pseudo_header_sum(src, dst, PROTOCOL_TCP, 0)
         if checksum(segment, pseudo_sum + length) != 0:
             raise ParseError("TCP checksum mismatch")
-    view = segment if isinstance(segment, memoryview) else memoryview(segment)
-    seg = TcpSegment(src_port, dst_port, seq, ack, flags, window, urgent, payload=view[header_len:])
+    view = segment if segment.__class__ is memoryview else memoryview(segment)
+    seg = TcpSegment(src_port, dst_port, seq, ack, flags, window, urgent, None, None, False, (), None, view[header_len:])
     if header_len > HEADER_LEN:
         if header_len == 32 and _U32.unpack_from(view, 20)[0] == _TS_PREFIX:
             seg.timestamp = _U32X2.unpack_from(view, 24)
@@ -234,6 +235,31 @@ def _encode_options(
     out = b"".join(parts)
     pad = -len(out) & 3
     return out + b"\x00" * pad if pad else out
+
+
+def build_tcp_fast(
+    pseudo_sum: int,
+    src_port: int,
+    dst_port: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    tsval: int,
+    tsecr: int,
+    payload: bytes | bytearray | memoryview,
+) -> bytes:
+    """The per-segment path of a connection: positional, timestamps or nothing (``tsval < 0``).
+
+    ``seq``/``ack`` must already be 32-bit; ``pseudo_sum`` comes from :func:`pseudo_base`.
+    """
+    if tsval >= 0:
+        header0 = _HEADER_TS.pack(src_port, dst_port, seq, ack, 0x80, flags, window, 0, 0, 1, 1, 8, 10, tsval, tsecr)
+        csum = checksum(payload, pseudo_sum + 32 + len(payload) + _from_bytes(header0, "big"))
+        return _HEADER_TS.pack(src_port, dst_port, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr) + payload
+    header0 = _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, 0, 0)
+    csum = checksum(payload, pseudo_sum + 20 + len(payload) + _from_bytes(header0, "big"))
+    return _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, csum, 0) + payload
 
 
 def build_tcp(

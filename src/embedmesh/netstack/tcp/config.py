@@ -6,20 +6,20 @@ import enum
 from dataclasses import dataclass
 
 
-class TcpState(enum.Enum):
-    """RFC 9293 §3.3.2 connection states."""
+class TcpState(enum.IntEnum):
+    """RFC 9293 §3.3.2 connection states (an IntEnum: state checks sit on the per-segment path)."""
 
-    CLOSED = "CLOSED"
-    LISTEN = "LISTEN"
-    SYN_SENT = "SYN-SENT"
-    SYN_RECEIVED = "SYN-RECEIVED"
-    ESTABLISHED = "ESTABLISHED"
-    FIN_WAIT_1 = "FIN-WAIT-1"
-    FIN_WAIT_2 = "FIN-WAIT-2"
-    CLOSE_WAIT = "CLOSE-WAIT"
-    CLOSING = "CLOSING"
-    LAST_ACK = "LAST-ACK"
-    TIME_WAIT = "TIME-WAIT"
+    CLOSED = 0
+    LISTEN = 1
+    SYN_SENT = 2
+    SYN_RECEIVED = 3
+    ESTABLISHED = 4
+    FIN_WAIT_1 = 5
+    FIN_WAIT_2 = 6
+    CLOSE_WAIT = 7
+    CLOSING = 8
+    LAST_ACK = 9
+    TIME_WAIT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class TcpConfig:
     """
 
     mtu: int = 1280
+    verify_checksum: bool = True
     recv_buffer: int = 4 * 1024 * 1024
     send_buffer: int = 4 * 1024 * 1024
     congestion: str = "cubic"

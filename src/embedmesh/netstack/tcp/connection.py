@@ -30,7 +30,7 @@ from embedmesh.netstack.tcp.config import TcpConfig, TcpState
 from embedmesh.netstack.tcp.congestion import make_controller
 from embedmesh.netstack.tcp.rtt import RttEstimator
 from embedmesh.netstack.tcp.sack import SackScoreboard, receiver_blocks
-from embedmesh.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment, build_tcp
+from embedmesh.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment, build_tcp, build_tcp_fast
 
 if TYPE_CHECKING:
     from embedmesh.netstack.tcp.layer import TcpLayer
@@ -150,6 +150,7 @@ class TcpConnection:
         "_rto_at",
         "_rtt_seq",
         "_rtt_time",
+        "_rxt_degree",
         "_rxt_high",
         "_rxt_tsval",
         "_sack_ok",
@@ -288,13 +289,14 @@ class TcpConnection:
         self._undo_retrans = 0
         self._rxt_tsval: int | None = None
         self._rxt_high = iss  # end of the highest byte ever retransmitted
+        self._rxt_degree = 0  # reordering (segments) that the last fast retransmit assumed was loss
 
     wscale_for = staticmethod(_wscale_for)
 
     def __repr__(self) -> str:
         return (
             f"<TcpConnection {_fmt(self.local_addr)}:{self.local_port} -> "
-            f"{_fmt(self.remote_addr)}:{self.remote_port} {self.state.value}>"
+            f"{_fmt(self.remote_addr)}:{self.remote_port} {self.state.name}>"
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -889,12 +891,11 @@ class TcpConnection:
 
     def _on_dsack(self, left: int, right: int, now: float) -> None:
         self.stats.dsacks_received += 1
-        if self._undo_state is None:
+        if self._undo_state is None or not self._rxt_degree:
+            # Only a fast retransmit is undone on D-SACK evidence; after a timeout the go-back-N
+            # resends data whose SACK blocks did not fit in an option, and their D-SACKs prove nothing.
             return
         self._undo_retrans -= 1
-        # The distance the original travelled behind later data is the reordering we must tolerate.
-        degree = (max(self.scoreboard.highest, self.snd_una) - left) // max(self._snd_mss, 1)
-        self._raise_dupthresh(degree)
         if self._undo_retrans <= 0:
             self._undo(now)
 
@@ -903,12 +904,19 @@ class TcpConnection:
             self._dupthresh = min(degree + 1, self.config.max_reordering)
 
     def _undo(self, now: float) -> None:
-        """The last window reduction was spurious (RFC 2883 §5 / RFC 4015): restore the window."""
+        """The last window reduction was spurious (RFC 2883 §5 / RFC 4015): restore the window.
+
+        After a spurious fast retransmit, the data SACKed beyond the hole when we declared it lost is
+        the reordering we must tolerate from now on (as Linux's adaptive reordering metric).
+        """
         state = self._undo_state
         self._undo_state = None
         self._rxt_tsval = None
         if state is None:
             return
+        if self._rxt_degree:
+            self._raise_dupthresh(self._rxt_degree)
+            self._rxt_degree = 0
         cc = self._cc
         cwnd = cc.cwnd
         ssthresh = cc.ssthresh
@@ -948,8 +956,7 @@ class TcpConnection:
             if self._rxt_tsval is not None:
                 if ((ts[1] - self._rxt_tsval) & _M) >= _HALF:
                     # The ACK echoes a timestamp older than our retransmission: the original made it
-                    # (RFC 4015 Eifel detection). Measure the reordering and undo.
-                    self._raise_dupthresh((max(fack, ack) - una) // max(self._snd_mss, 1))
+                    # (RFC 4015 Eifel detection).
                     self._undo(now)
                 else:
                     self._rxt_tsval = None
@@ -1018,10 +1025,13 @@ class TcpConnection:
         cc = self._cc
         self._undo_state = cc.snapshot()
         self._undo_retrans = 0
+        self._rxt_degree = (max(self.scoreboard.highest, una) - una) // max(self._snd_mss, 1) + 1
         cc.on_congestion(now, self.snd_max - una)
         if not self._sack_ok:
             cc.cwnd = cc.ssthresh + 3 * self._snd_mss
-        self._rxt_tsval = ((int(now * 1000) + self._ts_offset) & _M) if self._ts_ok else None
+        # Fast recovery is undone on D-SACK evidence only: with several holes in flight, the first ACK
+        # that advances may echo the timestamp of an earlier episode's retransmission.
+        self._rxt_tsval = None
         self._retransmit_head(now)
 
     def _retransmit_head(self, now: float) -> None:
@@ -1096,7 +1106,7 @@ class TcpConnection:
             if plen:
                 rbuf.append(payload)
                 rcv_nxt += plen
-                if rbuf.has_ooo:
+                if rbuf._ooo_starts:
                     rcv_nxt = rbuf.pull(rcv_nxt)
                     # The hole is (partly) filled: ACK at once (RFC 5681 §4.2).
                     self._ack_now = True
@@ -1156,7 +1166,14 @@ class TcpConnection:
         self._dirty = False
         st = self.state
         if st in _SEND_STATES:
-            self._send_data(now)
+            # Something to (re)send: new data, a FIN, or the tail after a go-back (snd_nxt < snd_max).
+            if (
+                self.snd_nxt < self._sbuf_seq + len(self._sbuf)
+                or self._fin_queued
+                or self._in_recovery
+                or self.snd_nxt < self.snd_max
+            ):
+                self._send_data(now)
             if self.snd_wnd == 0 and self.snd_una == self.snd_max and self._has_unsent():
                 if self._persist_at == _INF:
                     self._persist_at = now + self._persist_interval()
@@ -1244,6 +1261,7 @@ class TcpConnection:
                 end += 1
             if retransmit:
                 self.stats.retransmits += 1
+                self._undo_retrans += 1
                 if end > self._rxt_high:
                     self._rxt_high = end
                 if self._rtt_seq is not None and seq < self._rtt_seq:
@@ -1262,7 +1280,7 @@ class TcpConnection:
     def _payload_room(self) -> int:
         """Payload bytes that fit in the next segment: SACK blocks eat into the MSS (RFC 6691)."""
         mss = self._snd_mss
-        if self._sack_ok and (self._dsack is not None or self._rbuf.has_ooo):
+        if self._sack_ok and (self._dsack is not None or self._rbuf._ooo_starts):
             blocks = self._rbuf.ooo_count + (1 if self._dsack is not None else 0)
             cap = 3 if self._ts_ok else 4
             mss -= 4 + 8 * (blocks if blocks < cap else cap)
@@ -1348,7 +1366,7 @@ class TcpConnection:
 
     def _sack_option(self) -> list[tuple[int, int]] | tuple[()]:
         dsack = self._dsack
-        if not self._sack_ok or (dsack is None and not self._rbuf.has_ooo):
+        if not self._sack_ok or (dsack is None and not self._rbuf._ooo_starts):
             self._dsack = None
             return ()
         self._dsack = None
@@ -1361,29 +1379,38 @@ class TcpConnection:
 
     def _emit(self, flags: int, seq: int, payload: bytes | bytearray, now: float) -> None:
         """Build and transmit one segment; every one carries the current ACK and window."""
-        ts = ((int(now * 1000) + self._ts_offset) & _M, self._ts_recent) if self._ts_ok else None
         window = self._window_field()
         rcv_nxt = self.rcv_nxt
-        seg = build_tcp(
-            self.local_addr,
-            self.remote_addr,
-            self.local_port,
-            self.remote_port,
-            seq,
-            rcv_nxt,
-            flags,
-            window,
-            timestamp=ts,
-            sack_blocks=self._sack_option() if self._sack_ok else (),
-            payload=payload,
-            pseudo_sum=self._pseudo,
-        )
+        if self._ts_ok:
+            tsval = (int(now * 1000) + self._ts_offset) & _M
+            tsecr = self._ts_recent
+        else:
+            tsval = tsecr = -1
+        if self._sack_ok and (self._dsack is not None or self._rbuf._ooo_starts):
+            seg = build_tcp(
+                self.local_addr,
+                self.remote_addr,
+                self.local_port,
+                self.remote_port,
+                seq,
+                rcv_nxt,
+                flags,
+                window,
+                timestamp=(tsval, tsecr) if tsval >= 0 else None,
+                sack_blocks=self._sack_option(),
+                payload=payload,
+                pseudo_sum=self._pseudo,
+            )
+        else:
+            seg = build_tcp_fast(
+                self._pseudo, self.local_port, self.remote_port, seq & _M, rcv_nxt & _M, flags, window, tsval, tsecr, payload
+            )
         self._last_ack_sent = rcv_nxt
         self._ack_now = False
         self._ack_pending = 0
         self._delack_at = _INF
         self.stats.segments_sent += 1
-        self._layer._transmit(self.local_addr, self.remote_addr, seg)
+        self._layer._transmit_cb(self.local_addr, self.remote_addr, seg)
 
     def _send_ack(self, now: float) -> None:
         # SND.MAX, not SND.NXT: while retransmitting after a timeout SND.NXT is rewound, and an ACK
@@ -1453,6 +1480,7 @@ class TcpConnection:
         self.stats.rto_timeouts += 1
         cc = self._cc
         if self._retries == 1:
+            self._rxt_degree = 0
             self._undo_state = cc.snapshot()
             self._undo_retrans = 0
             self._rxt_tsval = ((int(now * 1000) + self._ts_offset) & _M) if self._ts_ok else None

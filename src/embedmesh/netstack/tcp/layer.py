@@ -86,6 +86,7 @@ class TcpLayer:
         self._challenge_tokens = float(config.challenge_ack_limit)
         self._challenge_time = 0.0
         self.counters: Counter[str] = Counter()
+        self._verify = config.verify_checksum
         self.now = 0.0
 
     # ---------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class TcpLayer:
                 self._pseudo_cache.clear()
             pseudo = self._pseudo_cache[pair] = pseudo_base(src, dst)
         try:
-            seg = parse_tcp(segment, src, dst, pseudo_sum=pseudo)
+            seg = parse_tcp(segment, src, dst, verify_checksum=self._verify, pseudo_sum=pseudo)
         except ParseError:
             self.counters["rx_malformed"] += 1
             return
