@@ -897,6 +897,12 @@ class TcpConnection:
             return
         self._undo_retrans -= 1
         if self._undo_retrans <= 0:
+            # Every retransmission of the episode came back as a duplicate: it was reordering. The
+            # original travelled behind at most everything SACKed since; grow the threshold towards
+            # that, at most doubling per episode (a D-SACK for data whose SACK block never fitted in
+            # an option must not inflate it at once).
+            seen = (max(self.scoreboard.highest, self.snd_una) - left) // max(self._snd_mss, 1)
+            self._rxt_degree = max(self._rxt_degree, min(seen, 2 * self._dupthresh + 2))
             self._undo(now)
 
     def _raise_dupthresh(self, degree: int) -> None:
