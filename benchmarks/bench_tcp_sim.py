@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "tcp"))
 
-from simlink import Impairment, SimLink, Transfer  # noqa: E402
+from simlink import Impairment, SimLink, Transfer
 
-from embedmesh.netstack.tcp import TcpConfig, TcpState  # noqa: E402
+from embedmesh.netstack.tcp import TcpConfig, TcpState
 
 
 def bulk(size: int, verify: bool, runs: int) -> tuple[float, float, int]:
@@ -107,7 +107,9 @@ def main() -> None:
     loss_size = 4_000_000 if quick else 10_000_000
     for controller in ("newreno", "cubic"):
         rates = lossy(controller, loss_size, seeds)
-        print(f"  {controller:8}: mean {statistics.mean(rates):5.2f}  min {min(rates):5.2f}  max {max(rates):5.2f}")
+        print(
+            f"  {controller:8}: mean {statistics.mean(rates):5.2f}  min {min(rates):5.2f}  max {max(rates):5.2f}"
+        )
     print("## reordering 3% by 2 ms at 100 Mbit/s, no loss")
     print("  ", reordering(4_000_000))
     count = 2000 if quick else 10_000

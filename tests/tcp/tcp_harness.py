@@ -51,7 +51,9 @@ class Harness:
         dport: int = LOCAL_PORT,
         **options: Any,
     ) -> None:
-        raw = build_tcp(REMOTE, LOCAL, sport, dport, seq & M, ack & M, flags, window, payload=payload, **options)
+        raw = build_tcp(
+            REMOTE, LOCAL, sport, dport, seq & M, ack & M, flags, window, payload=payload, **options
+        )
         self.layer.segment_received(REMOTE, LOCAL, raw, t)
 
     def tick(self, t: float) -> None:
@@ -94,7 +96,9 @@ class Harness:
         self.recv_none()
         return conn, synack
 
-    def connect(self, t: float = 0.0, *, window: int = 65535, **synack_options: Any) -> tuple[TcpConnection, TcpSegment]:
+    def connect(
+        self, t: float = 0.0, *, window: int = 65535, **synack_options: Any
+    ) -> tuple[TcpConnection, TcpSegment]:
         """Active open to REMOTE:REMOTE_PORT, remote answers SYN-ACK. Returns (conn, our SYN)."""
         synack_options.setdefault("mss", 1460)
         conn = self.layer.connect(LOCAL, REMOTE, REMOTE_PORT, t, local_port=LOCAL_PORT)
@@ -102,7 +106,16 @@ class Harness:
         assert syn.flags == SYN
         if "timestamp" in synack_options and synack_options["timestamp"] is not None and syn.timestamp:
             synack_options["timestamp"] = (synack_options["timestamp"][0], syn.timestamp[0])
-        self.send(t, SYN | ACK, REMOTE_ISS, syn.seq + 1, window=window, sport=REMOTE_PORT, dport=LOCAL_PORT, **synack_options)
+        self.send(
+            t,
+            SYN | ACK,
+            REMOTE_ISS,
+            syn.seq + 1,
+            window=window,
+            sport=REMOTE_PORT,
+            dport=LOCAL_PORT,
+            **synack_options,
+        )
         ack = self.recv_one()
         assert ack.flags == ACK and ack.ack == (REMOTE_ISS + 1) & M
         assert conn.state is TcpState.ESTABLISHED

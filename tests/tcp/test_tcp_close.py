@@ -198,7 +198,7 @@ def test_ack_of_unsent_data_is_answered_and_dropped() -> None:
 
 def test_old_ack_gets_challenge_ack() -> None:
     h = _plain()
-    conn, synack = h.accept()
+    _conn, synack = h.accept()
     h.send(1.0, ACK, R1, (synack.seq + 1 - 200_000) & M)
     ack = h.recv_one()
     assert ack.ack == R1

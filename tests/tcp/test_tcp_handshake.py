@@ -25,7 +25,12 @@ def test_passive_three_way_handshake() -> None:
     assert listener in h.layer.pop_changed()
     conn = listener.accept()
     assert conn is not None and conn.state is TcpState.ESTABLISHED and conn.established
-    assert (conn.local_addr, conn.local_port, conn.remote_addr, conn.remote_port) == (LOCAL, 80, REMOTE, REMOTE_PORT)
+    assert (conn.local_addr, conn.local_port, conn.remote_addr, conn.remote_port) == (
+        LOCAL,
+        80,
+        REMOTE,
+        REMOTE_PORT,
+    )
     assert conn.mss == 1240 and listener.pending == 0
 
 

@@ -31,7 +31,9 @@ class Side:
         conn = self.conn
         if conn is None or conn.state is TcpState.CLOSED:
             return
-        while self.next_write < len(self.writes) and self.writes[self.next_write][0] <= now and not self.pending:
+        while (
+            self.next_write < len(self.writes) and self.writes[self.next_write][0] <= now and not self.pending
+        ):
             self.pending = self.writes[self.next_write][1]
             self.next_write += 1
         if self.pending and conn.established and conn.writable:
@@ -56,7 +58,11 @@ chunks = st.lists(
 ).map(lambda items: [(t, bytes([i % 251]) * n) for i, (t, n) in enumerate(sorted(items))])
 
 
-@settings(max_examples=int(__import__("os").environ.get("TCP_PROP_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(__import__("os").environ.get("TCP_PROP_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     seed=st.integers(0, 2**32 - 1),
     loss=st.sampled_from([0.0, 0.02, 0.1]),
@@ -72,7 +78,18 @@ chunks = st.lists(
     small_buffers=st.booleans(),
 )
 def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
-    seed, loss, duplicate, reorder, jitter, writes_a, writes_b, read_a, read_b, options, congestion, small_buffers
+    seed,
+    loss,
+    duplicate,
+    reorder,
+    jitter,
+    writes_a,
+    writes_b,
+    read_a,
+    read_b,
+    options,
+    congestion,
+    small_buffers,
 ) -> None:
     cfg = TcpConfig(
         congestion=congestion,
@@ -82,7 +99,9 @@ def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
         recv_buffer=4096 if small_buffers else 4 * 1024 * 1024,
         send_buffer=3000 if small_buffers else 4 * 1024 * 1024,
     )
-    imp = Impairment(delay=0.01, jitter=jitter, loss=loss, duplicate=duplicate, reorder=reorder, reorder_delay=0.003)
+    imp = Impairment(
+        delay=0.01, jitter=jitter, loss=loss, duplicate=duplicate, reorder=reorder, reorder_delay=0.003
+    )
     link = SimLink(seed, impairment=imp, config_a=cfg, config_b=cfg)
     listener = link.b.listen(None, 80, 4)
     a = Side(writes_a, read_a)

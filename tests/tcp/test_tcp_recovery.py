@@ -78,7 +78,7 @@ def test_sack_recovery_retransmits_exactly_the_holes() -> None:
 
 def test_sack_below_threshold_waits() -> None:
     h = Harness(timestamps=False, window_scaling=False)
-    conn, una = _flight(h, 10, sack_permitted=True)
+    _conn, una = _flight(h, 10, sack_permitted=True)
     # One segment SACKed above a hole: could be reordering (RFC 6675 IsLost needs > 2*SMSS).
     h.send(1.05, ACK, R1, una, sack_blocks=[(una + MSS, una + 2 * MSS)])
     h.recv_none()

@@ -115,7 +115,9 @@ def test_syn_flood_keeps_listener_bounded_and_usable() -> None:
         rng = random.Random(99)
         for i in range(10_000):
             src = bytes([198, 18, rng.randrange(256), rng.randrange(256)])
-            syn = build_tcp(src, link.addr_b, rng.randrange(1024, 65536), 80, rng.getrandbits(32), 0, SYN, 65535, mss=1460)
+            syn = build_tcp(
+                src, link.addr_b, rng.randrange(1024, 65536), 80, rng.getrandbits(32), 0, SYN, 65535, mss=1460
+            )
             link.b.segment_received(src, link.addr_b, syn, i * 1e-5)
         assert listener.pending <= 64
         assert link.b.connection_count <= 64
@@ -131,7 +133,7 @@ def test_time_wait_table_is_bounded() -> None:
     cfg = TcpConfig(max_time_wait=100)
     link = SimLink(8, impairment=Impairment(delay=0.001), config_a=cfg, config_b=cfg)
     listener = link.b.listen(None, 80, 64)
-    for i in range(2000):
+    for _i in range(2000):
         conn = link.a.connect(link.addr_a, link.addr_b, 80, link.now)
         link.run(stop=lambda: listener.readable > 0)
         server = listener.accept()

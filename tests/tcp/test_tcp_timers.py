@@ -17,7 +17,7 @@ def _plain(**kw: object) -> Harness:
 
 def test_delayed_ack_timer() -> None:
     h = _plain()
-    conn, synack = h.accept()
+    _conn, synack = h.accept()
     una = synack.seq + 1
     h.send(1.0, ACK | PSH, R1, una, payload=b"x" * 100)
     h.recv_none()
@@ -31,7 +31,7 @@ def test_delayed_ack_timer() -> None:
 
 def test_ack_every_second_full_segment() -> None:
     h = _plain()
-    conn, synack = h.accept()
+    _conn, synack = h.accept()
     una = synack.seq + 1
     h.send(1.0, ACK, R1, una, payload=b"x" * 1240)
     h.recv_none()
@@ -81,7 +81,9 @@ def test_rto_after_samples_and_restart_on_ack() -> None:
     h.recv_one()
     h.send(1.3, ACK, R1, una + 100)
     # RFC 6298 §2.2: SRTT = R, RTTVAR = R/2, RTO = SRTT + 4*RTTVAR = 0.9
-    assert rtt.srtt == pytest.approx(0.3) and rtt.rttvar == pytest.approx(0.15) and rtt.rto == pytest.approx(0.9)
+    assert (
+        rtt.srtt == pytest.approx(0.3) and rtt.rttvar == pytest.approx(0.15) and rtt.rto == pytest.approx(0.9)
+    )
     conn.send(b"b" * 100, now=2.0)  # type: ignore[attr-defined]
     h.recv_one()
     h.send(2.1, ACK, R1, una + 200)
@@ -127,7 +129,7 @@ def test_retransmission_backoff_and_karn() -> None:
 
 def test_retransmissions_exhausted_times_out() -> None:
     h = _plain(nodelay=True, max_retransmissions=3)
-    conn, una = _one_segment_in_flight(h)
+    conn, _una = _one_segment_in_flight(h)
     while conn.state is TcpState.ESTABLISHED:  # type: ignore[attr-defined]
         deadline = h.layer.next_deadline()
         assert deadline is not None

@@ -155,7 +155,9 @@ def parse_tcp(
         if checksum(segment, pseudo_sum + length) != 0:
             raise ParseError("TCP checksum mismatch")
     view = segment if segment.__class__ is memoryview else memoryview(segment)
-    seg = TcpSegment(src_port, dst_port, seq, ack, flags, window, urgent, None, None, False, (), None, view[header_len:])
+    seg = TcpSegment(
+        src_port, dst_port, seq, ack, flags, window, urgent, None, None, False, (), None, view[header_len:]
+    )
     if header_len > HEADER_LEN:
         if header_len == 32 and _U32.unpack_from(view, 20)[0] == _TS_PREFIX:
             seg.timestamp = _U32X2.unpack_from(view, 24)
@@ -254,9 +256,16 @@ def build_tcp_fast(
     ``seq``/``ack`` must already be 32-bit; ``pseudo_sum`` comes from :func:`pseudo_base`.
     """
     if tsval >= 0:
-        header0 = _HEADER_TS.pack(src_port, dst_port, seq, ack, 0x80, flags, window, 0, 0, 1, 1, 8, 10, tsval, tsecr)
+        header0 = _HEADER_TS.pack(
+            src_port, dst_port, seq, ack, 0x80, flags, window, 0, 0, 1, 1, 8, 10, tsval, tsecr
+        )
         csum = checksum(payload, pseudo_sum + 32 + len(payload) + _from_bytes(header0, "big"))
-        return _HEADER_TS.pack(src_port, dst_port, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr) + payload
+        return (
+            _HEADER_TS.pack(
+                src_port, dst_port, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr
+            )
+            + payload
+        )
     header0 = _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, 0, 0)
     csum = checksum(payload, pseudo_sum + 20 + len(payload) + _from_bytes(header0, "big"))
     return _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, csum, 0) + payload

@@ -63,7 +63,7 @@ class SendBuffer:
 class ReceiveBuffer:
     """In-order bytes waiting for the application, plus the out-of-order blocks behind a hole."""
 
-    __slots__ = ("_buf", "_ooo_ends", "_ooo_starts", "_ooo_data", "capacity", "max_blocks", "ooo_bytes")
+    __slots__ = ("_buf", "_ooo_data", "_ooo_ends", "_ooo_starts", "capacity", "max_blocks", "ooo_bytes")
 
     def __init__(self, capacity: int, max_blocks: int = 256) -> None:
         self.capacity = capacity

@@ -537,11 +537,9 @@ class TcpConnection:
         self._ts_ok = self._ts_ok and syn.timestamp is not None
         if self._ts_ok and syn.timestamp is not None:
             self._ts_recent = syn.timestamp[0]
-        if syn.mss is not None:
-            peer_mss = syn.mss
-        else:
-            # RFC 9293 §3.7.1 (IPv4) and RFC 8200 §8.3 (IPv6) defaults.
-            peer_mss = 536 if len(self.local_addr) == 4 else 1220
+        # Without the option: RFC 9293 §3.7.1 (IPv4) and RFC 8200 §8.3 (IPv6) defaults.
+        default_mss = 536 if len(self.local_addr) == 4 else 1220
+        peer_mss = syn.mss if syn.mss is not None else default_mss
         self._set_mss(max(peer_mss, _MIN_PEER_MSS))
         # The window in a SYN is never scaled (RFC 7323 §2.2).
         self.snd_wnd = syn.window
@@ -1355,7 +1353,7 @@ class TcpConnection:
         if avail > cur:
             grow = avail - cur
             half = cap >> 1
-            if grow >= (half if half < self._adv_mss else self._adv_mss) or cur == 0 and avail >= cap:
+            if grow >= (half if half < self._adv_mss else self._adv_mss) or (cur == 0 and avail >= cap):
                 new = avail
         ws = self._rcv_wscale
         field = new >> ws
@@ -1409,7 +1407,16 @@ class TcpConnection:
             )
         else:
             seg = build_tcp_fast(
-                self._pseudo, self.local_port, self.remote_port, seq & _M, rcv_nxt & _M, flags, window, tsval, tsecr, payload
+                self._pseudo,
+                self.local_port,
+                self.remote_port,
+                seq & _M,
+                rcv_nxt & _M,
+                flags,
+                window,
+                tsval,
+                tsecr,
+                payload,
             )
         self._last_ack_sent = rcv_nxt
         self._ack_now = False
