@@ -1,0 +1,194 @@
+"""Errors of the control plane, all under :class:`embedmesh.errors.EmbedmeshError`.
+
+Every error a node can receive from the coordination server has a stable wire ``code``; the client
+turns an ``error`` message back into the same class with :func:`error_from_code`, so the node's owner
+catches ``AuthKeyUsedError`` rather than parsing text.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from embedmesh.errors import EmbedmeshError, ParseError
+
+
+class ControlError(EmbedmeshError):
+    """Base class of the control plane's errors."""
+
+    code: ClassVar[str] = "control_error"
+
+
+class ControlProtocolError(ControlError, ParseError):
+    """A control message or Noise frame is malformed, out of order or fails authentication.
+
+    The session that produced it is unusable: both sides close it.
+    """
+
+    code = "protocol_error"
+
+
+class NetmapDesyncError(ControlProtocolError):
+    """A delta does not fit the map it is applied to (the client fetches a full map again)."""
+
+    code = "netmap_desync"
+
+
+class HandshakeRejectedError(ControlError):
+    """The server refused the Noise handshake: a replayed or stale timestamp, or a clock off by minutes."""
+
+    code = "handshake_rejected"
+
+
+class AuthKeyError(ControlError):
+    """Base class of the errors about an auth key."""
+
+    code = "auth_key_error"
+
+
+class AuthKeyInvalidError(AuthKeyError):
+    code = "auth_key_invalid"
+
+
+class AuthKeyUsedError(AuthKeyError):
+    code = "auth_key_used"
+
+
+class AuthKeyExpiredError(AuthKeyError):
+    code = "auth_key_expired"
+
+
+class AuthKeyRevokedError(AuthKeyError):
+    code = "auth_key_revoked"
+
+
+class AuthKeyRequiredError(AuthKeyError):
+    code = "auth_key_required"
+
+
+class TagsNotPermittedError(ControlError):
+    code = "tags_not_permitted"
+
+
+class ApprovalRefusedError(ControlError):
+    """An admin deleted the node while it was waiting for approval."""
+
+    code = "approval_refused"
+
+
+class NodeDeletedError(ControlError):
+    """An admin deleted the node; it needs a new auth key to join again."""
+
+    code = "node_deleted"
+
+
+class ControlUnreachableError(ControlError):
+    """The control server could not be reached (first registration only; later the client retries)."""
+
+    code = "unreachable"
+
+
+class ServerKeyChangedError(ControlError):
+    """The control server presents a key other than the one pinned in the node's state directory."""
+
+    code = "server_key_changed"
+
+
+class ProtocolVersionError(ControlError):
+    code = "protocol_version"
+
+
+class SessionReplacedError(ControlError):
+    """Another connection of the same node took over this stream."""
+
+    code = "session_replaced"
+
+
+class AdminError(ControlError):
+    """An admin request failed; the message says why and what to do."""
+
+    code = "admin_error"
+
+
+class NotFoundError(AdminError):
+    code = "not_found"
+
+
+class ConflictError(AdminError):
+    code = "conflict"
+
+
+class BadRequestError(AdminError):
+    code = "bad_request"
+
+
+class UnauthorizedError(AdminError):
+    code = "unauthorized"
+
+
+class StoreError(ControlError):
+    """The state directory cannot be used (newer schema, wrong permissions, corrupt files)."""
+
+    code = "store_error"
+
+
+_BY_CODE: dict[str, type[ControlError]] = {
+    cls.code: cls
+    for cls in (
+        ControlError,
+        ControlProtocolError,
+        NetmapDesyncError,
+        HandshakeRejectedError,
+        AuthKeyError,
+        AuthKeyInvalidError,
+        AuthKeyUsedError,
+        AuthKeyExpiredError,
+        AuthKeyRevokedError,
+        AuthKeyRequiredError,
+        TagsNotPermittedError,
+        ApprovalRefusedError,
+        NodeDeletedError,
+        ControlUnreachableError,
+        ServerKeyChangedError,
+        ProtocolVersionError,
+        SessionReplacedError,
+        AdminError,
+        NotFoundError,
+        ConflictError,
+        BadRequestError,
+        UnauthorizedError,
+        StoreError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ControlError:
+    """The error class for a wire ``code`` (unknown codes give a plain :class:`ControlError`)."""
+    return _BY_CODE.get(code, ControlError)(message)
+
+
+__all__ = [
+    "AdminError",
+    "ApprovalRefusedError",
+    "AuthKeyError",
+    "AuthKeyExpiredError",
+    "AuthKeyInvalidError",
+    "AuthKeyRequiredError",
+    "AuthKeyRevokedError",
+    "AuthKeyUsedError",
+    "BadRequestError",
+    "ConflictError",
+    "ControlError",
+    "ControlProtocolError",
+    "ControlUnreachableError",
+    "HandshakeRejectedError",
+    "NetmapDesyncError",
+    "NodeDeletedError",
+    "NotFoundError",
+    "ProtocolVersionError",
+    "ServerKeyChangedError",
+    "SessionReplacedError",
+    "StoreError",
+    "TagsNotPermittedError",
+    "UnauthorizedError",
+    "error_from_code",
+]
