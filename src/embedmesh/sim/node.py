@@ -1,12 +1,14 @@
-"""A simulated node: the same WireGuard device and overlay interface as :class:`embedmesh.Node`,
-driven by :class:`~embedmesh.sim.network.SimNetwork` on virtual time instead of sockets."""
+"""A simulated node: the same WireGuard device and overlay stack (interface, ICMP, TCP, UDP) as
+:class:`embedmesh.Node`, driven by :class:`~embedmesh.sim.network.SimNetwork` on virtual time
+instead of sockets, so whole meshes run deterministically from a seed."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
 
-from embedmesh.netstack.interface import EchoReply, NetworkInterface
+from embedmesh.netstack.interface import EchoReply
+from embedmesh.netstack.stack import Netstack
 from embedmesh.wireguard import crypto
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -32,7 +34,8 @@ class SimNode:
         self.device = WireGuardDevice(
             key, mtu=mtu, random_bytes=rng.randbytes, rng=rng, wall_clock_offset=wall_clock_offset
         )
-        self.interface = NetworkInterface(addresses, self._transmit, mtu=mtu)
+        self.stack = Netstack(addresses, self._transmit, mtu=mtu, rng=rng)
+        self.interface = self.stack.interface
         self.echo_replies: list[EchoReply] = []
         self.interface.on_echo_reply = self.echo_replies.append
         #: IP packets this node received from the overlay, for tests that look at them.
@@ -56,17 +59,21 @@ class SimNode:
         packet = self.device.receive_datagram(data, source, now)
         if packet is not None:
             self.delivered.append(bytes(packet))
-            self.interface.receive(packet, now)
+            self.stack.receive(packet, now)
 
     def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
         return self.device.datagrams_to_send()
 
     def next_deadline(self) -> float | None:
-        return self.device.next_deadline()
+        a, b = self.device.next_deadline(), self.stack.next_deadline()
+        if a is None:
+            return b
+        return a if b is None else min(a, b)
 
     def handle_timeout(self, now: float) -> None:
         self.now = now
         self.device.handle_timeout(now)
+        self.stack.handle_timeout(now)
 
 
 def connect(
