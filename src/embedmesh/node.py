@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 from types import TracebackType
 from typing import Self
@@ -17,6 +18,7 @@ from typing import Self
 import anyio
 import anyio.abc
 
+from embedmesh.asgi import ASGIApp, serve_asgi
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.errors import ConfigError, NodeError
 from embedmesh.netstack.interface import EchoReply
@@ -298,6 +300,18 @@ class Node:
             raise ValueError(f"listen_packet() supports network 'udp', not {network!r}")
         local, port = self._local_endpoint(address)
         return self._sockets.bind_udp(local, port)
+
+    async def serve_asgi(self, app: ASGIApp, address: str = ":80", *, root_path: str = "") -> TcpListener:
+        """Serve an ASGI application (Starlette, FastAPI, Django, ...) on the mesh over HTTP/1.1.
+
+        Starts in the background (with the app's lifespan startup done before this returns) and
+        serves until the node closes or the returned listener is closed.
+        """
+        self._require_running()
+        assert self._task_group is not None
+        listener = await self.listen("tcp", address)
+        await self._task_group.start(partial(serve_asgi, app, listener, root_path=root_path))
+        return listener
 
     def _local_endpoint(self, address: str) -> tuple[bytes | None, int]:
         host, port = split_host_port(address)

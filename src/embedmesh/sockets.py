@@ -182,6 +182,9 @@ class TcpListener(anyio.abc.Listener[TcpStream]):
         handler: Callable[[TcpStream], Any],
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
+        """Accept connections and run ``handler(stream)`` for each in its own task, until the
+        listener is closed; each stream is closed when its handler returns."""
+
         async def run(stream: TcpStream) -> None:
             async with stream:
                 await handler(stream)
@@ -189,7 +192,10 @@ class TcpListener(anyio.abc.Listener[TcpStream]):
         async with anyio.create_task_group() as own:
             group = task_group or own
             while True:
-                stream = await self.accept()
+                try:
+                    stream = await self.accept()
+                except ClosedResourceError:
+                    return  # closed by aclose(): stop accepting; running handlers finish
                 group.start_soon(run, stream)
 
     async def aclose(self) -> None:
