@@ -125,6 +125,8 @@ def test_pcap_link_records_both_directions(tmp_path: Path) -> None:
     got: list[tuple[bytes | memoryview, float]] = []
     link.read(7, lambda packet, now: got.append((packet, now)), 3.5)
     link.flush()
+    _, records = read_pcap(path)  # flush() made the batch readable while the link runs
+    assert len(records) == 3
     link.handle_timeout(4.0)
     link.close()
     assert inner.sent == [outbound]

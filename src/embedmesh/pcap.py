@@ -127,6 +127,9 @@ class PcapLink:
 
     def flush(self) -> None:
         self.inner.flush()
+        # Once per batch, not per packet: the file stays readable while the test runs
+        # (tshark -r during a breakpoint) and complete up to the last batch if it dies.
+        self.writer.flush()
 
     def next_deadline(self) -> float | None:
         return self.inner.next_deadline()

@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio import EndOfStream
-from netns import Namespace, NetnsRig
+from netns import Namespace, NetnsRig, VethLink, generate_keypair
 
 from embedmesh.netstack.stack import Netstack
 from embedmesh.netstack.tcp.config import TcpConfig
@@ -47,6 +47,8 @@ from embedmesh.runtime.tun import TunLink, open_tun
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 
 PCAP_ENV = "EMBEDMESH_PCAP_DIR"
+MB = 1 << 20
+HTTP_PORT = 8080
 #: Where explain_failure() copies the captures of a failed test when EMBEDMESH_PCAP_DIR is unset
 #: (the rig's temp folder is removed when the rig closes).
 FAILED_PCAP_DIR = Path(tempfile.gettempdir()) / "embedmesh-failed-pcaps"
@@ -54,6 +56,10 @@ FAILED_PCAP_DIR = Path(tempfile.gettempdir()) / "embedmesh-failed-pcaps"
 # The TUN link's addresses: the stack on one end, the kernel (in the namespace) on the other.
 STACK_V4, KERNEL_V4 = "100.64.1.1", "100.64.1.2"
 STACK_V6, KERNEL_V6 = "fd7a:115c:a1e0:1::1", "fd7a:115c:a1e0:1::2"
+# A Node and its wireguard-go peer (wireguard_peer()).
+NODE_V4, PEER_V4 = "100.64.0.1", "100.64.0.2"
+NODE_V6, PEER_V6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
+NODE_PORT = 51902
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,17 +75,19 @@ def overlay_pcap_path(rig: NetnsRig, name: str) -> Path:
 
 
 def tshark_expert(path: Path) -> str:
-    """``tshark -r path -q -z expert`` (warnings and errors: retransmissions, resets, ...)."""
+    """tshark's expert summary (notes and up: retransmissions, dup ACKs, zero windows, resets,
+    malformed packets) and its TCP conversation table for a capture."""
     if shutil.which("tshark") is None:
         return "(tshark not installed: apt-get install tshark)"
     proc = subprocess.run(
-        ["tshark", "-r", str(path), "-q", "-z", "expert,warn"],
+        ["tshark", "-r", str(path), "-q", "-z", "expert,note", "-z", "conv,tcp"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    return (proc.stdout + proc.stderr).strip()
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return "\n".join(line for line in lines if "This could be dangerous" not in line).strip()
 
 
 @contextlib.contextmanager
@@ -98,7 +106,9 @@ def explain_failure(*paths: Path) -> Iterator[None]:
                 keep.mkdir(parents=True, exist_ok=True)
                 kept = keep / path.name
                 shutil.copyfile(path, kept)
-            print(f"===== overlay capture {kept} ({path.stat().st_size} bytes): tshark -q -z expert")
+            print(
+                f"===== overlay capture {kept} ({path.stat().st_size} bytes): tshark -q -z expert,note -z conv,tcp"
+            )
             print(tshark_expert(kept))
         raise
 
@@ -114,6 +124,36 @@ def capture_node(node: Node, writer: PcapWriter) -> PcapLink:
     dataplane.link = link
     node._stack.transmit = link.send
     return link
+
+
+# --------------------------------------------------------------------------------------------------
+# a Node peered with wireguard-go
+
+NODE_V4, PEER_V4 = "100.64.0.1", "100.64.0.2"
+NODE_V6, PEER_V6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
+
+
+def wireguard_peer(rig: NetnsRig) -> tuple[str, Any, VethLink]:
+    """wireguard-go in a namespace, peered with a node whose wg-quick text is returned."""
+    ns = rig.add_namespace("wg")
+    link = rig.veth_to_root(ns)
+    wg = rig.start_wireguard(ns, addresses=[f"{PEER_V4}/24", f"{PEER_V6}/64"], listen_port=51820)
+    me = generate_keypair()
+    wg.add_peer(me.public, [f"{NODE_V4}/32", f"{NODE_V6}/128"], endpoint=(link.a.ip, NODE_PORT))
+    config = "\n".join(
+        [
+            "[Interface]",
+            f"PrivateKey = {me.private}",
+            f"ListenPort = {NODE_PORT}",
+            f"Address = {NODE_V4}/32, {NODE_V6}/128",
+            "",
+            "[Peer]",
+            f"PublicKey = {wg.public_key}",
+            f"AllowedIPs = {PEER_V4}/32, {PEER_V6}/128",
+            f"Endpoint = {link.b.ip}:51820",
+        ]
+    )
+    return config + "\n", ns, link
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,3 +459,62 @@ def rate(nbytes: int, seconds: float) -> str:
     return (
         f"{nbytes / max(seconds, 1e-9) / 1e6:.1f} MB/s ({nbytes * 8 / max(seconds, 1e-9) / 1e6:.0f} Mbit/s)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# transfers, each checked with SHA-256 and its rate printed
+
+
+async def curl_get(ns: Namespace, stack_ip: str, size: int, seed: int, out: Path, label: str) -> None:
+    url = f"http://{url_host(stack_ip)}:{HTTP_PORT}/bytes/{size}?seed={seed}"
+    result = await anyio.to_thread.run_sync(lambda: curl(ns, "--fail", "-o", str(out), url))
+    assert result.returncode == 0, f"curl GET {url}: exit {result.returncode}: {result.stderr}"
+    assert out.stat().st_size == size
+    assert sha256_file(out) == hashlib.sha256(blob(size, seed)).hexdigest(), (
+        f"curl GET {url}: SHA-256 differs"
+    )
+    print(f"{label}: kernel curl GET {size} B from embedmesh: {rate(size, result.seconds)}")
+
+
+async def curl_put(ns: Namespace, stack_ip: str, path: Path, method: str, label: str) -> None:
+    url = f"http://{url_host(stack_ip)}:{HTTP_PORT}/upload"
+    flag = ["-T", str(path)] if method == "PUT" else ["--data-binary", f"@{path}"]
+    result = await anyio.to_thread.run_sync(lambda: curl(ns, "--fail", *flag, url))
+    assert result.returncode == 0, f"curl {method} {url}: exit {result.returncode}: {result.stderr}"
+    assert result.stdout.strip() == sha256_file(path), f"curl {method}: SHA-256 differs: {result.stdout!r}"
+    size = path.stat().st_size
+    print(f"{label}: kernel curl {method} {size} B to embedmesh: {rate(size, result.seconds)}")
+
+
+async def socat_upload(
+    host: Any, ns: Namespace, peer_ip: str, version: int, port: int, data: bytes, into: Path, label: str
+) -> None:
+    """embedmesh dials a socat server in the namespace and sends ``data``; socat writes it to a file."""
+    server = socat_server(ns, port, version, receive=into)
+    stream = await dial_when_listening(host, f"{url_host(peer_ip)}:{port}")
+    started = time.monotonic()
+    async with stream:
+        await send_all_then_eof(stream, data)
+    seconds = time.monotonic() - started
+    assert await wait_process(server) == 0, Path(server.log_path).read_text()
+    assert into.stat().st_size == len(data)
+    assert sha256_file(into) == hashlib.sha256(data).hexdigest(), "socat received different bytes"
+    print(f"{label}: embedmesh sends {len(data)} B to kernel socat: {rate(len(data), seconds)}")
+
+
+async def socat_download(
+    host: Any, ns: Namespace, peer_ip: str, version: int, port: int, source: Path, label: str
+) -> None:
+    """embedmesh dials a socat server in the namespace that sends a file, and reads to EOF."""
+    server = socat_server(ns, port, version, send=source)
+    stream = await dial_when_listening(host, f"{url_host(peer_ip)}:{port}")
+    started = time.monotonic()
+    async with stream:
+        data = await receive_all(stream)
+    seconds = time.monotonic() - started
+    assert await wait_process(server) == 0, Path(server.log_path).read_text()
+    assert len(data) == source.stat().st_size
+    assert hashlib.sha256(data).hexdigest() == sha256_file(source), (
+        "embedmesh received different bytes from socat"
+    )
+    print(f"{label}: embedmesh receives {len(data)} B from kernel socat: {rate(len(data), seconds)}")

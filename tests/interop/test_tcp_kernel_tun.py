@@ -9,91 +9,29 @@ expert summary of it and keeps the file (see docs/interop.md).
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
 
 import anyio
 import pytest
 from netns import Namespace, NetnsRig, VethLink
 from stackhost import (
+    HTTP_PORT,
     KERNEL_V4,
     KERNEL_V6,
+    MB,
     STACK_V4,
     STACK_V6,
     StackHost,
     blob,
-    curl,
-    dial_when_listening,
+    curl_get,
+    curl_put,
     explain_failure,
-    rate,
-    receive_all,
-    send_all_then_eof,
     serve_http_forever,
-    sha256_file,
-    socat_server,
-    url_host,
-    wait_process,
+    socat_download,
+    socat_upload,
 )
 
-MB = 1 << 20
-HTTP_PORT = 8080
 ADDRESSES = {4: (STACK_V4, KERNEL_V4), 6: (STACK_V6, KERNEL_V6)}
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def curl_get(ns: Namespace, stack_ip: str, size: int, seed: int, out: Path, label: str) -> None:
-    url = f"http://{url_host(stack_ip)}:{HTTP_PORT}/bytes/{size}?seed={seed}"
-    result = await anyio.to_thread.run_sync(lambda: curl(ns, "--fail", "-o", str(out), url))
-    assert result.returncode == 0, f"curl GET {url}: exit {result.returncode}: {result.stderr}"
-    assert out.stat().st_size == size
-    assert sha256_file(out) == sha(blob(size, seed)), f"curl GET {url}: SHA-256 differs"
-    print(f"{label}: kernel curl GET {size} B from embedmesh: {rate(size, result.seconds)}")
-
-
-async def curl_put(ns: Namespace, stack_ip: str, path: Path, method: str, label: str) -> None:
-    url = f"http://{url_host(stack_ip)}:{HTTP_PORT}/upload"
-    flag = ["-T", str(path)] if method == "PUT" else ["--data-binary", f"@{path}"]
-    result = await anyio.to_thread.run_sync(lambda: curl(ns, "--fail", *flag, url))
-    assert result.returncode == 0, f"curl {method} {url}: exit {result.returncode}: {result.stderr}"
-    assert result.stdout.strip() == sha256_file(path), f"curl {method}: SHA-256 differs: {result.stdout!r}"
-    size = path.stat().st_size
-    print(f"{label}: kernel curl {method} {size} B to embedmesh: {rate(size, result.seconds)}")
-
-
-async def socat_upload(
-    host: StackHost, ns: Namespace, peer_ip: str, version: int, port: int, data: bytes, into: Path, label: str
-) -> None:
-    """embedmesh dials a socat server in the namespace and sends ``data``; socat writes it to a file."""
-    server = socat_server(ns, port, version, receive=into)
-    stream = await dial_when_listening(host, f"{url_host(peer_ip)}:{port}")
-    started = time.monotonic()
-    async with stream:
-        await send_all_then_eof(stream, data)
-    seconds = time.monotonic() - started
-    assert await wait_process(server) == 0, Path(server.log_path).read_text()
-    assert into.stat().st_size == len(data)
-    assert sha256_file(into) == sha(data), "socat received different bytes"
-    print(f"{label}: embedmesh sends {len(data)} B to kernel socat: {rate(len(data), seconds)}")
-
-
-async def socat_download(
-    host: StackHost, ns: Namespace, peer_ip: str, version: int, port: int, source: Path, label: str
-) -> None:
-    """embedmesh dials a socat server in the namespace that sends a file, and reads to EOF."""
-    server = socat_server(ns, port, version, send=source)
-    stream = await dial_when_listening(host, f"{url_host(peer_ip)}:{port}")
-    started = time.monotonic()
-    async with stream:
-        data = await receive_all(stream)
-    seconds = time.monotonic() - started
-    assert await wait_process(server) == 0, Path(server.log_path).read_text()
-    assert len(data) == source.stat().st_size
-    assert sha(data) == sha256_file(source), "embedmesh received different bytes from socat"
-    print(f"{label}: embedmesh receives {len(data)} B from kernel socat: {rate(len(data), seconds)}")
 
 
 @pytest.mark.parametrize("version", [4, 6])
