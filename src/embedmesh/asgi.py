@@ -180,8 +180,9 @@ class _Connection:
             "query_string": query.encode("latin-1"),
             "root_path": self.root_path,
             "headers": [(name.lower(), value) for name, value in request.headers],
-            "client": tuple(client) if client else None,
-            "server": tuple(server) if server else None,
+            # Only IP sockets have a (host, port) to report; a Unix socket's path is no address.
+            "client": tuple(client) if isinstance(client, tuple) else None,
+            "server": tuple(server) if isinstance(server, tuple) else None,
             "state": dict(self.state),
         }
 

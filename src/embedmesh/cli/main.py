@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -52,6 +53,20 @@ def pubkey() -> None:
     click.echo(base64.b64encode(public_key(private)).decode())
 
 
+def _split_endpoint(text: str, what: str) -> tuple[str, int]:
+    from embedmesh.node import split_host_port
+
+    try:
+        host, port = split_host_port(text if ":" in text else f":{text}")
+    except ValueError as exc:
+        raise click.BadParameter(f"{what}: {exc}") from None
+    return host, port
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @main.command()
 @click.option(
     "--wireguard-config",
@@ -61,11 +76,59 @@ def pubkey() -> None:
     help="A wg-quick configuration file to join a plain WireGuard network with.",
 )
 @click.option("--listen-host", default=None, help="Bind the underlay UDP socket to this local address only.")
-def up(config_path: Path, listen_host: str | None) -> None:
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the node's state and its local API socket (for `embedmesh status` and `ping`).",
+)
+@click.option(
+    "--socks5",
+    "socks5",
+    default=None,
+    metavar="HOST:PORT",
+    help="Run a SOCKS5 proxy into the mesh on this local address, e.g. 127.0.0.1:1080.",
+)
+@click.option(
+    "--forward",
+    "forwards",
+    multiple=True,
+    metavar="LOCAL=PEER",
+    help="Forward a local port to a peer's port, e.g. 127.0.0.1:5432=100.64.0.2:5432 (repeatable).",
+)
+@click.option(
+    "--serve",
+    "serves",
+    multiple=True,
+    metavar="PORT=LOCAL",
+    help="Expose a local service on a mesh port, e.g. 80=127.0.0.1:8000 (repeatable).",
+)
+def up(
+    config_path: Path,
+    listen_host: str | None,
+    state_dir: Path | None,
+    socks5: str | None,
+    forwards: tuple[str, ...],
+    serves: tuple[str, ...],
+) -> None:
     """Run a node in the foreground until interrupted."""
     import anyio
 
     from embedmesh.node import Node
+
+    forward_specs = []
+    for spec in forwards:
+        local, sep, remote = spec.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--forward {spec!r}: expected LOCAL_HOST:PORT=PEER:PORT")
+        forward_specs.append((_split_endpoint(local, "--forward"), remote))
+    serve_specs = []
+    for spec in serves:
+        mesh_port, sep, local = spec.partition("=")
+        if not sep or not mesh_port.isdigit():
+            raise click.BadParameter(f"--serve {spec!r}: expected MESH_PORT=LOCAL_HOST:PORT")
+        serve_specs.append((int(mesh_port), _split_endpoint(local, "--serve")))
+    socks5_spec = _split_endpoint(socks5, "--socks5") if socks5 else None
 
     async def run() -> None:
         try:
@@ -75,13 +138,134 @@ def up(config_path: Path, listen_host: str | None) -> None:
         async with node:
             await node.up()
             click.echo(
-                f"up: {node.public_key} on UDP {node.listen_port}, "
-                f"addresses {', '.join(str(ip) for ip in node.ips)}; Ctrl-C to stop"
+                f"up: {node.public_key} on UDP {node.listen_port}, addresses {', '.join(str(ip) for ip in node.ips)}"
             )
-            await anyio.sleep_forever()
+            await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(run)
+
+
+async def run_gateways(
+    node: Any,
+    state_dir: Path | None,
+    socks5: tuple[str, int] | None,
+    forwards: list[tuple[tuple[str, int], str]],
+    serves: list[tuple[int, tuple[str, int]]],
+) -> None:
+    """Start the local API and the gateways of `embedmesh up`, then run until cancelled."""
+    import anyio
+    import anyio.abc
+
+    from embedmesh.gateway.forward import forward_local, serve_local
+    from embedmesh.gateway.socks5 import serve_socks5
+    from embedmesh.localapi import serve_local_api
+
+    async with anyio.create_task_group() as tg:
+        if state_dir is not None:
+            await tg.start(serve_local_api, node, state_dir)
+            click.echo(f"local API: {state_dir / 'embedmesh.sock'}")
+        if socks5 is not None:
+            host, port = socks5[0] or "127.0.0.1", socks5[1]
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+
+            async def dial(target_host: str, target_port: int) -> anyio.abc.ByteStream:
+                stream: anyio.abc.ByteStream = await node.dial("tcp", _join(target_host, target_port))
+                return stream
+
+            tg.start_soon(serve_socks5, listener, dial)
+            click.echo(f"SOCKS5 proxy on {_join(host, port)}")
+        for (host, port), remote in forwards:
+            host = host or "127.0.0.1"
+            local_listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+
+            async def dial_remote(remote: str = remote) -> anyio.abc.ByteStream:
+                stream: anyio.abc.ByteStream = await node.dial("tcp", remote)
+                return stream
+
+            tg.start_soon(forward_local, local_listener, dial_remote, f"forward to {remote}")
+            click.echo(f"forwarding {_join(host, port)} to {remote}")
+        for mesh_port, (host, port) in serves:
+            mesh_listener = await node.listen("tcp", f":{mesh_port}")
+            tg.start_soon(serve_local, mesh_listener, host or "127.0.0.1", port)
+            click.echo(f"serving mesh port {mesh_port} from {_join(host or '127.0.0.1', port)}")
+        click.echo("Ctrl-C to stop", err=True)
+        await anyio.sleep_forever()
+
+
+@main.command()
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The state folder of the running node (as given to `embedmesh up`).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(state_dir: Path, as_json: bool) -> None:
+    """Show the running node and its peers."""
+    import json
+
+    import anyio
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedmesh.localapi import request
+
+    try:
+        data = anyio.run(request, state_dir, "GET", "/v1/status")
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{data['public_key']}[/]  {', '.join(data['addresses'])}  UDP {data['listen_port']}")
+    table = Table()
+    for column in ("peer", "allowed IPs", "endpoint", "handshake", "rx", "tx"):
+        table.add_column(column)
+    for peer in data["peers"]:
+        ago = peer["last_handshake_ago"]
+        endpoint = peer["endpoint"]
+        table.add_row(
+            peer["public_key"][:16] + "…",
+            ", ".join(peer["allowed_ips"]),
+            f"{endpoint[0]}:{endpoint[1]}" if endpoint else "-",
+            "never" if ago is None else f"{ago:.0f} s ago",
+            str(peer["rx_bytes"]),
+            str(peer["tx_bytes"]),
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("peer")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The state folder of the running node (as given to `embedmesh up`).",
+)
+@click.option("-c", "--count", default=3, show_default=True)
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each reply.")
+def ping(peer: str, state_dir: Path, count: int, timeout: float) -> None:
+    """Ping a peer over the mesh from the running node."""
+    import anyio
+
+    from embedmesh.localapi import request
+
+    failures = 0
+    for i in range(count):
+        try:
+            data = anyio.run(request, state_dir, "POST", "/v1/ping", {"peer": peer, "timeout": timeout})
+        except RuntimeError as exc:
+            failures += 1
+            click.echo(f"no reply from {peer}: {exc}")
+            continue
+        except (FileNotFoundError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"pong from {peer}: seq={i + 1} time={data['rtt'] * 1000:.2f} ms")
+    if failures == count:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
