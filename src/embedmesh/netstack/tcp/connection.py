@@ -150,6 +150,7 @@ class TcpConnection:
         "_rto_at",
         "_rtt_seq",
         "_rtt_time",
+        "_episode_rxt",
         "_rxt_degree",
         "_rxt_high",
         "_rxt_tsval",
@@ -290,6 +291,7 @@ class TcpConnection:
         self._rxt_tsval: int | None = None
         self._rxt_high = iss  # end of the highest byte ever retransmitted
         self._rxt_degree = 0  # reordering (segments) that the last fast retransmit assumed was loss
+        self._episode_rxt: set[int] = set()  # start of every segment retransmitted in this fast recovery
 
     wscale_for = staticmethod(_wscale_for)
 
@@ -889,6 +891,9 @@ class TcpConnection:
 
     def _on_dsack(self, left: int, right: int, now: float) -> None:
         self.stats.dsacks_received += 1
+        if left not in self._episode_rxt:
+            return  # a duplicate from an earlier episode (or a timeout's go-back-N) proves nothing now
+        self._episode_rxt.discard(left)
         if self._undo_state is None or not self._rxt_degree:
             # Only a fast retransmit is undone on D-SACK evidence; after a timeout the go-back-N
             # resends data whose SACK blocks did not fit in an option, and their D-SACKs prove nothing.
@@ -1024,11 +1029,16 @@ class TcpConnection:
         una = self.snd_una
         self._in_recovery = True
         self._recover = self.snd_max
-        self._high_rxt = una
+        # Holes the previous episode already retransmitted (HighRxt above SND.UNA) are in flight:
+        # sending them again would only earn a D-SACK (RFC 6675 keeps HighRxt across the cut too).
+        head_done = self._high_rxt > una
+        if not head_done:
+            self._high_rxt = una
         self.stats.fast_recoveries += 1
         cc = self._cc
         self._undo_state = cc.snapshot()
         self._undo_retrans = 0
+        self._episode_rxt.clear()
         self._rxt_degree = (max(self.scoreboard.highest, una) - una) // max(self._snd_mss, 1) + 1
         cc.on_congestion(now, self.snd_max - una)
         if not self._sack_ok:
@@ -1036,7 +1046,12 @@ class TcpConnection:
         # Fast recovery is undone on D-SACK evidence only: with several holes in flight, the first ACK
         # that advances may echo the timestamp of an earlier episode's retransmission.
         self._rxt_tsval = None
-        self._retransmit_head(now)
+        if not head_done:
+            self._retransmit_head(now)
+
+    def _note_retransmit(self, seq: int) -> None:
+        if self._rxt_degree and self._undo_state is not None and len(self._episode_rxt) < 1024:
+            self._episode_rxt.add(seq)
 
     def _retransmit_head(self, now: float) -> None:
         """Retransmit one segment at SND.UNA (skipping what the peer SACKed)."""
@@ -1057,6 +1072,7 @@ class TcpConnection:
         self._emit_data(seq, n, now)
         self.stats.retransmits += 1
         self._undo_retrans += 1
+        self._note_retransmit(seq)
         if self._rxt_high < seq + n:
             self._rxt_high = seq + n
         if self._high_rxt < seq + n:
@@ -1266,6 +1282,7 @@ class TcpConnection:
             if retransmit:
                 self.stats.retransmits += 1
                 self._undo_retrans += 1
+                self._note_retransmit(seq)
                 if end > self._rxt_high:
                     self._rxt_high = end
                 if self._rtt_seq is not None and seq < self._rtt_seq:
@@ -1330,6 +1347,7 @@ class TcpConnection:
             self._emit_data(left, n, now)
             self.stats.retransmits += 1
             self._undo_retrans += 1
+            self._note_retransmit(left)
             if self._rtt_seq is not None and left < self._rtt_seq:
                 self._rtt_seq = None
             self._high_rxt = left + n
@@ -1494,6 +1512,7 @@ class TcpConnection:
         cc = self._cc
         if self._retries == 1:
             self._rxt_degree = 0
+            self._episode_rxt.clear()
             self._undo_state = cc.snapshot()
             self._undo_retrans = 0
             self._rxt_tsval = ((int(now * 1000) + self._ts_offset) & _M) if self._ts_ok else None
