@@ -1,0 +1,753 @@
+"""The coordination server's core, sans-IO: nodes, registration, and the fan-out of map deltas.
+
+The coordinator owns the authoritative tailnet state (persisted in :class:`Store`, mirrored in
+memory) and one :class:`Stream` per connected node. Every change goes through :meth:`_update`, which
+persists it, works out whether the node entered or left the mesh, and queues exactly one encoded
+op (shared bytes) on the stream of each node that sees it. Nothing recomputes the world: the cost
+of a change is one JSON encoding plus one list append per viewer, and a node's full map is built
+only when its stream starts or it enters the mesh (headscale's scaling bugs, docs/control.md).
+
+Who sees whom is :class:`Policy`'s decision. Today it is allow-all; ACLs will replace it with an
+index from each node to its viewers so that the loop in :meth:`_viewers` stays proportional to
+the nodes that actually see the change.
+
+Time is handed in (``now``: Unix seconds, since key expiry is wall-clock time); randomness comes from
+the ``random_bytes`` callable. The server calls :meth:`handle_timeout` when :meth:`next_deadline`
+passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import heapq
+import logging
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from typing import Any
+
+from embedmesh.control.addresses import AddressPool, ipv6_for
+from embedmesh.control.authkeys import AuthKeyRecord, check_auth_key, new_auth_key, parse_auth_key
+from embedmesh.control.errors import (
+    ApprovalRefusedError,
+    AuthKeyRequiredError,
+    BadRequestError,
+    ConflictError,
+    ControlError,
+    HandshakeRejectedError,
+    NodeDeletedError,
+    NotFoundError,
+    SessionReplacedError,
+)
+from embedmesh.control.messages import (
+    FQDN_RE,
+    LABEL_RE,
+    TAG_RE,
+    RegisterRequest,
+    dumps,
+    encode_delta_ops,
+    encode_full_map,
+    encode_op,
+    encode_peer,
+)
+from embedmesh.control.netmap import (
+    ALLOW_ALL,
+    DNSConfig,
+    NetworkMap,
+    NodeState,
+    PacketFilter,
+    PeerAdded,
+    PeerChange,
+    PeerInfo,
+    PeerRemoved,
+    SelfChanged,
+)
+from embedmesh.control.protocol import check_handshake_freshness
+from embedmesh.control.store import NodeRecord, Store
+
+logger = logging.getLogger("embedmesh.control.server")
+
+DAY = 86400.0
+DEFAULT_KEY_EXPIRY = 180 * DAY
+DEFAULT_EPHEMERAL_TIMEOUT = 60.0
+TAGGED_OWNER = "tagged-devices"
+DEFAULT_OWNER = "default"
+
+_PERSISTED = frozenset(f.name for f in dataclasses.fields(NodeRecord)) - {"id"}
+#: Fields a peer's entry shows, by the name PeerChange uses.
+_VISIBLE = (
+    "node_key",
+    "disco_key",
+    "name",
+    "hostname",
+    "fqdn",
+    "endpoints",
+    "tags",
+    "user",
+    "os",
+    "online",
+    "last_seen",
+    "key_expiry",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    base_domain: str = "mesh.internal"
+    approval_required: bool = False
+    #: Seconds a node key stays valid after (re-)authentication; None means never.
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY
+    #: Seconds after an ephemeral node's stream drops before it is deleted.
+    ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if FQDN_RE.fullmatch(self.base_domain) is None or len(self.base_domain) > 200:
+            raise ValueError(f"base domain {self.base_domain!r} is not a valid DNS name (e.g. mesh.internal)")
+
+
+class Policy:
+    """Who sees whom. Allow-all today; an ACL policy overrides both methods with edge indexes."""
+
+    allows_all = True
+
+    def can_see(self, viewer: LiveNode, peer: LiveNode) -> bool:
+        return True
+
+    def packet_filter(self, node: LiveNode) -> PacketFilter:
+        return ALLOW_ALL
+
+
+@dataclass(slots=True, eq=False)
+class LiveNode:
+    """A node: its persisted record plus what only exists while the server runs."""
+
+    rec: NodeRecord
+    expired: bool = False
+    online: bool = False
+    endpoints: tuple[str, ...] = ()
+    disconnected_at: float | None = None
+    _fragment: bytes | None = None
+
+    @property
+    def id(self) -> int:
+        return self.rec.id
+
+    @property
+    def in_mesh(self) -> bool:
+        return self.rec.authorized and not self.expired
+
+    @property
+    def state(self) -> NodeState:
+        if not self.rec.authorized:
+            return NodeState.PENDING_APPROVAL
+        if self.expired:
+            return NodeState.KEY_EXPIRED
+        return NodeState.AUTHORIZED
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """A connected node's outgoing queue. The server drains it with :meth:`Coordinator.take`."""
+
+    node_id: int
+    wake: Callable[[], None]
+    #: Complete messages (registered, pong, error, logged_out), sent first and in order.
+    outbox: list[bytes] = field(default_factory=list)
+    #: Encoded delta ops, shared with every other stream that gets the same change.
+    ops: list[bytes] = field(default_factory=list)
+    needs_full_map: bool = True
+    #: After the outbox drains, the server closes the connection.
+    closing: bool = False
+    #: Counters for benchmarks and `nodes list`.
+    messages_sent: int = 0
+    bytes_sent: int = 0
+
+    def _push_op(self, fragment: bytes) -> None:
+        if not self.needs_full_map:
+            self.ops.append(fragment)
+            self.wake()
+
+    def _push_message(self, payload: bytes, *, close: bool = False) -> None:
+        self.outbox.append(payload)
+        self.closing = self.closing or close
+        self.wake()
+
+
+def _error_payload(error: ControlError) -> bytes:
+    return dumps({"type": "error", "code": error.code, "message": str(error)})
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """A DNS label from what the node calls itself: ``My Laptop.local`` -> ``my-laptop``."""
+    label = hostname.strip().lower().split(".", 1)[0]
+    label = re.sub(r"[^a-z0-9-]+", "-", label).strip("-")
+    label = re.sub(r"-{2,}", "-", label)[:63].strip("-")
+    return label or "node"
+
+
+def _encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+class Coordinator:
+    """The tailnet: registration, admin operations and map fan-out."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: CoordinatorConfig,
+        *,
+        now: float,
+        random_bytes: Callable[[int], bytes],
+        policy: Policy | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.policy = policy or Policy()
+        self._random_bytes = random_bytes
+        self._nodes: dict[int, LiveNode] = {}
+        self._by_machine: dict[bytes, LiveNode] = {}
+        self._by_node_key: dict[bytes, LiveNode] = {}
+        self._by_name: dict[str, LiveNode] = {}
+        self._streams: dict[int, Stream] = {}
+        self._expiries: list[tuple[float, int]] = []
+        self._reaps: list[tuple[float, int]] = []
+        self.dns = DNSConfig(config.base_domain, True, (config.base_domain,))
+        records = store.load_nodes()
+        self._pool = AddressPool(r.ipv4 for r in records)
+        for rec in records:
+            node = LiveNode(rec)
+            node.expired = rec.key_expiry is not None and rec.key_expiry <= now
+            self._index(node)
+            if rec.key_expiry is not None and not node.expired:
+                heapq.heappush(self._expiries, (rec.key_expiry, rec.id))
+            if rec.ephemeral:
+                # Nobody is connected yet: an ephemeral node that does not come back is reaped.
+                node.disconnected_at = now
+                heapq.heappush(self._reaps, (now + config.ephemeral_timeout, rec.id))
+        self.counters: dict[str, int] = {"changes": 0, "ops_queued": 0, "full_maps": 0}
+
+    # ------------------------------------------------------------------ indexes and views
+
+    def _index(self, node: LiveNode) -> None:
+        self._nodes[node.id] = node
+        self._by_machine[node.rec.machine_key] = node
+        self._by_node_key[node.rec.node_key] = node
+        self._by_name[node.rec.name] = node
+
+    def _unindex(self, node: LiveNode) -> None:
+        self._nodes.pop(node.id, None)
+        self._by_machine.pop(node.rec.machine_key, None)
+        self._by_node_key.pop(node.rec.node_key, None)
+        self._by_name.pop(node.rec.name, None)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def node(self, node_id: int) -> LiveNode:
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NotFoundError(f"no node with id {node_id}: see `embedmesh control nodes list`")
+        return node
+
+    def nodes(self) -> Iterator[LiveNode]:
+        return iter(self._nodes.values())
+
+    def stream_of(self, node_id: int) -> Stream | None:
+        return self._streams.get(node_id)
+
+    def peer_info(self, node: LiveNode) -> PeerInfo:
+        rec = node.rec
+        v4 = IPv4Address(rec.ipv4)
+        v6 = ipv6_for(v4)
+        return PeerInfo(
+            id=rec.id,
+            node_key=rec.node_key,
+            disco_key=rec.disco_key,
+            name=rec.name,
+            hostname=rec.hostname,
+            fqdn=f"{rec.name}.{self.config.base_domain}",
+            addresses=(v4, v6),
+            allowed_ips=(IPv4Network(f"{v4}/32"), IPv6Network(f"{v6}/128")),
+            endpoints=node.endpoints,
+            tags=rec.tags,
+            user=rec.user,
+            os=rec.os,
+            online=node.online,
+            last_seen=rec.last_seen,
+            authorized=rec.authorized,
+            key_expiry=rec.key_expiry,
+            key_expired=node.expired,
+            ephemeral=rec.ephemeral,
+        )
+
+    def _fragment(self, node: LiveNode) -> bytes:
+        if node._fragment is None:
+            node._fragment = encode_peer(self.peer_info(node))
+        return node._fragment
+
+    def _visible_peers(self, viewer: LiveNode) -> Iterator[LiveNode]:
+        if not viewer.in_mesh:
+            return
+        policy = self.policy
+        for peer in self._nodes.values():
+            if peer is not viewer and peer.in_mesh and (policy.allows_all or policy.can_see(viewer, peer)):
+                yield peer
+
+    def _viewers(self, node: LiveNode) -> Iterator[Stream]:
+        """Streams of the nodes that see ``node`` (not its own)."""
+        policy = self.policy
+        for stream in self._streams.values():
+            if stream.node_id == node.id:
+                continue
+            viewer = self._nodes[stream.node_id]
+            if viewer.in_mesh and (policy.allows_all or policy.can_see(viewer, node)):
+                yield stream
+
+    def network_map(self, node_id: int) -> NetworkMap:
+        """What a full map for ``node_id`` holds right now (the oracle the deltas must match)."""
+        viewer = self.node(node_id)
+        peers = {p.id: self.peer_info(p) for p in self._visible_peers(viewer)}
+        return NetworkMap(self.peer_info(viewer), peers, self.dns, self.policy.packet_filter(viewer))
+
+    def _full_map_payload(self, viewer: LiveNode) -> bytes:
+        self.counters["full_maps"] += 1
+        return encode_full_map(
+            self.peer_info(viewer),
+            (self._fragment(p) for p in self._visible_peers(viewer)),
+            self.dns,
+            self.policy.packet_filter(viewer),
+        )
+
+    # ------------------------------------------------------------------ the one place state changes
+
+    def _update(self, node: LiveNode, **changes: Any) -> None:
+        """Apply field changes (record or runtime), persist them and tell whoever sees the node."""
+        was_in_mesh = node.in_mesh
+        before = self.peer_info(node)
+        persisted = {k: v for k, v in changes.items() if k in _PERSISTED}
+        if persisted:
+            self.store.update_node(node.id, **persisted)
+        for name, value in changes.items():
+            if name in _PERSISTED:
+                setattr(node.rec, name, value)
+            else:
+                setattr(node, name, value)
+        if "node_key" in changes and before.node_key != node.rec.node_key:
+            self._by_node_key.pop(before.node_key, None)
+            self._by_node_key[node.rec.node_key] = node
+        if "name" in changes and before.name != node.rec.name:
+            self._by_name.pop(before.name, None)
+            self._by_name[node.rec.name] = node
+        if "key_expiry" in changes and node.rec.key_expiry is not None and not node.expired:
+            heapq.heappush(self._expiries, (node.rec.key_expiry, node.id))
+        after = self.peer_info(node)
+        if after == before:
+            return
+        node._fragment = None
+        self.counters["changes"] += 1
+        is_in_mesh = node.in_mesh
+        own = self._streams.get(node.id)
+        if was_in_mesh and is_in_mesh:
+            diff = {f: getattr(after, f) for f in _VISIBLE if getattr(after, f) != getattr(before, f)}
+            if diff:
+                self._fan_out(node, encode_op(PeerChange(node.id, **diff)))
+            if own is not None:
+                own._push_op(encode_op(SelfChanged(after)))
+        elif is_in_mesh:
+            self._fan_out(node, encode_op(PeerAdded(after)))
+            if own is not None:
+                self._send_full_map(own)
+        elif was_in_mesh:
+            self._fan_out(node, encode_op(PeerRemoved(node.id)))
+            if own is not None:
+                self._send_full_map(own)
+        elif own is not None:
+            own._push_op(encode_op(SelfChanged(after)))
+
+    def _fan_out(self, node: LiveNode, fragment: bytes) -> None:
+        count = 0
+        for stream in self._viewers(node):
+            stream._push_op(fragment)
+            count += 1
+        self.counters["ops_queued"] += count
+
+    def _send_full_map(self, stream: Stream) -> None:
+        stream.needs_full_map = True
+        stream.ops.clear()
+        stream.wake()
+
+    # ------------------------------------------------------------------ the stream protocol
+
+    def accept_handshake(self, machine_key: bytes, timestamp_ns: int, now: float) -> None:
+        """Require a fresh timestamp, strictly newer than any this machine key sent before."""
+        check_handshake_freshness(timestamp_ns, now)
+        if not self.store.advance_handshake_timestamp(machine_key, timestamp_ns):
+            raise HandshakeRejectedError(
+                "handshake timestamp is not newer than the last one from this machine key "
+                "(a replayed handshake, or two processes sharing one state directory)"
+            )
+
+    def register(self, machine_key: bytes, request: RegisterRequest, now: float) -> LiveNode:
+        """Register or re-register a machine; raises the :class:`ControlError` that explains a refusal."""
+        existing = self._by_machine.get(machine_key)
+        holder = self._by_node_key.get(request.node_key)
+        if holder is not None and holder is not existing:
+            raise ConflictError("this node key belongs to another machine: generate a new node key")
+        if (
+            existing is not None
+            and existing.rec.node_key == request.node_key
+            and (not existing.expired or request.auth_key is None)
+        ):
+            # A restart with the same keys: no auth key needed (an expired node stays cut off
+            # until it brings a new auth key or an admin approves it again).
+            self._update(
+                existing,
+                disco_key=request.disco_key,
+                hostname=request.hostname,
+                os=request.os,
+                endpoints=request.endpoints,
+            )
+            return existing
+        if request.auth_key is None:
+            if existing is not None and not existing.rec.authorized:
+                self._update(existing, node_key=request.node_key, disco_key=request.disco_key)
+                return existing
+            if existing is not None:
+                raise AuthKeyRequiredError(
+                    "this machine is registered with another node key: re-authenticate with an auth key "
+                    "(`embedmesh control authkey create`)"
+                )
+            if not self.config.approval_required:
+                raise AuthKeyRequiredError(
+                    "this control server needs an auth key to join: create one with "
+                    "`embedmesh control authkey create` and pass it to the node"
+                )
+            return self._create(machine_key, request, None, now)
+        key_id, digest = parse_auth_key(request.auth_key)
+        key = check_auth_key(self.store.get_auth_key(key_id), digest, now)
+        if existing is None:
+            return self._create(machine_key, request, key, now)
+        return self._reauthenticate(existing, request, key, now)
+
+    def _tags_for(self, request: RegisterRequest, key: AuthKeyRecord | None) -> tuple[str, ...]:
+        # Without a policy, tags carry no privilege yet; with ACLs, requested tags will need
+        # tagOwners and only the key's tags will be granted outright.
+        key_tags = key.tags if key is not None else ()
+        return tuple(sorted(set(key_tags) | set(request.tags)))
+
+    def _expiry_from(self, now: float) -> float | None:
+        return None if self.config.key_expiry is None else now + self.config.key_expiry
+
+    def _unique_name(self, hostname: str, exclude: LiveNode | None = None) -> str:
+        base = sanitize_hostname(hostname)
+        name, suffix = base, 0
+        while (holder := self._by_name.get(name)) is not None and holder is not exclude:
+            suffix += 1
+            tail = f"-{suffix}"
+            name = base[: 63 - len(tail)].rstrip("-") + tail
+        return name
+
+    def _create(
+        self, machine_key: bytes, request: RegisterRequest, key: AuthKeyRecord | None, now: float
+    ) -> LiveNode:
+        tags = self._tags_for(request, key)
+        authorized = not self.config.approval_required or (key is not None and key.preapproved)
+        address = self._pool.allocate()
+        rec = NodeRecord(
+            id=0,
+            machine_key=machine_key,
+            node_key=request.node_key,
+            disco_key=request.disco_key,
+            hostname=request.hostname,
+            name=self._unique_name(request.hostname),
+            os=request.os,
+            tags=tags,
+            ipv4=int(address),
+            ephemeral=request.ephemeral or (key is not None and key.ephemeral),
+            authorized=authorized,
+            key_expiry=self._expiry_from(now),
+            created=now,
+            last_seen=now,
+            auth_key_id=key.id if key is not None else None,
+            user=TAGGED_OWNER if tags else DEFAULT_OWNER,
+        )
+        try:
+            with self.store.transaction():
+                self.store.insert_node(rec)
+                if key is not None:
+                    self.store.use_auth_key(key.id, now)
+        except sqlite3.IntegrityError as exc:
+            self._pool.release(address)
+            raise ConflictError(f"could not register the node: {exc}") from exc
+        except BaseException:
+            self._pool.release(address)
+            raise
+        node = LiveNode(rec, endpoints=request.endpoints)
+        self._index(node)
+        if rec.key_expiry is not None:
+            heapq.heappush(self._expiries, (rec.key_expiry, rec.id))
+        logger.info(
+            "registered node %d %s (%s)%s",
+            rec.id,
+            rec.name,
+            address,
+            "" if authorized else ", waiting for approval",
+        )
+        if node.in_mesh:
+            self._fan_out(node, encode_op(PeerAdded(self.peer_info(node))))
+        return node
+
+    def _reauthenticate(
+        self, node: LiveNode, request: RegisterRequest, key: AuthKeyRecord, now: float
+    ) -> LiveNode:
+        authorized = node.rec.authorized or not self.config.approval_required or key.preapproved
+        tags = self._tags_for(request, key)
+        with self.store.transaction():
+            self.store.use_auth_key(key.id, now)
+            self._update(
+                node,
+                node_key=request.node_key,
+                disco_key=request.disco_key,
+                hostname=request.hostname,
+                os=request.os,
+                tags=tags,
+                user=TAGGED_OWNER if tags else DEFAULT_OWNER,
+                authorized=authorized,
+                key_expiry=self._expiry_from(now),
+                expired=False,
+                auth_key_id=key.id,
+                endpoints=request.endpoints,
+            )
+        logger.info("node %d %s re-authenticated with auth key %s", node.id, node.rec.name, key.id)
+        return node
+
+    def registered_message(self, node: LiveNode) -> bytes:
+        state = node.state
+        if state is NodeState.PENDING_APPROVAL:
+            note = f"waiting for approval by an admin: run `embedmesh control nodes approve {node.id}`"
+        elif state is NodeState.KEY_EXPIRED:
+            note = (
+                f"node key expired: re-authenticate with a new auth key, or an admin runs "
+                f"`embedmesh control nodes approve {node.id}`"
+            )
+        else:
+            note = ""
+        return dumps({"type": "registered", "node_id": node.id, "state": state.value, "message": note})
+
+    def attach(self, node_id: int, wake: Callable[[], None], now: float) -> Stream:
+        """Start streaming maps to a registered node (replacing an older stream of the same node)."""
+        node = self.node(node_id)
+        old = self._streams.pop(node_id, None)
+        if old is not None:
+            old._push_message(
+                _error_payload(SessionReplacedError("another connection of this node took over")), close=True
+            )
+        stream = Stream(node_id, wake)
+        stream.outbox.append(self.registered_message(node))
+        self._streams[node_id] = stream
+        self._update(node, online=True, disconnected_at=None, last_seen=now)
+        stream.wake()
+        return stream
+
+    def detach(self, stream: Stream, now: float) -> None:
+        """The stream's connection ended (cleanly or not)."""
+        if self._streams.get(stream.node_id) is not stream:
+            return
+        del self._streams[stream.node_id]
+        node = self._nodes.get(stream.node_id)
+        if node is None:
+            return
+        self._update(node, online=False, disconnected_at=now, last_seen=now)
+        if node.rec.ephemeral:
+            heapq.heappush(self._reaps, (now + self.config.ephemeral_timeout, node.id))
+
+    def update_endpoints(self, stream: Stream, endpoints: tuple[str, ...], now: float) -> None:
+        node = self._nodes.get(stream.node_id)
+        if node is not None and self._streams.get(node.id) is stream:
+            self._update(node, endpoints=endpoints)
+
+    def ping(self, stream: Stream, ping_id: int) -> None:
+        stream._push_message(dumps({"type": "pong", "id": ping_id}))
+
+    def logout(self, stream: Stream, now: float) -> None:
+        """Ephemeral nodes are deleted; others have their node key expired (re-auth needed)."""
+        node = self._nodes.get(stream.node_id)
+        if node is None or self._streams.get(node.id) is not stream:
+            return
+        stream._push_message(b'{"type":"logged_out"}', close=True)
+        if node.rec.ephemeral:
+            self._delete(node, None)
+        else:
+            self._update(node, key_expiry=now, expired=True)
+        logger.info("node %d %s logged out", node.id, node.rec.name)
+
+    def take(self, stream: Stream) -> list[bytes]:
+        """The messages to send on ``stream`` now, in order (the queue is emptied)."""
+        out = stream.outbox
+        stream.outbox = []
+        if stream.closing:
+            return out
+        if stream.needs_full_map:
+            node = self._nodes.get(stream.node_id)
+            if node is not None:
+                out.append(self._full_map_payload(node))
+            stream.needs_full_map = False
+            stream.ops.clear()
+        elif stream.ops:
+            out.append(encode_delta_ops(stream.ops))
+            stream.ops = []
+        return out
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        deadlines = [heap[0][0] for heap in (self._expiries, self._reaps) if heap]
+        return min(deadlines, default=None)
+
+    def handle_timeout(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            expiry, node_id = heapq.heappop(self._expiries)
+            node = self._nodes.get(node_id)
+            if node is not None and node.rec.key_expiry == expiry and not node.expired:
+                logger.info("node key of %d %s expired", node.id, node.rec.name)
+                self._update(node, expired=True)
+        while self._reaps and self._reaps[0][0] <= now:
+            deadline, node_id = heapq.heappop(self._reaps)
+            node = self._nodes.get(node_id)
+            if (
+                node is not None
+                and not node.online
+                and node.disconnected_at is not None
+                and node.disconnected_at + self.config.ephemeral_timeout <= now
+            ):
+                logger.info("ephemeral node %d %s gone for %.0f s: deleted", node.id, node.rec.name, deadline)
+                self._delete(node, None)
+
+    # ------------------------------------------------------------------ admin operations
+
+    def create_auth_key(
+        self,
+        *,
+        reusable: bool = False,
+        ephemeral: bool = False,
+        preapproved: bool = False,
+        tags: tuple[str, ...] = (),
+        expiry: float | None = None,
+        now: float,
+    ) -> tuple[AuthKeyRecord, str]:
+        """A new key; the text (with its secret) is returned once and never stored."""
+        for tag in tags:
+            if TAG_RE.fullmatch(tag) is None:
+                raise BadRequestError(f"tag {tag!r} is not of the form tag:<lowercase-name>")
+        if expiry is not None and expiry <= 0:
+            raise BadRequestError("an auth key's expiry must be positive (e.g. 1h, 7d)")
+        key_id, text = new_auth_key(self._random_bytes(6), self._random_bytes(24))
+        record = AuthKeyRecord(
+            id=key_id,
+            secret_sha256=parse_auth_key(text)[1],
+            reusable=reusable,
+            ephemeral=ephemeral,
+            preapproved=preapproved,
+            tags=tuple(sorted(set(tags))),
+            created=now,
+            expires=None if expiry is None else now + expiry,
+            revoked=None,
+            uses=0,
+            last_used=None,
+        )
+        self.store.insert_auth_key(record)
+        logger.info("auth key %s created", key_id)
+        return record, text
+
+    def revoke_auth_key(self, key_id: str, now: float) -> AuthKeyRecord:
+        if self.store.get_auth_key(key_id) is None:
+            raise NotFoundError(f"no auth key with id {key_id}: see `embedmesh control authkey list`")
+        self.store.revoke_auth_key(key_id, now)
+        record = self.store.get_auth_key(key_id)
+        assert record is not None
+        return record
+
+    def approve(self, node_id: int, now: float) -> LiveNode:
+        """Approve a pending node, or re-approve an expired one (its key gets a fresh expiry)."""
+        node = self.node(node_id)
+        if node.expired:
+            self._update(node, authorized=True, key_expiry=self._expiry_from(now), expired=False)
+        elif not node.rec.authorized:
+            self._update(node, authorized=True)
+        logger.info("node %d %s approved", node.id, node.rec.name)
+        return node
+
+    def expire(self, node_id: int, now: float) -> LiveNode:
+        node = self.node(node_id)
+        if not node.expired:
+            self._update(node, key_expiry=now, expired=True)
+        return node
+
+    def rename(self, node_id: int, name: str) -> LiveNode:
+        node = self.node(node_id)
+        if LABEL_RE.fullmatch(name) is None:
+            raise BadRequestError(
+                f"{name!r} is not a valid name: use lowercase letters, digits and dashes (at most 63)"
+            )
+        holder = self._by_name.get(name)
+        if holder is not None and holder is not node:
+            raise ConflictError(
+                f"name {name!r} is taken by node {holder.id}: pick another or rename that one"
+            )
+        self._update(node, name=name)
+        return node
+
+    def delete(self, node_id: int) -> None:
+        node = self.node(node_id)
+        error: ControlError
+        if not node.rec.authorized:
+            error = ApprovalRefusedError(
+                "an admin refused this node's registration; ask for an auth key "
+                "(`embedmesh control authkey create`)"
+            )
+        else:
+            error = NodeDeletedError("an admin deleted this node: join again with a new auth key")
+        self._delete(node, error)
+
+    def _delete(self, node: LiveNode, error: ControlError | None) -> None:
+        was_in_mesh = node.in_mesh
+        self.store.delete_node(node.id)
+        self._unindex(node)
+        self._pool.release(IPv4Address(node.rec.ipv4))
+        stream = self._streams.pop(node.id, None)
+        if stream is not None and error is not None:
+            stream._push_message(_error_payload(error), close=True)
+        elif stream is not None:
+            stream.closing = True
+            stream.wake()
+        if was_in_mesh:
+            self._fan_out(node, encode_op(PeerRemoved(node.id)))
+        self.counters["changes"] += 1
+
+    def describe(self, node: LiveNode) -> dict[str, Any]:
+        """A node for the admin API (JSON-ready)."""
+        info = self.peer_info(node)
+        return {
+            "id": node.id,
+            "name": node.rec.name,
+            "hostname": node.rec.hostname,
+            "fqdn": info.fqdn,
+            "addresses": [str(a) for a in info.addresses],
+            "state": node.state.value,
+            "online": node.online,
+            "last_seen": node.rec.last_seen,
+            "endpoints": list(node.endpoints),
+            "tags": list(node.rec.tags),
+            "user": node.rec.user,
+            "os": node.rec.os,
+            "ephemeral": node.rec.ephemeral,
+            "key_expiry": node.rec.key_expiry,
+            "created": node.rec.created,
+            "machine_key": _encode_key(node.rec.machine_key),
+            "node_key": _encode_key(node.rec.node_key),
+            "auth_key_id": node.rec.auth_key_id,
+        }

@@ -1,0 +1,435 @@
+"""The coordination server: a Starlette app on uvicorn around the sans-IO :class:`Coordinator`.
+
+Routes:
+
+* ``GET /key``: the server's static public key and protocol version (nodes pin it on first contact);
+* ``WS /control/v1``: one node's control stream (Noise_IK handshake, then encrypted messages);
+* ``/admin/v1/...``: the admin API (bearer token from ``<state-dir>/admin-token``), see
+  :mod:`embedmesh.control.admin`;
+* ``GET /health``.
+
+The state directory (0700) holds ``control.db``, ``server.key`` (the static X25519 private key),
+``admin-token`` and ``server.json`` (the URL the admin CLI talks to), all 0600.
+
+uvicorn is asyncio-only, so the server runs on asyncio; :meth:`ControlServer.start_in_thread` runs
+it on its own loop in a thread, which lets trio programs and tests use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from embedmesh.control.coordinator import (
+    DEFAULT_EPHEMERAL_TIMEOUT,
+    DEFAULT_KEY_EXPIRY,
+    Coordinator,
+    CoordinatorConfig,
+    Stream,
+)
+from embedmesh.control.errors import ControlError, ControlProtocolError, HandshakeRejectedError, StoreError
+from embedmesh.control.messages import (
+    EndpointsUpdate,
+    LogoutRequest,
+    Ping,
+    RegisterRequest,
+    dumps,
+)
+from embedmesh.control.noise import MAX_FRAME_SIZE, PROTOCOL_VERSION
+from embedmesh.control.protocol import ServerSession
+from embedmesh.control.store import Store, create_private_file, prepare_state_dir
+from embedmesh.wireguard.crypto import generate_private_key, public_key
+
+logger = logging.getLogger("embedmesh.control.server")
+
+CONTROL_PATH = "/control/v1"
+#: A node that sends nothing (it pings every 15 s) for this long is considered gone.
+IDLE_TIMEOUT = 60.0
+HANDSHAKE_TIMEOUT = 10.0
+#: Messages from nodes are small; maps only flow the other way.
+MAX_CLIENT_MESSAGE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    state_dir: Path
+    base_domain: str = "mesh.internal"
+    approval_required: bool = False
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY
+    ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+
+
+def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
+    if path.exists():
+        mode = path.stat().st_mode & 0o077
+        if mode:
+            raise StoreError(
+                f"{path} is readable by others (mode {oct(path.stat().st_mode & 0o777)}): chmod 600 {path}"
+            )
+        return path.read_bytes()
+    data = make()
+    create_private_file(path, data)
+    return data
+
+
+class ControlServer:
+    """One coordination server over one state directory."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        state = config.state_dir
+        prepare_state_dir(state)
+        key_text = _read_or_create(
+            state / "server.key", lambda: base64.b64encode(generate_private_key(os.urandom(32))) + b"\n"
+        )
+        try:
+            self._private_key = base64.b64decode(key_text.strip(), validate=True)
+            assert len(self._private_key) == 32
+        except (ValueError, AssertionError) as exc:
+            raise StoreError(f"{state / 'server.key'} is not a base64 private key") from exc
+        self.public_key = public_key(self._private_key)
+        self.admin_token = (
+            _read_or_create(state / "admin-token", lambda: secrets.token_urlsafe(32).encode() + b"\n")
+            .decode()
+            .strip()
+        )
+        self.store = Store(state / "control.db")
+        self.coordinator = Coordinator(
+            self.store,
+            CoordinatorConfig(
+                base_domain=config.base_domain,
+                approval_required=config.approval_required,
+                key_expiry=config.key_expiry,
+                ephemeral_timeout=config.ephemeral_timeout,
+            ),
+            now=time.time(),
+            random_bytes=os.urandom,
+        )
+        from embedmesh.control.admin import admin_routes
+
+        self.app = Starlette(
+            routes=[
+                Route("/key", self._key, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                WebSocketRoute(CONTROL_PATH, self._control),
+                *admin_routes(self),
+            ],
+            lifespan=self._lifespan,
+        )
+        self.url: str | None = None
+        self._uvicorn: uvicorn.Server | None = None
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _key(self, request: Request) -> JSONResponse:
+        return JSONResponse({"protocol_version": PROTOCOL_VERSION, "public_key": self.public_key_b64})
+
+    async def _health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "nodes": len(self.coordinator)})
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timers)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def _timers(self) -> None:
+        """Key expiry and the ephemeral reaper, on the server's clock."""
+        longest = min(1.0, self.config.ephemeral_timeout / 4)
+        while True:
+            now = time.time()
+            self.coordinator.handle_timeout(now)
+            deadline = self.coordinator.next_deadline()
+            wait = longest if deadline is None else min(longest, max(0.01, deadline - now))
+            await anyio.sleep(wait)
+
+    # ------------------------------------------------------------------ the control stream
+
+    async def _control(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        session = ServerSession(self._private_key)
+        stream: Stream | None = None
+        coordinator = self.coordinator
+        try:
+            with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                initiation = session.receive_initiation(await _receive_frame(websocket))
+                response = session.respond(generate_private_key(os.urandom(32)))
+                try:
+                    coordinator.accept_handshake(initiation.machine_key, initiation.timestamp_ns, time.time())
+                except HandshakeRejectedError as exc:
+                    # The session is authenticated, so the node learns why (an attacker replaying a
+                    # capture learns nothing: it cannot decrypt this).
+                    logger.warning("refused a control handshake: %s", exc)
+                    await websocket.send_bytes(response)
+                    await websocket.send_bytes(session.send_encoded(_error(exc)))
+                    await websocket.close(1008)
+                    return
+                await websocket.send_bytes(response)
+                request = session.receive(await _receive_frame(websocket))
+            if not isinstance(request, RegisterRequest):
+                raise ControlProtocolError("the first message on a control stream must be register")
+            try:
+                node = coordinator.register(initiation.machine_key, request, time.time())
+            except ControlError as exc:
+                logger.info("refused a registration: %s", exc)
+                await websocket.send_bytes(session.send_encoded(_error(exc)))
+                await websocket.close(1008)
+                return
+            waker = _Waker()
+            stream = coordinator.attach(node.id, waker.wake, time.time())
+            await self._stream(websocket, session, stream, waker)
+        except WebSocketDisconnect:
+            pass
+        except TimeoutError:
+            logger.info("control stream idle for too long: closed")
+            with contextlib.suppress(Exception):
+                await websocket.close(1001)
+        except ControlProtocolError as exc:
+            logger.warning("closing a control stream: %s", exc)
+            with contextlib.suppress(Exception):
+                await websocket.close(1008)
+        except (OSError, RuntimeError) as exc:
+            # The connection went away while we were sending (Starlette/uvicorn report it so).
+            logger.info("control stream lost: %s", exc)
+        finally:
+            if stream is not None:
+                coordinator.detach(stream, time.time())
+
+    async def _stream(
+        self, websocket: WebSocket, session: ServerSession, stream: Stream, waker: _Waker
+    ) -> None:
+        """Run the writer (queued maps and deltas) and the reader (pings, endpoints, logout)."""
+        coordinator = self.coordinator
+        error: Exception | None = None
+
+        async def writer() -> None:
+            nonlocal error
+            try:
+                while True:
+                    await waker.wait()
+                    for payload in coordinator.take(stream):
+                        frame = session.send_encoded(payload)
+                        stream.messages_sent += 1
+                        stream.bytes_sent += len(frame)
+                        await websocket.send_bytes(frame)
+                    if stream.closing:
+                        await websocket.close(1000)
+                        break
+            except Exception as exc:
+                error = exc
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            # Errors are carried out of the task group by hand so they are not wrapped in groups.
+            try:
+                while True:
+                    with anyio.fail_after(self.config.idle_timeout):
+                        message = session.receive(await _receive_frame(websocket))
+                    now = time.time()
+                    if isinstance(message, EndpointsUpdate):
+                        coordinator.update_endpoints(stream, message.endpoints, now)
+                    elif isinstance(message, Ping):
+                        coordinator.ping(stream, message.id)
+                    elif isinstance(message, LogoutRequest):
+                        coordinator.logout(stream, now)
+                    else:
+                        raise ControlProtocolError("register sent twice on one control stream")
+            except Exception as exc:
+                error = error or exc
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------ running
+
+    def _uvicorn_config(self) -> uvicorn.Config:
+        return uvicorn.Config(
+            self.app,
+            ws="wsproto",
+            ws_max_size=MAX_CLIENT_MESSAGE,
+            ws_ping_interval=None,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+
+    def _write_server_json(self, url: str) -> None:
+        info = {"url": url, "public_key": self.public_key_b64, "pid": os.getpid()}
+        create_private_file(
+            self.config.state_dir / "server.json", json.dumps(info, indent=2).encode() + b"\n"
+        )
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        sock: socket.socket | None = None,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled or :meth:`shutdown`; reports the URL through ``task_status``."""
+        if sock is None:
+            sock = bind_socket(host, port)
+        bound_host, bound_port = sock.getsockname()[:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{url_host}:{bound_port}"
+        server = uvicorn.Server(self._uvicorn_config())
+        self._uvicorn = server
+        self._write_server_json(self.url)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: server.serve(sockets=[sock]))
+            while not server.started:
+                if server.should_exit:
+                    break
+                await anyio.sleep(0.01)
+            logger.info("control server listening on %s", self.url)
+            task_status.started(self.url)
+
+    def shutdown(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+        """Run on a private asyncio loop in a daemon thread (for trio programs, tests and demos)."""
+        return RunningServer(self, bind_socket(host, port))
+
+
+class _Waker:
+    """Set by the coordinator when a stream has something to send; the writer waits on it."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+def _error(exc: ControlError) -> bytes:
+    return dumps({"type": "error", "code": exc.code, "message": str(exc)})
+
+
+async def _receive_frame(websocket: WebSocket) -> bytes:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    data = message.get("bytes")
+    if data is None:
+        raise ControlProtocolError("control frames are binary WebSocket messages")
+    if len(data) > MAX_FRAME_SIZE:
+        raise ControlProtocolError("control frame too large")
+    return bytes(data)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {host}:{port}: {exc.strerror} (is another server running?)"
+        ) from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class RunningServer:
+    """A :class:`ControlServer` on its own thread and asyncio loop; ``stop()`` ends it."""
+
+    def __init__(self, server: ControlServer, sock: socket.socket) -> None:
+        self.server = server
+        self._sock = sock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.url = ""
+        self._thread = threading.Thread(target=self._run, name="embedmesh-control", daemon=True)
+        self._thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        if not self.url:
+            raise RuntimeError("control server did not start within 30 s")
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            async with anyio.create_task_group() as tg:
+                self.url = await tg.start(
+                    lambda task_status: self.server.serve(sock=self._sock, task_status=task_status)
+                )
+                self._started.set()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._started.set()
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the server's loop (the coordinator is not thread-safe) and return its result."""
+        assert self._loop is not None
+
+        async def run() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.shutdown)
+        self._thread.join(15)
+        self.server.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,150 @@
+"""A minimal WebSocket client: wsproto over an anyio TCP (or TLS) stream, so it runs on asyncio and trio.
+
+Only what the control stream needs: connect, send and receive whole binary messages, answer pings,
+close. Text messages are a protocol error; messages larger than ``max_message_size`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from embedmesh.control.errors import ControlProtocolError
+
+
+class WebSocketClosed(ConnectionError):
+    """The server closed the WebSocket (``code`` is the close code)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        self.code = code
+        super().__init__(f"WebSocket closed by the server (code {code}{': ' + reason if reason else ''})")
+
+
+def split_url(url: str) -> tuple[str, str, int, bool]:
+    """(scheme, host, port, tls) of an http(s)/ws(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ValueError(f"control URL {url!r} must look like http://host:port or https://host")
+    tls = parts.scheme in ("https", "wss")
+    return parts.scheme, parts.hostname, parts.port or (443 if tls else 80), tls
+
+
+class WebSocket:
+    """One client WebSocket connection."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, connection: WSConnection, max_message_size: int) -> None:
+        self._stream = stream
+        self._ws = connection
+        self._max = max_message_size
+        self._send_lock = anyio.Lock()
+        self._events: deque[Event] = deque()
+        self._partial = bytearray()
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, url: str, path: str, *, max_message_size: int) -> WebSocket:
+        _, host, port, tls = split_url(url)
+        stream: anyio.abc.ByteStream
+        if tls:
+            stream = await anyio.connect_tcp(host, port, tls=True, tls_hostname=host)
+        else:
+            stream = await anyio.connect_tcp(host, port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        self = cls(stream, ws, max_message_size)
+        try:
+            host_header = f"[{host}]" if ":" in host else host
+            default_port = 443 if tls else 80
+            if port != default_port:
+                host_header += f":{port}"
+            await stream.send(ws.send(Request(host=host_header, target=path)))
+            while True:
+                event = await self._next_event()
+                if isinstance(event, AcceptConnection):
+                    return self
+                if isinstance(event, RejectConnection):
+                    raise ConnectionRefusedError(
+                        f"{url}{path} refused the WebSocket upgrade (HTTP {event.status_code}): "
+                        "is this an embedmesh control server?"
+                    )
+                raise ControlProtocolError(
+                    f"unexpected {type(event).__name__} during the WebSocket handshake"
+                )
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _next_event(self) -> Event:
+        while not self._events:
+            try:
+                data = await self._stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.closed = True
+                raise WebSocketClosed(1006, "connection lost") from None
+            try:
+                self._ws.receive_data(data)
+                self._events.extend(self._ws.events())
+            except RemoteProtocolError as exc:
+                raise ControlProtocolError(f"WebSocket protocol error: {exc}") from exc
+        return self._events.popleft()
+
+    async def _send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                self.closed = True
+                raise WebSocketClosed(1006, "connection lost") from exc
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary message."""
+        try:
+            payload = self._ws.send(BytesMessage(data=data))
+        except LocalProtocolError as exc:
+            raise WebSocketClosed(1006, str(exc)) from exc
+        await self._send_raw(payload)
+
+    async def receive(self) -> bytes:
+        """The next whole binary message; raises :class:`WebSocketClosed` when the server closes."""
+        while True:
+            event = await self._next_event()
+            if isinstance(event, BytesMessage):
+                self._partial += event.data
+                if len(self._partial) > self._max:
+                    raise ControlProtocolError(f"WebSocket message larger than {self._max} bytes")
+                if event.message_finished:
+                    message = bytes(self._partial)
+                    self._partial.clear()
+                    return message
+            elif isinstance(event, Ping):
+                await self._send_raw(self._ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                with contextlib.suppress(Exception):
+                    await self._send_raw(self._ws.send(event.response()))
+                self.closed = True
+                raise WebSocketClosed(event.code, event.reason or "")
+            elif isinstance(event, TextMessage):
+                raise ControlProtocolError("the control stream carries only binary messages")
+
+    async def aclose(self, code: int = 1000) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception), anyio.move_on_after(1, shield=True):
+                await self._send_raw(self._ws.send(CloseConnection(code=code)))
+        with contextlib.suppress(Exception):
+            await self._stream.aclose()
