@@ -30,7 +30,7 @@ from embedmesh.netstack.tcp.config import TcpConfig, TcpState
 from embedmesh.netstack.tcp.congestion import make_controller
 from embedmesh.netstack.tcp.rtt import RttEstimator
 from embedmesh.netstack.tcp.sack import SackScoreboard, receiver_blocks
-from embedmesh.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment, build_tcp, build_tcp_fast
+from embedmesh.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment, build_tcp, build_tcp_fast
 
 if TYPE_CHECKING:
     from embedmesh.netstack.tcp.layer import TcpLayer
@@ -41,6 +41,7 @@ _M = 0xFFFFFFFF
 _HALF = 0x80000000
 _INF = math.inf
 _MIN_PEER_MSS = 64
+_PREDICT_MASK = SYN | FIN | RST | URG | ACK
 _PAWS_TOLERANCE = 1000  # peer timestamp ticks (1 s at the usual 1 ms tick)
 _MAX_WSCALE = 14
 
@@ -626,6 +627,15 @@ class TcpConnection:
         plen = len(payload)
         rcv_nxt = self.rcv_nxt
         seq = rcv_nxt + (((seg.seq - rcv_nxt + _HALF) & _M) - _HALF)
+        if (
+            st is ESTABLISHED
+            and seq == rcv_nxt
+            and flags & _PREDICT_MASK == ACK
+            and not seg.sack_blocks
+            and not self._in_recovery
+            and self._fast_path(seg, seq, plen, now)
+        ):
+            return
         if flags & RST:
             self._receive_rst(seq, now)
             return
@@ -684,6 +694,58 @@ class TcpConnection:
             self._receive_text(seq, payload, flags & FIN, now)
         if self.state is not CLOSED:
             self._output(now)
+
+    def _fast_path(self, seg: TcpSegment, seq: int, plen: int, now: float) -> bool:
+        """Header prediction: the two segments of a bulk transfer, handled in one pass.
+
+        A pure ACK that acknowledges new data (sender side), or in-order data that acknowledges nothing
+        new (receiver side), with an unchanged window, no SACK, no recovery and in-order arrival. Returns
+        False, having changed nothing, when the segment needs the general path.
+        """
+        ts = seg.timestamp
+        if ts is not None and self._ts_ok:
+            if _PAWS_TOLERANCE < ((self._ts_recent - ts[0]) & _M) < _HALF:
+                return False
+        else:
+            ts = None
+        if seg.window << self._snd_wscale != self.snd_wnd:
+            return False
+        una = self.snd_una
+        ack = una + (((seg.ack - una + _HALF) & _M) - _HALF)
+        if plen == 0:
+            if not una < ack <= self.snd_max or self.scoreboard:
+                return False
+            if ts is not None and seq <= self._last_ack_sent and ((ts[0] - self._ts_recent) & _M) < _HALF:
+                self._ts_recent = ts[0]
+            self._snd_wl1 = seq
+            self._snd_wl2 = ack
+            self._ack_advance(ack, ts, 0, now)
+            if self.state is not CLOSED:
+                self._output(now)
+            return True
+        rbuf = self._rbuf
+        if ack != una or rbuf._ooo_starts or self._app_closed or plen > self.rcv_adv - seq:
+            return False
+        if ts is not None and seq <= self._last_ack_sent and ((ts[0] - self._ts_recent) & _M) < _HALF:
+            self._ts_recent = ts[0]
+        self._snd_wl1 = seq
+        self._snd_wl2 = ack
+        rbuf.append(seg.payload)
+        self.rcv_nxt = seq + plen
+        if plen > self._rcv_mss:
+            self._rcv_mss = plen if plen <= self._adv_mss else self._adv_mss
+        self._ack_pending += plen
+        if self._ack_pending >= 2 * self._rcv_mss:
+            self._ack_now = True
+        elif self._delack_at == _INF:
+            delay = self.config.delayed_ack
+            if delay > 0:
+                self._delack_at = now + delay
+            else:
+                self._ack_now = True
+        self._layer._changed(self)
+        self._output(now)
+        return True
 
     def _receive_syn_sent(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags
