@@ -58,7 +58,9 @@ class Admin:
 
     def __init__(self, running: RunningServer) -> None:
         self.http = httpx.Client(
-            base_url=running.url, headers={"authorization": f"Bearer {running.server.admin_token}"}, timeout=10
+            base_url=running.url,
+            headers={"authorization": f"Bearer {running.server.admin_token}"},
+            timeout=10,
         )
 
     def key(self, **options: Any) -> str:
