@@ -91,12 +91,14 @@ async def test_unreachable_server_and_changed_server_key(tmp_path: Path) -> None
         async with node.client(url, "web"):
             pass
     # Another server (another key) on the same address: the pinned key refuses it.
-    with start_server(tmp_path / "impostor", port=port) as impostor:
-        with pytest.raises(
+    with (
+        start_server(tmp_path / "impostor", port=port) as impostor,
+        pytest.raises(
             ServerKeyChangedError, match=r"changed from .* to .*; if you rotated it on purpose, delete"
-        ):
-            async with node.client(impostor.url, "web"):
-                pass
+        ),
+    ):
+        async with node.client(impostor.url, "web"):
+            pass
     pin = tmp_path / "node" / "control-server.json"
     assert (pin.stat().st_mode & 0o777) == 0o600
 

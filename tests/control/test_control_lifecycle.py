@@ -73,24 +73,26 @@ async def test_hostname_collisions_and_renames_propagate_as_deltas(tmp_path: Pat
         admin = Admin(running)
         key = admin.key(reusable=True)
         deltas: list[object] = []
-        async with Identity.new().client(running.url, "Web Server.local", auth_key=key) as first:
-            async with Identity.new().client(running.url, "web-server", auth_key=key) as second:
-                assert first.netmap is not None and second.netmap is not None
-                assert first.netmap.self_node.name == "web-server"
-                assert second.netmap.self_node.name == "web-server-1"
-                assert second.netmap.self_node.fqdn == "web-server-1.corp.example"
-                await first.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
-                first.on_netmap = deltas.append
-                admin.post(f"/nodes/{second.node_id}/rename", name="db")
-                netmap = await first.wait_for_netmap(
-                    lambda m: [p.fqdn for p in m.peers.values()] == ["db.corp.example"], timeout=5
-                )
-                assert netmap.peers[second.node_id or 0].hostname == "web-server"
-                own = await second.wait_for_netmap(lambda m: m.self_node.name == "db", timeout=5)
-                assert own.self_node.fqdn == "db.corp.example"
-                # A name in use is refused with a clear message.
-                response = admin.http.post(f"/admin/v1/nodes/{first.node_id}/rename", json={"name": "db"})
-                assert response.status_code == 409 and "taken" in response.json()["error"]["message"]
+        async with (
+            Identity.new().client(running.url, "Web Server.local", auth_key=key) as first,
+            Identity.new().client(running.url, "web-server", auth_key=key) as second,
+        ):
+            assert first.netmap is not None and second.netmap is not None
+            assert first.netmap.self_node.name == "web-server"
+            assert second.netmap.self_node.name == "web-server-1"
+            assert second.netmap.self_node.fqdn == "web-server-1.corp.example"
+            await first.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
+            first.on_netmap = deltas.append
+            admin.post(f"/nodes/{second.node_id}/rename", name="db")
+            netmap = await first.wait_for_netmap(
+                lambda m: [p.fqdn for p in m.peers.values()] == ["db.corp.example"], timeout=5
+            )
+            assert netmap.peers[second.node_id or 0].hostname == "web-server"
+            own = await second.wait_for_netmap(lambda m: m.self_node.name == "db", timeout=5)
+            assert own.self_node.fqdn == "db.corp.example"
+            # A name in use is refused with a clear message.
+            response = admin.http.post(f"/admin/v1/nodes/{first.node_id}/rename", json={"name": "db"})
+            assert response.status_code == 409 and "taken" in response.json()["error"]["message"]
         assert deltas, "the rename reached the peer"
 
 
@@ -99,19 +101,21 @@ async def test_rename_is_a_delta_not_a_full_map(tmp_path: Path) -> None:
     with start_server(tmp_path / "server") as running:
         admin = Admin(running)
         key = admin.key(reusable=True)
-        async with Identity.new().client(running.url, "a", auth_key=key) as a:
-            async with Identity.new().client(running.url, "b", auth_key=key) as b:
-                await a.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
-                before = running.call(lambda: dict(running.server.coordinator.counters))
-                admin.post(f"/nodes/{b.node_id}/rename", name="bee")
-                await a.wait_for_netmap(lambda m: next(iter(m.peers.values())).name == "bee", timeout=5)
-                after = running.call(lambda: dict(running.server.coordinator.counters))
-                assert after["full_maps"] == before["full_maps"]
-                assert after["ops_queued"] == before["ops_queued"] + 1
-                # and the op is a PeerChange that names only what changed
-                from embedmesh.control.messages import encode_op
+        async with (
+            Identity.new().client(running.url, "a", auth_key=key) as a,
+            Identity.new().client(running.url, "b", auth_key=key) as b,
+        ):
+            await a.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
+            before = running.call(lambda: dict(running.server.coordinator.counters))
+            admin.post(f"/nodes/{b.node_id}/rename", name="bee")
+            await a.wait_for_netmap(lambda m: next(iter(m.peers.values())).name == "bee", timeout=5)
+            after = running.call(lambda: dict(running.server.coordinator.counters))
+            assert after["full_maps"] == before["full_maps"]
+            assert after["ops_queued"] == before["ops_queued"] + 1
+            # and the op is a PeerChange that names only what changed
+            from embedmesh.control.messages import encode_op
 
-                assert len(encode_op(PeerChange(1, name="bee", fqdn="bee.mesh.internal"))) < 80
+            assert len(encode_op(PeerChange(1, name="bee", fqdn="bee.mesh.internal"))) < 80
 
 
 async def test_key_expiry_cuts_a_node_off_and_reauth_restores_it(tmp_path: Path) -> None:
@@ -119,27 +123,29 @@ async def test_key_expiry_cuts_a_node_off_and_reauth_restores_it(tmp_path: Path)
     with start_server(tmp_path / "server") as running:
         admin = Admin(running)
         key = admin.key(reusable=True)
-        async with Identity.new().client(running.url, "watcher", auth_key=key) as watcher:
-            async with Identity.new().client(running.url, "node", auth_key=key) as client:
-                await watcher.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
-                address = client.netmap.self_node.addresses if client.netmap else ()
-                admin.post(f"/nodes/{client.node_id}/expire")
-                expired = await client.wait_for_netmap(lambda m: m.state is NodeState.KEY_EXPIRED, timeout=5)
-                assert not expired.peers
-                await watcher.wait_for_netmap(lambda m: client.node_id not in m.peers, timeout=5)
-                # Re-authenticating with a valid key restores it: same node, same address.
-                await client.reauthenticate(key)
-                assert client.netmap is not None and client.netmap.self_node.addresses == address
-                assert len(client.netmap.peers) == 1
-                await watcher.wait_for_netmap(lambda m: client.node_id in m.peers, timeout=5)
-                # Expired again, then an admin approves it again.
-                admin.post(f"/nodes/{client.node_id}/expire")
-                await watcher.wait_for_netmap(lambda m: client.node_id not in m.peers, timeout=5)
-                admin.post(f"/nodes/{client.node_id}/approve")
-                await client.wait_for_netmap(
-                    lambda m: m.state is NodeState.AUTHORIZED and len(m.peers) == 1, timeout=5
-                )
-                await watcher.wait_for_netmap(lambda m: client.node_id in m.peers, timeout=5)
+        async with (
+            Identity.new().client(running.url, "watcher", auth_key=key) as watcher,
+            Identity.new().client(running.url, "node", auth_key=key) as client,
+        ):
+            await watcher.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=5)
+            address = client.netmap.self_node.addresses if client.netmap else ()
+            admin.post(f"/nodes/{client.node_id}/expire")
+            expired = await client.wait_for_netmap(lambda m: m.state is NodeState.KEY_EXPIRED, timeout=5)
+            assert not expired.peers
+            await watcher.wait_for_netmap(lambda m: client.node_id not in m.peers, timeout=5)
+            # Re-authenticating with a valid key restores it: same node, same address.
+            await client.reauthenticate(key)
+            assert client.netmap is not None and client.netmap.self_node.addresses == address
+            assert len(client.netmap.peers) == 1
+            await watcher.wait_for_netmap(lambda m: client.node_id in m.peers, timeout=5)
+            # Expired again, then an admin approves it again.
+            admin.post(f"/nodes/{client.node_id}/expire")
+            await watcher.wait_for_netmap(lambda m: client.node_id not in m.peers, timeout=5)
+            admin.post(f"/nodes/{client.node_id}/approve")
+            await client.wait_for_netmap(
+                lambda m: m.state is NodeState.AUTHORIZED and len(m.peers) == 1, timeout=5
+            )
+            await watcher.wait_for_netmap(lambda m: client.node_id in m.peers, timeout=5)
 
 
 async def test_deleted_node_is_told_and_cannot_come_back_without_a_key(tmp_path: Path) -> None:
