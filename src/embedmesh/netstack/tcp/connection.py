@@ -122,6 +122,7 @@ class TcpConnection:
         "_dsack",
         "_dupacks",
         "_dupthresh",
+        "_episode_rxt",
         "_fin_queued",
         "_high_rxt",
         "_in_recovery",
@@ -151,7 +152,6 @@ class TcpConnection:
         "_rto_at",
         "_rtt_seq",
         "_rtt_time",
-        "_episode_rxt",
         "_rxt_degree",
         "_rxt_high",
         "_rxt_tsval",
@@ -159,7 +159,6 @@ class TcpConnection:
         "_sbuf",
         "_sbuf_seq",
         "_sched",
-        "_sched_token",
         "_snd_mss",
         "_snd_wl1",
         "_snd_wl2",
@@ -223,7 +222,6 @@ class TcpConnection:
         self._app_closed = False
         self._dirty = False
         self._sched = _INF
-        self._sched_token = 0
         # send side
         self.iss = iss
         self.snd_una = iss
