@@ -1,0 +1,420 @@
+"""``embedmesh control ...``: run the coordination server and administer it.
+
+``serve`` writes ``server.json`` (its URL) and ``admin-token`` into the state directory; every admin
+command takes the same ``--state-dir`` and reads both, so it needs no other configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from embedmesh.errors import EmbedmeshError
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def parse_duration(text: str) -> float | None:
+    """``90s``, ``30m``, ``1h``, ``180d``, ``2w`` (bare numbers are seconds); ``0``/``never`` is None."""
+    text = text.strip().lower()
+    if text in ("0", "never", "none"):
+        return None
+    total = 0.0
+    position = 0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        position = match.end()
+    if position != len(text) or not text:
+        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 30m, 1h, 180d or never")
+    return total
+
+
+def _state_dir_option(function: Any) -> Any:
+    return click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        required=True,
+        envvar="EMBEDMESH_CONTROL_STATE_DIR",
+        help="The control server's state directory (also $EMBEDMESH_CONTROL_STATE_DIR).",
+    )(function)
+
+
+def _json_option(function: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(function)
+
+
+def _url_option(function: Any) -> Any:
+    return click.option(
+        "--url", default=None, help="Talk to this server URL instead of the one in <state-dir>/server.json."
+    )(function)
+
+
+@click.group()
+def control() -> None:
+    """The coordination server: serve a tailnet, and administer its keys and nodes."""
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+@control.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="host:port to listen on.")
+@_state_dir_option
+@click.option(
+    "--base-domain", default="mesh.internal", show_default=True, help="Nodes are <name>.<base-domain>."
+)
+@click.option(
+    "--approval-required",
+    is_flag=True,
+    help="New nodes wait for `nodes approve` unless their key is pre-approved.",
+)
+@click.option("--key-expiry", default="180d", show_default=True, help="Node key lifetime (e.g. 90d; never).")
+@click.option(
+    "--ephemeral-timeout",
+    default="60s",
+    show_default=True,
+    help="Delete ephemeral nodes this long after they drop.",
+)
+def serve(
+    listen: str,
+    state_dir: Path,
+    base_domain: str,
+    approval_required: bool,
+    key_expiry: str,
+    ephemeral_timeout: str,
+) -> None:
+    """Run the coordination server in the foreground."""
+    import anyio
+
+    from embedmesh.control.server import ControlServer, ServerConfig
+
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise click.BadParameter(f"{listen!r} is not host:port (e.g. 127.0.0.1:8080)", param_hint="--listen")
+    host = host.strip("[]")
+    reap = parse_duration(ephemeral_timeout)
+    try:
+        server = ControlServer(
+            ServerConfig(
+                state_dir=state_dir,
+                base_domain=base_domain,
+                approval_required=approval_required,
+                key_expiry=parse_duration(key_expiry),
+                ephemeral_timeout=60.0 if reap is None else reap,
+            )
+        )
+    except (EmbedmeshError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            url = await tg.start(
+                lambda task_status: server.serve(host, int(port_text), task_status=task_status)
+            )
+            click.echo(f"control server on {url} (key {server.public_key_b64})")
+            click.echo(f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}")
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(run, backend="asyncio")
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------------------------- admin client
+
+
+class AdminClient:
+    """The admin API, located through the state directory."""
+
+    def __init__(self, state_dir: Path, url: str | None = None) -> None:
+        self.state_dir = state_dir
+        info_path = state_dir / "server.json"
+        token_path = state_dir / "admin-token"
+        if url is None:
+            try:
+                url = str(json.loads(info_path.read_text())["url"])
+            except FileNotFoundError:
+                raise click.ClickException(
+                    f"no server.json in {state_dir}: start the server first with "
+                    f"`embedmesh control serve --state-dir {state_dir}`"
+                ) from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise click.ClickException(
+                    f"{info_path} is damaged ({exc}): restart the server to rewrite it"
+                ) from exc
+        try:
+            token = token_path.read_text().strip()
+        except FileNotFoundError:
+            raise click.ClickException(
+                f"no admin-token in {state_dir}: is this the server's state directory?"
+            ) from None
+        except PermissionError:
+            raise click.ClickException(
+                f"cannot read {token_path}: run as the user that runs the server"
+            ) from None
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=httpx.Timeout(10.0)
+        )
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, f"/admin/v1{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(
+                f"cannot reach the control server at {self.url} ({exc}): is "
+                f"`embedmesh control serve --state-dir {self.state_dir}` running?"
+            ) from exc
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400:
+            message = (
+                payload["error"]["message"]
+                if isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+                else f"HTTP {response.status_code}: {response.text[:200]}"
+            )
+            raise click.ClickException(message)
+        if not isinstance(payload, dict):
+            raise click.ClickException(f"{self.url} did not answer JSON: is it an embedmesh control server?")
+        return payload
+
+
+def _console() -> Console:
+    return Console(soft_wrap=False, width=max(120, Console().width))
+
+
+def _when(timestamp: float | None, never: str = "never") -> str:
+    if timestamp is None:
+        return never
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+def _print_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _node_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}")
+    for column in (
+        "ID",
+        "NAME",
+        "ADDRESSES",
+        "STATE",
+        "ONLINE",
+        "LAST SEEN",
+        "TAGS",
+        "EPHEMERAL",
+        "KEY EXPIRY",
+    ):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            str(node["id"]),
+            node["name"],
+            "\n".join(node["addresses"]),
+            node["state"].replace("_", " "),
+            "yes" if node["online"] else "no",
+            _when(node["last_seen"], "-"),
+            ",".join(node["tags"]) or "-",
+            "yes" if node["ephemeral"] else "no",
+            _when(node["key_expiry"]),
+        )
+    return table
+
+
+def _key_table(keys: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(keys)} auth key{'s' if len(keys) != 1 else ''}")
+    for column in (
+        "ID",
+        "STATE",
+        "REUSABLE",
+        "EPHEMERAL",
+        "PREAPPROVED",
+        "TAGS",
+        "USES",
+        "EXPIRES",
+        "CREATED",
+    ):
+        table.add_column(column)
+    for key in keys:
+        table.add_row(
+            key["id"],
+            key["state"],
+            "yes" if key["reusable"] else "no",
+            "yes" if key["ephemeral"] else "no",
+            "yes" if key["preapproved"] else "no",
+            ",".join(key["tags"]) or "-",
+            str(key["uses"]),
+            _when(key["expires"]),
+            _when(key["created"]),
+        )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- authkey
+
+
+@control.group()
+def authkey() -> None:
+    """Pre-auth keys that let nodes join."""
+
+
+@authkey.command("create")
+@_state_dir_option
+@_url_option
+@_json_option
+@click.option("--reusable", is_flag=True, help="Any number of nodes may use the key (default: one node).")
+@click.option("--ephemeral", is_flag=True, help="Nodes joining with it are deleted when they go away.")
+@click.option("--preapproved", is_flag=True, help="Nodes joining with it skip admin approval.")
+@click.option("--tags", default="", help="Comma-separated tags for its nodes, e.g. tag:ci,tag:web.")
+@click.option("--expiry", default=None, help="The key stops working after this long (e.g. 1h, 7d).")
+def authkey_create(
+    state_dir: Path,
+    url: str | None,
+    as_json: bool,
+    reusable: bool,
+    ephemeral: bool,
+    preapproved: bool,
+    tags: str,
+    expiry: str | None,
+) -> None:
+    """Create a key; the key itself is the last line printed (it is shown only once)."""
+    body = {
+        "reusable": reusable,
+        "ephemeral": ephemeral,
+        "preapproved": preapproved,
+        "tags": [t.strip() for t in tags.split(",") if t.strip()],
+        "expiry": None if expiry is None else parse_duration(expiry),
+    }
+    result = AdminClient(state_dir, url).request("POST", "/authkeys", body)
+    if as_json:
+        _print_json(result)
+        return
+    info = result["authkey"]
+    kinds = [k for k in ("reusable", "ephemeral", "preapproved") if info[k]] or ["one-off"]
+    click.echo(
+        f"auth key {info['id']} ({', '.join(kinds)}; tags {','.join(info['tags']) or 'none'}; "
+        f"expires {_when(info['expires'])}). Store it now, it is not shown again:",
+        err=False,
+    )
+    click.echo(result["key"])
+
+
+@authkey.command("list")
+@_state_dir_option
+@_url_option
+@_json_option
+def authkey_list(state_dir: Path, url: str | None, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    result = AdminClient(state_dir, url).request("GET", "/authkeys")
+    if as_json:
+        _print_json(result)
+    else:
+        _console().print(_key_table(result["authkeys"]))
+
+
+@authkey.command("revoke")
+@click.argument("key_id")
+@_state_dir_option
+@_url_option
+@_json_option
+def authkey_revoke(key_id: str, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Revoke a key by its id (nodes that joined with it stay)."""
+    if key_id.startswith("emk-"):
+        key_id = key_id.split("-")[1]
+    result = AdminClient(state_dir, url).request("POST", f"/authkeys/{key_id}/revoke")
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"auth key {key_id} revoked")
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+
+@control.group()
+def nodes() -> None:
+    """The tailnet's nodes."""
+
+
+@nodes.command("list")
+@_state_dir_option
+@_url_option
+@_json_option
+def nodes_list(state_dir: Path, url: str | None, as_json: bool) -> None:
+    """List nodes with their addresses and state."""
+    result = AdminClient(state_dir, url).request("GET", "/nodes")
+    if as_json:
+        _print_json(result)
+    else:
+        _console().print(_node_table(result["nodes"]))
+
+
+def _node_action(name: str, verb: str, help_text: str) -> None:
+    @nodes.command(name, help=help_text)
+    @click.argument("node_id", type=int)
+    @_state_dir_option
+    @_url_option
+    @_json_option
+    def command(node_id: int, state_dir: Path, url: str | None, as_json: bool) -> None:
+        result = AdminClient(state_dir, url).request("POST", f"/nodes/{node_id}/{name}")
+        if as_json:
+            _print_json(result)
+        else:
+            node = result["node"]
+            click.echo(f"node {node['id']} {node['name']} {verb}; state: {node['state'].replace('_', ' ')}")
+
+
+_node_action("approve", "approved", "Approve a pending node, or re-approve an expired one.")
+_node_action("expire", "expired", "Expire a node's key now: it is cut off until it re-authenticates.")
+
+
+@nodes.command("rename")
+@click.argument("node_id", type=int)
+@click.argument("new_name")
+@_state_dir_option
+@_url_option
+@_json_option
+def nodes_rename(node_id: int, new_name: str, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Give a node another DNS name (peers see it at once)."""
+    result = AdminClient(state_dir, url).request("POST", f"/nodes/{node_id}/rename", {"name": new_name})
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"node {node_id} is now {result['node']['fqdn']}")
+
+
+@nodes.command("delete")
+@click.argument("node_id", type=int)
+@_state_dir_option
+@_url_option
+@_json_option
+def nodes_delete(node_id: int, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Delete a node (refuses it if it is waiting for approval); its address returns to the pool."""
+    result = AdminClient(state_dir, url).request("DELETE", f"/nodes/{node_id}")
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"node {node_id} deleted")
+
+
+if __name__ == "__main__":
+    control(sys.argv[1:], prog_name="embedmesh control")
