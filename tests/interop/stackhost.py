@@ -486,6 +486,22 @@ async def curl_put(ns: Namespace, stack_ip: str, path: Path, method: str, label:
     print(f"{label}: kernel curl {method} {size} B to embedmesh: {rate(size, result.seconds)}")
 
 
+def connection_summary(stream: TcpStream) -> str:
+    """Loss-recovery figures of a finished connection, for the test log."""
+    conn = stream.connection
+    stats = conn.stats.as_dict()
+    keys = (
+        "segments_sent",
+        "retransmits",
+        "fast_recoveries",
+        "rto_timeouts",
+        "dsacks_received",
+        "spurious_undos",
+    )
+    text = " ".join(f"{k}={stats[k]}" for k in keys if k in stats)
+    return f"{text} cwnd={conn.cwnd} mss={conn.mss}"
+
+
 async def socat_upload(
     host: Any, ns: Namespace, peer_ip: str, version: int, port: int, data: bytes, into: Path, label: str
 ) -> None:
@@ -500,6 +516,7 @@ async def socat_upload(
     assert into.stat().st_size == len(data)
     assert sha256_file(into) == hashlib.sha256(data).hexdigest(), "socat received different bytes"
     print(f"{label}: embedmesh sends {len(data)} B to kernel socat: {rate(len(data), seconds)}")
+    print(f"{label}:   sender {connection_summary(stream)}")
 
 
 async def socat_download(
