@@ -46,7 +46,9 @@ def test_admin_commands(tmp_path: Path) -> None:
         assert one_off["key"].startswith("emk-") and not one_off["authkey"]["reusable"]
         listing = _run("authkey", "list", *sd)
         assert one_off["authkey"]["id"] in listing and "valid" in listing
-        assert key.split("-")[2] not in listing and key.split("-")[2] not in _run("authkey", "list", *sd, "--json")
+        assert key.split("-")[2] not in listing and key.split("-")[2] not in _run(
+            "authkey", "list", *sd, "--json"
+        )
         assert "revoked" in _run("authkey", "revoke", one_off["authkey"]["id"], *sd)
         assert json.loads(_run("authkey", "list", *sd, "--json"))["authkeys"][1]["state"] == "revoked"
 

@@ -34,7 +34,6 @@ from typing import ClassVar, Self
 
 import anyio
 import anyio.abc
-import httpx
 
 from embedmesh.control.errors import (
     ControlError,
@@ -66,7 +65,7 @@ from embedmesh.control.netmap import NetworkMap, NodeState
 from embedmesh.control.noise import MAX_FRAME_SIZE, PROTOCOL_VERSION
 from embedmesh.control.protocol import ClientSession
 from embedmesh.control.store import create_private_file
-from embedmesh.control.websocket import WebSocket, WebSocketClosed, split_url
+from embedmesh.control.websocket import HTTPStatusError, WebSocket, WebSocketClosed, http_get_json, split_url
 from embedmesh.errors import NodeError
 from embedmesh.wireguard.crypto import generate_private_key, public_key
 
@@ -85,7 +84,6 @@ _RETRYABLE = (
     ControlUnreachableError,
     HandshakeRejectedError,
     TimeoutError,
-    httpx.HTTPError,
 )
 
 
@@ -324,14 +322,17 @@ class ControlClient:
         return stamp
 
     async def _fetch_server_key(self) -> bytes:
-        async with httpx.AsyncClient(timeout=self.connect_timeout) as http:
-            response = await http.get(f"{self.control_url}/key")
-        if response.status_code != 200:
-            raise ControlUnreachableError(
-                f"{self.control_url}/key answered HTTP {response.status_code}: is this an embedmesh control server?"
-            )
         try:
-            info = response.json()
+            info = await http_get_json(self.control_url, "/key")
+        except HTTPStatusError as exc:
+            raise ControlUnreachableError(
+                f"{self.control_url}/key answered HTTP {exc.status}: is this an embedmesh control server?"
+            ) from exc
+        except ValueError as exc:
+            raise ControlUnreachableError(
+                f"{self.control_url}/key did not answer JSON: is this an embedmesh control server?"
+            ) from exc
+        try:
             version = info["protocol_version"]
             key = decode_key(info["public_key"], "public_key")
         except (ValueError, KeyError, TypeError) as exc:

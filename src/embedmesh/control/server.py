@@ -361,7 +361,10 @@ async def _receive_frame(websocket: WebSocket) -> bytes:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio disables Nagle only on sockets that say they are TCP, and
+    # accepted sockets inherit it; without it, a map right after a small message waits ~40 ms for
+    # the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -1,17 +1,24 @@
-"""A minimal WebSocket client: wsproto over an anyio TCP (or TLS) stream, so it runs on asyncio and trio.
+"""A minimal WebSocket client (wsproto) and HTTP GET (h11) over anyio streams: asyncio and trio.
 
-Only what the control stream needs: connect, send and receive whole binary messages, answer pings,
-close. Text messages are a protocol error; messages larger than ``max_message_size`` too.
+Only what the control client needs: ``GET /key``, and a WebSocket that sends and receives whole
+binary messages, answers pings and closes. Text messages are a protocol error; messages larger than
+``max_message_size`` too. (httpx would do for the GET, but builds an SSL context per client, about
+0.1 s of CPU, even for plain http.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import ssl
 from collections import deque
+from functools import cache
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import h11
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -45,6 +52,70 @@ def split_url(url: str) -> tuple[str, str, int, bool]:
     return parts.scheme, parts.hostname, parts.port or (443 if tls else 80), tls
 
 
+@cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+async def _connect(host: str, port: int, tls: bool) -> anyio.abc.ByteStream:
+    if tls:
+        return await anyio.connect_tcp(host, port, ssl_context=_tls_context(), tls_hostname=host)
+    return await anyio.connect_tcp(host, port)
+
+
+def _host_header(host: str, port: int, tls: bool) -> str:
+    header = f"[{host}]" if ":" in host else host
+    return header if port == (443 if tls else 80) else f"{header}:{port}"
+
+
+class HTTPStatusError(ConnectionError):
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}")
+
+
+async def http_get_json(url: str, path: str, max_size: int = 65536) -> Any:
+    """GET ``path`` and decode the JSON body; raises OSError subclasses and ValueError."""
+    _, host, port, tls = split_url(url)
+    stream = await _connect(host, port, tls)
+    async with stream:
+        connection = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="GET",
+            target=path,
+            headers=[
+                ("host", _host_header(host, port, tls)),
+                ("accept", "application/json"),
+                ("connection", "close"),
+            ],
+        )
+        await stream.send(connection.send(request) + connection.send(h11.EndOfMessage()))
+        body = bytearray()
+        status = 0
+        while True:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ConnectionError(f"bad HTTP answer from {url}: {exc}") from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    data = b""
+                connection.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > max_size:
+                    raise ConnectionError(f"answer from {url}{path} is too large")
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        if status != 200:
+            raise HTTPStatusError(status)
+        return json.loads(bytes(body))
+
+
 class WebSocket:
     """One client WebSocket connection."""
 
@@ -60,19 +131,11 @@ class WebSocket:
     @classmethod
     async def connect(cls, url: str, path: str, *, max_message_size: int) -> WebSocket:
         _, host, port, tls = split_url(url)
-        stream: anyio.abc.ByteStream
-        if tls:
-            stream = await anyio.connect_tcp(host, port, tls=True, tls_hostname=host)
-        else:
-            stream = await anyio.connect_tcp(host, port)
+        stream = await _connect(host, port, tls)
         ws = WSConnection(ConnectionType.CLIENT)
         self = cls(stream, ws, max_message_size)
         try:
-            host_header = f"[{host}]" if ":" in host else host
-            default_port = 443 if tls else 80
-            if port != default_port:
-                host_header += f":{port}"
-            await stream.send(ws.send(Request(host=host_header, target=path)))
+            await stream.send(ws.send(Request(host=_host_header(host, port, tls), target=path)))
             while True:
                 event = await self._next_event()
                 if isinstance(event, AcceptConnection):
