@@ -607,7 +607,7 @@ def print_report(results: Results, args: argparse.Namespace, load_before: tuple[
     if kernel_ping:
         print(f"  {WIREGUARD_GO:<28} kernel ping RTT (median of 20) {median_range(kernel_ping, '{:.3f}')} ms")
 
-    print("\nmemory (MB)")
+    print("\nmemory (MiB)")
     for key, label in (
         ("server_rss_kb", "embedmesh server VmRSS after transfer"),
         ("server_hwm_kb", "embedmesh server VmHWM (peak)"),
@@ -750,6 +750,26 @@ def run_profile(args: argparse.Namespace, results: Results) -> None:
     results.details["profile"].append(detail)
 
 
+def source_revision() -> str:
+    """The commit the peers run, and whether the tree differs from it (others may be editing)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown revision"
+    return f"{head or 'unknown revision'}{' + uncommitted changes in src/' if dirty else ''}"
+
+
 def main() -> int:
     args = parse_args()
     # SIGTERM unwinds like Ctrl-C so that namespaces, veths and processes are removed.
@@ -758,7 +778,8 @@ def main() -> int:
     started = time.monotonic()
     print(
         f"{datetime.datetime.now().isoformat(timespec='seconds')} {platform.node()} "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}",
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}, "
+        f"embedmesh at {source_revision()}",
         flush=True,
     )
     results = run(args)
@@ -769,6 +790,7 @@ def main() -> int:
             "when": datetime.datetime.now().isoformat(timespec="seconds"),
             "load_before": load_before,
             "load_after": os.getloadavg(),
+            "revision": source_revision(),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "mbps": {f"{config} @ {mtu}": values for (config, mtu), values in results.mbps.items()},
             "details": results.details,
