@@ -20,13 +20,18 @@ import anyio.abc
 
 from embedmesh.asgi import ASGIApp, serve_asgi
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
+from embedmesh.control.client import ControlClient
+from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.errors import ConfigError, NodeError
+from embedmesh.peers import PeerSync
+from embedmesh.state import NodeKeys, load_or_create_keys
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.runtime.dataplane import DataPlane
 from embedmesh.runtime.links import WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
+from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
 logger = logging.getLogger("embedmesh")
@@ -34,6 +39,9 @@ logger = logging.getLogger("embedmesh")
 IPAddress = IPv4Address | IPv6Address
 #: wg-quick's default MTU: 1500 minus the 80 bytes of WireGuard over IPv6.
 DEFAULT_MTU = 1420
+#: The overlay MTU of a tailnet, as Tailscale uses: it fits any underlay path without
+#: fragmentation, IPv6 included.
+TAILNET_MTU = 1280
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +51,15 @@ class PeerStatus:
     public_key: str
     allowed_ips: tuple[str, ...]
     endpoint: tuple[str, int] | None
+    #: The peer's name and FQDN in the tailnet ("" in static mode).
+    name: str = ""
+    fqdn: str = ""
+    online: bool | None = None
+    tags: tuple[str, ...] = ()
     #: Seconds since the last completed handshake, or None if there was none.
-    last_handshake_ago: float | None
-    rx_bytes: int
-    tx_bytes: int
+    last_handshake_ago: float | None = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,50 +71,114 @@ class NodeStatus:
     listen_port: int
     peers: tuple[PeerStatus, ...]
     counters: dict[str, int] = field(default_factory=dict)
+    #: In a tailnet: this node's name, FQDN, state ("authorized", "pending-approval",
+    #: "key-expired") and whether the control stream is up.
+    name: str = ""
+    fqdn: str = ""
+    state: str = ""
+    control_connected: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WhoIs:
+    """Which node an overlay address belongs to: what :meth:`Node.whois` answers."""
+
+    name: str
+    fqdn: str
+    addresses: tuple[str, ...]
+    tags: tuple[str, ...]
+    user: str
+    node_key: str
+    node_id: int
 
 
 class Node:
-    """A node of a WireGuard network, living entirely inside this process.
+    """A node of a WireGuard mesh, living entirely inside this process: no root, no TUN device.
 
-    Static mode joins an existing WireGuard network described by a wg-quick configuration::
+    In a tailnet (the tsnet way), a coordination server hands out addresses and peers::
+
+        async with Node(hostname="web", control_url="http://127.0.0.1:8080", auth_key=key,
+                        state_dir="web-state") as node:
+            await node.up()
+            listener = await node.listen("tcp", ":80")
+
+    In static mode it joins an existing WireGuard network from a wg-quick configuration::
 
         async with Node(wireguard_config=text) as node:
             await node.up()
             rtt = await node.ping("10.0.0.2")
 
-    ``listen_host`` restricts the underlay UDP socket to one local address (default: all).
+    Tailnet options: ``hostname`` (default: this machine's), ``auth_key`` (default: the
+    ``EMBEDMESH_AUTH_KEY`` environment variable; not needed to rejoin from ``state_dir``),
+    ``state_dir`` (keys persist there, 0600; without it the keys live in memory and the node is
+    ephemeral by default), ``ephemeral`` and ``tags``. ``listen_host`` restricts the underlay UDP
+    socket to one local address and advertises only that one; ``listen_port`` picks its port.
     """
 
     def __init__(
         self,
         *,
+        hostname: str | None = None,
+        control_url: str | None = None,
+        auth_key: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        ephemeral: bool | None = None,
+        tags: tuple[str, ...] | list[str] = (),
         wireguard_config: str | WireGuardConfig | None = None,
         listen_host: str | None = None,
+        listen_port: int = 0,
+        mtu: int | None = None,
     ) -> None:
-        if wireguard_config is None:
-            raise ConfigError("Node needs a configuration: pass wireguard_config=<wg-quick text>")
-        config = (
-            parse_wireguard_config(wireguard_config)
-            if isinstance(wireguard_config, str)
-            else wireguard_config
-        )
-        for line, key in config.ignored:
-            logger.warning(
-                "wg-quick key %s (line %d) has no meaning for an in-process node; ignored", key, line
+        if (wireguard_config is None) == (control_url is None):
+            raise ConfigError(
+                "Node needs exactly one of control_url=... (join a tailnet) or "
+                "wireguard_config=... (join a plain WireGuard network)"
             )
-        self._config = config
         self._listen_host = listen_host
-        self.mtu = config.interface.mtu or DEFAULT_MTU
+        self._listen_port = listen_port
+        self._config: WireGuardConfig | None = None
+        self._control: ControlClient | None = None
+        self._netmap: NetworkMap | None = None
+        self._peer_sync: PeerSync | None = None
+        self._state_dir = state_dir
+        addresses: list[bytes] = []
+        if wireguard_config is not None:
+            config = (
+                parse_wireguard_config(wireguard_config)
+                if isinstance(wireguard_config, str)
+                else wireguard_config
+            )
+            for line, key in config.ignored:
+                logger.warning(
+                    "wg-quick key %s (line %d) has no meaning for an in-process node; ignored", key, line
+                )
+            self._config = config
+            self._listen_port = listen_port or config.interface.listen_port or 0
+            self.mtu = mtu or config.interface.mtu or DEFAULT_MTU
+            private_key = config.interface.private_key
+            addresses = [a.ip.packed for a in config.interface.addresses]
+            self.ephemeral = False
+        else:
+            if state_dir is not None:
+                keys, _ = load_or_create_keys(state_dir)
+            else:
+                keys = NodeKeys.generate()
+            self._keys = keys
+            private_key = keys.node_key
+            self.mtu = mtu or TAILNET_MTU
+            self.hostname = hostname or socket.gethostname().split(".")[0]
+            self.ephemeral = ephemeral if ephemeral is not None else state_dir is None
+            self._control_url = control_url
+            self._auth_key = auth_key if auth_key is not None else os.environ.get("EMBEDMESH_AUTH_KEY")
+            self._tags = tuple(tags)
         self._device = WireGuardDevice(
-            config.interface.private_key,
+            private_key,
             mtu=self.mtu,
             wall_clock_offset=time.time() - time.monotonic(),
         )
         self._underlay = UdpUnderlay()
         self._link = WireGuardLink(self._device, self._underlay)
-        self._stack = Netstack(
-            [a.ip.packed for a in config.interface.addresses], self._link.send, mtu=self.mtu
-        )
+        self._stack = Netstack(addresses, self._link.send, mtu=self.mtu)
         self._interface = self._stack.interface
         self._interface.on_echo_reply = self._on_echo_reply
         self._dataplane = DataPlane(self._stack, self._link)
@@ -129,17 +206,25 @@ class Node:
         await self.close()
 
     async def start(self) -> None:
-        """Open the underlay socket and start the runtime tasks (``async with`` calls this)."""
+        """Open the underlay socket, join (in a tailnet: register with the coordination server and
+        receive the first network map) and start the runtime tasks. ``async with`` calls this.
+
+        Raises the control client's errors for a bad, used, expired or revoked auth key, an
+        unreachable server or a changed server key.
+        """
         if self._task_group is not None:
             return
         if self._closed:
             raise NodeError("this node was closed; create a new Node")
-        await self._add_configured_peers()
-        self._underlay.open(self._config.interface.listen_port or 0, self._listen_host)
+        if self._config is not None:
+            await self._add_configured_peers()
+        self._underlay.open(self._listen_port, self._listen_host)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
             await self._task_group.start(self._dataplane.run)
+            if self._control_url_set():
+                await self._join_tailnet()
         except BaseException:
             await self.close()
             raise
@@ -151,22 +236,97 @@ class Node:
             ", ".join(str(ip) for ip in self.ips),
         )
 
-    async def up(self) -> None:
-        """Return once the node is listening (and, in static mode, ready to reach its peers)."""
+    def _control_url_set(self) -> bool:
+        return self._config is None
+
+    async def up(self, timeout: float | None = None) -> None:
+        """Return once the node is ready: listening, and in a tailnet authorized with its
+        addresses and first network map. While an admin has yet to approve the node, this waits
+        (and says so in the log); ``timeout`` bounds the wait (``TimeoutError``).
+        """
         if self._closed:
             raise NodeError("this node was closed")
         await self._started.wait()
+        if self._control is not None:
+            if self._control.waiting_for_approval:
+                logger.warning(
+                    "node %r is waiting for approval by an admin: run `embedmesh control nodes approve %s`",
+                    self.hostname,
+                    self._control.node_id,
+                )
+            await self._control.wait_for_approval(timeout)
 
     async def close(self) -> None:
-        """Stop the runtime and close the socket. Safe to call twice."""
+        """Leave (an ephemeral node logs out, which deletes it) and stop. Safe to call twice."""
+        if self._closed and self._task_group is None:
+            return
         self._closed = True
+        control, self._control = self._control, None
+        if control is not None:
+            if self.ephemeral and control.connected:
+                try:
+                    # logout() bounds its own wait; a cancel scope around it would wrap the
+                    # client's task group, which must be exited where it was entered.
+                    await control.logout(timeout=5)
+                except Exception as exc:
+                    logger.info("logout failed (%s); the server removes ephemeral nodes on its own", exc)
+            await control.close()
         task_group, self._task_group = self._task_group, None
         if task_group is not None:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
         self._underlay.close()
 
+    async def _join_tailnet(self) -> None:
+        assert self._control_url is not None and self._task_group is not None
+        own_hosts = self._advertised_hosts()
+        self._peer_sync = PeerSync(self._device, own_hosts)
+        endpoints = [_join_host_port(host, self._underlay.port) for host in own_hosts]
+        control = ControlClient(
+            self._control_url,
+            machine_key=self._keys.machine_key,
+            node_key=self._keys.node_key,
+            # The disco key pair is for path discovery; only its public half is ever sent.
+            disco_key=derive_public_key(self._keys.disco_key),
+            hostname=self.hostname,
+            tags=self._tags,
+            ephemeral=self.ephemeral,
+            auth_key=self._auth_key,
+            state_dir=self._state_dir,
+            endpoints=endpoints,
+            on_netmap=self._apply_netmap,
+        )
+        await control.start()
+        self._control = control
+        if control.netmap is not None:
+            self._apply_netmap(control.netmap)
+        self._task_group.start_soon(self._path_checker)
+
+    def _advertised_hosts(self) -> set[str]:
+        if self._listen_host is not None:
+            return {self._listen_host}
+        return set(_local_addresses())
+
+    def _apply_netmap(self, netmap: NetworkMap) -> None:
+        """Follow the coordination server: addresses, peers and their endpoints."""
+        self._netmap = netmap
+        me = netmap.self_node
+        self._interface.set_addresses([a.packed for a in me.addresses])
+        if netmap.state is NodeState.KEY_EXPIRED:
+            logger.warning("node key expired: cut off from peers until it re-authenticates")
+        assert self._peer_sync is not None
+        self._peer_sync.apply(netmap, time.monotonic())
+        self._dataplane.kick()
+
+    async def _path_checker(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            if self._peer_sync is not None:
+                self._peer_sync.check_paths(time.monotonic())
+                self._dataplane.kick()
+
     async def _add_configured_peers(self) -> None:
+        assert self._config is not None
         for peer in self._config.peers:
             endpoint = None
             if peer.endpoint is not None:
@@ -193,8 +353,39 @@ class Node:
 
     @property
     def interfaces(self) -> list[IPv4Interface | IPv6Interface]:
-        """This node's overlay addresses with their prefixes, as configured."""
-        return list(self._config.interface.addresses)
+        """This node's overlay addresses with their prefixes (as configured, or /32 and /128 in a
+        tailnet)."""
+        if self._config is not None:
+            return list(self._config.interface.addresses)
+        return [IPv4Interface(ip) if ip.version == 4 else IPv6Interface(ip) for ip in self.ips]
+
+    @property
+    def netmap(self) -> NetworkMap | None:
+        """The latest network map from the coordination server (None in static mode)."""
+        return self._netmap
+
+    @property
+    def name(self) -> str:
+        """This node's name in the tailnet (unique; may differ from the hostname it asked for)."""
+        return self._netmap.self_node.name if self._netmap else ""
+
+    @property
+    def fqdn(self) -> str:
+        """This node's fully qualified MagicDNS name, e.g. ``web.mesh.internal``."""
+        return self._netmap.self_node.fqdn if self._netmap else ""
+
+    def whois(self, address: str | IPAddress) -> WhoIs | None:
+        """Which tailnet node owns the overlay ``address`` (e.g. a connection's remote address),
+        with its tags and user, so an application can authorize callers by mesh identity.
+        None for an address no node has."""
+        netmap = self._netmap
+        if netmap is None:
+            return None
+        wanted = ip_address(address.split("%")[0] if isinstance(address, str) else address)
+        for info in (netmap.self_node, *netmap.peers.values()):
+            if wanted in info.addresses:
+                return _whois(info)
+        return None
 
     @property
     def listen_port(self) -> int:
@@ -204,14 +395,22 @@ class Node:
     def status(self) -> NodeStatus:
         """A snapshot of this node and its peers."""
         now = time.monotonic()
+        infos: dict[bytes, PeerInfo] = {}
+        if self._netmap is not None:
+            infos = {p.node_key: p for p in self._netmap.peers.values()}
         peers = []
         for peer in self._device.peers.values():
             last = peer.stats.last_handshake
+            info = infos.get(peer.public_key)
             peers.append(
                 PeerStatus(
                     public_key=base64.b64encode(peer.public_key).decode(),
                     allowed_ips=tuple(str(n) for n in self._device.allowed_ips.networks_of(peer)),
                     endpoint=peer.endpoint,
+                    name=info.name if info else "",
+                    fqdn=info.fqdn if info else "",
+                    online=info.online if info else None,
+                    tags=tuple(info.tags) if info else (),
                     last_handshake_ago=None if last is None else now - last,
                     rx_bytes=peer.stats.rx_bytes,
                     tx_bytes=peer.stats.tx_bytes,
@@ -222,9 +421,34 @@ class Node:
         counters.update({f"tcp_{k}": v for k, v in self._stack.tcp.counters.items()})
         counters.update({f"udp_{k}": v for k, v in self._stack.udp.counters.items()})
         counters.update({f"underlay_{k}": v for k, v in self._underlay.counters.items()})
+        control = self._control
         return NodeStatus(
-            self.public_key, tuple(str(ip) for ip in self.ips), self.listen_port, tuple(peers), counters
+            self.public_key,
+            tuple(str(ip) for ip in self.ips),
+            self.listen_port,
+            tuple(peers),
+            counters,
+            name=self.name,
+            fqdn=self.fqdn,
+            state=self._netmap.state.value if self._netmap else "",
+            control_connected=control.connected if control is not None else None,
         )
+
+    def _resolve_peer(self, host: str, family: int | None = None) -> bytes:
+        """An overlay address for ``host``: an IP literal, or a peer's name or FQDN in the map."""
+        try:
+            return ip_address(host).packed
+        except ValueError:
+            pass
+        netmap = self._netmap
+        if netmap is not None:
+            wanted = host.rstrip(".").lower()
+            for info in (*netmap.peers.values(), netmap.self_node):
+                if wanted in (info.name.lower(), info.fqdn.rstrip(".").lower()):
+                    for address in sorted(info.addresses, key=lambda a: a.version):
+                        if family is None or address.version == family:
+                            return address.packed
+        raise LookupError(f"no node named {host!r} in the tailnet")
 
     # ------------------------------------------------------------------ operations
 
@@ -235,7 +459,7 @@ class Node:
         ping to a peer includes the WireGuard handshake).
         """
         self._require_running()
-        destination = ip_address(address).packed
+        destination = self._resolve_peer(str(address))
         self._ping_sequence = (self._ping_sequence + 1) & 0xFFFF
         key = (destination, self._ping_ident, self._ping_sequence)
         done = anyio.Event()
@@ -282,10 +506,7 @@ class Node:
         host, port = split_host_port(address)
         if not host:
             raise ValueError(f"dial() needs a host in {address!r}")
-        try:
-            remote = ip_address(host).packed
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IP address (name resolution comes with MagicDNS)") from None
+        remote = self._resolve_peer(host, {"tcp4": 4, "tcp6": 6}.get(network))
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is outside 1..65535")
         return await self._sockets.dial_tcp(remote, port, timeout)
@@ -372,3 +593,63 @@ def split_host_port(address: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"bad port in {address!r}") from None
     return host, port
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _whois(info: PeerInfo) -> WhoIs:
+    return WhoIs(
+        name=info.name,
+        fqdn=info.fqdn,
+        addresses=tuple(str(a) for a in info.addresses),
+        tags=tuple(info.tags),
+        user=info.user,
+        node_key=base64.b64encode(info.node_key).decode(),
+        node_id=info.id,
+    )
+
+
+def _local_addresses() -> list[str]:
+    """This host's interface addresses worth advertising as underlay endpoints.
+
+    IPv4 from the kernel's interface table (one SIOCGIFADDR ioctl per interface), IPv6 from
+    /proc/net/if_inet6; loopback and link-local addresses are left out (peers elsewhere cannot
+    reach them). Falls back to what the host name resolves to.
+    """
+    found: list[str] = []
+    try:
+        import fcntl
+        import struct
+
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for _, name in socket.if_nameindex():
+                request = struct.pack("256s", name.encode()[:15])
+                try:
+                    reply = fcntl.ioctl(probe.fileno(), 0x8915, request)  # SIOCGIFADDR
+                except OSError:
+                    continue
+                address = ip_address(reply[20:24])
+                if not address.is_loopback and not address.is_link_local:
+                    found.append(str(address))
+        finally:
+            probe.close()
+    except (ImportError, OSError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for line in table:
+                raw = line.split()[0]
+                address6 = ip_address(bytes.fromhex(raw))
+                if not address6.is_loopback and not address6.is_link_local:
+                    found.append(str(address6))
+    except OSError:
+        pass
+    if not found:
+        try:
+            found = sorted({str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)})
+        except OSError:
+            found = []
+    return found

@@ -56,6 +56,11 @@ class NetworkInterface:
 
     # ------------------------------------------------------------------ addresses
 
+    def set_addresses(self, addresses: Iterable[bytes | str | IPv4Address | IPv6Address]) -> None:
+        """Replace the interface's addresses (a coordination server assigns them after start)."""
+        self.addresses = [a if isinstance(a, bytes) else ip_address(a).packed for a in addresses]
+        self._address_set = set(self.addresses)
+
     def is_local(self, address: bytes) -> bool:
         return address in self._address_set
 
