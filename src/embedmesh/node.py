@@ -23,14 +23,14 @@ from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.client import ControlClient
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.errors import ConfigError, NodeError
-from embedmesh.peers import PeerSync
-from embedmesh.state import NodeKeys, load_or_create_keys
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
+from embedmesh.peers import PeerSync
 from embedmesh.runtime.dataplane import DataPlane
 from embedmesh.runtime.links import WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
+from embedmesh.state import NodeKeys, load_or_create_keys
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
