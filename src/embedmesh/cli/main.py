@@ -15,7 +15,21 @@ import click
 from embedmesh.errors import EmbedmeshError
 
 
-@click.group()
+class _Commands(click.Group):
+    """The top-level group; `control` is imported only when used, so other commands start fast."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "control"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "control":
+            from embedmesh.cli.control import control
+
+            return control
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """embedmesh: a WireGuard mesh inside your Python process."""
@@ -69,18 +83,35 @@ def _join(host: str, port: int) -> str:
 
 @main.command()
 @click.option(
+    "--control-url", default=None, help="The coordination server to join, e.g. http://127.0.0.1:8080."
+)
+@click.option(
+    "--auth-key",
+    default=None,
+    envvar="EMBEDMESH_AUTH_KEY",
+    help="A pre-auth key (or set EMBEDMESH_AUTH_KEY); not needed to rejoin from --state-dir.",
+)
+@click.option("--hostname", default=None, help="The name to ask for in the tailnet (default: this host's).")
+@click.option(
+    "--ephemeral", is_flag=True, default=None, help="Delete the node when it logs out or disappears."
+)
+@click.option(
+    "--tags", default="", help="Comma-separated tags to request, e.g. tag:ci (the auth key must allow them)."
+)
+@click.option(
     "--wireguard-config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="A wg-quick configuration file to join a plain WireGuard network with.",
+    default=None,
+    help="Instead of a tailnet: join a plain WireGuard network from a wg-quick file.",
 )
 @click.option("--listen-host", default=None, help="Bind the underlay UDP socket to this local address only.")
+@click.option("--listen-port", default=0, help="The underlay UDP port (default: any free port).")
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the node's state and its local API socket (for `embedmesh status` and `ping`).",
+    help="Folder for the node's keys (0600) and its local API socket (for `embedmesh status`/`ping`).",
 )
 @click.option(
     "--socks5",
@@ -94,7 +125,7 @@ def _join(host: str, port: int) -> str:
     "forwards",
     multiple=True,
     metavar="LOCAL=PEER",
-    help="Forward a local port to a peer's port, e.g. 127.0.0.1:5432=100.64.0.2:5432 (repeatable).",
+    help="Forward a local port to a peer's port, e.g. 127.0.0.1:5432=db:5432 (repeatable).",
 )
 @click.option(
     "--serve",
@@ -104,18 +135,28 @@ def _join(host: str, port: int) -> str:
     help="Expose a local service on a mesh port, e.g. 80=127.0.0.1:8000 (repeatable).",
 )
 def up(
-    config_path: Path,
+    control_url: str | None,
+    auth_key: str | None,
+    hostname: str | None,
+    ephemeral: bool | None,
+    tags: str,
+    config_path: Path | None,
     listen_host: str | None,
+    listen_port: int,
     state_dir: Path | None,
     socks5: str | None,
     forwards: tuple[str, ...],
     serves: tuple[str, ...],
 ) -> None:
-    """Run a node in the foreground until interrupted."""
+    """Run a node in the foreground until interrupted (Ctrl-C; an ephemeral node then logs out)."""
     import anyio
 
     from embedmesh.node import Node
 
+    if (control_url is None) == (config_path is None):
+        raise click.UsageError(
+            "give either --control-url (join a tailnet) or --wireguard-config (plain WireGuard)"
+        )
     forward_specs = []
     for spec in forwards:
         local, sep, remote = spec.partition("=")
@@ -132,15 +173,31 @@ def up(
 
     async def run() -> None:
         try:
-            node = Node(wireguard_config=config_path.read_text(), listen_host=listen_host)
+            if config_path is not None:
+                node = Node(
+                    wireguard_config=config_path.read_text(), listen_host=listen_host, listen_port=listen_port
+                )
+            else:
+                node = Node(
+                    control_url=control_url,
+                    auth_key=auth_key,
+                    hostname=hostname,
+                    state_dir=state_dir,
+                    ephemeral=ephemeral,
+                    tags=[t for t in tags.split(",") if t],
+                    listen_host=listen_host,
+                    listen_port=listen_port,
+                )
+            async with node:
+                await node.up()
+                name = f"{node.fqdn} " if node.fqdn else ""
+                click.echo(
+                    f"up: {name}{', '.join(str(ip) for ip in node.ips)} (key {node.public_key[:12]}…, "
+                    f"UDP {node.listen_port})"
+                )
+                await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
         except EmbedmeshError as exc:
-            raise click.ClickException(f"{config_path}: {exc}") from exc
-        async with node:
-            await node.up()
-            click.echo(
-                f"up: {node.public_key} on UDP {node.listen_port}, addresses {', '.join(str(ip) for ip in node.ips)}"
-            )
-            await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
+            raise click.ClickException(str(exc)) from exc
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(run)
