@@ -95,5 +95,6 @@ def test_demo_command_runs() -> None:
         env={**os.environ, "COLUMNS": "120"},
     )
     assert result.returncode == 0, result.stderr
+    assert '{"served_by": "web", "caller": "laptop"}' in result.stdout
     assert "icmp_seq=2" in result.stdout
-    assert "fd7a:115c:a1e0::2" in result.stdout
+    assert "is gone: the server now lists ['web', 'laptop']" in result.stdout

@@ -1,109 +1,160 @@
-"""``embedmesh demo``: a WireGuard network of in-process nodes on loopback, shown step by step."""
+"""``embedmesh demo``: a complete tailnet on loopback in one command.
+
+A coordination server on SQLite in a temporary folder, then three nodes joining it with an auth
+key: ``web`` serves a small ASGI app, ``laptop`` and ``ci-runner`` (ephemeral) reach it by name
+across the mesh. Everything runs in this process; every packet between nodes is WireGuard over
+loopback UDP, and the server only matches keys and addresses.
+"""
 
 from __future__ import annotations
 
-import base64
+import json
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import anyio
 from rich.console import Console
 from rich.table import Table
 
 from embedmesh.node import Node
-from embedmesh.wireguard import crypto
 
 
-def _config(private: bytes, address: str, port: int, peers: list[tuple[bytes, str, int]]) -> str:
-    lines = [
-        "[Interface]",
-        f"PrivateKey = {base64.b64encode(private).decode()}",
-        f"ListenPort = {port}",
-        f"Address = {address}",
-    ]
-    for public, allowed, peer_port in peers:
-        lines += [
-            "",
-            "[Peer]",
-            f"PublicKey = {base64.b64encode(public).decode()}",
-            f"AllowedIPs = {allowed}",
-            f"Endpoint = 127.0.0.1:{peer_port}",
-        ]
-    return "\n".join(lines) + "\n"
+def hello_app(node: Node) -> Any:
+    """A tiny ASGI app on ``node``: says who called, using the caller's mesh identity (whois)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        caller = node.whois(scope["client"][0]) if scope.get("client") else None
+        body = json.dumps({"served_by": node.name, "caller": caller.name if caller else None}).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
 
 
-async def run_demo(console: Console, pings: int = 5) -> None:
-    """Two nodes, each with its own key pair and UDP port, ping each other over WireGuard."""
-    import os
-    import socket
+async def http_get(node: Node, host: str, path: str) -> tuple[int, bytes, float]:
+    """A minimal HTTP/1.1 GET over a mesh TCP stream (h11), timed."""
+    import h11
 
-    def free_port() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    key_a = crypto.generate_private_key(os.urandom(32))
-    key_b = crypto.generate_private_key(os.urandom(32))
-    pub_a, pub_b = crypto.public_key(key_a), crypto.public_key(key_b)
-    port_a, port_b = free_port(), free_port()
-    config_a = _config(
-        key_a,
-        "100.64.0.1/32, fd7a:115c:a1e0::1/128",
-        port_a,
-        [(pub_b, "100.64.0.2/32, fd7a:115c:a1e0::2/128", port_b)],
-    )
-    config_b = _config(
-        key_b,
-        "100.64.0.2/32, fd7a:115c:a1e0::2/128",
-        port_b,
-        [(pub_a, "100.64.0.1/32, fd7a:115c:a1e0::1/128", port_a)],
-    )
-
-    console.rule("[bold]embedmesh demo: a WireGuard network inside one Python process")
     started = time.perf_counter()
-    async with (
-        Node(wireguard_config=config_a, listen_host="127.0.0.1") as alpha,
-        Node(wireguard_config=config_b, listen_host="127.0.0.1") as beta,
-    ):
-        await alpha.up()
-        await beta.up()
-        nodes = Table(title="nodes (no root, no TUN device, no daemon)")
-        nodes.add_column("node")
-        nodes.add_column("public key")
-        nodes.add_column("overlay addresses")
-        nodes.add_column("underlay UDP")
-        for name, node in (("alpha", alpha), ("beta", beta)):
-            nodes.add_row(
-                name, node.public_key, ", ".join(str(ip) for ip in node.ips), f"127.0.0.1:{node.listen_port}"
+    stream = await node.dial("tcp", f"{host}:80", timeout=10)
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send(conn.send(h11.Request(method="GET", target=path, headers=[("host", host)])))
+    await stream.send(conn.send(h11.EndOfMessage()))
+    status, body = 0, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive())
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    await stream.aclose()
+    return status, body, time.perf_counter() - started
+
+
+async def run_demo(console: Console, pings: int = 3) -> None:
+    from embedmesh.control.server import ControlServer, ServerConfig
+
+    console.rule("[bold]embedmesh demo: a tailnet inside one Python process")
+    with tempfile.TemporaryDirectory(prefix="embedmesh-demo-") as tmp:
+        state = Path(tmp)
+        started = time.perf_counter()
+        server = ControlServer(ServerConfig(state_dir=state / "control")).start_in_thread("127.0.0.1", 0)
+        try:
+            console.print(
+                f"coordination server on [cyan]{server.url}[/] (SQLite in {state / 'control'}), "
+                f"key {server.server.public_key_b64[:12]}…"
             )
-        console.print(nodes)
-        console.print(f"both nodes up in {1000 * (time.perf_counter() - started):.1f} ms")
-
-        console.print("\n[bold]alpha pings beta[/] (the first ping carries the Noise_IKpsk2 handshake):")
-        for i in range(pings):
-            rtt = await alpha.ping("100.64.0.2")
-            console.print(f"  64 bytes from 100.64.0.2: icmp_seq={i + 1} time={rtt * 1000:.3f} ms")
-        rtt6 = await alpha.ping("fd7a:115c:a1e0::2")
-        console.print(f"  64 bytes from fd7a:115c:a1e0::2: icmp_seq=1 time={rtt6 * 1000:.3f} ms  (ICMPv6)")
-        console.print("\n[bold]beta pings alpha[/] over the same session:")
-        rtt = await beta.ping("100.64.0.1")
-        console.print(f"  64 bytes from 100.64.0.1: icmp_seq=1 time={rtt * 1000:.3f} ms")
-
-        peers = Table(title="alpha's view of its peer (like `wg show`)")
-        for column in ("peer", "endpoint", "latest handshake", "transfer"):
-            peers.add_column(column)
-        for peer in alpha.status().peers:
-            ago = "never" if peer.last_handshake_ago is None else f"{peer.last_handshake_ago:.2f} s ago"
-            peers.add_row(
-                peer.public_key,
-                f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "-",
-                ago,
-                f"{peer.rx_bytes} B received, {peer.tx_bytes} B sent",
+            key = server.call(
+                lambda: server.server.coordinator.create_auth_key(reusable=True, now=time.time())[1]
             )
-        console.print(peers)
-    console.print(
-        "[green]done[/]: every packet above was encrypted with WireGuard and carried over loopback UDP."
-    )
+            console.print("created a reusable auth key [dim](stored hashed; never sent in clear)[/]\n")
+
+            def make(name: str, **options: Any) -> Node:
+                return Node(
+                    hostname=name, control_url=server.url, auth_key=key, listen_host="127.0.0.1", **options
+                )
+
+            async with (
+                make("web", state_dir=state / "web") as web,
+                make("laptop", state_dir=state / "laptop") as laptop,
+                make("ci-runner", ephemeral=True) as ci,
+            ):
+                for node in (web, laptop, ci):
+                    await node.up(timeout=15)
+                joined = time.perf_counter() - started
+                nodes = Table(
+                    title=f"nodes joined in {joined * 1000:.0f} ms (no root, no TUN device, no daemon)"
+                )
+                for column in ("name", "overlay addresses", "underlay UDP", "ephemeral"):
+                    nodes.add_column(column)
+                for node in (web, laptop, ci):
+                    nodes.add_row(
+                        node.fqdn,
+                        ", ".join(str(ip) for ip in node.ips),
+                        f"127.0.0.1:{node.listen_port}",
+                        "yes" if node.ephemeral else "no",
+                    )
+                console.print(nodes)
+
+                await web.serve_asgi(hello_app(web), ":80")
+                console.print("\n[bold]web[/] serves an ASGI app on port 80 of the tailnet.")
+                with anyio.fail_after(10):
+                    while any(n.netmap is None or len(n.netmap.peers) < 2 for n in (web, laptop, ci)):
+                        await anyio.sleep(0.02)
+
+                for client in (laptop, ci):
+                    status, body, elapsed = await http_get(client, "web", "/hello")
+                    console.print(
+                        f"  {client.name} → GET http://web/hello → {status} in {elapsed * 1000:.1f} ms: "
+                        f"[green]{body.decode()}[/]"
+                    )
+
+                console.print(f"\n[bold]laptop pings web[/] by name ({pings} ICMP echoes over WireGuard):")
+                for i in range(pings):
+                    rtt = await laptop.ping("web")
+                    console.print(
+                        f"  reply from web.mesh.internal: icmp_seq={i + 1} time={rtt * 1000:.3f} ms"
+                    )
+
+                view = Table(title="laptop's view of the tailnet (like `tailscale status`)")
+                for column in ("peer", "address", "endpoint", "handshake", "transfer"):
+                    view.add_column(column)
+                for peer in laptop.status().peers:
+                    ago = (
+                        "never" if peer.last_handshake_ago is None else f"{peer.last_handshake_ago:.1f} s ago"
+                    )
+                    view.add_row(
+                        peer.fqdn,
+                        peer.allowed_ips[0].split("/")[0] if peer.allowed_ips else "-",
+                        f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "-",
+                        ago,
+                        f"{peer.rx_bytes} B in, {peer.tx_bytes} B out",
+                    )
+                console.print(view)
+            coordinator = server.server.coordinator
+            names = server.call(lambda: [coordinator.describe(n)["name"] for n in coordinator.nodes()])
+            console.print(
+                f"\nnodes closed; the ephemeral ci-runner logged out and is gone: the server now lists {names}."
+            )
+        finally:
+            server.stop()
+    console.print("[green]done[/]: the server never saw a data packet; every request above was WireGuard.")
 
 
-def main(pings: int = 5) -> None:
+def main(pings: int = 3) -> None:
     anyio.run(run_demo, Console(), pings)

@@ -38,9 +38,9 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--pings", default=5, show_default=True, help="How many pings alpha sends to beta.")
+@click.option("--pings", default=3, show_default=True, help="How many pings laptop sends to web.")
 def demo(pings: int) -> None:
-    """Start two in-process nodes on loopback and ping across WireGuard."""
+    """A complete tailnet on loopback: a coordination server and three nodes, one serving a web app."""
     from embedmesh.cli.demo import main as run_demo
 
     run_demo(pings)
