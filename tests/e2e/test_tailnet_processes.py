@@ -143,7 +143,7 @@ def test_tailnet_of_processes(tailnet: Tailnet, tmp_path: Path) -> None:
     key = tailnet.authkey("--reusable")
     assert key.startswith("emk-")
     web = tailnet.up("web", key, "--serve", f"80=127.0.0.1:{http_port}")
-    laptop = tailnet.up("laptop", key, "--socks5", f"127.0.0.1:{socks_port}")
+    tailnet.up("laptop", key, "--socks5", f"127.0.0.1:{socks_port}")
     laptop_state = tailnet.root / "laptop"
     wait_for(
         lambda: (laptop_state / "embedmesh.sock").exists() and Tailnet._port_open(socks_port),
