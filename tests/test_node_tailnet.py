@@ -94,3 +94,102 @@ def test_ephemeral_node_without_state_vanishes_on_close(control: tuple[Any, Admi
         assert not any(n["name"] == "ci-job" for n in admin.nodes())
 
     anyio.run(main)
+
+
+def test_unapproved_node_waits_and_has_no_peers_until_approved(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "control", approval_required=True)
+    admin = Admin(running)
+    try:
+        approved_key = admin.key(reusable=True, preapproved=True)
+        plain_key = admin.key()
+
+        async def main() -> None:
+            async with (
+                node(running.url, "web", approved_key) as web,
+                node(running.url, "newbie", plain_key) as newbie,
+            ):
+                await web.up(timeout=10)
+                with pytest.raises(TimeoutError):
+                    await newbie.up(timeout=0.5)  # waiting for an admin
+                assert newbie.status().state == "pending_approval"
+                assert not newbie.status().peers and not web.status().peers
+                with pytest.raises(TimeoutError):
+                    await newbie.ping(str(web.ips[0]), timeout=0.5)
+                admin.post(f"/nodes/{newbie._control.node_id}/approve")  # type: ignore[union-attr]
+                await newbie.up(timeout=10)
+                with anyio.fail_after(10):
+                    while not newbie.status().peers:
+                        await anyio.sleep(0.05)
+                assert await newbie.ping("web", timeout=5) > 0
+
+        anyio.run(main)
+    finally:
+        running.stop()
+
+
+def test_expired_node_is_cut_off_from_its_peers(control: tuple[Any, Admin]) -> None:
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        async with node(running.url, "a", key) as a, node(running.url, "b", key) as b:
+            await a.up(timeout=10)
+            await b.up(timeout=10)
+            with anyio.fail_after(10):
+                while not a.status().peers:
+                    await anyio.sleep(0.05)
+            assert await a.ping("b", timeout=5) > 0
+            admin.post(f"/nodes/{b._control.node_id}/expire")  # type: ignore[union-attr]
+            with anyio.fail_after(10):
+                while a.status().peers or b.status().peers:
+                    await anyio.sleep(0.05)
+            assert b.status().state == "key_expired"
+            with pytest.raises(TimeoutError):
+                await a.ping(str(b.ips[0]), timeout=0.5)
+
+    anyio.run(main)
+
+
+def test_curl_socks5_hostname_reaches_an_asgi_app_on_another_node(control: tuple[Any, Admin]) -> None:
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (apt-get install curl)")
+    from embedmesh.gateway.socks5 import serve_socks5
+    from tests.test_asgi import app
+
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        async with node(running.url, "web", key) as web, node(running.url, "laptop", key) as laptop:
+            await web.up(timeout=10)
+            await laptop.up(timeout=10)
+            await web.serve_asgi(app, ":80")
+            with anyio.fail_after(10):
+                while laptop.netmap is None or not laptop.netmap.peers:
+                    await anyio.sleep(0.05)
+            local = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+            port = local.extra(anyio.abc.SocketAttribute.local_port)
+
+            async def dial(host: str, port: int) -> Any:
+                return await laptop.dial("tcp", f"{host}:{port}", timeout=5)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_socks5, local, dial)
+                result = await anyio.run_process(
+                    [
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "10",
+                        "--socks5-hostname",
+                        f"127.0.0.1:{port}",
+                        "http://web/",
+                    ],
+                    check=False,
+                )
+                assert result.stdout == f"hello from the mesh, {laptop.ips[0]}".encode(), result.stderr
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)

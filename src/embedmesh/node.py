@@ -71,8 +71,8 @@ class NodeStatus:
     listen_port: int
     peers: tuple[PeerStatus, ...]
     counters: dict[str, int] = field(default_factory=dict)
-    #: In a tailnet: this node's name, FQDN, state ("authorized", "pending-approval",
-    #: "key-expired") and whether the control stream is up.
+    #: In a tailnet: this node's name, FQDN, state ("authorized", "pending_approval",
+    #: "key_expired") and whether the control stream is up.
     name: str = ""
     fqdn: str = ""
     state: str = ""
@@ -248,12 +248,7 @@ class Node:
             raise NodeError("this node was closed")
         await self._started.wait()
         if self._control is not None:
-            if self._control.waiting_for_approval:
-                logger.warning(
-                    "node %r is waiting for approval by an admin: run `embedmesh control nodes approve %s`",
-                    self.hostname,
-                    self._control.node_id,
-                )
+            # The control client logs the wait for approval, with the command an admin runs.
             await self._control.wait_for_approval(timeout)
 
     async def close(self) -> None:
