@@ -98,3 +98,30 @@ def test_demo_command_runs() -> None:
     assert '{"served_by": "web", "caller": "laptop"}' in result.stdout
     assert "icmp_seq=2" in result.stdout
     assert "is gone: the server now lists ['web', 'laptop']" in result.stdout
+
+
+def test_pcap_option_records_the_overlay(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from embedmesh.wire.ip import parse_ip
+
+    capture = Path(str(tmp_path)) / "a.pcap"
+
+    async def main() -> None:
+        a_text, b_text = _configs()
+        async with Node(wireguard_config=b_text, listen_host="127.0.0.1") as b:
+            a_text = a_text.replace("{port_b}", str(b.listen_port))
+            async with Node(wireguard_config=a_text, listen_host="127.0.0.1", pcap=capture) as a:
+                await a.ping("100.64.0.2")
+
+    anyio.run(main)
+    data = capture.read_bytes()
+    assert data[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+    # Two packets: the echo request and its reply, each a valid IP packet in clear.
+    offset, packets = 24, []
+    while offset < len(data):
+        length = int.from_bytes(data[offset + 8 : offset + 12], "little")
+        packets.append(parse_ip(data[offset + 16 : offset + 16 + length]))
+        offset += 16 + length
+    assert len(packets) == 2
+    assert packets[0].protocol == packets[1].protocol == 1

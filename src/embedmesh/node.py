@@ -27,7 +27,7 @@ from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.peers import PeerSync
 from embedmesh.runtime.dataplane import DataPlane
-from embedmesh.runtime.links import WireGuardLink
+from embedmesh.runtime.links import Link, WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys
@@ -113,6 +113,7 @@ class Node:
     ``state_dir`` (keys persist there, 0600; without it the keys live in memory and the node is
     ephemeral by default), ``ephemeral`` and ``tags``. ``listen_host`` restricts the underlay UDP
     socket to one local address and advertises only that one; ``listen_port`` picks its port.
+    ``pcap`` names a file that records every overlay packet in clear (for tshark/Wireshark).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class Node:
         listen_host: str | None = None,
         listen_port: int = 0,
         mtu: int | None = None,
+        pcap: str | os.PathLike[str] | None = None,
     ) -> None:
         if (wireguard_config is None) == (control_url is None):
             raise ConfigError(
@@ -177,7 +179,11 @@ class Node:
             wall_clock_offset=time.time() - time.monotonic(),
         )
         self._underlay = UdpUnderlay()
-        self._link = WireGuardLink(self._device, self._underlay)
+        self._link: Link = WireGuardLink(self._device, self._underlay)
+        if pcap is not None:
+            from embedmesh.pcap import PcapLink, PcapWriter
+
+            self._link = PcapLink(self._link, PcapWriter(pcap))
         self._stack = Netstack(addresses, self._link.send, mtu=self.mtu)
         self._interface = self._stack.interface
         self._interface.on_echo_reply = self._on_echo_reply
@@ -270,7 +276,7 @@ class Node:
         if task_group is not None:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
-        self._underlay.close()
+        self._link.close()
 
     async def _join_tailnet(self) -> None:
         assert self._control_url is not None and self._task_group is not None
