@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedmesh.control.coordinator import Coordinator, CoordinatorConfig, Stream, sanitize_hostname
+from embedmesh.control.coordinator import (
+    Coordinator,
+    CoordinatorConfig,
+    LiveNode,
+    Policy,
+    Stream,
+    sanitize_hostname,
+)
 from embedmesh.control.errors import (
     AuthKeyRequiredError,
     ConflictError,
@@ -169,13 +176,63 @@ def test_endpoint_change_costs_one_op_per_viewer() -> None:
     for o in observers:
         o.drain()
     before = dict(c.counters)
-    stream = observers[0].stream
-    c.update_endpoints(stream, ("1.2.3.4:5",), T0)
-    assert c.counters["ops_queued"] - before["ops_queued"] == 19
+    c.update_endpoints(observers[0].stream, ("1.2.3.4:5",), T0)
+    # Queueing is one log append, whatever the number of viewers ...
+    assert c.counters["broadcasts"] - before["broadcasts"] == 1
+    # ... and each viewer gets exactly that op (the source only its own entry).
+    payloads = [c.take(o.stream) for o in observers]
+    assert c.counters["ops_sent"] - before["ops_sent"] == 19 + 1
+    assert len({p[0] for p in payloads[1:]}) == 1 and all(len(p) == 1 for p in payloads)
     assert c.counters["full_maps"] == before["full_maps"]
-    # The same encoded bytes are shared by every viewer.
-    fragments = {id(o.stream.ops[0]) for o in observers[1:]}
-    assert len(fragments) == 1
+
+
+def test_parked_writers_are_woken_once_and_busy_ones_batch() -> None:
+    c = _coordinator()
+    _, key = c.create_auth_key(reusable=True, now=T0)
+    wakes: dict[int, int] = {}
+    streams = []
+    for i in range(1, 6):
+        node = c.register(bytes([i]) * 32, _request(i, f"n{i}", key), T0)
+        wakes[node.id] = 0
+        stream = c.attach(node.id, lambda node_id=node.id: wakes.__setitem__(node_id, wakes[node_id] + 1), T0)
+        streams.append(stream)
+    for stream in streams:
+        c.take(stream)
+    assert all(c.park(stream) for stream in streams)
+    counts = dict(wakes)
+    for port in range(1, 11):
+        c.update_endpoints(streams[0], (f"1.2.3.4:{port}",), T0)
+    # Ten changes, one wake per parked writer; then one message carries all ten ops.
+    assert all(wakes[s.node_id] - counts[s.node_id] <= 2 for s in streams[1:])
+    messages = c.take(streams[1])
+    assert len(messages) == 1
+    delta = parse_server_message(messages[0])
+    assert isinstance(delta, DeltaMessage) and len(delta.delta.ops) == 10
+    assert not c.park(streams[2]) and c.take(streams[2])
+
+
+def test_change_log_is_trimmed_and_laggards_get_a_full_map() -> None:
+    from embedmesh.control import coordinator as module
+
+    c = _coordinator()
+    _, key = c.create_auth_key(reusable=True, now=T0)
+    a = Observer(c, c.register(b"a" * 32, _request(1, "a", key), T0).id, T0)
+    b = Observer(c, c.register(b"b" * 32, _request(2, "b", key), T0).id, T0)
+    a.drain(), b.drain()
+    old_lag, old_every = module._MAX_LAG, module._TRIM_EVERY
+    module._MAX_LAG, module._TRIM_EVERY = 50, 16
+    try:
+        for port in range(1, 200):
+            c.update_endpoints(a.stream, (f"1.2.3.4:{port}",), T0)
+            if port % 8 == 0:
+                pass  # b never drains: it falls behind
+        assert len(c._log) < 64
+        full_maps = c.counters["full_maps"]
+        b.drain()
+        assert c.counters["full_maps"] == full_maps + 1
+        assert b.netmap == c.network_map(b.stream.node_id)
+    finally:
+        module._MAX_LAG, module._TRIM_EVERY = old_lag, old_every
 
 
 # ------------------------------------------------------------------------------ property
@@ -205,10 +262,21 @@ OPS = st.lists(
 )
 
 
+class OddEvenPolicy(Policy):
+    """A stand-in for ACLs: nodes with odd ids do not see nodes whose id is a multiple of 4."""
+
+    allows_all = False
+
+    def can_see(self, viewer: LiveNode, peer: LiveNode) -> bool:
+        return not (viewer.id % 2 == 1 and peer.id % 4 == 0)
+
+
 @settings(max_examples=60, deadline=None)
-@given(OPS)
-def test_deltas_always_rebuild_the_servers_map(ops: list[tuple[str, int]]) -> None:
+@given(OPS, st.booleans())
+def test_deltas_always_rebuild_the_servers_map(ops: list[tuple[str, int]], allow_all: bool) -> None:
     c = _coordinator(approval_required=True, key_expiry=300.0, ephemeral_timeout=20.0)
+    if not allow_all:
+        c.policy = OddEvenPolicy()
     _, key = c.create_auth_key(reusable=True, preapproved=True, now=T0)
     _, ephemeral_key = c.create_auth_key(reusable=True, preapproved=True, ephemeral=True, now=T0)
     now = T0

@@ -111,7 +111,7 @@ async def test_rename_is_a_delta_not_a_full_map(tmp_path: Path) -> None:
             await a.wait_for_netmap(lambda m: next(iter(m.peers.values())).name == "bee", timeout=5)
             after = running.call(lambda: dict(running.server.coordinator.counters))
             assert after["full_maps"] == before["full_maps"]
-            assert after["ops_queued"] == before["ops_queued"] + 1
+            assert after["broadcasts"] == before["broadcasts"] + 1
             # and the op is a PeerChange that names only what changed
             from embedmesh.control.messages import encode_op
 

@@ -2,14 +2,19 @@
 
 The coordinator owns the authoritative tailnet state (persisted in :class:`Store`, mirrored in
 memory) and one :class:`Stream` per connected node. Every change goes through :meth:`_update`, which
-persists it, works out whether the node entered or left the mesh, and queues exactly one encoded
-op (shared bytes) on the stream of each node that sees it. Nothing recomputes the world: the cost
-of a change is one JSON encoding plus one list append per viewer, and a node's full map is built
-only when its stream starts or it enters the mesh (headscale's scaling bugs, docs/control.md).
+persists it, works out whether the node entered or left the mesh, and encodes one op (JSON bytes)
+for everyone who sees it. Nothing recomputes the world: a node's full map is built only when its
+stream starts or it enters the mesh (headscale's scaling bugs, docs/control.md).
 
-Who sees whom is :class:`Policy`'s decision. Today it is allow-all; ACLs will replace it with an
-index from each node to its viewers so that the loop in :meth:`_viewers` stays proportional to
-the nodes that actually see the change.
+Fan-out. Under the allow-all policy every node in the mesh sees every other, so a change is appended
+once to a shared *change log* (``(source id, op bytes)``) and each stream keeps a cursor into it:
+queueing is O(1) per change, and a stream's writer takes everything past its cursor in one message
+(skipping its own changes). Writers that are idle park themselves; a change wakes only parked
+writers, so during churn (a thousand nodes reconnecting) busy writers batch instead of being woken
+per change. The work per change is still proportional to the viewers, but it is paid by the writers
+(one join, one encryption, one send per batch), not by the change. Under any other :class:`Policy`
+the coordinator pushes the op onto each viewer's own queue after asking ``can_see``; ACLs will give
+that path an index from each node to its viewers.
 
 Time is handed in (``now``: Unix seconds, since key expiry is wall-clock time); randomness comes from
 the ``random_bytes`` callable. The server calls :meth:`handle_timeout` when :meth:`next_deadline`
@@ -71,6 +76,10 @@ from embedmesh.control.store import NodeRecord, Store
 logger = logging.getLogger("embedmesh.control.server")
 
 DAY = 86400.0
+#: Trim the change log every this many entries.
+_TRIM_EVERY = 4096
+#: A stream this far behind the log gets a full map instead of the backlog.
+_MAX_LAG = 262_144
 DEFAULT_KEY_EXPIRY = 180 * DAY
 DEFAULT_EPHEMERAL_TIMEOUT = 60.0
 TAGGED_OWNER = "tagged-devices"
@@ -156,8 +165,11 @@ class Stream:
     wake: Callable[[], None]
     #: Complete messages (registered, pong, error, logged_out), sent first and in order.
     outbox: list[bytes] = field(default_factory=list)
-    #: Encoded delta ops, shared with every other stream that gets the same change.
+    #: Encoded delta ops for this stream only (its own entry; every peer op under a non-allow-all
+    #: policy), shared bytes with the other streams that get the same change.
     ops: list[bytes] = field(default_factory=list)
+    #: Position in the coordinator's change log up to which this stream has been served.
+    cursor: int = 0
     needs_full_map: bool = True
     #: After the outbox drains, the server closes the connection.
     closing: bool = False
@@ -228,7 +240,18 @@ class Coordinator:
                 # Nobody is connected yet: an ephemeral node that does not come back is reaped.
                 node.disconnected_at = now
                 heapq.heappush(self._reaps, (now + config.ephemeral_timeout, rec.id))
-        self.counters: dict[str, int] = {"changes": 0, "ops_queued": 0, "full_maps": 0}
+        self._log: list[tuple[int, bytes]] = []
+        self._log_start = 0
+        self._parked: set[Stream] = set()
+        #: changes: state changes seen by someone; broadcasts: ops appended to the change log;
+        #: ops_queued: ops pushed on single streams; ops_sent: ops delivered in delta messages.
+        self.counters: dict[str, int] = {
+            "changes": 0,
+            "broadcasts": 0,
+            "ops_queued": 0,
+            "ops_sent": 0,
+            "full_maps": 0,
+        }
 
     # ------------------------------------------------------------------ indexes and views
 
@@ -369,16 +392,66 @@ class Coordinator:
             own._push_op(encode_op(SelfChanged(after)))
 
     def _fan_out(self, node: LiveNode, fragment: bytes) -> None:
+        if self.policy.allows_all:
+            self._log.append((node.id, fragment))
+            self.counters["broadcasts"] += 1
+            if self._parked:
+                parked, self._parked = self._parked, set()
+                for stream in parked:
+                    stream.wake()
+            if len(self._log) >= _TRIM_EVERY and len(self._log) % _TRIM_EVERY == 0:
+                self._trim_log()
+            return
         count = 0
         for stream in self._viewers(node):
             stream._push_op(fragment)
             count += 1
         self.counters["ops_queued"] += count
 
+    @property
+    def log_end(self) -> int:
+        """The change log position after the newest entry."""
+        return self._log_start + len(self._log)
+
+    def _trim_log(self) -> None:
+        """Drop log entries every stream has been served; streams too far behind get a full map."""
+        end = self.log_end
+        oldest = end
+        for stream in self._streams.values():
+            if stream.needs_full_map or not self._nodes[stream.node_id].in_mesh:
+                stream.cursor = end
+            elif end - stream.cursor > _MAX_LAG:
+                self._send_full_map(stream)
+            else:
+                oldest = min(oldest, stream.cursor)
+        del self._log[: oldest - self._log_start]
+        self._log_start = oldest
+
     def _send_full_map(self, stream: Stream) -> None:
         stream.needs_full_map = True
         stream.ops.clear()
+        stream.cursor = self.log_end
         stream.wake()
+
+    def park(self, stream: Stream) -> bool:
+        """The stream's writer wants to sleep: True if nothing is pending (it will be woken)."""
+        if (
+            stream.outbox
+            or stream.ops
+            or stream.needs_full_map
+            or stream.closing
+            or (stream.cursor < self.log_end and self._has_log_entries_for(stream))
+        ):
+            return False
+        self._parked.add(stream)
+        return True
+
+    def _has_log_entries_for(self, stream: Stream) -> bool:
+        node = self._nodes.get(stream.node_id)
+        if node is None or not node.in_mesh:
+            stream.cursor = self.log_end
+            return False
+        return True
 
     # ------------------------------------------------------------------ the stream protocol
 
@@ -546,7 +619,7 @@ class Coordinator:
             old._push_message(
                 _error_payload(SessionReplacedError("another connection of this node took over")), close=True
             )
-        stream = Stream(node_id, wake)
+        stream = Stream(node_id, wake, cursor=self.log_end)
         stream.outbox.append(self.registered_message(node))
         self._streams[node_id] = stream
         self._update(node, online=True, disconnected_at=None, last_seen=now)
@@ -555,6 +628,7 @@ class Coordinator:
 
     def detach(self, stream: Stream, now: float) -> None:
         """The stream's connection ended (cleanly or not)."""
+        self._parked.discard(stream)
         if self._streams.get(stream.node_id) is not stream:
             return
         del self._streams[stream.node_id]
@@ -591,15 +665,28 @@ class Coordinator:
         stream.outbox = []
         if stream.closing:
             return out
-        if stream.needs_full_map:
-            node = self._nodes.get(stream.node_id)
+        node = self._nodes.get(stream.node_id)
+        end = self.log_end
+        if stream.needs_full_map or (node is not None and stream.cursor < self._log_start):
             if node is not None:
                 out.append(self._full_map_payload(node))
             stream.needs_full_map = False
             stream.ops.clear()
-        elif stream.ops:
-            out.append(encode_delta_ops(stream.ops))
+            stream.cursor = end
+            return out
+        fragments: list[bytes] = []
+        if node is not None and node.in_mesh and stream.cursor < end:
+            me = stream.node_id
+            fragments = [op for source, op in self._log[stream.cursor - self._log_start :] if source != me]
+        stream.cursor = end
+        if stream.ops:
+            # The stream's own ops touch only its own entry (or, outside allow-all, all of its
+            # peer ops are here and the log is unused), so their order against the log's does not matter.
+            fragments += stream.ops
             stream.ops = []
+        if fragments:
+            self.counters["ops_sent"] += len(fragments)
+            out.append(encode_delta_ops(fragments))
         return out
 
     # ------------------------------------------------------------------ timers

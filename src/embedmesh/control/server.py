@@ -236,7 +236,8 @@ class ControlServer:
             nonlocal error
             try:
                 while True:
-                    await waker.wait()
+                    if coordinator.park(stream):
+                        await waker.wait()
                     for payload in coordinator.take(stream):
                         frame = session.send_encoded(payload)
                         stream.messages_sent += 1
