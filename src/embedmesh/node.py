@@ -23,6 +23,7 @@ from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.client import ControlClient
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.errors import ConfigError, NodeError
+from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.peers import PeerSync
@@ -282,7 +283,7 @@ class Node:
         assert self._control_url is not None and self._task_group is not None
         own_hosts = self._advertised_hosts()
         self._peer_sync = PeerSync(self._device, own_hosts)
-        endpoints = [_join_host_port(host, self._underlay.port) for host in own_hosts]
+        endpoints = [join_host_port(host, self._underlay.port) for host in own_hosts]
         control = ControlClient(
             self._control_url,
             machine_key=self._keys.machine_key,
@@ -574,30 +575,6 @@ async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
     return (str(address[0]), int(address[1]))
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``"host:port"``, ``"[v6]:port"`` or ``":port"`` (Go's net.SplitHostPort rules)."""
-    if address.startswith("["):
-        end = address.find("]")
-        if end < 0 or address[end + 1 : end + 2] != ":":
-            raise ValueError(f"bad address {address!r}: expected [IPv6]:port")
-        host, port_text = address[1:end], address[end + 2 :]
-    else:
-        host, sep, port_text = address.rpartition(":")
-        if not sep:
-            raise ValueError(f"bad address {address!r}: expected host:port or :port")
-        if ":" in host:
-            raise ValueError(f"bad address {address!r}: put an IPv6 address in brackets, [addr]:port")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad port in {address!r}") from None
-    return host, port
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _whois(info: PeerInfo) -> WhoIs:

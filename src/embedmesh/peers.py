@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
+from embedmesh.hostport import split_host_port
 from embedmesh.wireguard.device import WireGuardDevice
 from embedmesh.wireguard.peer import Peer
 from embedmesh.wireguard.timers import REKEY_TIMEOUT
@@ -30,14 +31,9 @@ CANDIDATE_TIMEOUT = REKEY_TIMEOUT + 1.0
 
 def parse_endpoint(text: str) -> Endpoint | None:
     """``"1.2.3.4:5"`` / ``"[v6]:5"`` to a socket address, or None if malformed."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
     try:
-        return (str(ipaddress.ip_address(host)), int(port))
+        host, port = split_host_port(text)
+        return (str(ipaddress.ip_address(host)), port)
     except ValueError:
         return None
 

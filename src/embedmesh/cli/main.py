@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from embedmesh.errors import EmbedmeshError
+from embedmesh.hostport import join_host_port, split_host_port
 
 
 class _Commands(click.Group):
@@ -68,17 +69,11 @@ def pubkey() -> None:
 
 
 def _split_endpoint(text: str, what: str) -> tuple[str, int]:
-    from embedmesh.node import split_host_port
-
     try:
         host, port = split_host_port(text if ":" in text else f":{text}")
     except ValueError as exc:
         raise click.BadParameter(f"{what}: {exc}") from None
     return host, port
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @main.command()
@@ -227,11 +222,13 @@ async def run_gateways(
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
 
             async def dial(target_host: str, target_port: int) -> anyio.abc.ByteStream:
-                stream: anyio.abc.ByteStream = await node.dial("tcp", _join(target_host, target_port))
+                stream: anyio.abc.ByteStream = await node.dial(
+                    "tcp", join_host_port(target_host, target_port)
+                )
                 return stream
 
             tg.start_soon(serve_socks5, listener, dial)
-            click.echo(f"SOCKS5 proxy on {_join(host, port)}")
+            click.echo(f"SOCKS5 proxy on {join_host_port(host, port)}")
         for (host, port), remote in forwards:
             host = host or "127.0.0.1"
             local_listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -241,11 +238,11 @@ async def run_gateways(
                 return stream
 
             tg.start_soon(forward_local, local_listener, dial_remote, f"forward to {remote}")
-            click.echo(f"forwarding {_join(host, port)} to {remote}")
+            click.echo(f"forwarding {join_host_port(host, port)} to {remote}")
         for mesh_port, (host, port) in serves:
             mesh_listener = await node.listen("tcp", f":{mesh_port}")
             tg.start_soon(serve_local, mesh_listener, host or "127.0.0.1", port)
-            click.echo(f"serving mesh port {mesh_port} from {_join(host or '127.0.0.1', port)}")
+            click.echo(f"serving mesh port {mesh_port} from {join_host_port(host or '127.0.0.1', port)}")
         click.echo("Ctrl-C to stop", err=True)
         await anyio.sleep_forever()
 
