@@ -25,3 +25,7 @@ class ConfigError(EmbedmeshError, ValueError):
 
 class NodeError(EmbedmeshError):
     """A node was used in a way its current state does not allow (not started, closed, ...)."""
+
+
+class NameResolutionError(EmbedmeshError, LookupError):
+    """A name has no address: it is in neither the tailnet nor DNS, or no resolver answered."""

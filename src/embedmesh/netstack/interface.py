@@ -46,6 +46,9 @@ class NetworkInterface:
         mtu: int = 1420,
     ) -> None:
         self.addresses: list[bytes] = [a if isinstance(a, bytes) else ip_address(a).packed for a in addresses]
+        #: Addresses of services the node hosts (MagicDNS at 100.100.100.100): packets to them are
+        #: ours, sockets may bind them, but they are never a source chosen for other traffic.
+        self.service_addresses: list[bytes] = []
         self._address_set = set(self.addresses)
         self.transmit = transmit
         self.mtu = mtu
@@ -59,7 +62,15 @@ class NetworkInterface:
     def set_addresses(self, addresses: Iterable[bytes | str | IPv4Address | IPv6Address]) -> None:
         """Replace the interface's addresses (a coordination server assigns them after start)."""
         self.addresses = [a if isinstance(a, bytes) else ip_address(a).packed for a in addresses]
-        self._address_set = set(self.addresses)
+        self._address_set = set(self.addresses) | set(self.service_addresses)
+
+    def add_service_address(self, address: bytes | str | IPv4Address | IPv6Address) -> None:
+        """Accept packets for ``address`` too, across :meth:`set_addresses`, without ever sending
+        from it unless a socket is bound to it."""
+        packed = address if isinstance(address, bytes) else ip_address(address).packed
+        if packed not in self.service_addresses:
+            self.service_addresses.append(packed)
+        self._address_set.add(packed)
 
     def is_local(self, address: bytes) -> bool:
         return address in self._address_set
