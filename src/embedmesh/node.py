@@ -5,15 +5,18 @@ runtime that drives them, and offers the operations an application needs.
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
+import random
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.abc
@@ -22,7 +25,11 @@ from embedmesh.asgi import ASGIApp, serve_asgi
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.client import ControlClient
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
-from embedmesh.errors import ConfigError, NodeError
+from embedmesh.dns.records import MagicZone
+from embedmesh.dns.resolver import Resolver
+from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
+from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
+from embedmesh.errors import ConfigError, NameResolutionError, NodeError
 from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
@@ -34,6 +41,9 @@ from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("embedmesh")
 
@@ -115,6 +125,12 @@ class Node:
     ephemeral by default), ``ephemeral`` and ``tags``. ``listen_host`` restricts the underlay UDP
     socket to one local address and advertises only that one; ``listen_port`` picks its port.
     ``pcap`` names a file that records every overlay packet in clear (for tshark/Wireshark).
+
+    MagicDNS (docs/magicdns.md): the node resolves tailnet names in-process (:meth:`resolve`,
+    and names in :meth:`dial`, :meth:`listen` and :meth:`ping`) and serves DNS to its peers at
+    100.100.100.100:53 and [fd7a:115c:a1e0::53]:53 unless ``magic_dns=False``. Other names go to
+    the host's resolvers from ``resolv_conf`` (default /etc/resolv.conf), or to ``dns_upstreams``
+    (``"ip"`` / ``"ip:port"``) when given.
     """
 
     def __init__(
@@ -131,6 +147,9 @@ class Node:
         listen_port: int = 0,
         mtu: int | None = None,
         pcap: str | os.PathLike[str] | None = None,
+        magic_dns: bool = True,
+        dns_upstreams: Sequence[str] | None = None,
+        resolv_conf: str | os.PathLike[str] = RESOLV_CONF,
     ) -> None:
         if (wireguard_config is None) == (control_url is None):
             raise ConfigError(
@@ -197,6 +216,22 @@ class Node:
         self._ping_ident = int.from_bytes(os.urandom(2), "big")
         self._ping_sequence = 0
         self._ping_waiters: dict[tuple[bytes, int, int], list[object]] = {}
+        self._magic_dns = magic_dns
+        self._zone_serial = 0
+        resolv: ResolvConf | None = None
+        host_dns: HostDnsConfig | None = None
+        if dns_upstreams is not None:
+            try:
+                host_dns = HostDnsConfig(tuple(parse_upstream(u) for u in dns_upstreams))
+            except ValueError as exc:
+                raise ConfigError(f"dns_upstreams: {exc}") from None
+        else:
+            resolv = ResolvConf(resolv_conf)
+        self._dns = DnsService(
+            Resolver(rng=random.SystemRandom(), host_config=host_dns),
+            resolv_conf=resolv,
+            overlay=_Overlay(self),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,6 +265,9 @@ class Node:
         await self._task_group.__aenter__()
         try:
             await self._task_group.start(self._dataplane.run)
+            await self._task_group.start(self._dns.run)
+            if self._magic_dns:
+                self._serve_magic_dns()
             if self._control_url_set():
                 await self._join_tailnet()
         except BaseException:
@@ -318,6 +356,8 @@ class Node:
             logger.warning("node key expired: cut off from peers until it re-authenticates")
         assert self._peer_sync is not None
         self._peer_sync.apply(netmap, time.monotonic())
+        self._zone_serial += 1
+        self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
         self._dataplane.kick()
 
     async def _path_checker(self) -> None:
@@ -436,21 +476,79 @@ class Node:
             control_connected=control.connected if control is not None else None,
         )
 
-    def _resolve_peer(self, host: str, family: int | None = None) -> bytes:
-        """An overlay address for ``host``: an IP literal, or a peer's name or FQDN in the map."""
+    # ------------------------------------------------------------------ names
+
+    @property
+    def dns(self) -> DnsService:
+        """The MagicDNS service: its resolver core (``dns.resolver``, counters included) and zone
+        (``dns.zone``); ``dns.set_zone(...)`` gives a static-mode node names of its own."""
+        return self._dns
+
+    async def resolve(self, host: str, *, family: int | None = None) -> list[IPAddress]:
+        """The addresses of ``host`` through MagicDNS: a tailnet name (``db``, ``db.mesh.internal``),
+        an extra record, or any other name via split DNS and the host's resolvers, with the search
+        domains applied as resolv.conf would. IP literals come back as they are. IPv4 first.
+
+        Raises :class:`~embedmesh.errors.NameResolutionError` (a ``LookupError``).
+        """
+        self._require_running()
+        return await self._dns.resolve(host, family=family)
+
+    async def serve_dns(self, address: str = "127.0.0.1:53") -> tuple[str, int]:
+        """Serve MagicDNS on the host network too, over UDP and TCP, e.g. ``"127.0.0.1:5353"``
+        (port 0 picks a free one), until the node closes. Names outside the tailnet are forwarded
+        only for clients on loopback. Returns the bound ``(host, port)``."""
+        self._require_running()
+        assert self._task_group is not None
+        host, port = split_host_port(address)
+        bound: tuple[str, int] = await self._task_group.start(
+            partial(self._dns.serve_local, host or "127.0.0.1", port)
+        )
+        return bound
+
+    def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose connections go over the tailnet and whose names resolve
+        through MagicDNS: ``await client.get("http://web/")``. Keyword arguments go to httpx
+        (``timeout``, ``headers``, ``verify``, ...); environment proxies are ignored, since a
+        proxy on the host network cannot reach the tailnet."""
+        import httpx
+
+        from embedmesh.httpclient import MeshTransport
+
+        options = {k: kwargs.pop(k) for k in ("verify", "http1", "http2", "limits") if k in kwargs}
+        kwargs.setdefault("trust_env", False)
+        return httpx.AsyncClient(transport=MeshTransport(self, **options), **kwargs)
+
+    def _serve_magic_dns(self) -> None:
+        """DNS at 100.100.100.100:53 and [fd7a:115c:a1e0::53]:53 on the overlay, UDP and TCP.
+        Whatever arrives there came through WireGuard from a peer, so it may use forwarding."""
+        assert self._task_group is not None
+        for service in (SERVICE_V4, SERVICE_V6):
+            self._interface.add_service_address(service.packed)
+            udp = self._sockets.bind_udp(service.packed, DNS_PORT)
+            tcp = self._sockets.listen_tcp(service.packed, DNS_PORT, 64)
+            self._task_group.start_soon(self._dns.serve_udp, udp, _from_overlay)
+            self._task_group.start_soon(self._dns.serve_tcp, tcp, _from_overlay)
+
+    async def _overlay_address(self, host: str, family: int | None = None) -> bytes:
+        """An address of ``host`` that a peer of this node routes (for dial and ping)."""
         try:
-            return ip_address(host).packed
+            literal = ip_address(host.split("%")[0])
         except ValueError:
             pass
-        netmap = self._netmap
-        if netmap is not None:
-            wanted = host.rstrip(".").lower()
-            for info in (*netmap.peers.values(), netmap.self_node):
-                if wanted in (info.name.lower(), info.fqdn.rstrip(".").lower()):
-                    for address in sorted(info.addresses, key=lambda a: a.version):
-                        if family is None or address.version == family:
-                            return address.packed
-        raise LookupError(f"no node named {host!r} in the tailnet")
+        else:
+            return literal.packed
+        addresses = await self.resolve(host, family=family)
+        for address in addresses:
+            if self._device.allowed_ips.lookup(address.packed) is not None:
+                return address.packed
+        if not addresses:
+            raise NameResolutionError(f"{host!r} has no IPv{family} address")
+        raise OSError(
+            errno.ENETUNREACH,
+            f"{host} resolves to {', '.join(map(str, addresses))}, which no peer of this node routes "
+            "(the mesh reaches overlay addresses only)",
+        )
 
     # ------------------------------------------------------------------ operations
 
@@ -461,7 +559,7 @@ class Node:
         ping to a peer includes the WireGuard handshake).
         """
         self._require_running()
-        destination = self._resolve_peer(str(address))
+        destination = await self._overlay_address(str(address))
         self._ping_sequence = (self._ping_sequence + 1) & 0xFFFF
         key = (destination, self._ping_ident, self._ping_sequence)
         done = anyio.Event()
@@ -487,13 +585,14 @@ class Node:
     async def listen(self, network: str, address: str, *, backlog: int = 128) -> TcpListener:
         """Listen for TCP connections on the mesh: ``await node.listen("tcp", ":8080")``.
 
-        ``address`` is ``":PORT"`` (every address of this node), ``"IP:PORT"`` or ``"[IPv6]:PORT"``;
-        port 0 picks a free port (see the listener's ``port``). Returns an anyio ``Listener``.
+        ``address`` is ``":PORT"`` (every address of this node), ``"IP:PORT"``, ``"[IPv6]:PORT"``
+        or ``"NAME:PORT"`` with this node's own name; port 0 picks a free port (see the
+        listener's ``port``). Returns an anyio ``Listener``.
         """
         self._require_running()
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ValueError(f"listen() supports network 'tcp', not {network!r}; use listen_packet() for UDP")
-        local, port = self._local_endpoint(address)
+        local, port = await self._local_endpoint(address, {"tcp4": 4, "tcp6": 6}.get(network))
         return self._sockets.listen_tcp(local, port, backlog)
 
     async def dial(self, network: str, address: str, *, timeout: float | None = 30.0) -> TcpStream:
@@ -508,7 +607,7 @@ class Node:
         host, port = split_host_port(address)
         if not host:
             raise ValueError(f"dial() needs a host in {address!r}")
-        remote = self._resolve_peer(host, {"tcp4": 4, "tcp6": 6}.get(network))
+        remote = await self._overlay_address(host, {"tcp4": 4, "tcp6": 6}.get(network))
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is outside 1..65535")
         return await self._sockets.dial_tcp(remote, port, timeout)
@@ -521,7 +620,7 @@ class Node:
         self._require_running()
         if network not in ("udp", "udp4", "udp6"):
             raise ValueError(f"listen_packet() supports network 'udp', not {network!r}")
-        local, port = self._local_endpoint(address)
+        local, port = await self._local_endpoint(address, {"udp4": 4, "udp6": 6}.get(network))
         return self._sockets.bind_udp(local, port)
 
     async def serve_asgi(self, app: ASGIApp, address: str = ":80", *, root_path: str = "") -> TcpListener:
@@ -536,13 +635,22 @@ class Node:
         await self._task_group.start(partial(serve_asgi, app, listener, root_path=root_path))
         return listener
 
-    def _local_endpoint(self, address: str) -> tuple[bytes | None, int]:
+    async def _local_endpoint(self, address: str, family: int | None = None) -> tuple[bytes | None, int]:
         host, port = split_host_port(address)
         if not 0 <= port < 65536:
             raise ValueError(f"port {port} is outside 0..65535")
         if not host:
             return None, port
-        local = ip_address(host).packed
+        try:
+            local = ip_address(host.split("%")[0]).packed
+        except ValueError:
+            # A name: this node's own (``web``, ``web.mesh.internal``), resolved through MagicDNS.
+            candidates = [a.packed for a in await self.resolve(host, family=family)]
+            local = next((a for a in candidates if self._interface.is_local(a)), b"")
+            if not local:
+                raise OSError(
+                    99, f"{host} is not a name of this node ({', '.join(map(str, self.ips))})"
+                ) from None
         if not self._interface.is_local(local):
             raise OSError(99, f"{host} is not an address of this node ({', '.join(map(str, self.ips))})")
         return local, port
@@ -575,6 +683,31 @@ async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
     return (str(address[0]), int(address[1]))
+
+
+def _from_overlay(host: str) -> bool:
+    """Queries that reach 100.100.100.100 came through WireGuard from an authenticated peer."""
+    return True
+
+
+class _Overlay:
+    """The node's overlay as the DNS service sees it, for resolvers inside the tailnet."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def routes(self, host: str) -> bool:
+        try:
+            address = ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        return self._node._device.allowed_ips.lookup(address.packed) is not None
+
+    async def bind_udp(self) -> UdpSocket:
+        return self._node._sockets.bind_udp(None, 0)
+
+    async def dial_tcp(self, host: str, port: int) -> TcpStream:
+        return await self._node._sockets.dial_tcp(ip_address(host).packed, port, 10.0)
 
 
 def _whois(info: PeerInfo) -> WhoIs:
