@@ -190,13 +190,15 @@ class MeshTransport(httpx.AsyncBaseTransport):
         http2: bool = False,
         limits: httpx.Limits | None = None,
     ) -> None:
+        # Loading the system's CA certificates takes a good fraction of a second: with the
+        # default (verify=True) httpcore does it only when a request actually uses https.
+        context: ssl.SSLContext | None = None
         if isinstance(verify, ssl.SSLContext):
             context = verify
-        else:
-            context = ssl.create_default_context()
-            if not verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+        elif not verify:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=context,

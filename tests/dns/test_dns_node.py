@@ -16,11 +16,11 @@ import dns.rcode
 import dns.reversename
 import httpx
 import pytest
+from tests.control.control_harness import Admin, start_server
+from tests.dns.dns_harness import TestUpstream, answers, zone_handler
 
 from embedmesh import Node
 from embedmesh.errors import NameResolutionError
-from tests.control.control_harness import Admin, start_server
-from tests.dns.dns_harness import TestUpstream, answers, zone_handler
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
+from tests.dns.dns_harness import AdminDNSConfig, TestUpstream, answers, query, standard_map, zone_handler
 
 from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Client, Resolver
 from embedmesh.dns.server import DnsService, _is_loopback
 from embedmesh.dns.upstream import HostDnsConfig, ResolvConf, Upstream
 from embedmesh.errors import NameResolutionError
-from tests.dns.dns_harness import AdminDNSConfig, TestUpstream, answers, query, standard_map, zone_handler
 
 UPSTREAM_ZONE = {
     ("example.com", "A"): ["93.184.216.34"],

@@ -42,28 +42,13 @@ def hello_app(node: Node) -> Any:
     return app
 
 
-async def http_get(node: Node, host: str, path: str) -> tuple[int, bytes, float]:
-    """A minimal HTTP/1.1 GET over a mesh TCP stream (h11), timed."""
-    import h11
-
-    started = time.perf_counter()
-    stream = await node.dial("tcp", f"{host}:80", timeout=10)
-    conn = h11.Connection(h11.CLIENT)
-    await stream.send(conn.send(h11.Request(method="GET", target=path, headers=[("host", host)])))
-    await stream.send(conn.send(h11.EndOfMessage()))
-    status, body = 0, b""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive())
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            body += bytes(event.data)
-        elif isinstance(event, h11.EndOfMessage):
-            break
-    await stream.aclose()
-    return status, body, time.perf_counter() - started
+async def http_get(node: Node, url: str) -> tuple[int, bytes, float]:
+    """GET ``url`` over the tailnet with the node's httpx client (names through MagicDNS), timed."""
+    async with node.http_client(timeout=10) as client:
+        started = time.perf_counter()
+        response = await client.get(url)
+        elapsed = time.perf_counter() - started
+    return response.status_code, response.content, elapsed
 
 
 async def run_demo(console: Console, pings: int = 3) -> None:
@@ -118,7 +103,7 @@ async def run_demo(console: Console, pings: int = 3) -> None:
                         await anyio.sleep(0.02)
 
                 for client in (laptop, ci):
-                    status, body, elapsed = await http_get(client, "web", "/hello")
+                    status, body, elapsed = await http_get(client, "http://web/hello")
                     console.print(
                         f"  {client.name} → GET http://web/hello → {status} in {elapsed * 1000:.1f} ms: "
                         f"[green]{body.decode()}[/]"

@@ -129,6 +129,13 @@ def _split_endpoint(text: str, what: str) -> tuple[str, int]:
     metavar="PORT=LOCAL",
     help="Expose a local service on a mesh port, e.g. 80=127.0.0.1:8000 (repeatable).",
 )
+@click.option(
+    "--dns",
+    "dns_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve MagicDNS on this local address (UDP and TCP), e.g. 127.0.0.1:5353.",
+)
 def up(
     control_url: str | None,
     auth_key: str | None,
@@ -142,6 +149,7 @@ def up(
     socks5: str | None,
     forwards: tuple[str, ...],
     serves: tuple[str, ...],
+    dns_address: str | None,
 ) -> None:
     """Run a node in the foreground until interrupted (Ctrl-C; an ephemeral node then logs out)."""
     import anyio
@@ -165,6 +173,7 @@ def up(
             raise click.BadParameter(f"--serve {spec!r}: expected MESH_PORT=LOCAL_HOST:PORT")
         serve_specs.append((int(mesh_port), _split_endpoint(local, "--serve")))
     socks5_spec = _split_endpoint(socks5, "--socks5") if socks5 else None
+    dns_spec = _split_endpoint(dns_address, "--dns") if dns_address else None
 
     async def run() -> None:
         try:
@@ -190,6 +199,9 @@ def up(
                     f"up: {name}{', '.join(str(ip) for ip in node.ips)} (key {node.public_key[:12]}…, "
                     f"UDP {node.listen_port})"
                 )
+                if dns_spec is not None:
+                    host, port = await node.serve_dns(join_host_port(dns_spec[0] or "127.0.0.1", dns_spec[1]))
+                    click.echo(f"MagicDNS on {join_host_port(host, port)} (UDP and TCP)")
                 await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
         except EmbedmeshError as exc:
             raise click.ClickException(str(exc)) from exc
