@@ -416,5 +416,85 @@ def nodes_delete(node_id: int, state_dir: Path, url: str | None, as_json: bool) 
         click.echo(f"node {node_id} deleted")
 
 
+@control.group()
+def dns() -> None:
+    """MagicDNS settings pushed to every node: extra records and split DNS."""
+
+
+def _print_dns(document: dict[str, Any]) -> None:
+    console = _console()
+    console.print(
+        f"base domain: [bold]{document['base_domain']}[/] (every node is <name>.{document['base_domain']})"
+    )
+    records = document["extra_records"]
+    if records:
+        table = Table(title="extra records")
+        for column in ("name", "type", "value"):
+            table.add_column(column)
+        for name, rtype, value in records:
+            table.add_row(name, rtype, value)
+        console.print(table)
+    else:
+        console.print("no extra records")
+    for domain, resolvers in document["split_dns"].items():
+        console.print(f"split DNS: *.{domain} → {', '.join(resolvers)}")
+    if not document["split_dns"]:
+        console.print("no split-DNS routes")
+
+
+@dns.command("show")
+@_state_dir_option
+@_url_option
+@_json_option
+def dns_show(state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Show the DNS settings."""
+    result = AdminClient(state_dir, url).request("GET", "/dns")
+    if as_json:
+        _print_json(result)
+    else:
+        _print_dns(result["dns"])
+
+
+@dns.command("set")
+@click.option(
+    "--record",
+    "records",
+    multiple=True,
+    metavar="'NAME TYPE VALUE'",
+    help="An extra record, e.g. 'printer A 192.168.1.9' (repeatable; replaces the current ones).",
+)
+@click.option(
+    "--split-dns",
+    "routes",
+    multiple=True,
+    metavar="DOMAIN=IP:PORT[,IP:PORT]",
+    help="Send names under DOMAIN to these resolvers, e.g. corp.example=10.0.0.53:53 (repeatable).",
+)
+@_state_dir_option
+@_url_option
+@_json_option
+def dns_set(
+    records: tuple[str, ...], routes: tuple[str, ...], state_dir: Path, url: str | None, as_json: bool
+) -> None:
+    """Replace the extra records and split-DNS routes (nodes get them within one map update)."""
+    extra = []
+    for text in records:
+        parts = text.split(None, 2)
+        if len(parts) != 3:
+            raise click.BadParameter(f"--record {text!r}: expected 'NAME TYPE VALUE'")
+        extra.append([parts[0], parts[1].upper(), parts[2]])
+    split: dict[str, list[str]] = {}
+    for text in routes:
+        domain, sep, resolvers = text.partition("=")
+        if not sep or not domain or not resolvers:
+            raise click.BadParameter(f"--split-dns {text!r}: expected DOMAIN=IP:PORT[,IP:PORT]")
+        split[domain.strip(".").lower()] = [r.strip() for r in resolvers.split(",") if r.strip()]
+    result = AdminClient(state_dir, url).request("PUT", "/dns", {"extra_records": extra, "split_dns": split})
+    if as_json:
+        _print_json(result)
+    else:
+        _print_dns(result["dns"])
+
+
 if __name__ == "__main__":
     control(sys.argv[1:], prog_name="embedmesh control")

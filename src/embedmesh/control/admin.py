@@ -169,6 +169,33 @@ def admin_routes(server: ControlServer) -> list[Route]:
         node = coordinator.rename(_node_id(request), name)
         return JSONResponse({"node": coordinator.describe(node)})
 
+    def dns_document() -> dict[str, Any]:
+        dns = coordinator.dns
+        return {
+            "base_domain": dns.base_domain,
+            "extra_records": [list(r) for r in dns.extra_records],
+            "split_dns": {domain: list(upstreams) for domain, upstreams in dns.split_dns},
+        }
+
+    async def get_dns(request: Request) -> JSONResponse:
+        return JSONResponse({"dns": dns_document()})
+
+    async def put_dns(request: Request) -> JSONResponse:
+        body = await _body(request)
+        unknown = set(body) - {"extra_records", "split_dns"}
+        if unknown:
+            raise BadRequestError(f"unknown DNS settings {sorted(unknown)}: use extra_records and split_dns")
+        split = body.get("split_dns", {})
+        if not isinstance(split, dict):
+            raise BadRequestError('split_dns must be an object: {"corp.example": ["10.0.0.53:53"]}')
+        coordinator.set_dns(
+            {
+                "extra_records": body.get("extra_records", []),
+                "split_dns": [[domain, upstreams] for domain, upstreams in split.items()],
+            }
+        )
+        return JSONResponse({"dns": dns_document()})
+
     async def delete(request: Request) -> JSONResponse:
         node_id = _node_id(request)
         coordinator.delete(node_id)
@@ -184,6 +211,8 @@ def admin_routes(server: ControlServer) -> list[Route]:
         Route(f"{PREFIX}/nodes/{{node_id}}/approve", guarded(approve), methods=["POST"]),
         Route(f"{PREFIX}/nodes/{{node_id}}/expire", guarded(expire), methods=["POST"]),
         Route(f"{PREFIX}/nodes/{{node_id}}/rename", guarded(rename), methods=["POST"]),
+        Route(f"{PREFIX}/dns", guarded(get_dns), methods=["GET"]),
+        Route(f"{PREFIX}/dns", guarded(put_dns), methods=["PUT"]),
     ]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import heapq
+import json
 import logging
 import re
 import sqlite3
@@ -42,6 +43,7 @@ from embedmesh.control.errors import (
     BadRequestError,
     ConflictError,
     ControlError,
+    ControlProtocolError,
     HandshakeRejectedError,
     NodeDeletedError,
     NotFoundError,
@@ -57,9 +59,11 @@ from embedmesh.control.messages import (
     encode_full_map,
     encode_op,
     encode_peer,
+    parse_dns_config,
 )
 from embedmesh.control.netmap import (
     ALLOW_ALL,
+    DNSChanged,
     DNSConfig,
     NetworkMap,
     NodeState,
@@ -228,6 +232,9 @@ class Coordinator:
         self._expiries: list[tuple[float, int]] = []
         self._reaps: list[tuple[float, int]] = []
         self.dns = DNSConfig(config.base_domain, True, (config.base_domain,))
+        saved = store.get_meta("dns")
+        if saved:
+            self.dns = self._dns_with(json.loads(saved))
         records = store.load_nodes()
         self._pool = AddressPool(r.ipv4 for r in records)
         for rec in records:
@@ -390,6 +397,49 @@ class Coordinator:
                 self._send_full_map(own)
         elif own is not None:
             own._push_op(encode_op(SelfChanged(after)))
+
+    def _dns_with(self, settings: dict[str, Any]) -> DNSConfig:
+        """The DNS config with admin ``settings`` ({"extra_records": [...], "split_dns": [...]})
+        validated by the same rules as the wire format."""
+        document = {
+            "base_domain": self.config.base_domain,
+            "magic_dns": True,
+            "search_domains": [self.config.base_domain],
+            "extra_records": settings.get("extra_records", []),
+            "split_dns": settings.get("split_dns", []),
+        }
+        try:
+            return parse_dns_config(document)
+        except ControlProtocolError as exc:
+            raise BadRequestError(str(exc)) from None
+
+    def set_dns(self, settings: dict[str, Any]) -> DNSConfig:
+        """Replace the admin DNS settings (extra records, split DNS), persist them and push the
+        change to every node as one delta."""
+        dns = self._dns_with(settings)
+        self.store.set_meta(
+            "dns",
+            json.dumps(
+                {
+                    "extra_records": [list(r) for r in dns.extra_records],
+                    "split_dns": [[d, list(u)] for d, u in dns.split_dns],
+                }
+            ),
+        )
+        self.dns = dns
+        fragment = encode_op(DNSChanged(dns))
+        if self.policy.allows_all:
+            # Node ids start at 1: source 0 is "the server", so no stream skips it as its own.
+            self._log.append((0, fragment))
+            if self._parked:
+                parked, self._parked = self._parked, set()
+                for stream in parked:
+                    stream.wake()
+        else:
+            for stream in self._streams.values():
+                if self._nodes[stream.node_id].in_mesh:
+                    stream._push_op(fragment)
+        return dns
 
     def _fan_out(self, node: LiveNode, fragment: bytes) -> None:
         if self.policy.allows_all:

@@ -380,20 +380,62 @@ def parse_peer(value: object, where: str = "peer") -> PeerInfo:
 
 
 def _dns_to_json(dns: DNSConfig) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "base_domain": dns.base_domain,
         "magic_dns": dns.magic_dns,
         "search_domains": list(dns.search_domains),
     }
+    # Only when configured: older peers of the protocol never see fields they do not know.
+    if dns.extra_records:
+        out["extra_records"] = [list(record) for record in dns.extra_records]
+    if dns.split_dns:
+        out["split_dns"] = [[domain, list(upstreams)] for domain, upstreams in dns.split_dns]
+    return out
+
+
+#: Bounds on admin DNS settings carried in every map.
+MAX_DNS_RECORDS = 1000
+MAX_SPLIT_ROUTES = 100
+DNS_RECORD_TYPE_RE = re.compile(r"[A-Z][A-Z0-9]{0,9}")
+
+
+def _dns_record(value: object, where: str) -> tuple[str, str, str]:
+    if not isinstance(value, list) or len(value) != 3:
+        raise _fail(f"{where} must be [name, type, value]")
+    return (
+        _str(value[0], f"{where}.name", 253),
+        _str(value[1], f"{where}.type", 10, DNS_RECORD_TYPE_RE),
+        _str(value[2], f"{where}.value", 4096),
+    )
+
+
+def _split_route(value: object, where: str) -> tuple[str, tuple[str, ...]]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _fail(f"{where} must be [domain, [resolver, ...]]")
+    domain = _str(value[0], f"{where}.domain", 253, FQDN_RE)
+
+    def resolver(item: object, w: str) -> str:
+        text = _str(item, w, 64)
+        parse_endpoint(text)
+        return text
+
+    return domain, _list(value[1], f"{where}.resolvers", resolver, 8)
+
+
+def parse_dns_config(value: object, where: str = "dns") -> DNSConfig:
+    """A DNS config from its JSON form, validated; raises :class:`ControlProtocolError`."""
+    return _parse_dns(value, where)
 
 
 def _parse_dns(value: object, where: str) -> DNSConfig:
     obj = _object(value, where)
-    _fields(obj, where, ("base_domain", "magic_dns", "search_domains"))
+    _fields(obj, where, ("base_domain", "magic_dns", "search_domains"), ("extra_records", "split_dns"))
     return DNSConfig(
         _str(obj["base_domain"], f"{where}.base_domain", 253, FQDN_RE),
         _bool(obj["magic_dns"], f"{where}.magic_dns"),
         _list(obj["search_domains"], f"{where}.search_domains", lambda v, w: _str(v, w, 253, FQDN_RE), 64),
+        _list(obj.get("extra_records", []), f"{where}.extra_records", _dns_record, MAX_DNS_RECORDS),
+        _list(obj.get("split_dns", []), f"{where}.split_dns", _split_route, MAX_SPLIT_ROUTES),
     )
 
 

@@ -96,6 +96,11 @@ class DNSConfig:
     base_domain: str
     magic_dns: bool = True
     search_domains: tuple[str, ...] = ()
+    #: Admin-configured records ``(name, type, value)``, e.g. ``("printer", "A", "192.168.1.9")``;
+    #: a name without a dot is relative to the base domain.
+    extra_records: tuple[tuple[str, str, str], ...] = ()
+    #: Split DNS: a domain and the resolvers (``"ip:port"``) its names are sent to.
+    split_dns: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,7 +145,7 @@ class MagicZone:
             for record in records:
                 if record.rtype in (TYPE_A, TYPE_AAAA) and len(name) > 1:
                     reverse.setdefault(ip_address(str(record.rdata)), name)
-        routes = _split_routes(getattr(dns, "split_dns", {}) or {})
+        routes = _split_routes(dict(getattr(dns, "split_dns", ()) or ()))
         search = [name_to_text(base)]
         for domain in getattr(dns, "search_domains", ()) or ():
             domain = str(domain).strip(".").lower()
