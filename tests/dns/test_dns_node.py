@@ -33,6 +33,8 @@ def control(tmp_path: Path) -> Iterator[tuple[Any, Admin]]:
 
 
 def make(url: str, name: str, key: str, **kw: Any) -> Node:
+    # No host resolvers unless a test brings its own: tests never ask a real DNS server.
+    kw.setdefault("dns_upstreams", [])
     return Node(hostname=name, control_url=url, auth_key=key, listen_host="127.0.0.1", **kw)
 
 

@@ -103,7 +103,13 @@ def test_wireguard_go_peer_uses_magicdns_at_100_100_100_100(
                     listen_host=link.a.ip,
                     dns_upstreams=[f"127.0.0.1:{up_port}"],
                 ) as db,
-                Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
+                Node(
+                    hostname="web",
+                    control_url=running.url,
+                    auth_key=key,
+                    listen_host="127.0.0.1",
+                    dns_upstreams=[],
+                ) as web,
             ):
                 await db.up(timeout=10)
                 await web.up(timeout=10)
