@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import dns.asyncbackend
 import dns.asyncquery
 import dns.asyncresolver
 import dns.flags
@@ -54,35 +55,29 @@ async def running(
         tg.cancel_scope.cancel()
 
 
-def test_dnspython_over_udp_and_tcp() -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_dnspython_over_udp_and_tcp(backend: str) -> None:
     async def main() -> None:
+        dns_backend = dns.asyncbackend.get_backend(backend)  # dnspython's own, per event loop
         async with running() as (_, port, upstream):
             for transport in (dns.asyncquery.udp, dns.asyncquery.tcp):
-                reply = await transport(dns.message.make_query("db", "A"), "127.0.0.1", port=port, timeout=3)
-                assert answers(reply) == ["db. A 100.64.0.2"]
-                reply = await transport(
-                    dns.message.make_query("db.mesh.internal", "AAAA"), "127.0.0.1", port=port, timeout=3
-                )
-                assert answers(reply) == ["db.mesh.internal. AAAA fd7a:115c:a1e0::6440:2"]
-                reply = await transport(
-                    dns.message.make_query("3.0.64.100.in-addr.arpa", "PTR"),
-                    "127.0.0.1",
-                    port=port,
-                    timeout=3,
-                )
-                assert answers(reply) == ["3.0.64.100.in-addr.arpa. PTR web.mesh.internal."]
-                reply = await transport(
-                    dns.message.make_query("nope.mesh.internal", "A"), "127.0.0.1", port=port, timeout=3
-                )
-                assert reply.rcode() == dns.rcode.NXDOMAIN
-                reply = await transport(
-                    dns.message.make_query("example.com", "A"), "127.0.0.1", port=port, timeout=3
-                )
-                assert answers(reply) == ["example.com. A 93.184.216.34"]
+
+                async def ask(name: str, rdtype: str) -> dns.message.Message:
+                    query = dns.message.make_query(name, rdtype)
+                    return await transport(query, "127.0.0.1", port=port, timeout=3, backend=dns_backend)  # noqa: B023
+
+                assert answers(await ask("db", "A")) == ["db. A 100.64.0.2"]
+                assert answers(await ask("db.mesh.internal", "AAAA")) == [
+                    "db.mesh.internal. AAAA fd7a:115c:a1e0::6440:2"
+                ]
+                ptr = await ask("3.0.64.100.in-addr.arpa", "PTR")
+                assert answers(ptr) == ["3.0.64.100.in-addr.arpa. PTR web.mesh.internal."]
+                assert (await ask("nope.mesh.internal", "A")).rcode() == dns.rcode.NXDOMAIN
+                assert answers(await ask("example.com", "A")) == ["example.com. A 93.184.216.34"]
             # The second example.com came from the cache.
             assert [q for q in upstream.queries if q[1] == "example.com."] == [("udp", "example.com.", "A")]
 
-    anyio.run(main)
+    anyio.run(main, backend=backend)
 
 
 def test_dnspython_resolver_falls_back_to_tcp_on_truncation() -> None:
@@ -186,6 +181,9 @@ def test_the_stub_resolver_applies_search_domains_and_split_dns() -> None:
             assert [str(a) for a in await service.resolve("example.com")] == ["93.184.216.34"]
             with pytest.raises(NameResolutionError):
                 await service.resolve("nothing-here")
+            for bad in ("", ".", "a..b", "x" * 64):
+                with pytest.raises(NameResolutionError, match="not a valid DNS name"):
+                    await service.resolve(bad)
             assert [str(a) for a in await service.resolve("100.64.0.9")] == ["100.64.0.9"]
 
     anyio.run(main)

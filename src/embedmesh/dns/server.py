@@ -39,7 +39,7 @@ from embedmesh.dns.message import (
     text_to_name,
 )
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import PENDING, Client, Exchange, Resolver
+from embedmesh.dns.resolver import Client, Exchange, Pending, Resolver
 from embedmesh.dns.upstream import HostDnsConfig, ResolvConf, Upstream, exchange_on_stream, exchange_udp
 from embedmesh.errors import NameResolutionError, ParseError
 
@@ -132,11 +132,10 @@ class DnsService:
             logger.exception("DNS query from client %d crashed the resolver; dropped", client.id)
             self.resolver.counters["drop_internal_error"] += 1
             return None
-        if result is PENDING:
+        if isinstance(result, Pending):
             self._deliveries[client.id] = delivery
             self._pump()
             return None
-        assert not isinstance(result, type(PENDING))
         return result
 
     def _pump(self) -> None:
@@ -422,12 +421,17 @@ class DnsService:
         found = [a for a in self.zone.addresses_of(host) if family in (None, a.version)]
         if found:
             return sorted(found, key=lambda a: a.version)
+        try:
+            if not text_to_name(host):
+                raise ValueError("empty")
+        except ValueError:
+            raise NameResolutionError(f"{host!r} is not a valid DNS name") from None
         failures: list[str] = []
         for candidate in self.search_list(host):
             try:
                 name = text_to_name(candidate)
             except ValueError:
-                raise NameResolutionError(f"{host!r} is not a valid DNS name") from None
+                continue  # the name with a search domain appended is too long: skip that one
             if not name:
                 continue
             addresses, rcode = await self._lookup_addresses(name, family)
@@ -456,20 +460,24 @@ class DnsService:
             for qtype in qtypes:
                 tg.start_soon(ask, qtype)
         addresses: list[IPAddress] = []
-        rcode = RCODE_NXDOMAIN
+        rcodes: set[int] = set()
         for qtype in qtypes:
-            try:
-                message = parse_message(replies[qtype])
-            except ParseError:
-                continue
             data = replies[qtype]
-            rcode = message.rcode if rcode != 0 else rcode
+            try:
+                message = parse_message(data)
+            except ParseError:
+                rcodes.add(RCODE_SERVFAIL)
+                continue
+            rcodes.add(message.rcode)
             for record in message.section(1):
                 if record.rtype == qtype == TYPE_A and record.rdata_length == 4:
                     addresses.append(IPv4Address(data[record.rdata_offset : record.rdata_offset + 4]))
                 elif record.rtype == qtype == TYPE_AAAA and record.rdata_length == 16:
                     addresses.append(IPv6Address(data[record.rdata_offset : record.rdata_offset + 16]))
-        return addresses, rcode
+        # A failure anywhere means "could not tell"; otherwise the name exists if any type does.
+        if RCODE_SERVFAIL in rcodes or not rcodes:
+            return addresses, RCODE_SERVFAIL
+        return addresses, 0 if 0 in rcodes else RCODE_NXDOMAIN
 
 
 class _Pipeline:
