@@ -463,6 +463,7 @@ class Node:
         counters.update({f"tcp_{k}": v for k, v in self._stack.tcp.counters.items()})
         counters.update({f"udp_{k}": v for k, v in self._stack.udp.counters.items()})
         counters.update({f"underlay_{k}": v for k, v in self._underlay.counters.items()})
+        counters.update({f"dns_{k}": v for k, v in self._dns.resolver.counters.items()})
         control = self._control
         return NodeStatus(
             self.public_key,

@@ -122,6 +122,7 @@ def test_local_port_follows_renames_and_removals(control: tuple[Any, Admin]) -> 
                 while me.netmap is None or node_id in me.netmap.peers:
                     await anyio.sleep(0.01)
             assert (await ask(port, "postgres.mesh.internal")).rcode() == dns.rcode.NXDOMAIN
+            assert me.status().counters["dns_local"] >= 6
             with pytest.raises(NameResolutionError):
                 await me.resolve("postgres.mesh.internal")
 
