@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -196,5 +197,41 @@ def test_http_client_reaches_an_asgi_app_by_name(control: tuple[Any, Admin]) -> 
                     await client.get("http://nobody/")
                 with pytest.raises(httpx.ConnectError):
                     await client.get("http://web:81/")  # refused: nobody listens there
+
+    anyio.run(main)
+
+
+def test_admin_dns_settings_reach_the_nodes(control: tuple[Any, Admin]) -> None:
+    """Extra records and split DNS set through the coordination server's admin API."""
+    running, admin = control
+    key = admin.key(reusable=True)
+    lab = TestUpstream(zone_handler({("nas.lab.example", "A"): ["100.64.7.7"]}))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            lab_port = await tg.start(lab.run)
+            async with make(running.url, "me", key) as me:
+                await me.up(timeout=10)
+                _, port = await me.serve_dns("127.0.0.1:0")
+                before = me.netmap
+                response = admin.http.put(
+                    "/admin/v1/dns",
+                    json={
+                        "extra_records": [["grafana", "A", "100.64.0.99"], ["status", "TXT", "all good"]],
+                        "split_dns": {"lab.example": [f"127.0.0.1:{lab_port}"]},
+                    },
+                )
+                assert response.status_code == 200, response.text
+                with anyio.fail_after(10):
+                    while me.netmap is before or me.netmap is None or not me.netmap.dns.split_dns:
+                        await anyio.sleep(0.01)
+                assert answers(await ask(port, "grafana")) == ["grafana. A 100.64.0.99"]
+                assert answers(await ask(port, "status.mesh.internal", "TXT")) == [
+                    'status.mesh.internal. TXT "all good"'
+                ]
+                assert answers(await ask(port, "nas.lab.example")) == ["nas.lab.example. A 100.64.7.7"]
+                assert await me.resolve("grafana.mesh.internal") == [ip_address("100.64.0.99")]
+                assert lab.queries == [("udp", "nas.lab.example.", "A")]
+            tg.cancel_scope.cancel()
 
     anyio.run(main)

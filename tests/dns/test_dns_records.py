@@ -144,3 +144,22 @@ def test_magic_dns_off_hides_node_names_from_clients_only() -> None:
     assert zone.lookup(text_to_name("db.mesh.internal"), TYPE_A).rcode == 3  # type: ignore[union-attr]
     internal = zone.lookup(text_to_name("db.mesh.internal"), TYPE_A, internal=True)
     assert internal is not None and internal.answer
+
+
+def test_the_network_maps_own_dns_config_form() -> None:
+    """DNSConfig carries split DNS as ((domain, (resolver, ...)), ...), not a mapping."""
+    from embedmesh.control.netmap import DNSConfig
+
+    config = DNSConfig(
+        "corp.ts",
+        True,
+        ("corp.ts", "lab.example"),
+        extra_records=(("grafana", "A", "100.64.0.3"), ("wiki.corp.ts", "AAAA", "fd7a:115c:a1e0::9")),
+        split_dns=(("lab.example", ("127.0.0.1:5300", "[::1]:5300")), ("bad", ("not-an-address",))),
+    )
+    zone = MagicZone.from_netmap(standard_map(config))
+    assert zone.addresses_of("grafana") == (ip_address("100.64.0.3"),)
+    assert zone.addresses_of("wiki.corp.ts") == (ip_address("fd7a:115c:a1e0::9"),)
+    route = zone.route(text_to_name("nas.lab.example"))
+    assert route is not None and route.upstreams == (Upstream("127.0.0.1", 5300), Upstream("::1", 5300))
+    assert zone.route(text_to_name("x.bad")) is None  # a malformed route is skipped, not fatal

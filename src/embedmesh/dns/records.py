@@ -348,16 +348,20 @@ def _parse_record(name: Name, rtype: str, value: str) -> _Record:
     return _Record(rr.rtype, rr.rdata, NAME_TTL)
 
 
-def _split_routes(split: Mapping[Any, Any]) -> tuple[SplitRoute, ...]:
+def _split_routes(split: Mapping[Any, Any] | Iterable[Any]) -> tuple[SplitRoute, ...]:
+    """Routes from ``{domain: [resolver, ...]}`` or from ``((domain, (resolver, ...)), ...)``, the
+    form the network map carries."""
+    pairs = split.items() if isinstance(split, Mapping) else split
     routes: list[SplitRoute] = []
-    for domain, upstreams in split.items():
+    for pair in pairs:
         try:
+            domain, upstreams = pair
             suffix = lower_name(text_to_name(str(domain)))
             if isinstance(upstreams, str):
                 upstreams = [upstreams]
             parsed = tuple(parse_upstream(str(u)) for u in upstreams)
-        except ValueError as exc:
-            logger.warning("ignoring split-DNS route %r: %s", domain, exc)
+        except (TypeError, ValueError) as exc:
+            logger.warning("ignoring split-DNS route %r: %s", pair, exc)
             continue
         routes.append(SplitRoute(suffix, parsed))
     routes.sort(key=lambda r: len(r.suffix), reverse=True)
