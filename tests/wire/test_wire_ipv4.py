@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from embedmesh.errors import ParseError
 from embedmesh.wire.checksum import checksum
 from embedmesh.wire.ip import PROTO_TCP, PROTO_UDP
-from embedmesh.wire.ipv4 import FLAG_DF, FLAG_MF, IPv4Header, build_ipv4, parse_ipv4
+from embedmesh.wire.ipv4 import (
+    FLAG_DF,
+    FLAG_MF,
+    IPv4Header,
+    build_ipv4,
+    build_ipv4_summed,
+    header_partial_sum,
+    parse_ipv4,
+)
 
 SRC = bytes([192, 168, 0, 1])
 DST = bytes([192, 168, 0, 199])
@@ -201,3 +209,20 @@ def test_property_header_bit_flip_is_detected(payload: bytes, ident: int, data: 
     # A single flipped bit changes the one's-complement sum, so only a reinterpreted header (a
     # different header length) could pass; then a field differs.
     assert flipped[0] != original[0]
+
+
+@given(
+    st.binary(min_size=4, max_size=4),
+    st.binary(min_size=4, max_size=4),
+    st.integers(0, 255),
+    st.integers(1, 255),
+    st.binary(max_size=1500),
+)
+def test_build_ipv4_summed_is_build_ipv4(
+    src: bytes, dst: bytes, protocol: int, ttl: int, payload: bytes
+) -> None:
+    partial = header_partial_sum(src, dst, protocol, ttl=ttl)
+    packet = build_ipv4_summed(partial, src, dst, protocol, payload, ttl=ttl)
+    assert packet == build_ipv4(src, dst, protocol, payload, ttl=ttl)
+    header, body = parse_ipv4(packet)
+    assert bytes(body) == payload and header.total_length == 20 + len(payload)

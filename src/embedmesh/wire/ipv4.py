@@ -24,6 +24,8 @@ __all__ = [
     "MAX_PACKET_LENGTH",
     "IPv4Header",
     "build_ipv4",
+    "build_ipv4_summed",
+    "header_partial_sum",
     "parse_ipv4",
 ]
 
@@ -167,3 +169,25 @@ def build_ipv4(
         _pack(0x45, tos, total_length, ident, flags_offset, ttl, protocol, header_checksum, src, dst)
         + payload
     )
+
+
+def header_partial_sum(src: bytes, dst: bytes, protocol: int, *, ttl: int = 64) -> int:
+    """The one's-complement sum of the header :func:`build_ipv4` emits with its defaults (DF, no
+    Identification, TOS 0), without Total Length and checksum: for :func:`build_ipv4_summed`."""
+    if len(src) != 4 or len(dst) != 4:
+        raise ValueError("IPv4 addresses must be 4 bytes")
+    return ones_sum(_pack(0x45, 0, 0, 0, FLAG_DF << 13, ttl, protocol, 0, src, dst))
+
+
+def build_ipv4_summed(
+    partial: int, src: bytes, dst: bytes, protocol: int, payload: Buffer, *, ttl: int = 64
+) -> bytes:
+    """:func:`build_ipv4` with its defaults, byte for byte, for a sender that keeps
+    ``partial = header_partial_sum(src, dst, protocol, ttl=ttl)`` per address pair: the checksum is
+    then one addition and one modulo (the length is the only field that changes, RFC 1624)."""
+    total_length = HEADER_LENGTH + len(payload)
+    if total_length > MAX_PACKET_LENGTH:
+        raise ValueError(f"IPv4 payload of {len(payload)} bytes exceeds the 65,515-byte maximum")
+    # The complement of the sum, with 0 (not 0xFFFF) for a multiple of 0xFFFF, as checksum() gives.
+    header_checksum = -(partial + total_length) % 0xFFFF
+    return _pack(0x45, 0, total_length, 0, FLAG_DF << 13, ttl, protocol, header_checksum, src, dst) + payload

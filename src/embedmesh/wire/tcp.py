@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 
 from embedmesh.errors import ParseError
-from embedmesh.wire.checksum import checksum, pseudo_header_sum
+from embedmesh.wire.checksum import checksum, ones_sum, pseudo_header_sum
 
 __all__ = [
     "ACK",
@@ -27,6 +27,8 @@ __all__ = [
     "PSH",
     "RST",
     "SYN",
+    "TS_HEADER",
+    "TS_PREFIX",
     "URG",
     "TcpSegment",
     "build_tcp",
@@ -64,6 +66,11 @@ _HEADER = struct.Struct("!HHIIBBHHH")
 _HEADER_TS = struct.Struct("!HHIIBBHHHBBBBII")
 _TS_BLOCK = struct.Struct("!BBBBII")
 _TS_PREFIX = 0x0101080A
+#: The whole 32-byte header of a segment that carries only the timestamp option, as every segment of a
+#: bulk transfer does: ports, seq, ack, data offset byte (0x80), flags, window, checksum, urgent
+#: pointer, the NOP-NOP-kind-length word (:data:`TS_PREFIX`), TSval, TSecr. One unpack reads it all.
+TS_HEADER = struct.Struct("!HHIIBBHHHIII")
+TS_PREFIX = _TS_PREFIX
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U32X2 = struct.Struct("!II")
@@ -133,12 +140,15 @@ def parse_tcp(
     *,
     verify_checksum: bool = True,
     pseudo_sum: int | None = None,
+    segment_sum: int | None = None,
 ) -> TcpSegment:
     """Parse ``segment`` (the IP payload) sent from ``src`` to ``dst``.
 
     Raises :class:`ParseError` on a short segment, a bad data offset, an option whose length is illegal
     (RFC 9293 MUST-7: a malformed option makes the segment invalid) or a bad checksum.
-    ``pseudo_sum`` may carry :func:`pseudo_base` of the two addresses to skip recomputing it.
+    ``pseudo_sum`` may carry :func:`pseudo_base` of the two addresses to skip recomputing it;
+    ``segment_sum`` a value congruent (mod 0xFFFF) to :func:`ones_sum` of ``segment``, computed by the
+    IP layer (see ``NetworkInterface``), to skip reading the segment again.
     """
     length = len(segment)
     if length < HEADER_LEN:
@@ -152,7 +162,10 @@ def parse_tcp(
             if len(src) not in (4, 16) or len(dst) != len(src):
                 raise ParseError("TCP pseudo-header needs two IPv4 or two IPv6 addresses")
             pseudo_sum = pseudo_header_sum(src, dst, PROTOCOL_TCP, 0)
-        if checksum(segment, pseudo_sum + length) != 0:
+        if segment_sum is None:
+            segment_sum = ones_sum(segment)
+        # The pseudo-header is nonzero, so the sum is all ones exactly when it is 0 modulo 0xFFFF.
+        if (segment_sum + pseudo_sum + length) % 0xFFFF:
             raise ParseError("TCP checksum mismatch")
     view = segment if segment.__class__ is memoryview else memoryview(segment)
     seg = TcpSegment(
@@ -255,11 +268,14 @@ def build_tcp_fast(
 
     ``seq``/``ack`` must already be 32-bit; ``pseudo_sum`` comes from :func:`pseudo_base`.
     """
+    # The checksum is the complement of the one's-complement sum: -(sum) modulo 0xFFFF, which is 0
+    # (never 0xFFFF) for a sum that is a multiple of 0xFFFF, as complementing 0xFFFF gives. The sum
+    # here is never 0 (the pseudo-header is not), so this equals checksum().
     if tsval >= 0:
         header0 = _HEADER_TS.pack(
             src_port, dst_port, seq, ack, 0x80, flags, window, 0, 0, 1, 1, 8, 10, tsval, tsecr
         )
-        csum = checksum(payload, pseudo_sum + 32 + len(payload) + _from_bytes(header0, "big"))
+        csum = -(ones_sum(payload) + pseudo_sum + 32 + len(payload) + _from_bytes(header0, "big")) % 0xFFFF
         return (
             _HEADER_TS.pack(
                 src_port, dst_port, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr
@@ -267,7 +283,7 @@ def build_tcp_fast(
             + payload
         )
     header0 = _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, 0, 0)
-    csum = checksum(payload, pseudo_sum + 20 + len(payload) + _from_bytes(header0, "big"))
+    csum = -(ones_sum(payload) + pseudo_sum + 20 + len(payload) + _from_bytes(header0, "big")) % 0xFFFF
     return _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, csum, 0) + payload
 
 
