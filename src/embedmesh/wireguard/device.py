@@ -62,6 +62,8 @@ _pack_transport = TRANSPORT_HEADER.pack
 _pack_nonce = struct.Struct("<4xQ").pack
 _unpack_u16 = struct.Struct("!H").unpack_from
 _PADDING = bytes(16)
+#: The initiator rekeys this long into a session even if it only receives (§6.2).
+_LAST_MINUTE_REKEY = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 Network = IPv4Network | IPv6Network
 
@@ -100,7 +102,11 @@ class WireGuardDevice:
         self.mtu = mtu
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
-        self.counters: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        # The per-packet counters are plain ints (a Counter increment costs several dict
+        # operations); :attr:`counters` reports them with the rest.
+        self._rx_packets = 0
+        self._tx_packets = 0
         self._random_bytes = random_bytes
         self._rng = rng or random.Random()
         self._wall_clock_offset = wall_clock_offset
@@ -114,6 +120,16 @@ class WireGuardDevice:
         self._load_count = 0
         self._under_load_until = float("-inf")
         self._rate_buckets: dict[str, tuple[float, float]] = {}
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Every counter (drops by reason, handshakes, packets): a snapshot."""
+        counts = Counter(self._counts)
+        if self._rx_packets:
+            counts["rx_packets"] = self._rx_packets
+        if self._tx_packets:
+            counts["tx_packets"] = self._tx_packets
+        return counts
 
     # ------------------------------------------------------------------ configuration
 
@@ -196,105 +212,118 @@ class WireGuardDevice:
         Never raises for anything ``data`` contains.
         """
         try:
+            if len(data) >= TRANSPORT_MIN_SIZE:
+                kind, receiver, counter = _unpack_transport(data)
+                if kind == MESSAGE_TRANSPORT:
+                    return self._receive_transport(data, receiver, counter, source, now)
             kind = messages.message_type(data)
-            if kind == MESSAGE_TRANSPORT:
-                return self._receive_transport(data, source, now)
             if kind == MESSAGE_INITIATION:
                 self._receive_initiation(data, source, now)
             elif kind == MESSAGE_RESPONSE:
                 self._receive_response(data, source, now)
             elif kind == MESSAGE_COOKIE_REPLY:
                 self._receive_cookie_reply(data, now)
+            elif kind == MESSAGE_TRANSPORT:
+                self._counts["drop_malformed"] += 1  # shorter than a keepalive
             else:
-                self.counters["drop_unknown_type"] += 1
+                self._counts["drop_unknown_type"] += 1
         except CryptoError:
-            self.counters["drop_authentication"] += 1
+            self._counts["drop_authentication"] += 1
         except ParseError:
-            self.counters["drop_malformed"] += 1
+            self._counts["drop_malformed"] += 1
         return None
 
-    def _receive_transport(self, data: bytes, source: Endpoint, now: float) -> bytes | memoryview | None:
-        if len(data) < TRANSPORT_MIN_SIZE:
-            self.counters["drop_malformed"] += 1
-            return None
-        _, receiver, counter = _unpack_transport(data)
+    def _receive_transport(
+        self, data: bytes, receiver: int, counter: int, source: Endpoint, now: float
+    ) -> bytes | memoryview | None:
+        # The per-packet path of every data packet: helpers are inlined on purpose.
         keypair = self._indices.get(receiver)
-        if keypair is None or keypair.__class__ is not Keypair:
-            self.counters["drop_unknown_index"] += 1
+        if keypair.__class__ is not Keypair:
+            self._counts["drop_unknown_index"] += 1
             return None
         assert isinstance(keypair, Keypair)
         if now - keypair.created >= REJECT_AFTER_TIME:
-            self.counters["drop_expired_keypair"] += 1
+            self._counts["drop_expired_keypair"] += 1
             return None
         replay = keypair.replay
-        if not replay.would_accept(counter):
-            self.counters["drop_replay"] += 1
+        # Newer than anything seen is the common case; the window decides the rest before any
+        # cipher work is spent on a replay.
+        if not replay.greatest < counter < REJECT_AFTER_MESSAGES and not replay.would_accept(counter):
+            self._counts["drop_replay"] += 1
             return None
         try:
             plaintext = keypair.receiver.decrypt(_pack_nonce(counter), memoryview(data)[16:], None)
         except InvalidTag:
-            self.counters["drop_authentication"] += 1
+            self._counts["drop_authentication"] += 1
             return None
         if not replay.accept(counter):
-            self.counters["drop_replay"] += 1
+            self._counts["drop_replay"] += 1
             return None
         peer = keypair.peer
         peer.endpoint = source
         peer.stats.rx_bytes += len(data)
         if keypair is peer.next:
             self._confirm_next_keypair(peer, now)
-        self._keep_key_fresh_receiving(peer, now)
+        current = peer.current
+        if (
+            current is not None
+            and current.is_initiator
+            and not peer.sent_last_minute_handshake
+            and now - current.created >= _LAST_MINUTE_REKEY
+        ):
+            self._keep_key_fresh_receiving(peer, now)
         # Any authenticated packet: the peer is alive, so the "new handshake" timer stops.
         peer.new_handshake_at = None
-        self._touch_persistent_keepalive(peer, now)
+        if peer.persistent_keepalive:
+            peer.persistent_keepalive_at = now + peer.persistent_keepalive
         if not plaintext:
-            self.counters["rx_keepalive"] += 1
+            self._counts["rx_keepalive"] += 1
             return None
         if peer.send_keepalive_at is None:
             peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
         else:
             peer.need_another_keepalive = True
-        return self._validate_inner(peer, plaintext)
-
-    def _validate_inner(self, peer: Peer, plaintext: bytes) -> bytes | memoryview | None:
-        """Strip the padding and enforce cryptokey routing on the source address (§2)."""
+        # Strip the padding and enforce cryptokey routing on the source address (whitepaper §2).
+        size = len(plaintext)
         version = plaintext[0] >> 4
-        if version == 4 and len(plaintext) >= 20:
+        if version == 4 and size >= 20:
             length = _unpack_u16(plaintext, 2)[0]
-            source = plaintext[12:16]
-        elif version == 6 and len(plaintext) >= 40:
+            inner_source = plaintext[12:16]
+        elif version == 6 and size >= 40:
             length = _unpack_u16(plaintext, 4)[0] + 40
-            source = plaintext[8:24]
+            inner_source = plaintext[8:24]
         else:
-            self.counters["drop_inner_malformed"] += 1
+            self._counts["drop_inner_malformed"] += 1
             return None
-        if length > len(plaintext) or length < 20:
-            self.counters["drop_inner_malformed"] += 1
+        if length > size or length < 20:
+            self._counts["drop_inner_malformed"] += 1
             return None
-        if self.allowed_ips.lookup(source) is not peer:
-            self.counters["drop_source_not_allowed"] += 1
+        if self.allowed_ips.lookup(inner_source) is not peer:
+            self._counts["drop_source_not_allowed"] += 1
             return None
-        self.counters["rx_packets"] += 1
-        if length == len(plaintext):
+        self._rx_packets += 1
+        if length == size:
             return plaintext
-        return memoryview(plaintext)[:length]
+        # Without the padding: a copy, but the IP layer's fast path wants a bytes object (and the
+        # padded packets are the short ones).
+        return plaintext[:length]
 
     def _handshake_allowed(
         self, data: bytes, mac1_offset: int, mac2_offset: int, sender_index: int, source: Endpoint, now: float
     ) -> bool:
         """mac1 always; under load also mac2 (else a cookie reply) and a per-source rate limit."""
         if not self._cookie_checker.check_mac1(data, mac1_offset):
-            self.counters["drop_bad_mac1"] += 1
+            self._counts["drop_bad_mac1"] += 1
             return False
         if not self._under_load(now):
             return True
         if not self._cookie_checker.check_mac2(data, mac2_offset, source, now):
             reply = self._cookie_checker.create_reply(data, mac1_offset, sender_index, source, now)
             self._outbox.append((reply.to_bytes(), source))
-            self.counters["tx_cookie_reply"] += 1
+            self._counts["tx_cookie_reply"] += 1
             return False
         if not self._rate_limit_allows(source[0], now):
-            self.counters["drop_rate_limited"] += 1
+            self._counts["drop_rate_limited"] += 1
             return False
         return True
 
@@ -330,15 +359,15 @@ class WireGuardDevice:
         peer_public, ck, h = noise.open_initiation_static(self.identity, message)
         peer = self.peers.get(peer_public)
         if peer is None:
-            self.counters["drop_unknown_peer"] += 1
+            self._counts["drop_unknown_peer"] += 1
             return
         consumed = noise.finish_initiation(peer.keys, message, ck, h)
         # TAI64N labels are big-endian, so byte order is time order (whitepaper §5.1).
         if consumed.timestamp <= peer.last_timestamp:
-            self.counters["drop_replayed_initiation"] += 1
+            self._counts["drop_replayed_initiation"] += 1
             return
         if now - peer.last_initiation_consumed < INITIATION_MIN_INTERVAL:
-            self.counters["drop_initiation_flood"] += 1
+            self._counts["drop_initiation_flood"] += 1
             return
         peer.last_timestamp = consumed.timestamp
         peer.last_initiation_consumed = now
@@ -370,7 +399,7 @@ class WireGuardDevice:
         peer.endpoint = source
         self._session_derived(peer, now)
         self._send_handshake_message(peer, response.to_bytes(), RESPONSE_MAC1_OFFSET, now)
-        self.counters["rx_initiation"] += 1
+        self._counts["rx_initiation"] += 1
 
     def _receive_response(self, data: bytes, source: Endpoint, now: float) -> None:
         message = messages.parse_response(data)
@@ -380,11 +409,11 @@ class WireGuardDevice:
             return
         entry = self._indices.get(message.receiver_index)
         if not isinstance(entry, tuple):
-            self.counters["drop_unknown_index"] += 1
+            self._counts["drop_unknown_index"] += 1
             return
         peer, state = entry
         if peer.handshake is not state:
-            self.counters["drop_stale_response"] += 1
+            self._counts["drop_stale_response"] += 1
             return
         from embedmesh.wireguard import noise
 
@@ -415,7 +444,7 @@ class WireGuardDevice:
         self._session_derived(peer, now)
         self._handshake_complete(peer, now)
         self._touch_persistent_keepalive(peer, now)
-        self.counters["rx_response"] += 1
+        self._counts["rx_response"] += 1
         # Confirm the session to the responder right away, with data if any is waiting.
         if not peer.staged:
             peer.staged.append(b"")
@@ -425,11 +454,11 @@ class WireGuardDevice:
         reply = messages.parse_cookie_reply(data)
         entry = self._indices.get(reply.receiver_index)
         if entry is None:
-            self.counters["drop_unknown_index"] += 1
+            self._counts["drop_unknown_index"] += 1
             return
         peer = entry.peer if isinstance(entry, Keypair) else entry[0]
         peer.cookies.consume_reply(reply, now)
-        self.counters["rx_cookie_reply"] += 1
+        self._counts["rx_cookie_reply"] += 1
 
     # ------------------------------------------------------------------ overlay input
 
@@ -439,19 +468,22 @@ class WireGuardDevice:
         Returns False when no peer's allowed IPs contain the destination; the packet is dropped.
         Without a valid session the packet waits while a handshake runs.
         """
-        if not packet:
+        size = len(packet)
+        if not size:
             return False
         version = packet[0] >> 4
-        if version == 4 and len(packet) >= 20:
-            destination = bytes(packet[16:20])
-        elif version == 6 and len(packet) >= 40:
-            destination = bytes(packet[24:40])
+        if version == 4 and size >= 20:
+            destination = packet[16:20]
+        elif version == 6 and size >= 40:
+            destination = packet[24:40]
         else:
-            self.counters["drop_outbound_malformed"] += 1
+            self._counts["drop_outbound_malformed"] += 1
             return False
+        if destination.__class__ is not bytes:
+            destination = bytes(destination)
         peer = self.allowed_ips.lookup(destination)
         if peer is None:
-            self.counters["drop_no_route"] += 1
+            self._counts["drop_no_route"] += 1
             return False
         self.send_to_peer(peer, packet, now)
         return True
@@ -460,18 +492,21 @@ class WireGuardDevice:
         """Send ``packet`` to ``peer`` (an empty packet is a keepalive)."""
         keypair = peer.current
         if (
-            not peer.staged
-            and keypair is not None
+            keypair is not None
+            and not peer.staged
             and peer.endpoint is not None
             and now - keypair.created < REJECT_AFTER_TIME
             and keypair.send_counter < REJECT_AFTER_MESSAGES
         ):
             # The common case, inlined: a live session and nothing queued before this packet.
             self._encrypt(peer, keypair, packet, now)
-            self._keep_key_fresh_sending(peer, keypair, now)
+            if keypair.is_initiator and (
+                keypair.send_counter > REKEY_AFTER_MESSAGES or now - keypair.created >= REKEY_AFTER_TIME
+            ):
+                self._keep_key_fresh_sending(peer, keypair, now)
             return
         if len(peer.staged) == peer.staged.maxlen:
-            self.counters["drop_staged_overflow"] += 1
+            self._counts["drop_staged_overflow"] += 1
         peer.staged.append(packet)
         self._send_staged(peer, now)
 
@@ -504,7 +539,7 @@ class WireGuardDevice:
             if at is not None and at <= now:
                 # We sent data and heard nothing for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (§6.5).
                 peer.new_handshake_at = None
-                self.counters["handshake_for_silence"] += 1
+                self._counts["handshake_for_silence"] += 1
                 self._initiate(peer, now, retry=False)
             at = peer.zero_keys_at
             if at is not None and at <= now:
@@ -603,9 +638,12 @@ class WireGuardDevice:
         counter = keypair.send_counter
         keypair.send_counter = counter + 1
         length = len(packet)
-        # Pad to a multiple of 16 without exceeding the MTU (whitepaper §5.4.6).
-        padded = min(-(-length // 16) * 16, max(self.mtu, length))
-        plaintext = bytes(packet) + _PADDING[: padded - length] if padded != length else packet
+        if length & 15:
+            # Pad to a multiple of 16 without exceeding the MTU (whitepaper §5.4.6).
+            padded = min(length + 16 - (length & 15), max(self.mtu, length))
+            plaintext = bytes(packet) + _PADDING[: padded - length] if padded != length else packet
+        else:
+            plaintext = packet
         datagram = _pack_transport(MESSAGE_TRANSPORT, keypair.remote_index, counter) + keypair.sender.encrypt(
             _pack_nonce(counter), plaintext, None
         )
@@ -614,11 +652,11 @@ class WireGuardDevice:
         # Timers (wireguard-go's timersAnyAuthenticatedPacketSent/Traversal, timersDataSent).
         peer.send_keepalive_at = None
         if length:
-            self.counters["tx_packets"] += 1
+            self._tx_packets += 1
             if peer.new_handshake_at is None:
                 peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
         else:
-            self.counters["tx_keepalive"] += 1
+            self._counts["tx_keepalive"] += 1
         if peer.persistent_keepalive:
             peer.persistent_keepalive_at = now + peer.persistent_keepalive
 
@@ -633,7 +671,7 @@ class WireGuardDevice:
                 return
             peer.handshake_attempts = 0
         if peer.endpoint is None:
-            self.counters["handshake_no_endpoint"] += 1
+            self._counts["handshake_no_endpoint"] += 1
             # Keep the retransmit timer running so the handshake starts once an endpoint is known.
             peer.retransmit_handshake_at = now + REKEY_TIMEOUT + self._jitter()
             return
@@ -651,7 +689,7 @@ class WireGuardDevice:
         peer.last_initiation_sent = now
         self._send_handshake_message(peer, message.to_bytes(), INITIATION_MAC1_OFFSET, now)
         peer.retransmit_handshake_at = now + REKEY_TIMEOUT + self._jitter()
-        self.counters["tx_initiation"] += 1
+        self._counts["tx_initiation"] += 1
 
     def _send_handshake_message(self, peer: Peer, message: bytes, mac1_offset: int, now: float) -> None:
         sealed = peer.cookies.seal(message[: mac1_offset + 32], mac1_offset, now)
@@ -664,7 +702,7 @@ class WireGuardDevice:
     def _retransmit_handshake(self, peer: Peer, now: float) -> None:
         if peer.handshake_attempts >= MAX_HANDSHAKE_ATTEMPTS:
             # REKEY_ATTEMPT_TIME has passed: give up and drop what waited for this handshake.
-            self.counters["handshake_gave_up"] += 1
+            self._counts["handshake_gave_up"] += 1
             peer.staged.clear()
             peer.send_keepalive_at = None
             self._drop_handshake(peer)
@@ -672,5 +710,5 @@ class WireGuardDevice:
                 peer.zero_keys_at = now + REJECT_AFTER_TIME * 3
             return
         peer.handshake_attempts += 1
-        self.counters["handshake_retransmit"] += 1
+        self._counts["handshake_retransmit"] += 1
         self._initiate(peer, now, retry=True)
