@@ -86,6 +86,9 @@ class SimLink:
         # Optional hooks: see every packet put on the wire; drop the ones a filter picks.
         self.tap: Callable[[str, bytes], None] | None = None
         self.drop: Callable[[str, bytes], bool] | None = None
+        #: Deliver the packets that arrive at one instant as one batch (TcpLayer.begin_batch /
+        #: end_batch), as the runtime does with the datagrams of one read.
+        self.batch_receive = False
 
     # -- the link ----------------------------------------------------------------------------------
 
@@ -155,9 +158,16 @@ class SimLink:
             self.now = t
         now = self.now
         events = self._events
+        batch = self.batch_receive and events and events[0][0] <= now
+        if batch:
+            self.a.begin_batch()
+            self.b.begin_batch()
         while events and events[0][0] <= now:
             _, _, to, src, dst, segment = heapq.heappop(events)
             to.segment_received(src, dst, segment, now)
+        if batch:
+            self.a.end_batch(now)
+            self.b.end_batch(now)
         for layer in (self.a, self.b):
             deadline = layer.next_deadline()
             if deadline is not None and deadline <= now:

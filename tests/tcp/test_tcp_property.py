@@ -76,6 +76,7 @@ chunks = st.lists(
     options=st.sampled_from(["all", "none", "nosack"]),
     congestion=st.sampled_from(["cubic", "newreno"]),
     small_buffers=st.booleans(),
+    batch=st.booleans(),
 )
 def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
     seed,
@@ -90,6 +91,7 @@ def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
     options,
     congestion,
     small_buffers,
+    batch,
 ) -> None:
     cfg = TcpConfig(
         congestion=congestion,
@@ -106,6 +108,7 @@ def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
         delay=0.01, jitter=jitter, loss=loss, duplicate=duplicate, reorder=reorder, reorder_delay=0.003
     )
     link = SimLink(seed, impairment=imp, config_a=cfg, config_b=cfg)
+    link.batch_receive = batch
     listener = link.b.listen(None, 80, 4)
     a = Side(writes_a, read_a)
     b = Side(writes_b, read_b)
@@ -130,7 +133,7 @@ def test_streams_survive_any_link(  # type: ignore[no-untyped-def]
         link.run(until=t, stop=done, on_step=on_step)
         on_step()
     link.run(until=600.0, stop=done, on_step=on_step)
-    msg = f"seed={seed} a={a.conn} b={b.conn}"
+    msg = f"seed={seed} batch={batch} a={a.conn} b={b.conn}"
     assert a.conn is not None and b.conn is not None, msg
     assert a.conn.error is None and b.conn.error is None, msg + f" errors {a.conn.error} {b.conn.error}"
     assert bytes(b.received) == a.sent, msg

@@ -16,6 +16,7 @@ from embedmesh.netstack.tcp.config import TcpConfig
 from embedmesh.netstack.tcp.layer import TcpLayer
 from embedmesh.netstack.udp import UdpLayer
 from embedmesh.wire.ip import PROTO_TCP, IpPacket, build_ip
+from embedmesh.wire.ipv4 import build_ipv4_summed, header_partial_sum
 
 
 class Netstack:
@@ -35,20 +36,38 @@ class Netstack:
         self.interface = NetworkInterface(addresses, self._transmit, mtu=mtu)
         self.tcp = TcpLayer(self._transmit_tcp, rng=rng, config=tcp_config, mtu=mtu)
         self.udp = UdpLayer(self.interface, rng)
-        self.interface.register_protocol(PROTO_TCP, self._receive_tcp)
+        self._ipv4_sums: dict[tuple[bytes, bytes], int] = {}
+        self.interface.register_protocol(PROTO_TCP, self._receive_tcp, fast=self.tcp.segment_received)
+        #: One IP packet from the link (the interface's own entry: no wrapper on the per-packet path).
+        self.receive = self.interface.receive
 
     def _transmit(self, packet: bytes) -> None:
         self.transmit(packet)
 
     def _transmit_tcp(self, src: bytes, dst: bytes, segment: bytes) -> None:
-        self.transmit(build_ip(src, dst, PROTO_TCP, segment))
+        if len(src) == 4:
+            # Every segment of a connection has the same IPv4 header but for its length.
+            pair = (src, dst)
+            partial = self._ipv4_sums.get(pair)
+            if partial is None:
+                if len(self._ipv4_sums) >= 4096:
+                    self._ipv4_sums.clear()
+                partial = self._ipv4_sums[pair] = header_partial_sum(src, dst, PROTO_TCP)
+            self.transmit(build_ipv4_summed(partial, src, dst, PROTO_TCP, segment))
+        else:
+            self.transmit(build_ip(src, dst, PROTO_TCP, segment))
 
     def _receive_tcp(self, packet: IpPacket, raw: bytes | memoryview, now: float) -> None:
         self.tcp.segment_received(packet.src, packet.dst, packet.payload, now)
 
-    def receive(self, packet: bytes | memoryview, now: float) -> None:
-        """One IP packet from the link."""
-        self.interface.receive(packet, now)
+    def begin_batch(self) -> None:
+        """The packets until :meth:`end_batch` arrived together (one read of the link): TCP sends
+        one ACK per connection for their in-order data instead of one per two segments."""
+        self.tcp.begin_batch()
+
+    def end_batch(self, now: float) -> None:
+        """Send the ACKs the batch deferred (see :meth:`TcpLayer.begin_batch`)."""
+        self.tcp.end_batch(now)
 
     def next_deadline(self) -> float | None:
         return self.tcp.next_deadline()

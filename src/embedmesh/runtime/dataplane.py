@@ -48,11 +48,20 @@ class DataPlane:
 
     async def _read_loop(self, readable: socket.socket | int) -> None:
         read = self.link.read
-        deliver = self.stack.receive
+        stack = self.stack
+        deliver = stack.receive
+        begin_batch = stack.begin_batch
+        end_batch = stack.end_batch
         clock = self.clock
         while True:
             await anyio.wait_readable(readable)
-            read(readable, deliver, clock())
+            now = clock()
+            # One batch (one read of the link): TCP ACKs its in-order data once, at the end.
+            begin_batch()
+            try:
+                read(readable, deliver, now)
+            finally:
+                end_batch(now)
             self.kick()
 
     async def _timer_loop(self) -> None:

@@ -116,8 +116,11 @@ class UdpUnderlay:
         self.sockets.clear()
         self._v4 = self._v6 = None
 
-    def drain(self, sock: socket.socket, limit: int = 512) -> list[tuple[bytes, Endpoint]]:
-        """Read what is waiting, up to ``limit`` receive calls, without blocking.
+    def drain(
+        self, sock: socket.socket, limit: int = 512, max_datagrams: int = 1 << 30
+    ) -> list[tuple[bytes, Endpoint]]:
+        """Read what is waiting, up to ``limit`` receive calls, without blocking; stop early once
+        ``max_datagrams`` datagrams are in (one GRO read may bring up to 64, so a few more may).
 
         With GRO one call may return several datagrams from one sender, back to back, each of the
         size the control message names (the last one may be shorter); they are split here.
@@ -127,7 +130,7 @@ class UdpUnderlay:
         try:
             if sock not in self._gro:
                 recvfrom = sock.recvfrom
-                for _ in range(limit):
+                for _ in range(min(limit, max_datagrams)):
                     data, address = recvfrom(MAX_DATAGRAM)
                     append((data, (address[0], address[1])))
                 return out
@@ -147,6 +150,8 @@ class UdpUnderlay:
                 else:
                     for offset in range(0, size, segment):
                         append((bytes(view[offset : min(offset + segment, size)]), endpoint))
+                if len(out) >= max_datagrams:
+                    break
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:

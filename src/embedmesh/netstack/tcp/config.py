@@ -37,6 +37,9 @@ class TcpConfig:
     congestion: str = "cubic"
     nodelay: bool = False
     delayed_ack: float = 0.04
+    #: In batch mode (``TcpLayer.begin_batch``), at least one ACK per this many full-sized segments
+    #: even inside one batch (Linux's GRO merges at most 64 KiB, about 50 of ours, per ACK).
+    max_ack_stretch: int = 64
     window_scaling: bool = True
     timestamps: bool = True
     sack: bool = True

@@ -631,9 +631,11 @@ class TcpConnection:
             and flags & _PREDICT_MASK == ACK
             and not seg.sack_blocks
             and not self._in_recovery
-            and self._fast_path(seg, seq, plen, now)
         ):
-            return
+            tsopt = seg.timestamp
+            tsval, tsecr = tsopt if tsopt is not None else (-1, 0)
+            if self._fast_path(seq, seg.ack, seg.window, tsval, tsecr, payload, now):
+                return
         if flags & RST:
             self._receive_rst(seq, now)
             return
@@ -693,48 +695,68 @@ class TcpConnection:
         if self.state is not CLOSED:
             self._output(now)
 
-    def _fast_path(self, seg: TcpSegment, seq: int, plen: int, now: float) -> bool:
+    def _fast_receive(
+        self, seq_w: int, ack_w: int, window: int, tsval: int, tsecr: int, payload: memoryview, now: float
+    ) -> bool:
+        """The layer's entry for an ESTABLISHED segment with only ACK (and PSH/ECE/CWR) set and the
+        usual timestamp option, straight from the header fields: :meth:`_fast_path` without a
+        :class:`TcpSegment`. False, having changed nothing, when it needs the general path."""
+        rcv_nxt = self.rcv_nxt
+        if seq_w != rcv_nxt & _M or self._in_recovery:
+            return False
+        if not self._fast_path(rcv_nxt, ack_w, window, tsval, tsecr, payload, now):
+            return False
+        self.stats.segments_received += 1
+        self._last_rx = now
+        self._keepalive_probes = 0
+        return True
+
+    def _fast_path(
+        self, seq: int, ack_w: int, window: int, tsval: int, tsecr: int, payload: memoryview, now: float
+    ) -> bool:
         """Header prediction: the two segments of a bulk transfer, handled in one pass.
 
         A pure ACK that acknowledges new data (sender side), or in-order data that acknowledges nothing
-        new (receiver side), with an unchanged window, no SACK, no recovery and in-order arrival. Returns
-        False, having changed nothing, when the segment needs the general path.
+        new (receiver side), with an unchanged window, no SACK, no recovery and in-order arrival
+        (``seq`` is RCV.NXT). ``tsval`` is -1 without a timestamp option. Returns False, having changed
+        nothing, when the segment needs the general path.
         """
-        ts = seg.timestamp
-        if ts is not None and self._ts_ok:
-            if _PAWS_TOLERANCE < ((self._ts_recent - ts[0]) & _M) < _HALF:
+        if tsval >= 0 and self._ts_ok:
+            if _PAWS_TOLERANCE < ((self._ts_recent - tsval) & _M) < _HALF:
                 return False
         else:
-            ts = None
-        if seg.window << self._snd_wscale != self.snd_wnd:
+            tsval = -1
+        if window << self._snd_wscale != self.snd_wnd:
             return False
         una = self.snd_una
-        ack = una + (((seg.ack - una + _HALF) & _M) - _HALF)
+        ack = una + (((ack_w - una + _HALF) & _M) - _HALF)
+        plen = len(payload)
         if plen == 0:
             if not una < ack <= self.snd_max or self.scoreboard:
                 return False
-            if ts is not None and seq <= self._last_ack_sent and ((ts[0] - self._ts_recent) & _M) < _HALF:
-                self._ts_recent = ts[0]
+            if tsval >= 0 and seq <= self._last_ack_sent and ((tsval - self._ts_recent) & _M) < _HALF:
+                self._ts_recent = tsval
             self._snd_wl1 = seq
             self._snd_wl2 = ack
-            self._ack_advance(ack, ts, 0, now)
+            self._ack_advance(ack, (tsval, tsecr) if tsval >= 0 else None, 0, now)
             if self.state is not CLOSED:
                 self._output(now)
             return True
         rbuf = self._rbuf
         if ack != una or rbuf._ooo_starts or self._app_closed or plen > self.rcv_adv - seq:
             return False
-        if ts is not None and seq <= self._last_ack_sent and ((ts[0] - self._ts_recent) & _M) < _HALF:
-            self._ts_recent = ts[0]
+        if tsval >= 0 and seq <= self._last_ack_sent and ((tsval - self._ts_recent) & _M) < _HALF:
+            self._ts_recent = tsval
         self._snd_wl1 = seq
         self._snd_wl2 = ack
-        rbuf.append(seg.payload)
+        rbuf.append(payload)
         self.rcv_nxt = seq + plen
         if plen > self._rcv_mss:
             self._rcv_mss = plen if plen <= self._adv_mss else self._adv_mss
-        self._ack_pending += plen
-        if self._ack_pending >= 2 * self._rcv_mss:
-            self._ack_now = True
+        pending = self._ack_pending + plen
+        self._ack_pending = pending
+        if pending >= 2 * self._rcv_mss:
+            self._data_ack_due(pending, now)
         elif self._delack_at == _INF:
             delay = self.config.delayed_ack
             if delay > 0:
@@ -742,8 +764,24 @@ class TcpConnection:
             else:
                 self._ack_now = True
         self._layer._changed(self)
-        self._output(now)
+        # A pure receiver has nothing to send but a due ACK: skip the output machinery then.
+        if self._ack_now or self._sbuf or self._fin_queued or self.snd_nxt < self.snd_max:
+            self._output(now)
         return True
+
+    def _data_ack_due(self, pending: int, now: float) -> None:
+        """In-order data made an ACK due (every second full-sized segment, RFC 5681 §4.2).
+
+        In the layer's batch mode the ACK waits for the end of the batch (one per batch, as with
+        GRO), unless ``max_ack_stretch`` segments already wait or a D-SACK must be reported.
+        """
+        layer = self._layer
+        if layer._batching and self._dsack is None and pending < layer._stretch_limit * self._rcv_mss:
+            layer._ack_due[self] = None
+            if self._delack_at == _INF and self.config.delayed_ack > 0:
+                self._delack_at = now + self.config.delayed_ack
+        else:
+            self._ack_now = True
 
     def _receive_syn_sent(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags
@@ -1193,7 +1231,7 @@ class TcpConnection:
                 self.rcv_nxt = rcv_nxt
                 self._ack_pending += plen
                 if self._ack_pending >= 2 * self._rcv_mss:
-                    self._ack_now = True
+                    self._data_ack_due(self._ack_pending, now)
                 elif self._delack_at == _INF:
                     if self.config.delayed_ack > 0:
                         self._delack_at = now + self.config.delayed_ack
@@ -1288,6 +1326,14 @@ class TcpConnection:
             limit = wnd_end
         sb = self.scoreboard
         fin_queued = self._fin_queued
+        # Segments without SACK blocks are built here rather than through _emit: within one burst
+        # the ACK, window and timestamp they carry are the same, so they are computed once (at the
+        # first segment, as _window_field moves RCV.ADV).
+        plain = not (self._sack_ok and (self._dsack is not None or self._rbuf._ooo_starts))
+        buf = self._sbuf._buf
+        window = -1
+        ack_w = tsval = tsecr = 0
+        emitted = 0
         while True:
             seq = self.snd_nxt
             snd_max = self.snd_max
@@ -1335,7 +1381,38 @@ class TcpConnection:
                 flags = ACK | PSH
                 if fin_queued and seq + n < limit:
                     flags = ACK | PSH | FIN
-            self._emit_data(seq, n, now, flags)
+            if plain:
+                if window < 0:
+                    window = self._window_field()
+                    rcv_nxt = self.rcv_nxt
+                    ack_w = rcv_nxt & _M
+                    if self._ts_ok:
+                        tsval = (int(now * 1000) + self._ts_offset) & _M
+                        tsecr = self._ts_recent
+                    else:
+                        tsval = -1
+                    # What _emit records for every segment: this one carries the ACK.
+                    self._last_ack_sent = rcv_nxt
+                    self._ack_now = False
+                    self._ack_pending = 0
+                    self._delack_at = _INF
+                offset = seq - sbuf_seq
+                segment = build_tcp_fast(
+                    self._pseudo,
+                    self.local_port,
+                    self.remote_port,
+                    seq & _M,
+                    ack_w,
+                    flags,
+                    window,
+                    tsval,
+                    tsecr,
+                    buf[offset : offset + n],
+                )
+                emitted += 1
+                self._layer._transmit_cb(self.local_addr, self.remote_addr, segment)
+            else:
+                self._emit_data(seq, n, now, flags)
             end = seq + n
             if flags & FIN:
                 end += 1
@@ -1357,6 +1434,8 @@ class TcpConnection:
                 self._rto_at = now + self.rtt.rto
             if flags & FIN:
                 break
+        if emitted:
+            self.stats.segments_sent += emitted
 
     def _payload_room(self) -> int:
         """Payload bytes that fit in the next segment: SACK blocks eat into the MSS (RFC 6691)."""

@@ -35,7 +35,20 @@ from embedmesh.netstack.tcp.isn import (
     make_cookie,
 )
 from embedmesh.netstack.tcp.listener import TcpListener
-from embedmesh.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp, parse_tcp, pseudo_base
+from embedmesh.wire.checksum import ones_sum
+from embedmesh.wire.tcp import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    TS_HEADER,
+    TS_PREFIX,
+    URG,
+    TcpSegment,
+    build_tcp,
+    parse_tcp,
+    pseudo_base,
+)
 
 __all__ = ["ConnKey", "TcpLayer", "Transmit"]
 
@@ -47,6 +60,10 @@ _HALF = 0x80000000
 _INF = math.inf
 _TIME_WAIT = TcpState.TIME_WAIT
 _CLOSED = TcpState.CLOSED
+_ESTABLISHED = TcpState.ESTABLISHED
+_unpack_ts_header = TS_HEADER.unpack_from
+# Flags that send a segment down the general path (PSH, ECE and CWR do not).
+_NOT_PREDICTED = SYN | FIN | RST | URG
 
 
 class TcpLayer:
@@ -88,6 +105,11 @@ class TcpLayer:
         self.counters: Counter[str] = Counter()
         self._verify = config.verify_checksum
         self.now = 0.0
+        #: Inside :meth:`begin_batch` … :meth:`end_batch`: ACKs that in-order data makes due wait for
+        #: the end of the batch (one per connection, like GRO), instead of one per two segments.
+        self._batching = False
+        self._stretch_limit = config.max_ack_stretch
+        self._ack_due: dict[TcpConnection, None] = {}
 
     # ---------------------------------------------------------------------------------------------
     # Owner API
@@ -152,9 +174,18 @@ class TcpLayer:
         return conn
 
     def segment_received(
-        self, src: bytes, dst: bytes, segment: bytes | bytearray | memoryview, now: float
+        self,
+        src: bytes,
+        dst: bytes,
+        segment: bytes | bytearray | memoryview,
+        now: float,
+        segment_sum: int | None = None,
     ) -> None:
-        """Process one TCP segment (the IP payload) from ``src`` to ``dst``. Never raises on bad input."""
+        """Process one TCP segment (the IP payload) from ``src`` to ``dst``. Never raises on bad input.
+
+        ``segment_sum``, when the IP layer already summed the segment (it is congruent, modulo
+        0xFFFF, to its one's-complement sum), saves reading it again to verify the checksum.
+        """
         self.now = now
         pair = (src, dst)
         pseudo = self._pseudo_cache.get(pair)
@@ -165,8 +196,32 @@ class TcpLayer:
             if len(self._pseudo_cache) >= 4096:
                 self._pseudo_cache.clear()
             pseudo = self._pseudo_cache[pair] = pseudo_base(src, dst)
+        verify = self._verify
+        length = len(segment)
+        if length >= 32:
+            # Header prediction straight from the wire: a segment of an established connection with
+            # only the timestamp option and no SYN/FIN/RST/URG skips TcpSegment and the general path.
+            (sport, dport, seq, ack, offset, flags, window, _, _, prefix, tsval, tsecr) = _unpack_ts_header(
+                segment
+            )
+            if offset == 0x80 and prefix == TS_PREFIX and flags & ACK and not flags & _NOT_PREDICTED:
+                conn = self._conns.get((dst, dport, src, sport))
+                if conn is not None and conn.state is _ESTABLISHED:
+                    if verify:
+                        if segment_sum is None:
+                            segment_sum = ones_sum(segment)
+                        if (segment_sum + pseudo + length) % 0xFFFF:
+                            self.counters["rx_malformed"] += 1
+                            return
+                        verify = False
+                    view = segment if segment.__class__ is memoryview else memoryview(segment)
+                    if conn._fast_receive(seq, ack, window, tsval, tsecr, view[32:], now):
+                        self._reschedule(conn)
+                        return
         try:
-            seg = parse_tcp(segment, src, dst, verify_checksum=self._verify, pseudo_sum=pseudo)
+            seg = parse_tcp(
+                segment, src, dst, verify_checksum=verify, pseudo_sum=pseudo, segment_sum=segment_sum
+            )
         except ParseError:
             self.counters["rx_malformed"] += 1
             return
@@ -193,6 +248,33 @@ class TcpLayer:
             return
         self.counters["rx_closed_port"] += 1
         self._reset_for(seg, src, dst)
+
+    def begin_batch(self) -> None:
+        """Start a batch of input (the packets of one read from the link); see :meth:`end_batch`.
+
+        Until :meth:`end_batch`, in-order data that would make an ACK due (every second full-sized
+        segment, RFC 5681 §4.2) only marks the connection; :meth:`end_batch` then sends one ACK for
+        all of it, as Linux does for a GRO batch. Everything else is unchanged: out-of-order data, a
+        hole being filled, a FIN, a duplicate (D-SACK) and anything unacceptable are ACKed at once,
+        an ACK still goes out whenever ``config.max_ack_stretch`` full segments wait for one, and the
+        delayed-ACK timer runs as usual, so an owner that never ends the batch only delays ACKs.
+        """
+        self._batching = True
+
+    def end_batch(self, now: float) -> None:
+        """End the batch: send one ACK for each connection whose ACK the batch deferred."""
+        self._batching = False
+        due = self._ack_due
+        if not due:
+            return
+        self._ack_due = {}
+        self.now = now
+        for conn in due:
+            # An ACK that left in the meantime (with data, or forced) cleared _ack_pending.
+            if conn._ack_pending and conn.state is not _CLOSED:
+                conn._ack_now = True
+                conn._output(now)
+                self._reschedule(conn)
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timeout` should next run (the past if application calls left output)."""
@@ -338,6 +420,7 @@ class TcpLayer:
         if self._time_wait.get(key) is conn:
             del self._time_wait[key]
         self._dirty.pop(conn, None)
+        self._ack_due.pop(conn, None)
         conn._sched = _INF
         listener = conn.listener
         if isinstance(listener, TcpListener):
