@@ -12,6 +12,12 @@ import sys
 
 from embedmesh.wireguard import crypto
 from embedmesh.wireguard.device import WireGuardDevice
+from embedmesh.wireguard.messages import (
+    INITIATION_MAC1_OFFSET,
+    INITIATION_SIZE,
+    RESPONSE_MAC1_OFFSET,
+    RESPONSE_SIZE,
+)
 
 _rng = random.Random(1234)
 _A_EP = ("198.18.0.1", 51820)
@@ -42,11 +48,23 @@ _A, _B, _MESSAGES = _pair()
 _MAX_INDICES = len(_B._indices)
 
 
+def _fix_mac1(message: bytes) -> bytes:
+    """Recompute mac1 so a mutated handshake message gets past the first check into the Noise code."""
+    offset = {INITIATION_SIZE: INITIATION_MAC1_OFFSET, RESPONSE_SIZE: RESPONSE_MAC1_OFFSET}.get(len(message))
+    if offset is None:
+        return message
+    mac1 = crypto.mac(_B.identity.mac1_key, message[:offset])
+    return message[:offset] + mac1 + message[offset + 16 :]
+
+
 def TestOneInput(data: bytes) -> None:
     if data and _MESSAGES:
-        template = _MESSAGES[data[0] % len(_MESSAGES)]
+        selector = data[0]
+        template = _MESSAGES[selector % len(_MESSAGES)]
         body = data[1:]
         data = body + template[len(body) :] if len(body) < len(template) else body
+        if selector & 0x80:
+            data = _fix_mac1(data)
     _B.receive_datagram(data, ("198.18.9.9", 4242), 1.0)
     _B.datagrams_to_send()
     # An unauthenticated datagram must never add an index or a peer.
