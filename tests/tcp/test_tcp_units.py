@@ -151,3 +151,60 @@ def test_snapshot_restore() -> None:
     cubic.on_congestion(1.0, 50_000)
     cubic.restore(state)
     assert cubic.cwnd == 50_000 and cubic.epoch_start is None
+
+
+def test_send_buffer_ring_against_a_model() -> None:
+    """Writes, peeks and consumes in random sizes (the ring wraps and grows) match a bytes model."""
+    rng = random.Random(11)
+    for capacity in (10, 1000, 70_000):
+        buf = SendBuffer(capacity)
+        model = b""
+        counter = 0
+        for _ in range(400):
+            action = rng.random()
+            if action < 0.4:
+                n = rng.randrange(0, capacity // 3 + 2)
+                data = bytes((counter + i) % 251 for i in range(n))
+                counter += n
+                taken = buf.write(memoryview(data) if rng.random() < 0.5 else data)
+                assert taken == min(n, capacity - len(model))
+                model += data[:taken]
+            elif action < 0.7:
+                n = rng.randrange(0, len(model) + 2)
+                buf.consume(n)
+                model = model[n:]
+            else:
+                offset = rng.randrange(0, len(model) + 1)
+                size = rng.randrange(0, capacity + 1)
+                assert bytes(buf.peek(offset, size)) == model[offset : offset + size]
+            assert len(buf) == len(model) and buf.free == capacity - len(model)
+        if not model:
+            assert len(buf._ring) == 0  # an empty buffer holds no memory
+
+
+def test_receive_buffer_reads_across_chunks() -> None:
+    rng = random.Random(12)
+    owner = bytes(range(256)) * 40
+    buf = ReceiveBuffer(1 << 20)
+    model = bytearray()
+    for _ in range(300):
+        if rng.random() < 0.6:
+            start = rng.randrange(len(owner))
+            end = min(len(owner), start + rng.randrange(0, 1500))
+            kind = rng.randrange(3)
+            piece = (
+                memoryview(owner)[start:end]
+                if kind == 0
+                else (owner[start:end] if kind == 1 else bytearray(owner[start:end]))
+            )
+            buf.append(piece)
+            model += owner[start:end]
+        else:
+            n = rng.randrange(0, 5000)
+            assert buf.read(n) == bytes(model[:n])
+            del model[:n]
+        assert len(buf) == len(model)
+    mutable = bytearray(b"abc")
+    buf.append(memoryview(mutable))
+    mutable[0] = ord("z")  # a view of a mutable buffer was copied, not kept
+    assert buf.read(1 << 20).endswith(b"abc")

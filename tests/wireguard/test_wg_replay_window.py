@@ -54,3 +54,27 @@ def test_accepts_exactly_the_fresh_counters(counters: list[int], size: int) -> N
         if expected:
             seen.add(c)
             greatest = max(greatest, c)
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(0, 3), st.integers(0, 80), st.integers(0, 5000)),
+        max_size=400,
+    ),
+    st.sampled_from([8, 64, 72, 2048]),
+)
+def test_ring_tracks_jumps_wraps_and_old_counters(steps: list[int], size: int) -> None:
+    """The same model with counters that mostly advance, by small and large jumps (the ring wraps and
+    clears partial and whole bytes), plus replays of recent and old counters."""
+    w = ReplayWindow(size=size)
+    seen: set[int] = set()
+    greatest = -1
+    counter = 0
+    for i, step in enumerate(steps):
+        counter = counter + step if i % 3 else max(0, counter - step)
+        expected = counter not in seen and counter > greatest - size
+        assert w.would_accept(counter) == expected, (counter, greatest)
+        assert w.accept(counter) == expected, (counter, greatest)
+        if expected:
+            seen.add(counter)
+            greatest = max(greatest, counter)

@@ -1,74 +1,143 @@
 """Bounded send and receive buffers.
 
-Both are a ``bytearray`` used as a FIFO: appends go to the end and consumed bytes are deleted from the
-front, which CPython implements by moving the array's start pointer (amortized O(1), no copy of the
-remainder), so neither side copies more than once per byte. The receive side also holds the
-out-of-order blocks (absolute sequence numbers, merged on insertion); they only ever lie inside the
-advertised window, and their count is capped too, so a peer sending tiny scattered segments cannot make
-the queue grow beyond ``max_blocks``.
+Each byte is copied into a buffer once and out of it once, whatever the traffic does:
+
+- :class:`SendBuffer` is a ring (a ``bytearray`` written and read by slice assignment and slicing,
+  which never resizes it): consuming acknowledged bytes moves an index. A ``bytearray`` FIFO (append
+  at the end, ``del`` at the front) looks O(1) but is not: CPython re-copies everything it holds
+  whenever it grows with a consumed prefix or shrinks below half its allocation, which cost a bulk
+  sender about 8 % of its time (py-spy, ``benchmarks/results.md``). The ring grows by doubling up to
+  the capacity and is dropped when it empties, so an idle connection holds no memory.
+- :class:`ReceiveBuffer` keeps in-order data as the chunks it arrived in: a segment's payload that is
+  a view of an immutable ``bytes`` packet (what the IP layer hands over) is kept without a copy, and
+  :meth:`ReceiveBuffer.read` joins chunks into the bytes the application gets. The receive side also
+  holds the out-of-order blocks (absolute sequence numbers, merged on insertion); they only ever lie
+  inside the advertised window, and their count is capped too, so a peer sending tiny scattered
+  segments cannot make the queue grow beyond ``max_blocks``.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 
 Buffer = bytes | bytearray | memoryview
 
+#: The first ring a send buffer allocates (it doubles from there up to the capacity).
+_MIN_RING = 16 * 1024
+
 
 class SendBuffer:
-    """Bytes the application queued and the peer has not acknowledged yet."""
+    """Bytes the application queued and the peer has not acknowledged yet (a ring, see the module)."""
 
-    __slots__ = ("_buf", "capacity")
+    __slots__ = ("_head", "_ring", "_size", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._buf = bytearray()
+        self._ring = bytearray()
+        self._head = 0  # ring index of the oldest unacknowledged byte
+        self._size = 0
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._size
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self._buf)
+        return self.capacity - self._size
 
     def write(self, data: Buffer) -> int:
         """Append as much of ``data`` as fits; return the number of bytes taken."""
-        room = self.capacity - len(self._buf)
+        size = self._size
         n = len(data)
+        room = self.capacity - size
         if n > room:
             n = room if room > 0 else 0
-            if n:
-                with memoryview(data) as view:
-                    self._buf += view[:n]
-            return n
-        self._buf += data
+        if not n:
+            return 0
+        ring = self._ring
+        cap = len(ring)
+        if size + n > cap:
+            ring = self._grow(size + n)
+            cap = len(ring)
+        tail = self._head + size
+        if tail >= cap:
+            tail -= cap
+        with memoryview(data) as view:
+            first = cap - tail
+            if n <= first:
+                ring[tail : tail + n] = view[:n] if n < len(view) else view
+            else:
+                ring[tail:] = view[:first]
+                ring[: n - first] = view[first:n]
+        self._size = size + n
         return n
 
-    def peek(self, offset: int, size: int) -> bytearray:
-        """A copy of ``size`` bytes starting ``offset`` bytes after the oldest unacknowledged byte."""
-        return self._buf[offset : offset + size]
+    def _grow(self, need: int) -> bytearray:
+        cap = len(self._ring)
+        new_cap = cap * 2 if cap else _MIN_RING
+        while new_cap < need:
+            new_cap *= 2
+        if new_cap > self.capacity:
+            new_cap = max(self.capacity, need)
+        ring = bytearray(new_cap)
+        size = self._size
+        if size:
+            ring[:size] = self.peek(0, size)
+        self._ring = ring
+        self._head = 0
+        return ring
+
+    def peek(self, offset: int, size: int) -> bytes | bytearray:
+        """A copy of ``size`` bytes (fewer if fewer are held) starting ``offset`` bytes after the oldest
+        unacknowledged byte."""
+        if offset + size > self._size:
+            size = self._size - offset if offset < self._size else 0
+        ring = self._ring
+        cap = len(ring)
+        start = self._head + offset
+        if start >= cap:
+            start -= cap
+        end = start + size
+        if end <= cap:
+            return ring[start:end]
+        return ring[start:] + ring[: end - cap]
 
     def consume(self, n: int) -> None:
         """Drop the ``n`` oldest bytes (they were acknowledged)."""
-        if n >= len(self._buf):
-            self._buf = bytearray()
-        else:
-            del self._buf[:n]
+        if n >= self._size:
+            self.release()
+            return
+        head = self._head + n
+        cap = len(self._ring)
+        self._head = head - cap if head >= cap else head
+        self._size -= n
 
     def release(self) -> None:
-        """Free the memory (the connection is gone)."""
-        self._buf = bytearray()
+        """Free the memory (everything was acknowledged, or the connection is gone)."""
+        self._ring = bytearray()
+        self._head = 0
+        self._size = 0
 
 
 class ReceiveBuffer:
     """In-order bytes waiting for the application, plus the out-of-order blocks behind a hole."""
 
-    __slots__ = ("_buf", "_ooo_data", "_ooo_ends", "_ooo_starts", "capacity", "max_blocks", "ooo_bytes")
+    __slots__ = (
+        "_chunks",
+        "_ooo_data",
+        "_ooo_ends",
+        "_ooo_starts",
+        "_size",
+        "capacity",
+        "max_blocks",
+        "ooo_bytes",
+    )
 
     def __init__(self, capacity: int, max_blocks: int = 256) -> None:
         self.capacity = capacity
         self.max_blocks = max_blocks
-        self._buf = bytearray()
+        self._chunks: deque[Buffer] = deque()
+        self._size = 0
         # Parallel sorted lists: block i covers [starts[i], ends[i]) and holds data[i].
         self._ooo_starts: list[int] = []
         self._ooo_ends: list[int] = []
@@ -76,27 +145,54 @@ class ReceiveBuffer:
         self.ooo_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._size
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self._buf)
+        return self.capacity - self._size
 
     def append(self, data: Buffer) -> None:
-        self._buf += data
+        """Queue in-order bytes. A view of a ``bytes`` object is kept as it is (it cannot change)."""
+        if data.__class__ is memoryview:
+            if data.obj.__class__ is not bytes:
+                data = bytes(data)
+        elif data.__class__ is not bytes:
+            data = bytes(data)
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
 
     def read(self, max_bytes: int) -> bytes:
-        buf = self._buf
-        if max_bytes >= len(buf):
-            out = bytes(buf)
-            self._buf = bytearray()
+        chunks = self._chunks
+        size = self._size
+        if max_bytes >= size:
+            if len(chunks) == 1:
+                only = chunks.pop()
+                out = only if only.__class__ is bytes else bytes(only)
+            else:
+                out = b"".join(chunks)
+                chunks.clear()
+            self._size = 0
             return out
-        out = bytes(buf[:max_bytes])
-        del buf[:max_bytes]
-        return out
+        parts: list[Buffer] = []
+        taken = 0
+        while taken < max_bytes:
+            chunk = chunks.popleft()
+            room = max_bytes - taken
+            if len(chunk) > room:
+                view = chunk if chunk.__class__ is memoryview else memoryview(chunk)
+                parts.append(view[:room])
+                chunks.appendleft(view[room:])
+                taken = max_bytes
+            else:
+                parts.append(chunk)
+                taken += len(chunk)
+        self._size = size - taken
+        return b"".join(parts)
 
     def release(self) -> None:
-        self._buf = bytearray()
+        self._chunks = deque()
+        self._size = 0
         self._ooo_starts = []
         self._ooo_ends = []
         self._ooo_data = []
@@ -184,10 +280,9 @@ class ReceiveBuffer:
             data = self._ooo_data.pop(0)
             self.ooo_bytes -= end - start
             if end > rcv_nxt:
-                if start == rcv_nxt:
-                    self._buf += data
-                else:
-                    with memoryview(data) as view:
-                        self._buf += view[rcv_nxt - start :]
+                # The block is ours alone (insert copied it): queue it, or its tail, without a copy.
+                chunk = data if start == rcv_nxt else memoryview(data)[rcv_nxt - start :]
+                self._chunks.append(chunk)
+                self._size += len(chunk)
                 rcv_nxt = end
         return rcv_nxt
