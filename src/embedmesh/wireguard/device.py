@@ -206,8 +206,9 @@ class WireGuardDevice:
 
     # ------------------------------------------------------------------ underlay input
 
-    def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> bytes | memoryview | None:
-        """Process one UDP payload; return the IP packet it carried, if any.
+    def receive_datagram(self, data: bytes | memoryview, source: Endpoint, now: float) -> bytes | None:
+        """Process one UDP payload (``bytes``, or a view of the underlay's receive buffer); return the IP
+        packet it carried, if any.
 
         Never raises for anything ``data`` contains.
         """
@@ -216,6 +217,9 @@ class WireGuardDevice:
                 kind, receiver, counter = _unpack_transport(data)
                 if kind == MESSAGE_TRANSPORT:
                     return self._receive_transport(data, receiver, counter, source, now)
+            if data.__class__ is not bytes:
+                data = bytes(data)  # handshake messages are parsed and kept as bytes
+            assert isinstance(data, bytes)
             kind = messages.message_type(data)
             if kind == MESSAGE_INITIATION:
                 self._receive_initiation(data, source, now)
@@ -234,8 +238,8 @@ class WireGuardDevice:
         return None
 
     def _receive_transport(
-        self, data: bytes, receiver: int, counter: int, source: Endpoint, now: float
-    ) -> bytes | memoryview | None:
+        self, data: bytes | memoryview, receiver: int, counter: int, source: Endpoint, now: float
+    ) -> bytes | None:
         # The per-packet path of every data packet: helpers are inlined on purpose.
         keypair = self._indices.get(receiver)
         if keypair.__class__ is not Keypair:
@@ -252,7 +256,8 @@ class WireGuardDevice:
             self._counts["drop_replay"] += 1
             return None
         try:
-            plaintext = keypair.receiver.decrypt(_pack_nonce(counter), memoryview(data)[16:], None)
+            ciphertext = data[16:] if data.__class__ is memoryview else memoryview(data)[16:]
+            plaintext = keypair.receiver.decrypt(_pack_nonce(counter), ciphertext, None)
         except InvalidTag:
             self._counts["drop_authentication"] += 1
             return None

@@ -700,7 +700,8 @@ class TcpConnection:
     ) -> bool:
         """The layer's entry for an ESTABLISHED segment with only ACK (and PSH/ECE/CWR) set and the
         usual timestamp option, straight from the header fields: :meth:`_fast_path` without a
-        :class:`TcpSegment`. False, having changed nothing, when it needs the general path."""
+        :class:`TcpSegment`. False, having changed nothing, when it needs the general path; when
+        True, the connection's timers are already rescheduled."""
         rcv_nxt = self.rcv_nxt
         if seq_w != rcv_nxt & _M or self._in_recovery:
             return False
@@ -741,6 +742,7 @@ class TcpConnection:
             self._ack_advance(ack, (tsval, tsecr) if tsval >= 0 else None, 0, now)
             if self.state is not CLOSED:
                 self._output(now)
+                self._layer._reschedule(self)
             return True
         rbuf = self._rbuf
         if ack != una or rbuf._ooo_starts or self._app_closed or plen > self.rcv_adv - seq:
@@ -749,7 +751,12 @@ class TcpConnection:
             self._ts_recent = tsval
         self._snd_wl1 = seq
         self._snd_wl2 = ack
-        rbuf.append(payload)
+        if payload.obj.__class__ is bytes:
+            # ReceiveBuffer.append, inlined: a view of an immutable packet is queued as it is.
+            rbuf._chunks.append(payload)
+            rbuf._size += plen
+        else:
+            rbuf.append(payload)
         self.rcv_nxt = seq + plen
         if plen > self._rcv_mss:
             self._rcv_mss = plen if plen <= self._adv_mss else self._adv_mss
@@ -763,10 +770,16 @@ class TcpConnection:
                 self._delack_at = now + delay
             else:
                 self._ack_now = True
-        self._layer._changed(self)
-        # A pure receiver has nothing to send but a due ACK: skip the output machinery then.
-        if self._ack_now or self._sbuf or self._fin_queued or self.snd_nxt < self.snd_max:
+        layer = self._layer
+        layer._changed(self)
+        # A pure receiver has nothing to send but a due ACK: skip the output machinery then. The
+        # only timer this path can bring forward is the delayed ACK (the layer's heap holds the
+        # earliest deadline; see TcpLayer._reschedule).
+        if self._ack_now or self._fin_queued or self.snd_nxt < self.snd_max or self._sbuf._size:
             self._output(now)
+            layer._reschedule(self)
+        elif self._delack_at < self._sched:
+            layer._reschedule(self)
         return True
 
     def _data_ack_due(self, pending: int, now: float) -> None:
@@ -1330,7 +1343,7 @@ class TcpConnection:
         # the ACK, window and timestamp they carry are the same, so they are computed once (at the
         # first segment, as _window_field moves RCV.ADV).
         plain = not (self._sack_ok and (self._dsack is not None or self._rbuf._ooo_starts))
-        buf = self._sbuf._buf
+        peek = self._sbuf.peek
         window = -1
         ack_w = tsval = tsecr = 0
         emitted = 0
@@ -1396,7 +1409,6 @@ class TcpConnection:
                     self._ack_now = False
                     self._ack_pending = 0
                     self._delack_at = _INF
-                offset = seq - sbuf_seq
                 segment = build_tcp_fast(
                     self._pseudo,
                     self.local_port,
@@ -1407,7 +1419,7 @@ class TcpConnection:
                     window,
                     tsval,
                     tsecr,
-                    buf[offset : offset + n],
+                    peek(seq - sbuf_seq, n),
                 )
                 emitted += 1
                 self._layer._transmit_cb(self.local_addr, self.remote_addr, segment)

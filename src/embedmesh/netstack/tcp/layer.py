@@ -216,7 +216,6 @@ class TcpLayer:
                         verify = False
                     view = segment if segment.__class__ is memoryview else memoryview(segment)
                     if conn._fast_receive(seq, ack, window, tsval, tsecr, view[32:], now):
-                        self._reschedule(conn)
                         return
         try:
             seg = parse_tcp(
