@@ -32,7 +32,9 @@ __all__ = [
     "URG",
     "TcpSegment",
     "build_tcp",
+    "build_tcp_burst",
     "build_tcp_fast",
+    "burst_sum",
     "flags_repr",
     "parse_tcp",
     "pseudo_base",
@@ -284,6 +286,46 @@ def build_tcp_fast(
         )
     header0 = _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, 0, 0)
     csum = -(ones_sum(payload) + pseudo_sum + 20 + len(payload) + _from_bytes(header0, "big")) % 0xFFFF
+    return _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, csum, 0) + payload
+
+
+def burst_sum(
+    pseudo_sum: int, src_port: int, dst_port: int, ack: int, flags: int, window: int, tsval: int, tsecr: int
+) -> int:
+    """What the checksums of a burst of segments share: the pseudo-header (length 0) and every header
+    field but the sequence number, for :func:`build_tcp_burst`. Arguments as :func:`build_tcp_fast`."""
+    if tsval >= 0:
+        header0 = _HEADER_TS.pack(
+            src_port, dst_port, 0, ack, 0x80, flags, window, 0, 0, 1, 1, 8, 10, tsval, tsecr
+        )
+        return (pseudo_sum + 32 + _from_bytes(header0, "big")) % 0xFFFF
+    header0 = _HEADER.pack(src_port, dst_port, 0, ack, 0x50, flags, window, 0, 0)
+    return (pseudo_sum + 20 + _from_bytes(header0, "big")) % 0xFFFF
+
+
+def build_tcp_burst(
+    shared_sum: int,
+    src_port: int,
+    dst_port: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    tsval: int,
+    tsecr: int,
+    payload: bytes | bytearray | memoryview,
+) -> bytes:
+    """:func:`build_tcp_fast` for one segment of a burst, given ``shared_sum = burst_sum(...)`` of the
+    same fields: the sequence number adds to the sum as itself (2**16 is 1 modulo 0xFFFF), so each
+    segment costs one header pack and the payload's sum."""
+    csum = -(ones_sum(payload) + shared_sum + len(payload) + seq) % 0xFFFF
+    if tsval >= 0:
+        return (
+            _HEADER_TS.pack(
+                src_port, dst_port, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr
+            )
+            + payload
+        )
     return _HEADER.pack(src_port, dst_port, seq, ack, 0x50, flags, window, csum, 0) + payload
 
 

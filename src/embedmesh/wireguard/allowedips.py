@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 Network = IPv4Network | IPv6Network
+_MISSING = object()
 
 
 class _Family(Generic[T]):
@@ -75,8 +76,9 @@ class AllowedIPs(Generic[T]):
     def lookup(self, address: bytes) -> T | None:
         """The value of the longest prefix containing ``address`` (4 or 16 raw bytes), or None."""
         cache = self._cache
-        if address in cache:
-            return cache[address]
+        found = cache.get(address, _MISSING)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
         if len(cache) >= 4096:
             cache.clear()
         found = cache[address] = self._walk(address)

@@ -30,7 +30,19 @@ from embedmesh.netstack.tcp.config import TcpConfig, TcpState
 from embedmesh.netstack.tcp.congestion import make_controller
 from embedmesh.netstack.tcp.rtt import RttEstimator
 from embedmesh.netstack.tcp.sack import SackScoreboard, receiver_blocks
-from embedmesh.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment, build_tcp, build_tcp_fast
+from embedmesh.wire.tcp import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    TcpSegment,
+    build_tcp,
+    build_tcp_burst,
+    build_tcp_fast,
+    burst_sum,
+)
 
 if TYPE_CHECKING:
     from embedmesh.netstack.tcp.layer import TcpLayer
@@ -1347,6 +1359,56 @@ class TcpConnection:
         window = -1
         ack_w = tsval = tsecr = 0
         emitted = 0
+        seq = self.snd_nxt
+        if plain and seq == self.snd_max:
+            # The steady state of a bulk sender, in a tight loop: new data in full segments, none of
+            # them the last of the queue (that one may carry PSH or FIN: the loop below sends it).
+            last = data_end - 1 if data_end - 1 < limit else limit
+            count = (last - seq) // mss if last > seq else 0
+            if count > 0:
+                window = self._window_field()
+                rcv_nxt = self.rcv_nxt
+                ack_w = rcv_nxt & _M
+                if self._ts_ok:
+                    tsval = (int(now * 1000) + self._ts_offset) & _M
+                    tsecr = self._ts_recent
+                else:
+                    tsval = -1
+                    if self._rtt_seq is None:
+                        self._rtt_seq = seq + mss
+                        self._rtt_time = now
+                self._last_ack_sent = rcv_nxt
+                self._ack_now = False
+                self._ack_pending = 0
+                self._delack_at = _INF
+                transmit = self._layer._transmit_cb
+                local_addr = self.local_addr
+                remote_addr = self.remote_addr
+                local_port = self.local_port
+                remote_port = self.remote_port
+                shared = burst_sum(self._pseudo, local_port, remote_port, ack_w, ACK, window, tsval, tsecr)
+                for _ in range(count):
+                    transmit(
+                        local_addr,
+                        remote_addr,
+                        build_tcp_burst(
+                            shared,
+                            local_port,
+                            remote_port,
+                            seq & _M,
+                            ack_w,
+                            ACK,
+                            window,
+                            tsval,
+                            tsecr,
+                            peek(seq - sbuf_seq, mss),
+                        ),
+                    )
+                    seq += mss
+                emitted = count
+                self.snd_nxt = self.snd_max = seq
+                if self._rto_at == _INF:
+                    self._rto_at = now + self.rtt.rto
         while True:
             seq = self.snd_nxt
             snd_max = self.snd_max

@@ -187,15 +187,6 @@ class TcpLayer:
         0xFFFF, to its one's-complement sum), saves reading it again to verify the checksum.
         """
         self.now = now
-        pair = (src, dst)
-        pseudo = self._pseudo_cache.get(pair)
-        if pseudo is None:
-            if len(src) not in (4, 16) or len(dst) != len(src):
-                self.counters["rx_bad_address"] += 1
-                return
-            if len(self._pseudo_cache) >= 4096:
-                self._pseudo_cache.clear()
-            pseudo = self._pseudo_cache[pair] = pseudo_base(src, dst)
         verify = self._verify
         length = len(segment)
         if length >= 32:
@@ -210,13 +201,24 @@ class TcpLayer:
                     if verify:
                         if segment_sum is None:
                             segment_sum = ones_sum(segment)
-                        if (segment_sum + pseudo + length) % 0xFFFF:
+                        # The connection's pseudo-header sum (addition does not care which address
+                        # is the source).
+                        if (segment_sum + conn._pseudo + length) % 0xFFFF:
                             self.counters["rx_malformed"] += 1
                             return
                         verify = False
                     view = segment if segment.__class__ is memoryview else memoryview(segment)
                     if conn._fast_receive(seq, ack, window, tsval, tsecr, view[32:], now):
                         return
+        pair = (src, dst)
+        pseudo = self._pseudo_cache.get(pair)
+        if pseudo is None:
+            if len(src) not in (4, 16) or len(dst) != len(src):
+                self.counters["rx_bad_address"] += 1
+                return
+            if len(self._pseudo_cache) >= 4096:
+                self._pseudo_cache.clear()
+            pseudo = self._pseudo_cache[pair] = pseudo_base(src, dst)
         try:
             seg = parse_tcp(
                 segment, src, dst, verify_checksum=verify, pseudo_sum=pseudo, segment_sum=segment_sum
