@@ -245,7 +245,6 @@ class WireGuardDevice:
         if keypair.__class__ is not Keypair:
             self._counts["drop_unknown_index"] += 1
             return None
-        assert isinstance(keypair, Keypair)
         if now - keypair.created >= REJECT_AFTER_TIME:
             self._counts["drop_expired_keypair"] += 1
             return None
