@@ -42,9 +42,9 @@ def test_nodes_join_and_reach_each_other_by_name(
             assert str(web.ips[0]).startswith("100.") and web.ips[1].version == 6
             assert web.fqdn == "web.mesh.internal"
             with anyio.fail_after(10):
-                while db.netmap is None or not db.netmap.peers:
+                while not db.status().peers or not web.status().peers:
                     await anyio.sleep(0.05)
-            assert await db.ping("web", timeout=5) > 0
+            assert await db.ping("web", timeout=10) > 0
             listener = await web.listen("tcp", ":8080")
             async with anyio.create_task_group() as tg:
 
@@ -117,10 +117,11 @@ def test_unapproved_node_waits_and_has_no_peers_until_approved(tmp_path: Path) -
                     await newbie.ping(str(web.ips[0]), timeout=0.5)
                 admin.post(f"/nodes/{newbie._control.node_id}/approve")  # type: ignore[union-attr]
                 await newbie.up(timeout=10)
+                # Both sides must have the other in their map before a handshake can succeed.
                 with anyio.fail_after(10):
-                    while not newbie.status().peers:
+                    while not newbie.status().peers or not web.status().peers:
                         await anyio.sleep(0.05)
-                assert await newbie.ping("web", timeout=5) > 0
+                assert await newbie.ping("web", timeout=10) > 0
 
         anyio.run(main)
     finally:
@@ -136,9 +137,9 @@ def test_expired_node_is_cut_off_from_its_peers(control: tuple[Any, Admin]) -> N
             await a.up(timeout=10)
             await b.up(timeout=10)
             with anyio.fail_after(10):
-                while not a.status().peers:
+                while not a.status().peers or not b.status().peers:
                     await anyio.sleep(0.05)
-            assert await a.ping("b", timeout=5) > 0
+            assert await a.ping("b", timeout=10) > 0
             admin.post(f"/nodes/{b._control.node_id}/expire")  # type: ignore[union-attr]
             with anyio.fail_after(10):
                 while a.status().peers or b.status().peers:
@@ -167,7 +168,7 @@ def test_curl_socks5_hostname_reaches_an_asgi_app_on_another_node(control: tuple
             await laptop.up(timeout=10)
             await web.serve_asgi(app, ":80")
             with anyio.fail_after(10):
-                while laptop.netmap is None or not laptop.netmap.peers:
+                while not laptop.status().peers or not web.status().peers:
                     await anyio.sleep(0.05)
             local = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
             port = local.extra(anyio.abc.SocketAttribute.local_port)
