@@ -63,6 +63,7 @@ from embedmesh.control.messages import (
 )
 from embedmesh.control.netmap import (
     ALLOW_ALL,
+    CHANGEABLE_FIELDS,
     DNSChanged,
     DNSConfig,
     NetworkMap,
@@ -90,21 +91,6 @@ TAGGED_OWNER = "tagged-devices"
 DEFAULT_OWNER = "default"
 
 _PERSISTED = frozenset(f.name for f in dataclasses.fields(NodeRecord)) - {"id"}
-#: Fields a peer's entry shows, by the name PeerChange uses.
-_VISIBLE = (
-    "node_key",
-    "disco_key",
-    "name",
-    "hostname",
-    "fqdn",
-    "endpoints",
-    "tags",
-    "user",
-    "os",
-    "online",
-    "last_seen",
-    "key_expiry",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +368,9 @@ class Coordinator:
         is_in_mesh = node.in_mesh
         own = self._streams.get(node.id)
         if was_in_mesh and is_in_mesh:
-            diff = {f: getattr(after, f) for f in _VISIBLE if getattr(after, f) != getattr(before, f)}
+            diff = {
+                f: getattr(after, f) for f in CHANGEABLE_FIELDS if getattr(after, f) != getattr(before, f)
+            }
             if diff:
                 self._fan_out(node, encode_op(PeerChange(node.id, **diff)))
             if own is not None:
