@@ -105,3 +105,79 @@ def test_starlette_app_on_the_mesh(backend: str) -> None:
         assert events == ["startup", "shutdown"]
 
     anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_node_close_runs_the_lifespan_shutdown_of_every_app(backend: str) -> None:
+    """Closing the node (not the listeners) is how most programs stop: each app's shutdown runs."""
+    recorded: list[str] = []
+
+    def make_app(label: str) -> Starlette:
+        @contextlib.asynccontextmanager
+        async def life(app: Starlette) -> AsyncIterator[None]:
+            recorded.append(f"{label} startup")
+            yield
+            await anyio.sleep(0.01)  # a shutdown that awaits, as closing a database pool does
+            recorded.append(f"{label} shutdown")
+
+        return Starlette(routes=[], lifespan=life)
+
+    async def main() -> None:
+        async with two_nodes() as (_, b):
+            await b.serve_asgi(make_app("first"), ":80")
+            await b.serve_asgi(make_app("second"), ":81")
+            assert recorded == ["first startup", "second startup"]
+        assert sorted(recorded[2:]) == ["first shutdown", "second shutdown"]
+
+    anyio.run(main, backend=backend)
+
+
+async def _status_line(stream: Any, head: bytes) -> bytes:
+    await stream.send(head)
+    data = b""
+    while b"\r\n" not in data:
+        data += await stream.receive()
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_responses_carry_the_reason_phrase() -> None:
+    """The status line on the wire, as curl -v and proxies show it: ``HTTP/1.1 200 OK``."""
+
+    async def teapot(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("short and stout", status_code=418)
+
+    async def odd(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("no phrase for this one", status_code=599)
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("fine")
+
+    plain = Starlette(
+        routes=[Route("/", ok), Route("/teapot", teapot), Route("/odd", odd), Route("/upload", upload, methods=["POST"])]
+    )
+
+    async def main() -> None:
+        async with two_nodes() as (a, b):
+            await b.serve_asgi(plain, ":80")
+            for target, line in [
+                (b"/", b"HTTP/1.1 200 OK"),
+                (b"/missing", b"HTTP/1.1 404 Not Found"),
+                (b"/teapot", b"HTTP/1.1 418 I'm a Teapot"),
+                (b"/odd", b"HTTP/1.1 599 "),
+            ]:
+                async with await a.dial("tcp", "100.64.0.2:80") as stream:
+                    head = b"GET " + target + b" HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"
+                    assert await _status_line(stream, head) == line
+            # The server's own answers too: a request h11 cannot parse, and 100 Continue.
+            async with await a.dial("tcp", "100.64.0.2:80") as stream:
+                assert await _status_line(stream, b"GET / HTTP/1.1\r\nbad header\r\n\r\n") == (
+                    b"HTTP/1.1 400 Bad Request"
+                )
+            async with await a.dial("tcp", "100.64.0.2:80") as stream:
+                head = (
+                    b"POST /upload HTTP/1.1\r\nhost: web\r\ncontent-length: 2\r\n"
+                    b"expect: 100-continue\r\n\r\n"
+                )
+                assert await _status_line(stream, head) == b"HTTP/1.1 100 Continue"
+
+    anyio.run(main)

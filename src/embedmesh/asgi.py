@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -33,6 +34,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_TIMEOUT = 75.0
 READ_CHUNK = 65536
+#: How long the app's lifespan shutdown may take before it is cancelled.
+SHUTDOWN_TIMEOUT = 10.0
 
 
 class Lifespan:
@@ -46,8 +49,16 @@ class Lifespan:
         self._shutdown_done = anyio.Event()
         self.supported = True
         self.error: str | None = None
+        self._scope: anyio.CancelScope | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Once startup is done the app's lifespan is shielded: cancelling the server (closing the
+        # node cancels its tasks) must still deliver lifespan.shutdown and let the app run it;
+        # :meth:`shutdown` cancels the app itself if it takes longer than SHUTDOWN_TIMEOUT.
+        with anyio.CancelScope() as self._scope:
+            await self._run(task_status)
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
         await self._receive_send.send({"type": "lifespan.startup"})
 
@@ -59,6 +70,8 @@ class Lifespan:
             if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
                 if kind.endswith("failed"):
                     self.error = message.get("message", "startup failed")
+                elif self._scope is not None:
+                    self._scope.shield = True
                 self._startup_done.set()
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 self._shutdown_done.set()
@@ -86,10 +99,15 @@ class Lifespan:
                 self._shutdown_done.set()
 
     async def shutdown(self) -> None:
+        """Send lifespan.shutdown and wait (at most SHUTDOWN_TIMEOUT) for the app to finish it."""
         if self.supported and not self._shutdown_done.is_set():
             await self._receive_send.send({"type": "lifespan.shutdown"})
-            with anyio.move_on_after(10):
+            with anyio.move_on_after(SHUTDOWN_TIMEOUT):
                 await self._shutdown_done.wait()
+            if not self._shutdown_done.is_set():
+                logger.warning("ASGI lifespan shutdown did not finish in %g s; cancelled", SHUTDOWN_TIMEOUT)
+        if self._scope is not None:
+            self._scope.cancel()
 
 
 class _Connection:
@@ -150,6 +168,7 @@ class _Connection:
             await self._write(
                 h11.Response(
                     status_code=status,
+                    reason=_reason(status),
                     headers=[
                         ("content-type", "text/plain; charset=utf-8"),
                         ("content-length", str(len(body))),
@@ -205,7 +224,7 @@ class _Connection:
                 await anyio.sleep_forever()
             if expect_continue and not response_started:
                 expect_continue = False
-                await self._write(h11.InformationalResponse(status_code=100, headers=[]))
+                await self._write(h11.InformationalResponse(status_code=100, headers=[], reason=_reason(100)))
             event = await self._next_event()
             if isinstance(event, h11.Data):
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
@@ -221,7 +240,8 @@ class _Connection:
             if kind == "http.response.start" and not response_started:
                 response_started = True
                 headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", [])]
-                await self._write(h11.Response(status_code=message["status"], headers=headers))
+                status = int(message["status"])
+                await self._write(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
             elif kind == "http.response.body" and response_started and not response_complete:
                 body = message.get("body", b"")
                 if body and not head:
@@ -253,6 +273,15 @@ class _Connection:
                 break
 
 
+def _reason(status: int) -> bytes:
+    """The reason phrase for a status line (``200 OK``); empty for codes without one, which
+    HTTP/1.1 allows (RFC 9112 §4)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
 async def serve_asgi(
     app: ASGIApp,
     listener: anyio.abc.Listener[Any],
@@ -278,7 +307,10 @@ async def serve_asgi(
         try:
             await listener.serve(handle)
         finally:
+            # Stop accepting first, then let the app shut down (shielded: this runs when the
+            # serving task is cancelled, which is how Node.close() stops it).
             with anyio.CancelScope(shield=True):
-                await life.shutdown()
                 await listener.aclose()
+                if lifespan:
+                    await life.shutdown()
             tg.cancel_scope.cancel()

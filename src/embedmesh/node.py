@@ -216,6 +216,8 @@ class Node:
         self._ping_ident = int.from_bytes(os.urandom(2), "big")
         self._ping_sequence = 0
         self._ping_waiters: dict[tuple[bytes, int, int], list[object]] = {}
+        #: Each serve_asgi task's cancel scope and the event it sets once its app has shut down.
+        self._asgi_servers: list[tuple[anyio.CancelScope, anyio.Event]] = []
         self._magic_dns = magic_dns
         self._zone_serial = 0
         resolv: ResolvConf | None = None
@@ -301,6 +303,12 @@ class Node:
         if self._closed and self._task_group is None:
             return
         self._closed = True
+        # Apps first, while the mesh still works: a lifespan shutdown may talk to peers.
+        servers, self._asgi_servers = self._asgi_servers, []
+        for scope, _ in servers:
+            scope.cancel()
+        for _, stopped in servers:
+            await stopped.wait()
         control, self._control = self._control, None
         if control is not None:
             if self.ephemeral and control.connected:
@@ -628,12 +636,24 @@ class Node:
         """Serve an ASGI application (Starlette, FastAPI, Django, ...) on the mesh over HTTP/1.1.
 
         Starts in the background (with the app's lifespan startup done before this returns) and
-        serves until the node closes or the returned listener is closed.
+        serves until the node closes or the returned listener is closed; either way the app's
+        lifespan shutdown runs (``close()`` waits for it, at most 10 s per app).
         """
         self._require_running()
         assert self._task_group is not None
         listener = await self.listen("tcp", address)
-        await self._task_group.start(partial(serve_asgi, app, listener, root_path=root_path))
+        scope = anyio.CancelScope()
+        stopped = anyio.Event()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await serve_asgi(app, listener, root_path=root_path, task_status=task_status)
+            finally:
+                stopped.set()
+
+        await self._task_group.start(serve)
+        self._asgi_servers.append((scope, stopped))
         return listener
 
     async def _local_endpoint(self, address: str, family: int | None = None) -> tuple[bytes | None, int]:
