@@ -193,9 +193,13 @@ class Node:
             self._control_url = control_url
             self._auth_key = auth_key if auth_key is not None else os.environ.get("EMBEDMESH_AUTH_KEY")
             self._tags = tuple(tags)
+        # The operating system's CSPRNG for everything a peer could learn from and predict: TCP's
+        # ISN, timestamp and SYN-cookie keys, ephemeral ports, handshake timer jitter.
+        rng = random.SystemRandom()
         self._device = WireGuardDevice(
             private_key,
             mtu=self.mtu,
+            rng=rng,
             wall_clock_offset=time.time() - time.monotonic(),
         )
         self._underlay = UdpUnderlay()
@@ -204,7 +208,7 @@ class Node:
             from embedmesh.pcap import PcapLink, PcapWriter
 
             self._link = PcapLink(self._link, PcapWriter(pcap))
-        self._stack = Netstack(addresses, self._link.send, mtu=self.mtu)
+        self._stack = Netstack(addresses, self._link.send, mtu=self.mtu, rng=rng)
         self._interface = self._stack.interface
         self._interface.on_echo_reply = self._on_echo_reply
         self._dataplane = DataPlane(self._stack, self._link)

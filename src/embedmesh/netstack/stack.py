@@ -20,7 +20,11 @@ from embedmesh.wire.ipv4 import build_ipv4_summed, header_partial_sum
 
 
 class Netstack:
-    """Interface + TCP + UDP over one link."""
+    """Interface + TCP + UDP over one link.
+
+    ``rng`` is the one random source of TCP and UDP (keys, ephemeral ports): the operating system's
+    CSPRNG (:class:`random.SystemRandom`) unless a simulation hands in a seeded ``random.Random``.
+    """
 
     def __init__(
         self,
@@ -31,7 +35,7 @@ class Netstack:
         rng: random.Random | None = None,
         tcp_config: TcpConfig | None = None,
     ) -> None:
-        rng = rng or random.Random()
+        rng = rng if rng is not None else random.SystemRandom()
         self.transmit = transmit
         self.interface = NetworkInterface(addresses, self._transmit, mtu=mtu)
         self.tcp = TcpLayer(self._transmit_tcp, rng=rng, config=tcp_config, mtu=mtu)

@@ -55,11 +55,13 @@ class UdpSocketState:
 
 
 class UdpLayer:
-    """All UDP sockets of one interface."""
+    """All UDP sockets of one interface. ``rng`` picks ephemeral ports (RFC 6056: unpredictable, so
+    an off-path attacker cannot aim spoofed datagrams at a port): :class:`random.SystemRandom` unless
+    a simulation hands in a seeded one."""
 
     def __init__(self, interface: NetworkInterface, rng: random.Random | None = None) -> None:
         self.interface = interface
-        self.rng = rng or random.Random()
+        self.rng = rng if rng is not None else random.SystemRandom()
         self.counters: Counter[str] = Counter()
         # (local address or None for any, port) -> socket
         self._sockets: dict[tuple[bytes | None, int], UdpSocketState] = {}

@@ -81,7 +81,8 @@ class WireGuardDevice:
     """One WireGuard interface: a static key, a UDP port's worth of peers, cryptokey routing.
 
     ``random_bytes`` supplies ephemeral keys, indices and cookie secrets (``os.urandom`` by
-    default; the simulator hands in a seeded source). ``rng`` supplies timer jitter. The TAI64N
+    default; the simulator hands in a seeded source). ``rng`` supplies timer jitter
+    (:class:`random.SystemRandom` by default). The TAI64N
     timestamp of an initiation must grow across restarts, so it is taken from
     ``now + wall_clock_offset`` (the runtime passes ``time.time() - time.monotonic()``).
     """
@@ -108,7 +109,7 @@ class WireGuardDevice:
         self._rx_packets = 0
         self._tx_packets = 0
         self._random_bytes = random_bytes
-        self._rng = rng or random.Random()
+        self._rng = rng if rng is not None else random.SystemRandom()
         self._wall_clock_offset = wall_clock_offset
         self._cookie_checker = CookieChecker(self.identity.mac1_key, self.identity.cookie_key, random_bytes)
         # Local index -> what it names: a Keypair, or (peer, initiator state) while a handshake

@@ -1,8 +1,14 @@
-"""Initial sequence numbers (RFC 6528) and SYN cookies.
+"""Initial sequence numbers (RFC 6528), timestamp offsets and SYN cookies.
 
 ISN = M + F(4-tuple, secret): a 4 µs clock plus a keyed hash of the connection's addresses and ports,
 so sequence numbers of successive incarnations of one 4-tuple keep increasing while an off-path
-attacker cannot predict them.
+attacker cannot predict them. The keys come from the layer's random source, which is the operating
+system's CSPRNG unless a simulation hands in a seeded one: a Mersenne Twister would let a peer that
+sees a few hundred of its outputs (ephemeral ports, say) compute the keys.
+
+The TCP timestamp clock of a connection starts at a keyed hash of its 4-tuple too (as Linux does), so
+TSval does not reveal the node's uptime or link its connections to each other, while successive
+incarnations of one 4-tuple keep one clock (RFC 6191 relies on that to end TIME-WAIT early).
 
 SYN cookies let a listener whose SYN backlog is full answer a SYN without keeping any state: our ISN
 encodes a coarse time counter (5 bits, 64 s steps), the peer's MSS (3 bits, an index into a table) and
@@ -35,6 +41,11 @@ def initial_sequence_number(
 ) -> int:
     """RFC 6528 §3: M (4 µs ticks) + F(localip, localport, remoteip, remoteport, secretkey)."""
     return (int(now * 250_000) + _keyed(key, local, remote, local_port, remote_port, 0)) & _M
+
+
+def timestamp_offset(key: bytes, local: bytes, remote: bytes, local_port: int, remote_port: int) -> int:
+    """Where the TSval clock of this 4-tuple's connections starts: a keyed hash (RFC 7323 §7.1)."""
+    return _keyed(key, local, remote, local_port, remote_port, 0)
 
 
 def make_cookie(

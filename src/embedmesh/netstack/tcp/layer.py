@@ -33,6 +33,7 @@ from embedmesh.netstack.tcp.isn import (
     cookie_tsval,
     initial_sequence_number,
     make_cookie,
+    timestamp_offset,
 )
 from embedmesh.netstack.tcp.listener import TcpListener
 from embedmesh.wire.checksum import ones_sum
@@ -70,15 +71,16 @@ class TcpLayer:
     """The TCP of one node.
 
     ``transmit(src, dst, segment)`` receives every outgoing segment. ``rng`` supplies all randomness
-    (secret keys, timestamp offsets, ephemeral ports) so a simulation is reproducible. ``config`` (or
-    just ``mtu``) sets the defaults of every connection.
+    (the ISN, timestamp and SYN-cookie keys, ephemeral ports): by default the operating system's
+    CSPRNG (:class:`random.SystemRandom`); a simulation hands in a seeded ``random.Random`` to be
+    reproducible. ``config`` (or just ``mtu``) sets the defaults of every connection.
     """
 
     def __init__(
         self,
         transmit: Transmit,
         *,
-        rng: random.Random,
+        rng: random.Random | None = None,
         config: TcpConfig | None = None,
         mtu: int | None = None,
         isn_key: bytes | None = None,
@@ -88,10 +90,13 @@ class TcpLayer:
             config = replace(config, mtu=mtu)
         self.config = config
         self._transmit_cb = transmit
+        rng = rng if rng is not None else random.SystemRandom()
         self._rng = rng
+        # Drawn once; after that, connection setup hashes with them and the per-packet path never
+        # touches the random source.
         self._isn_key = isn_key if isn_key is not None else rng.randbytes(16)
+        self._ts_key = rng.randbytes(16)
         self._cookie_key = rng.randbytes(16)
-        self._cookie_ts_offset = rng.getrandbits(32)
         self._conns: dict[ConnKey, TcpConnection] = {}
         self._listeners: dict[tuple[bytes | None, int], TcpListener] = {}
         self._time_wait: OrderedDict[ConnKey, TcpConnection] = OrderedDict()
@@ -446,7 +451,7 @@ class TcpLayer:
             remote_addr,
             remote_port,
             iss,
-            self._rng.getrandbits(32),
+            timestamp_offset(self._ts_key, local_addr, remote_addr, local_port, remote_port),
             self.config,
             pseudo_base(local_addr, remote_addr),
         )
@@ -530,7 +535,9 @@ class TcpLayer:
             # Options survive only inside the timestamp (as Linux): without TSopt, no scaling, no SACK.
             sack = syn.sack_permitted and cfg.sack
             peer_ws = min(syn.wscale, 14) if cfg.window_scaling and syn.wscale is not None else None
-            ts_now = (int(now * 1000) + self._cookie_ts_offset) & _M
+            # The offset the connection that the cookie's ACK creates will have: same 4-tuple, same hash.
+            offset = timestamp_offset(self._ts_key, dst, src, syn.dst_port, syn.src_port)
+            ts_now = (int(now * 1000) + offset) & _M
             ts = (cookie_tsval(ts_now, peer_ws, sack), syn.timestamp[0])
             if peer_ws is not None:
                 wscale = TcpConnection.wscale_for(cfg.recv_buffer)
@@ -569,7 +576,6 @@ class TcpLayer:
             wscale, sack = cookie_options(seg.timestamp[1])
         self.counters["syn_cookies_accepted"] += 1
         conn = self._new_connection(dst, seg.dst_port, src, seg.src_port, cookie)
-        conn._ts_offset = self._cookie_ts_offset
         conn.listener = listener
         self._conns[(dst, seg.dst_port, src, seg.src_port)] = conn
         conn._open_from_cookie(seg, mss, wscale, sack, ts_ok, now)
