@@ -501,8 +501,11 @@ class Node:
         """The addresses of ``host`` through MagicDNS: a tailnet name (``db``, ``db.mesh.internal``),
         an extra record, or any other name via split DNS and the host's resolvers, with the search
         domains applied as resolv.conf would. IP literals come back as they are. IPv4 first.
+        ``family`` limits the answer to one family: 4 or ``socket.AF_INET``, 6 or
+        ``socket.AF_INET6`` (None, the default, or ``socket.AF_UNSPEC``: both).
 
-        Raises :class:`~embedmesh.errors.NameResolutionError` (a ``LookupError``).
+        Raises :class:`~embedmesh.errors.NameResolutionError` (a ``LookupError``) whose message
+        says whether the name does not exist, has no address of that family, or got no answer.
         """
         self._require_running()
         return await self._dns.resolve(host, family=family)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -185,6 +186,36 @@ def test_the_stub_resolver_applies_search_domains_and_split_dns() -> None:
                 with pytest.raises(NameResolutionError, match="not a valid DNS name"):
                     await service.resolve(bad)
             assert [str(a) for a in await service.resolve("100.64.0.9")] == ["100.64.0.9"]
+
+    anyio.run(main)
+
+
+def test_resolve_takes_socket_families_and_names_the_missing_one() -> None:
+    """``family`` is 4/6 or what the socket module calls them, and "no answer" says for which."""
+
+    async def main() -> None:
+        async with running() as (service, _, upstream):
+            assert [str(a) for a in await service.resolve("db", family=socket.AF_INET)] == ["100.64.0.2"]
+            assert [str(a) for a in await service.resolve("db", family=socket.AF_INET6)] == [
+                "fd7a:115c:a1e0::6440:2"
+            ]
+            assert len(await service.resolve("db", family=socket.AF_UNSPEC)) == 2
+            assert [str(a) for a in await service.resolve("example.com", family=socket.AF_INET)] == [
+                "93.184.216.34"
+            ]
+            # web is a node with an IPv4 address only: the zone says so without asking upstream.
+            asked = len(upstream.queries)
+            with pytest.raises(NameResolutionError, match=r"'web' has no IPv6 address \(only 100\.64\.0\.3\)"):
+                await service.resolve("web", family=socket.AF_INET6)
+            assert len(upstream.queries) == asked
+            with pytest.raises(NameResolutionError, match=r"'example\.com' has no IPv6 address"):
+                await service.resolve("example.com", family=6)
+            with pytest.raises(NameResolutionError, match=r"'100\.64\.0\.9' is an IPv4 address, not IPv6"):
+                await service.resolve("100.64.0.9", family=socket.AF_INET6)
+            with pytest.raises(NameResolutionError, match="no such name"):
+                await service.resolve("nothing-here", family=socket.AF_INET)
+            with pytest.raises(ValueError, match="family"):
+                await service.resolve("db", family=socket.AF_UNIX)
 
     anyio.run(main)
 

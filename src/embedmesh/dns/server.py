@@ -41,7 +41,7 @@ from embedmesh.dns.message import (
 from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Client, Exchange, Pending, Resolver
 from embedmesh.dns.upstream import HostDnsConfig, ResolvConf, Upstream, exchange_on_stream, exchange_udp
-from embedmesh.errors import NameResolutionError, ParseError
+from embedmesh.errors import ConfigError, NameResolutionError, ParseError
 
 logger = logging.getLogger("embedmesh.dns")
 
@@ -409,24 +409,38 @@ class DnsService:
         """The addresses of ``host``: an IP literal as it is, a tailnet name from the zone, any
         other name through search domains, split DNS and the host's resolvers. IPv4 first.
 
+        ``family`` picks one: 4 or ``socket.AF_INET``, 6 or ``socket.AF_INET6``; None (or
+        ``socket.AF_UNSPEC``) means both.
+
         Raises :class:`~embedmesh.errors.NameResolutionError` (a ``LookupError``) when the name
-        does not exist or no resolver could answer.
+        does not exist, has no address of the family asked for, or no resolver could answer.
         """
+        version = ip_version(family)
         try:
             literal = ip_address(host.split("%")[0])
         except ValueError:
             pass
         else:
-            return [literal] if family in (None, literal.version) else []
-        found = [a for a in self.zone.addresses_of(host) if family in (None, a.version)]
+            if version in (None, literal.version):
+                return [literal]
+            raise NameResolutionError(f"{host!r} is an IPv{literal.version} address, not IPv{version}")
+        in_zone = self.zone.addresses_of(host)
+        found = [a for a in in_zone if version in (None, a.version)]
         if found:
             return sorted(found, key=lambda a: a.version)
+        if in_zone:
+            # A tailnet name (or extra record) of the other family only: the zone is the
+            # authority for it, so no upstream could say otherwise.
+            raise NameResolutionError(
+                f"{host!r} has no IPv{version} address (only {', '.join(map(str, in_zone))})"
+            )
         try:
             if not text_to_name(host):
                 raise ValueError("empty")
         except ValueError:
             raise NameResolutionError(f"{host!r} is not a valid DNS name") from None
         failures: list[str] = []
+        other_family: list[str] = []  # names that exist, but without an address (of ``version``)
         for candidate in self.search_list(host):
             try:
                 name = text_to_name(candidate)
@@ -434,15 +448,22 @@ class DnsService:
                 continue  # the name with a search domain appended is too long: skip that one
             if not name:
                 continue
-            addresses, rcode = await self._lookup_addresses(name, family)
+            addresses, rcode = await self._lookup_addresses(name, version)
             if addresses:
                 return addresses
             if rcode == RCODE_SERVFAIL:
                 failures.append(candidate)
+            elif rcode == 0:
+                other_family.append(candidate)
         if failures:
             raise NameResolutionError(
                 f"cannot resolve {host!r}: no resolver answered for {', '.join(failures)} "
                 "(check the upstream resolvers in /etc/resolv.conf or the tailnet's split DNS)"
+            )
+        if other_family:
+            kind = f"IPv{version}" if version else "IPv4 or IPv6"
+            raise NameResolutionError(
+                f"{host!r} has no {kind} address (DNS knows {', '.join(other_family)}, but without one)"
             )
         raise NameResolutionError(f"cannot resolve {host!r}: no such name in the tailnet or in DNS")
 
@@ -478,6 +499,19 @@ class DnsService:
         if RCODE_SERVFAIL in rcodes or not rcodes:
             return addresses, RCODE_SERVFAIL
         return addresses, 0 if 0 in rcodes else RCODE_NXDOMAIN
+
+
+def ip_version(family: int | None) -> int | None:
+    """4 or 6 for ``family`` given as an IP version or a ``socket.AF_*`` constant; None for both."""
+    if family is None or family == socket.AF_UNSPEC:
+        return None
+    if family in (4, socket.AF_INET):
+        return 4
+    if family in (6, socket.AF_INET6):
+        return 6
+    raise ConfigError(
+        f"family must be 4, 6, socket.AF_INET or socket.AF_INET6 (None for both), not {family!r}"
+    )
 
 
 class _Pipeline:
