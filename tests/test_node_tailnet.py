@@ -64,6 +64,34 @@ def test_nodes_join_and_reach_each_other_by_name(
     anyio.run(main, backend=backend)
 
 
+def test_whois_takes_ip_port_and_answers_address_objects(control: tuple[Any, Admin]) -> None:
+    """As tsnet's WhoIs: an address with or without its port (``remote_address`` formatted the Go
+    way); the answer's addresses are ipaddress objects, comparable with ``node.ips``."""
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        async with node(running.url, "web", key) as web, node(running.url, "db", key) as db:
+            await web.up(timeout=10)
+            await db.up(timeout=10)
+            with anyio.fail_after(10):
+                while web.netmap is None or not web.netmap.peers:
+                    await anyio.sleep(0.02)
+            v4, v6 = db.ips
+            for query in (v4, str(v4), f"{v4}:51234", str(v6), f"[{v6}]:51234", f"[{v6}%mesh0]:443"):
+                found = web.whois(query)
+                assert found is not None and found.name == "db", query
+                assert list(found.addresses) == db.ips
+            own = web.whois(f"{web.ips[0]}:80")
+            assert own is not None and own.name == "web"
+            assert web.whois("100.64.99.99:80") is None
+            for bad in ("web", "100.64.0.2:http", "[100.64.0.2]:80x", ""):
+                with pytest.raises(ValueError, match="whois"):
+                    web.whois(bad)
+
+    anyio.run(main)
+
+
 def test_restart_from_state_dir_keeps_addresses_without_a_key(
     control: tuple[Any, Admin], tmp_path: Path
 ) -> None:

@@ -96,7 +96,8 @@ class WhoIs:
 
     name: str
     fqdn: str
-    addresses: tuple[str, ...]
+    #: The node's overlay addresses, as ``IPv4Address``/``IPv6Address`` objects like ``Node.ips``.
+    addresses: tuple[IPAddress, ...]
     tags: tuple[str, ...]
     user: str
     node_key: str
@@ -431,11 +432,14 @@ class Node:
     def whois(self, address: str | IPAddress) -> WhoIs | None:
         """Which tailnet node owns the overlay ``address`` (e.g. a connection's remote address),
         with its tags and user, so an application can authorize callers by mesh identity.
-        None for an address no node has."""
+
+        ``address`` is an IP (object or text) or, as tsnet's WhoIs takes it, ``"ip:port"`` or
+        ``"[ipv6]:port"``. None for an address no node has; ``ValueError`` for text that is none
+        of these."""
+        wanted = _whois_address(address)
         netmap = self._netmap
         if netmap is None:
             return None
-        wanted = ip_address(address.split("%")[0] if isinstance(address, str) else address)
         for info in (netmap.self_node, *netmap.peers.values()):
             if wanted in info.addresses:
                 return _whois(info)
@@ -738,11 +742,28 @@ class _Overlay:
         return await self._node._sockets.dial_tcp(ip_address(host).packed, port, 10.0)
 
 
+def _whois_address(address: str | IPAddress) -> IPAddress:
+    """The IP of a whois query: an address, or an ``ip:port`` / ``[ipv6]:port`` string."""
+    if not isinstance(address, str):
+        return address
+    try:
+        return ip_address(address.split("%")[0])
+    except ValueError:
+        pass
+    try:
+        host, port = split_host_port(address)
+        if not 0 <= port < 65536:
+            raise ValueError(port)
+        return ip_address(host.split("%")[0])
+    except ValueError:
+        raise ValueError(f"whois() needs an IP address, ip:port or [ipv6]:port, not {address!r}") from None
+
+
 def _whois(info: PeerInfo) -> WhoIs:
     return WhoIs(
         name=info.name,
         fqdn=info.fqdn,
-        addresses=tuple(str(a) for a in info.addresses),
+        addresses=tuple(info.addresses),
         tags=tuple(info.tags),
         user=info.user,
         node_key=base64.b64encode(info.node_key).decode(),
