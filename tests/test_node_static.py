@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,14 @@ def test_ping_unrouted_address_times_out() -> None:
 def test_config_errors_name_the_line() -> None:
     with pytest.raises(ConfigError, match="line 2"):
         Node(wireguard_config="[Interface]\nPrivateKey = nonsense\n")
+
+
+def test_hostname_in_static_mode() -> None:
+    """wg-quick files name no host, so a static node is called what it is asked to be, or what
+    this machine is called (the short host name), as in a tailnet."""
+    _, b_text = _configs()
+    assert Node(wireguard_config=b_text).hostname == socket.gethostname().split(".")[0]
+    assert Node(wireguard_config=b_text, hostname="sensor").hostname == "sensor"
 
 
 def test_lifecycle_errors() -> None:

@@ -120,7 +120,8 @@ class Node:
             await node.up()
             rtt = await node.ping("10.0.0.2")
 
-    Tailnet options: ``hostname`` (default: this machine's), ``auth_key`` (default: the
+    Tailnet options: ``hostname`` (default: this machine's short host name, also in static
+    mode, where it is only :attr:`hostname`), ``auth_key`` (default: the
     ``EMBEDMESH_AUTH_KEY`` environment variable; not needed to rejoin from ``state_dir``),
     ``state_dir`` (keys persist there, 0600; without it the keys live in memory and the node is
     ephemeral by default), ``ephemeral`` and ``tags``. ``listen_host`` restricts the underlay UDP
@@ -164,6 +165,9 @@ class Node:
         self._netmap: NetworkMap | None = None
         self._peer_sync: PeerSync | None = None
         self._state_dir = state_dir
+        #: The name this node asks for in a tailnet (default: this machine's short host name); in
+        #: static mode, which has no names, the same default, for logs and an application's use.
+        self.hostname = hostname or socket.gethostname().split(".")[0]
         addresses: list[bytes] = []
         if wireguard_config is not None:
             config = (
@@ -189,7 +193,6 @@ class Node:
             self._keys = keys
             private_key = keys.node_key
             self.mtu = mtu or TAILNET_MTU
-            self.hostname = hostname or socket.gethostname().split(".")[0]
             self.ephemeral = ephemeral if ephemeral is not None else state_dir is None
             self._control_url = control_url
             self._auth_key = auth_key if auth_key is not None else os.environ.get("EMBEDMESH_AUTH_KEY")
