@@ -1,0 +1,145 @@
+"""Every program in examples/ runs here as a user would run it (its own process, configured by
+environment variables and arguments), against a coordination server and peers on loopback, so an
+example that stops working fails the suite instead of misleading a reader."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from embedmesh import Node
+from tests.control.control_harness import Admin, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[tuple[Any, Admin]]:
+    running = start_server(tmp_path / "control")
+    try:
+        yield running, Admin(running)
+    finally:
+        running.stop()
+
+
+def example_env(**extra: str) -> dict[str, str]:
+    """The environment of an example's process: this checkout's embedmesh first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("EMBEDMESH_AUTH_KEY", None)
+    env.update(extra)
+    return env
+
+
+class Example:
+    """A running example: its output line by line, and its exit."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self.process = process
+        self.output = ""
+        self._buffer = b""
+
+    async def expect(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """Wait for an output line matching ``pattern``; fail with everything printed so far."""
+        assert self.process.stdout is not None
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    while b"\n" in self._buffer:
+                        raw, self._buffer = self._buffer.split(b"\n", 1)
+                        line = raw.decode(errors="replace")
+                        self.output += line + "\n"
+                        if match := re.search(pattern, line):
+                            return match
+                    try:
+                        self._buffer += await self.process.stdout.receive()
+                    except anyio.EndOfStream:
+                        raise AssertionError(
+                            f"example exited ({await self.process.wait()}) before printing {pattern!r}:\n"
+                            f"{self.output}{self._buffer.decode(errors='replace')}"
+                        ) from None
+        except TimeoutError:
+            raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output}") from None
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (what docker stop and systemd send) and the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(timeout):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def run_example(*argv: str, env: dict[str, str]) -> AsyncIterator[Example]:
+    command = [sys.executable, *argv] if argv[0].endswith(".py") else list(argv)
+    process = await anyio.open_process(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        yield Example(process)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(10):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+def tailnet_node(url: str, name: str, key: str, **kw: Any) -> Node:
+    return Node(hostname=name, control_url=url, auth_key=key, listen_host="127.0.0.1", **kw)
+
+
+async def wait_for_peer(node: Node, name: str, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not any(peer.name == name for peer in node.status().peers):
+            await anyio.sleep(0.05)
+
+
+def tailnet_env(running: Any, key: str, **extra: str) -> dict[str, str]:
+    return example_env(
+        EMBEDMESH_CONTROL_URL=running.url, EMBEDMESH_AUTH_KEY=key, EMBEDMESH_LISTEN_HOST="127.0.0.1", **extra
+    )
+
+
+# ---------------------------------------------------------------- fastapi_whois.py
+
+
+def test_fastapi_app_greets_its_caller_by_name(control: tuple[Any, Admin]) -> None:
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        # The caller joins first, so the app's first network map already holds it and the
+        # caller's first handshake is answered (a peer added later would need a retry).
+        async with tailnet_node(running.url, "alice", key) as alice:
+            await alice.up(timeout=10)
+            env = tailnet_env(running, key, EMBEDMESH_HOSTNAME="hello", PORT="8080")
+            async with run_example("examples/fastapi_whois.py", env=env) as app:
+                await app.expect(r"serving http://hello\.mesh\.internal:8080/")
+                await wait_for_peer(alice, "hello")
+                async with alice.http_client(timeout=10) as http:
+                    response = await http.get("http://hello:8080/")
+                assert response.status_code == 200, response.text
+                assert response.json() == {"greeting": "Hello, alice!", "user": "default", "tags": []}
+                assert await app.stop() == 0
+                await app.expect("SIGTERM: stopping")
+            # The app's node was ephemeral and logged out on SIGTERM: it is gone at once.
+            assert [n["name"] for n in admin.nodes()] == ["alice"]
+
+    anyio.run(main)
