@@ -143,3 +143,73 @@ def test_fastapi_app_greets_its_caller_by_name(control: tuple[Any, Admin]) -> No
             assert [n["name"] for n in admin.nodes()] == ["alice"]
 
     anyio.run(main)
+
+
+# ---------------------------------------------------------------- ci_job.sh
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ci_job_reaches_a_service_by_name_through_socks5_and_leaves(
+    control: tuple[Any, Admin], tmp_path: Path
+) -> None:
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    running, admin = control
+    key = admin.key(reusable=True, ephemeral=True, preapproved=True)
+    # `embedmesh` on the job's PATH is this checkout's CLI, as `pip install` would provide it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "embedmesh").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m embedmesh.cli.main "$@"\n')
+    (bin_dir / "embedmesh").chmod(0o755)
+    job_tmp = tmp_path / "job-tmp"  # where the job's mktemp -d puts the node's state
+    job_tmp.mkdir()
+
+    async def main() -> None:
+        async with tailnet_node(running.url, "web", admin.key()) as web:
+            await web.up(timeout=10)
+
+            async def index(request: Request) -> PlainTextResponse:
+                who = web.whois(request.client.host) if request.client else None
+                return PlainTextResponse(f"deployed, {who.name if who else 'stranger'}\n")
+
+            from starlette.applications import Starlette
+
+            await web.serve_asgi(Starlette(routes=[Route("/", index)]), ":80")
+            env = tailnet_env(
+                running,
+                key,
+                EMBEDMESH_HOSTNAME="ci-job",
+                SOCKS_PORT=str(free_tcp_port()),
+                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                TMPDIR=str(job_tmp),
+            )
+            async with run_example("bash", "examples/ci_job.sh", env=env) as job:
+                await job.expect(r"deployed, ci-job", timeout=20)
+                with anyio.fail_after(15):
+                    code = await job.process.wait()
+                assert code == 0, job.output
+        # The trap stopped the node and removed its state; the ephemeral node left the tailnet.
+        assert list(job_tmp.iterdir()) == []
+        with anyio.fail_after(5):
+            while any(n["name"] == "ci-job" for n in admin.nodes()):
+                await anyio.sleep(0.05)
+
+    anyio.run(main)
+
+
+def test_ci_job_refuses_to_start_without_a_key(tmp_path: Path) -> None:
+    env = example_env(EMBEDMESH_CONTROL_URL="http://127.0.0.1:9")
+    result = subprocess.run(
+        ["bash", "examples/ci_job.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode != 0
+    assert "EMBEDMESH_AUTH_KEY" in result.stderr
