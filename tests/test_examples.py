@@ -4,6 +4,7 @@ example that stops working fails the suite instead of misleading a reader."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -73,6 +74,11 @@ class Example:
                         ) from None
         except TimeoutError:
             raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output}") from None
+
+    async def exit_code(self, timeout: float = 10.0) -> int:
+        """Wait for the example to finish on its own."""
+        with anyio.fail_after(timeout):
+            return await self.process.wait()
 
     async def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (what docker stop and systemd send) and the exit code."""
@@ -194,9 +200,7 @@ def test_ci_job_reaches_a_service_by_name_through_socks5_and_leaves(
             )
             async with run_example("bash", "examples/ci_job.sh", env=env) as job:
                 await job.expect(r"deployed, ci-job", timeout=20)
-                with anyio.fail_after(15):
-                    code = await job.process.wait()
-                assert code == 0, job.output
+                assert await job.exit_code(15) == 0, job.output
         # The trap stopped the node and removed its state; the ephemeral node left the tailnet.
         assert list(job_tmp.iterdir()) == []
         with anyio.fail_after(5):
@@ -213,3 +217,49 @@ def test_ci_job_refuses_to_start_without_a_key(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "EMBEDMESH_AUTH_KEY" in result.stderr
+
+
+# ---------------------------------------------------------------- httpx_client.py
+
+
+def test_httpx_client_calls_a_service_by_magicdns_name(control: tuple[Any, Admin]) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        async with tailnet_node(running.url, "web", key) as web:
+            await web.up(timeout=10)
+
+            async def status(request: Request) -> JSONResponse:
+                who = web.whois(request.client.host) if request.client else None
+                return JSONResponse(
+                    {"ok": True, "caller": who.name if who else None, "agent": request.headers["user-agent"]}
+                )
+
+            await web.serve_asgi(Starlette(routes=[Route("/status", status)]), ":80")
+            env = tailnet_env(running, key, EMBEDMESH_HOSTNAME="fetcher")
+            async with run_example(
+                "examples/httpx_client.py", "http://web.mesh.internal/status", env=env
+            ) as ok:
+                await ok.expect(r"^200 application/json")
+                body = await ok.expect(r"^\{.*\}$")
+                assert json.loads(body.group(0)) == {
+                    "ok": True,
+                    "caller": "fetcher",
+                    "agent": "embedmesh-example",
+                }
+                assert await ok.exit_code() == 0
+            # A failed request is one line and exit status 1, not a traceback.
+            async with run_example("examples/httpx_client.py", "http://web/missing", env=env) as missing:
+                await missing.expect(r"^http://web/missing: Client error '404 Not Found'")
+                assert await missing.exit_code() == 1
+                assert "Traceback" not in missing.output
+        # Both runs left the tailnet when they finished (in-memory keys: ephemeral nodes).
+        assert admin.nodes() == []
+
+    anyio.run(main)
