@@ -263,3 +263,74 @@ def test_httpx_client_calls_a_service_by_magicdns_name(control: tuple[Any, Admin
         assert admin.nodes() == []
 
     anyio.run(main)
+
+
+# ---------------------------------------------------------------- static_service.py
+
+
+def _static_pair() -> tuple[str, str]:
+    """wg-quick files for the service (10.77.0.1) and a client peer (10.77.0.2) that dials it."""
+    import base64
+
+    from embedmesh.wireguard import crypto
+
+    service_key, client_key = (crypto.generate_private_key(os.urandom(32)) for _ in range(2))
+
+    def b64(key: bytes) -> str:
+        return base64.b64encode(key).decode()
+
+    service = (
+        f"[Interface]\nPrivateKey = {b64(service_key)}\nAddress = 10.77.0.1/24\n\n"
+        f"[Peer]\nPublicKey = {b64(crypto.public_key(client_key))}\nAllowedIPs = 10.77.0.2/32\n"
+    )
+    client = (
+        f"[Interface]\nPrivateKey = {b64(client_key)}\nAddress = 10.77.0.2/24\n\n"
+        f"[Peer]\nPublicKey = {b64(crypto.public_key(service_key))}\nAllowedIPs = 10.77.0.1/32\n"
+        "Endpoint = 127.0.0.1:{port}\n"
+    )
+    return service, client
+
+
+def test_static_service_serves_its_port_to_a_wireguard_peer(tmp_path: Path) -> None:
+    service_text, client_text = _static_pair()
+    config = tmp_path / "wg0.conf"
+    config.write_text(service_text)
+    config.chmod(0o600)
+
+    async def main() -> None:
+        env = example_env(WG_CONFIG=str(config), PORT="7000", EMBEDMESH_LISTEN_HOST="127.0.0.1")
+        async with run_example("examples/static_service.py", env=env) as service:
+            ready = await service.expect(
+                r"serving TCP port 7000 on 10\.77\.0\.1; WireGuard on UDP port (\d+)"
+            )
+            client_config = client_text.replace("{port}", ready.group(1))
+            async with Node(wireguard_config=client_config, listen_host="127.0.0.1") as client:
+                await client.up()
+                stream = await client.dial("tcp", "10.77.0.1:7000", timeout=10)
+                async with stream:
+                    await stream.send(b"hello over wireguard\n")
+                    assert await stream.receive() == b"HELLO OVER WIREGUARD\n"
+                await service.expect(r"^10\.77\.0\.2 disconnected")
+            assert await service.stop() == 0
+            await service.expect("SIGTERM: stopping")
+            assert "warning" not in service.output  # the file is 0600
+
+    anyio.run(main)
+
+
+def test_static_service_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "wg0.conf"
+    config.write_text("[Interface]\nPrivateKey = not-a-key\n")
+    config.chmod(0o644)
+    result = subprocess.run(
+        [sys.executable, "examples/static_service.py", str(config)],
+        cwd=ROOT,
+        env=example_env(),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert result.returncode == 1
+    assert "is accessible to other users" in result.stderr
+    assert f"{config}: " in result.stderr and "line 2" in result.stderr
+    assert "Traceback" not in result.stderr
