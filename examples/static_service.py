@@ -64,7 +64,10 @@ async def serve(config_path: Path, port: int) -> None:
             listener = await node.listen("tcp", f":{port}")
             tasks.start_soon(listener.serve, handle)
             addresses = ", ".join(str(ip) for ip in node.ips)
-            print(f"serving TCP port {port} on {addresses}; WireGuard on UDP port {node.listen_port}", flush=True)
+            print(
+                f"serving TCP port {port} on {addresses}; WireGuard on UDP port {node.listen_port}",
+                flush=True,
+            )
             async for signum in signals:
                 print(f"{signal.Signals(signum).name}: stopping", flush=True)
                 tasks.cancel_scope.cancel()

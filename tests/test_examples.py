@@ -334,3 +334,40 @@ def test_static_service_reports_a_bad_config_in_one_line(tmp_path: Path) -> None
     assert "is accessible to other users" in result.stderr
     assert f"{config}: " in result.stderr and "line 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- trio_echo.py
+
+
+def test_trio_program_serves_and_talks_by_name(control: tuple[Any, Admin]) -> None:
+    running, admin = control
+    key = admin.key(reusable=True)
+
+    async def main() -> None:
+        # The test itself runs on asyncio and the example on trio: one library, both loops.
+        async with tailnet_node(running.url, "alice", key) as alice:
+            await alice.up(timeout=10)
+            serve_env = tailnet_env(running, key, EMBEDMESH_HOSTNAME="echo")
+            async with run_example("examples/trio_echo.py", "serve", env=serve_env) as server:
+                await server.expect(r"^echo on echo\.mesh\.internal:7$")
+                await wait_for_peer(alice, "echo")
+                stream = await alice.dial("tcp", "echo:7", timeout=10)
+                async with stream:
+                    await stream.send(b"ping\n")
+                    assert await stream.receive() == b"ping\n"
+                await server.expect(r"^alice connected")
+                send_env = tailnet_env(running, key, EMBEDMESH_HOSTNAME="sender")
+                async with run_example(
+                    "examples/trio_echo.py", "send", "echo", "hello from trio", env=send_env
+                ) as sender:
+                    await sender.expect(r"^hello from trio$", timeout=20)
+                    assert await sender.exit_code() == 0
+                await server.expect(r"^sender connected")
+                assert await server.stop() == 0
+                await server.expect("SIGTERM: stopping")
+            # Both example nodes were ephemeral (no state_dir) and left when they exited.
+            with anyio.fail_after(5):
+                while [n["name"] for n in admin.nodes()] != ["alice"]:
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)
