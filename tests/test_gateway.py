@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from embedmesh.errors import ParseError
 from embedmesh.gateway.forward import forward_local, serve_local
-from embedmesh.gateway.socks5 import ConnectRequest, Socks5Handshake, serve_socks5
+from embedmesh.gateway.socks5 import ConnectRequest, Socks5Handshake, serve_socks5, tailnet_dialer
 from tests.test_asgi import app
 from tests.test_sockets import two_nodes
 
@@ -33,8 +33,18 @@ def test_handshake_refuses_bind_and_bad_versions() -> None:
     assert h.request is None and h.refusal == 7
     with pytest.raises(ParseError):
         Socks5Handshake().feed(bytes([4, 1, 0, 80]))
-    with pytest.raises(ParseError):
-        Socks5Handshake().feed(bytes([5, 1, 2]))  # only username/password offered
+    h = Socks5Handshake()
+    h.feed(bytes([5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80]))  # address type 9
+    assert h.request is None and h.refusal == 8
+
+
+@pytest.mark.parametrize("methods", [[2], [1], [1, 2], [0x80, 0xFE]])
+def test_handshake_answers_05_ff_when_no_method_is_acceptable(methods: list[int]) -> None:
+    """GSSAPI (1), username/password (2) or private methods only: X'FF', then the end."""
+    h = Socks5Handshake()
+    assert h.feed(bytes([5, len(methods), *methods])) == bytes([5, 0xFF])
+    assert h.method_refused and h.finished and h.request is None
+    assert h.feed(bytes([5, 1, 0, 1, 1, 2, 3, 4, 0, 80])) == b""  # nothing after a refusal
 
 
 @given(st.binary(max_size=300))
@@ -54,11 +64,8 @@ def test_curl_through_socks5_reaches_an_asgi_app_on_another_node() -> None:
             local = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
             port = local.extra(anyio.abc.SocketAttribute.local_port)
 
-            async def dial(host: str, port: int) -> Any:
-                return await a.dial("tcp", f"{host}:{port}", timeout=5)
-
             async with anyio.create_task_group() as tg:
-                tg.start_soon(serve_socks5, local, dial)
+                tg.start_soon(serve_socks5, local, tailnet_dialer(a, timeout=5))
                 for flag in ("--socks5", "--socks5-hostname"):
                     result = await anyio.run_process(
                         ["curl", "-sS", "--max-time", "10", flag, f"127.0.0.1:{port}", "http://100.64.0.2/"],

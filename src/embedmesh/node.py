@@ -560,6 +560,10 @@ class Node:
         except ValueError:
             pass
         else:
+            # Nothing leaves the node but through a peer: an address no peer routes (loopback, the
+            # LAN, the internet without an exit node) fails now, not after a dial's timeout.
+            if self._device.allowed_ips.lookup(literal.packed) is None:
+                raise OSError(errno.EHOSTUNREACH, f"no peer of this node routes {literal}")
             return literal.packed
         addresses = await self.resolve(host, family=family)
         for address in addresses:
@@ -568,7 +572,7 @@ class Node:
         if not addresses:
             raise NameResolutionError(f"{host!r} has no IPv{family} address")
         raise OSError(
-            errno.ENETUNREACH,
+            errno.EHOSTUNREACH,
             f"{host} resolves to {', '.join(map(str, addresses))}, which no peer of this node routes "
             "(the mesh reaches overlay addresses only)",
         )

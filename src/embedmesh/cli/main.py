@@ -222,7 +222,7 @@ async def run_gateways(
     import anyio.abc
 
     from embedmesh.gateway.forward import forward_local, serve_local
-    from embedmesh.gateway.socks5 import serve_socks5
+    from embedmesh.gateway.socks5 import serve_socks5, tailnet_dialer
     from embedmesh.localapi import serve_local_api
 
     async with anyio.create_task_group() as tg:
@@ -232,14 +232,7 @@ async def run_gateways(
         if socks5 is not None:
             host, port = socks5[0] or "127.0.0.1", socks5[1]
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-
-            async def dial(target_host: str, target_port: int) -> anyio.abc.ByteStream:
-                stream: anyio.abc.ByteStream = await node.dial(
-                    "tcp", join_host_port(target_host, target_port)
-                )
-                return stream
-
-            tg.start_soon(serve_socks5, listener, dial)
+            tg.start_soon(serve_socks5, listener, tailnet_dialer(node))
             click.echo(f"SOCKS5 proxy on {join_host_port(host, port)}")
         for (host, port), remote in forwards:
             host = host or "127.0.0.1"

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 
+from embedmesh.errors import EmbedmeshError
 from embedmesh.gateway.pipe import pipe
 
 logger = logging.getLogger("embedmesh.forward")
@@ -22,13 +23,18 @@ Dial = Callable[[], Awaitable[anyio.abc.ByteStream]]
 
 
 async def _relay(incoming: anyio.abc.ByteStream, dial: Dial, what: str) -> None:
-    try:
-        outgoing = await dial()
-    except (OSError, TimeoutError) as exc:
-        logger.warning("%s: %s", what, exc)
-        return
-    async with outgoing:
-        await pipe(incoming, outgoing)
+    """Relay ``incoming`` to a freshly dialled stream; ``incoming`` is closed however that ends
+    (a connection the far side refused must not linger in CLOSE_WAIT)."""
+    async with incoming:
+        try:
+            outgoing = await dial()
+        except (OSError, LookupError, ValueError, EmbedmeshError) as exc:
+            # One connection's failure (refused, unreachable, a name that went away) is logged;
+            # it must not end the listener and with it every other connection.
+            logger.warning("%s: %s", what, exc)
+            return
+        async with outgoing:
+            await pipe(incoming, outgoing)
 
 
 async def forward_local(
