@@ -29,3 +29,44 @@ class NodeError(EmbedmeshError):
 
 class NameResolutionError(EmbedmeshError, LookupError):
     """A name has no address: it is in neither the tailnet nor DNS, or no resolver answered."""
+
+
+class ListenError(EmbedmeshError, OSError):
+    """A local port could not be opened to listen on (an ``OSError`` with its ``errno``); the
+    message names the port and what to do."""
+
+    def __init__(self, errno_: int, message: str, host: str, port: int) -> None:
+        super().__init__(errno_, message)
+        self.host = host
+        self.port = port
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, host: str, port: int) -> ListenError:
+        """The error for ``exc``, raised when binding ``host:port``: :class:`AddressInUseError`
+        for a port in use, a :class:`ListenError` that says why for anything else."""
+        import errno
+
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            return AddressInUseError(
+                exc.errno,
+                f"port {port} on {host} is already in use: choose another port, or stop the program "
+                "that listens there",
+                host,
+                port,
+            )
+        if exc.errno == errno.EACCES:
+            reason = f"no permission to listen on port {port} (ports below 1024 need root): choose a higher port"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"{host} is not an address of this host: listen on 127.0.0.1 or one of its addresses"
+        else:
+            reason = exc.strerror or str(exc)
+        return cls(exc.errno or 0, f"cannot listen on {where}: {reason}", host, port)
+
+
+class AddressInUseError(ListenError):
+    """The local port to listen on is taken by another program (``errno.EADDRINUSE``)."""

@@ -29,7 +29,7 @@ from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
 from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
-from embedmesh.errors import ConfigError, NameResolutionError, NodeError
+from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError
 from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
@@ -520,13 +520,18 @@ class Node:
     async def serve_dns(self, address: str = "127.0.0.1:53") -> tuple[str, int]:
         """Serve MagicDNS on the host network too, over UDP and TCP, e.g. ``"127.0.0.1:5353"``
         (port 0 picks a free one), until the node closes. Names outside the tailnet are forwarded
-        only for clients on loopback. Returns the bound ``(host, port)``."""
+        only for clients on loopback. Returns the bound ``(host, port)``.
+
+        Raises :class:`~embedmesh.errors.AddressInUseError` when the port (UDP or TCP) is taken,
+        :class:`~embedmesh.errors.ListenError` when it cannot be opened for another reason."""
         self._require_running()
         assert self._task_group is not None
         host, port = split_host_port(address)
-        bound: tuple[str, int] = await self._task_group.start(
-            partial(self._dns.serve_local, host or "127.0.0.1", port)
-        )
+        host = host or "127.0.0.1"
+        try:
+            bound: tuple[str, int] = await self._task_group.start(partial(self._dns.serve_local, host, port))
+        except OSError as exc:  # raised before the server started: the node itself is unharmed
+            raise ListenError.from_os_error(exc, host, port) from None
         return bound
 
     def http_client(self, **kwargs: Any) -> httpx.AsyncClient:

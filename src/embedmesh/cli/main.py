@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from embedmesh.errors import EmbedmeshError
+from embedmesh.errors import EmbedmeshError, ListenError
 from embedmesh.hostport import join_host_port, split_host_port
 
 
@@ -200,7 +200,10 @@ def up(
                     f"UDP {node.listen_port})"
                 )
                 if dns_spec is not None:
-                    host, port = await node.serve_dns(join_host_port(dns_spec[0] or "127.0.0.1", dns_spec[1]))
+                    try:
+                        host, port = await node.serve_dns(join_host_port(dns_spec[0] or "127.0.0.1", dns_spec[1]))
+                    except ListenError as exc:
+                        raise ListenError(exc.errno or 0, f"--dns {dns_address}: {exc}", exc.host, exc.port) from None
                     click.echo(f"MagicDNS on {join_host_port(host, port)} (UDP and TCP)")
                 await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
         except EmbedmeshError as exc:
@@ -221,22 +224,40 @@ async def run_gateways(
     import anyio
     import anyio.abc
 
+    from embedmesh.gateway import listen_local
     from embedmesh.gateway.forward import forward_local, serve_local
     from embedmesh.gateway.socks5 import serve_socks5, tailnet_dialer
     from embedmesh.localapi import serve_local_api
 
+    opened: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
+
+    async def listen(option: str, host: str, port: int) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+        try:
+            opened.append(await listen_local(host, port))
+        except ListenError as exc:  # one line naming the option, before anything is served
+            for listener in opened:
+                await listener.aclose()
+            raise click.ClickException(f"{option} {join_host_port(host, port)}: {exc}") from None
+        return opened[-1]
+
+    # Every local port is opened before the task group, so that a port in use ends `up` with
+    # one line rather than an exception group.
+    socks5_listener = None
+    if socks5 is not None:
+        socks5_listener = await listen("--socks5", socks5[0] or "127.0.0.1", socks5[1])
+    forward_listeners = [
+        (await listen("--forward", host or "127.0.0.1", port), host or "127.0.0.1", port, remote)
+        for (host, port), remote in forwards
+    ]
     async with anyio.create_task_group() as tg:
         if state_dir is not None:
             await tg.start(serve_local_api, node, state_dir)
             click.echo(f"local API: {state_dir / 'embedmesh.sock'}")
-        if socks5 is not None:
+        if socks5 is not None and socks5_listener is not None:
             host, port = socks5[0] or "127.0.0.1", socks5[1]
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-            tg.start_soon(serve_socks5, listener, tailnet_dialer(node))
+            tg.start_soon(serve_socks5, socks5_listener, tailnet_dialer(node))
             click.echo(f"SOCKS5 proxy on {join_host_port(host, port)}")
-        for (host, port), remote in forwards:
-            host = host or "127.0.0.1"
-            local_listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        for local_listener, host, port, remote in forward_listeners:
 
             async def dial_remote(remote: str = remote) -> anyio.abc.ByteStream:
                 stream: anyio.abc.ByteStream = await node.dial("tcp", remote)
