@@ -121,6 +121,8 @@ class InterfaceConfig:
     """Search domains: the DNS entries that are not IP addresses, in file order."""
     mtu: int | None
     """Overlay MTU, or None for the default."""
+    line: int | None = field(default=None, compare=False)
+    """The line of the ``[Interface]`` header, for errors about the section as a whole."""
 
     @property
     def public_key(self) -> bytes:
@@ -394,6 +396,7 @@ class _InterfaceLines(_SectionLines):
             dns=tuple(self.dns),
             dns_search=tuple(self.dns_search),
             mtu=self.mtu,
+            line=self.line,
         )
 
 

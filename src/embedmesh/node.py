@@ -71,6 +71,13 @@ class PeerStatus:
     last_handshake_ago: float | None = None
     rx_bytes: int = 0
     tx_bytes: int = 0
+    #: The handshake for people: ``"no handshake yet"`` (the peer never answered: wrong key or
+    #: endpoint, or it is down) or how long ago the last one completed, e.g. ``"12 s ago"``.
+    handshake: str = "no handshake yet"
+
+    def __str__(self) -> str:
+        who = self.name or self.public_key
+        return f"{who} ({', '.join(self.allowed_ips) or 'no AllowedIPs'}): {self.handshake}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +186,14 @@ class Node:
                 logger.warning(
                     "wg-quick key %s (line %d) has no meaning for an in-process node; ignored", key, line
                 )
+            if not config.interface.addresses:
+                # Without one the node has no overlay address to send from (wg(8) files lack it:
+                # wg-quick adds it).
+                raise ConfigError(
+                    "the [Interface] section has no Address; add this node's overlay address, "
+                    "e.g. 'Address = 10.0.0.2/32', the one its peers list in their AllowedIPs",
+                    config.interface.line,
+                )
             self._config = config
             self._listen_port = listen_port or config.interface.listen_port or 0
             self.mtu = mtu or config.interface.mtu or DEFAULT_MTU
@@ -280,6 +295,8 @@ class Node:
                 self._serve_magic_dns()
             if self._control_url_set():
                 await self._join_tailnet()
+            else:
+                self._greet_configured_peers()
         except BaseException:
             await self.close()
             raise
@@ -397,6 +414,23 @@ class Node:
                 persistent_keepalive=peer.persistent_keepalive,
             )
 
+    def _greet_configured_peers(self) -> None:
+        """Handshake at once with every peer that has an ``Endpoint``, as wg-quick's interface does.
+
+        The first keepalive (and the persistent-keepalive cycle it starts) goes out after the
+        handshake, so a peer that holds this node's old endpoint (it restarted on another port, or
+        came back behind a NAT) learns the new one without this node sending traffic of its own. A
+        ``PersistentKeepalive`` peer without an ``Endpoint`` has to make first contact: there is
+        nowhere to send to yet.
+        """
+        assert self._config is not None
+        now = time.monotonic()
+        for configured in self._config.peers:
+            peer = self._device.peers.get(configured.public_key)
+            if peer is not None and peer.endpoint is not None:
+                self._device.send_keepalive(peer, now)
+        self._dataplane.kick()
+
     # ------------------------------------------------------------------ identity and status
 
     @property
@@ -475,6 +509,7 @@ class Node:
                     last_handshake_ago=None if last is None else now - last,
                     rx_bytes=peer.stats.rx_bytes,
                     tx_bytes=peer.stats.tx_bytes,
+                    handshake="no handshake yet" if last is None else f"{now - last:.0f} s ago",
                 )
             )
         counters = dict(self._device.counters)
@@ -607,12 +642,42 @@ class Node:
                 with anyio.fail_after(timeout):
                     await done.wait()
             except TimeoutError:
-                raise TimeoutError(f"no echo reply from {address} within {timeout:g} s") from None
+                raise TimeoutError(self._ping_timeout_message(destination, address, timeout)) from None
         finally:
             self._ping_waiters.pop(key, None)
         received_at = waiter[1]
         assert isinstance(received_at, float)
         return max(received_at - started, 0.0)
+
+    def _ping_timeout_message(self, destination: bytes, address: object, timeout: float) -> str:
+        """Say which of the three reasons it is: no route, no handshake, or a peer that did not answer."""
+        head = f"no echo reply from {address} within {timeout:g} s"
+        peer = self._device.allowed_ips.lookup(destination)
+        if peer is None:
+            return f"{head}: no peer's AllowedIPs contain {address}"
+        who = self._peer_label(peer.public_key)
+        last = peer.stats.last_handshake
+        if last is not None:
+            ago = time.monotonic() - last
+            return f"{head}: the WireGuard handshake with {who} completed {ago:.0f} s ago, but no reply came"
+        if peer.endpoint is None:
+            return (
+                f"{head}: no WireGuard handshake with {who} yet, and its endpoint is unknown "
+                "(it has to contact this node first, or give it an Endpoint)"
+            )
+        host, port = peer.endpoint
+        return (
+            f"{head}: no WireGuard handshake with {who} yet; check that it runs, is reachable at "
+            f"{join_host_port(host, port)} and lists this node's public key {self.public_key}"
+        )
+
+    def _peer_label(self, public_key: bytes) -> str:
+        """A peer as a user knows it: its tailnet name, or in static mode its public key."""
+        if self._netmap is not None:
+            for info in self._netmap.peers.values():
+                if info.node_key == public_key and info.name:
+                    return f"peer {info.name}"
+        return f"peer {base64.b64encode(public_key).decode()}"
 
     async def listen(self, network: str, address: str, *, backlog: int = 128) -> TcpListener:
         """Listen for TCP connections on the mesh: ``await node.listen("tcp", ":8080")``.

@@ -114,6 +114,26 @@ def test_embedmesh_pings_the_kernel_through_wireguard_go(wg_rig: NetnsRig) -> No
     assert wg.peer(wg_rig_public(config)).endpoint == f"{link.a.ip}:{NODE_PORT}"
 
 
+def test_serve_only_node_handshakes_with_wireguard_go_at_start(wg_rig: NetnsRig) -> None:
+    """wireguard-go has no endpoint for the node, which only serves: the kernel reaches it anyway,
+    because the node handshakes with every peer that has an Endpoint when it starts (as wg-quick)."""
+    config, ns, (wg, link) = setup(wg_rig, peer_knows_endpoint=False)
+
+    async def main() -> None:
+        async with Node(wireguard_config=config, listen_host=link.a.ip) as node:
+            await node.up()
+            with anyio.fail_after(5):
+                while node.status().counters.get("tx_keepalive", 0) == 0:  # sent once the handshake is done
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(kernel_ping, ns, NODE_V4)
+            counters = node.status().counters
+            assert counters["tx_initiation"] == 1 and counters.get("ip_tx_echo_request", 0) == 0
+            assert counters["ip_tx_echo_reply"] == 3
+
+    anyio.run(main)
+    assert wg.peer(wg_rig_public(config)).endpoint == f"{link.a.ip}:{NODE_PORT}"
+
+
 def test_preshared_key_interop(wg_rig: NetnsRig) -> None:
     psk = generate_preshared_key()
     config, ns, (_wg, link) = setup(wg_rig, psk=psk)

@@ -121,7 +121,7 @@ async def run_demo(console: Console, pings: int = 3) -> None:
                     view.add_column(column)
                 for peer in laptop.status().peers:
                     ago = (
-                        "never" if peer.last_handshake_ago is None else f"{peer.last_handshake_ago:.1f} s ago"
+                        "no handshake yet" if peer.last_handshake_ago is None else f"{peer.last_handshake_ago:.1f} s ago"
                     )
                     view.add_row(
                         peer.fqdn,

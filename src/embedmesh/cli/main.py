@@ -310,7 +310,7 @@ def status(state_dir: Path, as_json: bool) -> None:
             peer["public_key"][:16] + "…",
             ", ".join(peer["allowed_ips"]),
             f"{endpoint[0]}:{endpoint[1]}" if endpoint else "-",
-            "never" if ago is None else f"{ago:.0f} s ago",
+            "no handshake yet" if ago is None else f"{ago:.0f} s ago",
             str(peer["rx_bytes"]),
             str(peer["tx_bytes"]),
         )
