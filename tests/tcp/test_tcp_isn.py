@@ -153,3 +153,17 @@ def test_udp_ephemeral_ports_come_from_the_os_csprng() -> None:
     assert not _replayable(udp.rng)
     ports = {udp.bind(None, 0).local_port for _ in range(32)}
     assert len(ports) > 16  # random picks, not a counter from a fixed start
+
+
+def test_no_document_shows_a_mersenne_twister_as_a_source_of_secrets() -> None:
+    # Users copy examples: one that hands a stack `random.Random()` hands its keys to any peer that
+    # watches. Seeded generators belong to simulations (sim/, tests), which are not documented usage.
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    documents = [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]
+    if (repo / "examples").is_dir():
+        documents += sorted(p for p in (repo / "examples").rglob("*") if p.is_file())
+    assert len(documents) > 5
+    offenders = [str(p.relative_to(repo)) for p in documents if "random.Random(" in p.read_text(errors="replace")]
+    assert offenders == []

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from embedmesh.netstack.tcp.sequence import seq_diff
+
 _M = 0xFFFFFFFF
 _PORTS = struct.Struct("!HHI")
 MSS_TABLE = (216, 536, 1000, 1200, 1220, 1360, 1400, 1440)
@@ -93,7 +95,7 @@ def cookie_tsval(now_ts: int, wscale: int | None, sack: bool) -> int:
     """A TSval no later than ``now_ts`` whose low bits carry the peer's options."""
     bits = (wscale if wscale is not None else _NO_WSCALE) | (0x10 if sack else 0)
     ts = (now_ts & ~_TS_MASK & _M) | bits
-    if ((ts - now_ts) & _M) < 0x80000000 and ts != now_ts:
+    if seq_diff(ts, now_ts) > 0:
         ts = (ts - (1 << TS_OPTION_BITS)) & _M
     return ts
 

@@ -36,6 +36,7 @@ from embedmesh.netstack.tcp.isn import (
     timestamp_offset,
 )
 from embedmesh.netstack.tcp.listener import TcpListener
+from embedmesh.netstack.tcp.sequence import seq_diff
 from embedmesh.wire.checksum import ones_sum
 from embedmesh.wire.tcp import (
     ACK,
@@ -57,7 +58,6 @@ ConnKey = tuple[bytes, int, bytes, int]
 Transmit = Callable[[bytes, bytes, bytes], None]
 
 _M = 0xFFFFFFFF
-_HALF = 0x80000000
 _INF = math.inf
 _TIME_WAIT = TcpState.TIME_WAIT
 _CLOSED = TcpState.CLOSED
@@ -480,8 +480,8 @@ class TcpLayer:
     def _time_wait_reusable(self, conn: TcpConnection, syn: TcpSegment) -> bool:
         """RFC 6191: a new SYN may end TIME-WAIT if its timestamp (or else its ISN) is newer."""
         if conn._ts_ok and syn.timestamp is not None:
-            return 0 < ((syn.timestamp[0] - conn._ts_recent) & _M) < _HALF
-        return 0 < ((syn.seq - conn.rcv_nxt) & _M) < _HALF
+            return seq_diff(syn.timestamp[0], conn._ts_recent) > 0
+        return seq_diff(syn.seq, conn.rcv_nxt) > 0
 
     def _listener_input(
         self, listener: TcpListener, seg: TcpSegment, src: bytes, dst: bytes, now: float
