@@ -147,8 +147,6 @@ def test_peer_without_handshake_is_visible_in_status_and_ping(silent_port: int) 
             assert message.startswith("no echo reply from 10.9.0.2 within 0.3 s: no WireGuard handshake with peer ")
             assert peer.public_key in message and f"127.0.0.1:{silent_port}" in message
             assert a.public_key in message  # what the peer has to list
-            with pytest.raises(TimeoutError, match=r"no peer's AllowedIPs contain 10\.9\.1\.1"):
-                await a.ping("10.9.1.1", timeout=0.1)
 
     anyio.run(main)
 

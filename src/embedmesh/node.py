@@ -653,8 +653,8 @@ class Node:
         """Say which of the three reasons it is: no route, no handshake, or a peer that did not answer."""
         head = f"no echo reply from {address} within {timeout:g} s"
         peer = self._device.allowed_ips.lookup(destination)
-        if peer is None:
-            return f"{head}: no peer's AllowedIPs contain {address}"
+        if peer is None:  # removed while we waited (a new network map)
+            return f"{head}: no peer routes {address} any more"
         who = self._peer_label(peer.public_key)
         last = peer.stats.last_handshake
         if last is not None:
