@@ -134,6 +134,25 @@ def test_serve_only_node_handshakes_with_wireguard_go_at_start(wg_rig: NetnsRig)
     assert wg.peer(wg_rig_public(config)).endpoint == f"{link.a.ip}:{NODE_PORT}"
 
 
+def test_persistent_keepalives_reach_wireguard_go_without_traffic(wg_rig: NetnsRig) -> None:
+    """PersistentKeepalive = 1 and no traffic at all: wireguard-go sees a handshake at start and then
+    a keepalive (32 bytes of transport) about every second, which is what keeps a NAT mapping open."""
+    config, _ns, (wg, link) = setup(wg_rig, peer_knows_endpoint=False, keepalive=1)
+    me = wg_rig_public(config)
+
+    async def main() -> None:
+        async with Node(wireguard_config=config, listen_host=link.a.ip) as node:
+            await node.up()
+            await anyio.to_thread.run_sync(lambda: wg.wait_for_handshake(me, 5))
+            first = wg.peer(me).rx_bytes
+            await anyio.sleep(3.5)
+            grown = wg.peer(me).rx_bytes - first
+            assert 3 * 32 <= grown <= 5 * 32, grown  # keepalives only: nothing else was sent
+            assert node.status().counters.get("ip_tx_echo_request", 0) == 0
+
+    anyio.run(main)
+
+
 def test_preshared_key_interop(wg_rig: NetnsRig) -> None:
     psk = generate_preshared_key()
     config, ns, (_wg, link) = setup(wg_rig, psk=psk)
