@@ -163,4 +163,6 @@ def test_status_without_a_running_node_says_what_to_do(tmp_path: Path) -> None:
         env={**os.environ},
     )
     assert result.returncode != 0
-    assert "is `embedmesh up --state-dir" in result.stderr
+    assert result.stderr == (
+        f"Error: no node is running (state dir {tmp_path}): start one with `embedmesh up --state-dir {tmp_path}`\n"
+    )

@@ -70,3 +70,7 @@ class ListenError(EmbedmeshError, OSError):
 
 class AddressInUseError(ListenError):
     """The local port to listen on is taken by another program (``errno.EADDRINUSE``)."""
+
+
+class StateDirInUseError(NodeError):
+    """Another running node holds the state folder's lock; the message names its PID."""

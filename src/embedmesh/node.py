@@ -39,6 +39,7 @@ from embedmesh.runtime.links import Link, WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys
+from embedmesh.statelock import StateDirLock
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -53,6 +54,9 @@ DEFAULT_MTU = 1420
 #: The overlay MTU of a tailnet, as Tailscale uses: it fits any underlay path without
 #: fragmentation, IPv6 included.
 TAILNET_MTU = 1280
+#: How long a node keeps trying to reach its coordination server when it starts (a server and a
+#: job started together: the server may need a few seconds).
+DEFAULT_CONTROL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,7 @@ class Node:
         magic_dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
         resolv_conf: str | os.PathLike[str] = RESOLV_CONF,
+        control_timeout: float = DEFAULT_CONTROL_TIMEOUT,
     ) -> None:
         if (wireguard_config is None) == (control_url is None):
             raise ConfigError(
@@ -172,6 +177,9 @@ class Node:
         self._netmap: NetworkMap | None = None
         self._peer_sync: PeerSync | None = None
         self._state_dir = state_dir
+        #: One running node per state folder (taken in start(), released in close()).
+        self._lock = StateDirLock(state_dir) if state_dir is not None else None
+        self._control_timeout = control_timeout
         #: The name this node asks for in a tailnet (default: this machine's short host name); in
         #: static mode, which has no names, the same default, for logs and an application's use.
         self.hostname = hostname or socket.gethostname().split(".")[0]
@@ -283,9 +291,16 @@ class Node:
             return
         if self._closed:
             raise NodeError("this node was closed; create a new Node")
-        if self._config is not None:
-            await self._add_configured_peers()
-        self._underlay.open(self._listen_port, self._listen_host)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            if self._config is not None:
+                await self._add_configured_peers()
+            self._underlay.open(self._listen_port, self._listen_host)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -323,9 +338,40 @@ class Node:
             # The control client logs the wait for approval, with the command an admin runs.
             await self._control.wait_for_approval(timeout)
 
-    async def close(self) -> None:
-        """Leave (an ephemeral node logs out, which deletes it) and stop. Safe to call twice."""
+    def waiting_for(self) -> str:
+        """What the node still waits for before it is up, in words; ``""`` once it is up (in a
+        tailnet: connected to the coordination server and authorized)."""
+        if self._closed:
+            return "the node was closed"
+        if not self._started.is_set():
+            if self._config is not None:
+                return "the node is still starting"
+            return f"waiting for the control server at {self._control_url}"
+        control, netmap = self._control, self._netmap
+        if control is None:
+            return ""
+        if not control.connected:
+            return f"reconnecting to the control server at {self._control_url}"
+        if netmap is not None and netmap.state is NodeState.PENDING_APPROVAL:
+            return (
+                "waiting for approval by an admin "
+                f"(embedmesh control nodes approve {netmap.self_node.id})"
+            )
+        if netmap is not None and netmap.state is NodeState.KEY_EXPIRED:
+            return "the node key expired: it needs a new auth key"
+        return ""
+
+    async def close(self, *, logout: bool | None = None) -> None:
+        """Leave and stop. Safe to call twice.
+
+        ``logout=True`` logs out of the tailnet first (an ephemeral node is deleted at once, any
+        other has its node key expired); the default logs out ephemeral nodes only
+        (``ephemeral=True`` or an ephemeral auth key), so they leave ``nodes list`` at once
+        instead of after the server's ephemeral timeout. The state folder's lock goes last.
+        """
         if self._closed and self._task_group is None:
+            if self._lock is not None:
+                self._lock.release()
             return
         self._closed = True
         # Apps first, while the mesh still works: a lifespan shutdown may talk to peers.
@@ -335,8 +381,11 @@ class Node:
         for _, stopped in servers:
             await stopped.wait()
         control, self._control = self._control, None
+        if logout is None:
+            # The server's word counts: an ephemeral auth key makes the node ephemeral too.
+            logout = self.ephemeral or (self._netmap is not None and self._netmap.self_node.ephemeral)
         if control is not None:
-            if self.ephemeral and control.connected:
+            if logout and control.connected:
                 try:
                     # logout() bounds its own wait; a cancel scope around it would wrap the
                     # client's task group, which must be exited where it was entered.
@@ -349,6 +398,8 @@ class Node:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
         self._link.close()
+        if self._lock is not None:
+            self._lock.release()
 
     async def _join_tailnet(self) -> None:
         assert self._control_url is not None and self._task_group is not None
@@ -368,6 +419,7 @@ class Node:
             state_dir=self._state_dir,
             endpoints=endpoints,
             on_netmap=self._apply_netmap,
+            start_timeout=self._control_timeout,
         )
         await control.start()
         self._control = control

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,14 @@ def _split_endpoint(text: str, what: str) -> tuple[str, int]:
     metavar="HOST:PORT",
     help="Also serve MagicDNS on this local address (UDP and TCP), e.g. 127.0.0.1:5353.",
 )
+@click.option(
+    "--control-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to keep retrying a coordination server that cannot be reached yet at start.",
+)
 def up(
     control_url: str | None,
     auth_key: str | None,
@@ -150,10 +160,13 @@ def up(
     forwards: tuple[str, ...],
     serves: tuple[str, ...],
     dns_address: str | None,
+    control_timeout: float,
 ) -> None:
-    """Run a node in the foreground until interrupted (Ctrl-C; an ephemeral node then logs out)."""
+    """Run a node in the foreground until stopped (Ctrl-C, SIGTERM, SIGHUP or `embedmesh down`;
+    an ephemeral node then logs out, so it leaves the tailnet at once)."""
     import anyio
 
+    from embedmesh.cli.lifecycle import Lifecycle, cli_error
     from embedmesh.node import Node
 
     if (control_url is None) == (config_path is None):
@@ -179,7 +192,10 @@ def up(
         try:
             if config_path is not None:
                 node = Node(
-                    wireguard_config=config_path.read_text(), listen_host=listen_host, listen_port=listen_port
+                    wireguard_config=config_path.read_text(),
+                    listen_host=listen_host,
+                    listen_port=listen_port,
+                    state_dir=state_dir,  # only for its lock: one node per state folder
                 )
             else:
                 node = Node(
@@ -191,43 +207,85 @@ def up(
                     tags=[t for t in tags.split(",") if t],
                     listen_host=listen_host,
                     listen_port=listen_port,
+                    control_timeout=control_timeout,
                 )
-            async with node:
-                await node.up()
-                name = f"{node.fqdn} " if node.fqdn else ""
-                click.echo(
-                    f"up: {name}{', '.join(str(ip) for ip in node.ips)} (key {node.public_key[:12]}…, "
-                    f"UDP {node.listen_port})"
-                )
-                if dns_spec is not None:
-                    try:
-                        host, port = await node.serve_dns(join_host_port(dns_spec[0] or "127.0.0.1", dns_spec[1]))
-                    except ListenError as exc:
-                        raise ListenError(exc.errno or 0, f"--dns {dns_address}: {exc}", exc.host, exc.port) from None
-                    click.echo(f"MagicDNS on {join_host_port(host, port)} (UDP and TCP)")
-                await run_gateways(node, state_dir, socks5_spec, forward_specs, serve_specs)
         except EmbedmeshError as exc:
             raise click.ClickException(str(exc)) from exc
+        lifecycle = Lifecycle(node)
+        try:
+            await lifecycle.run(
+                lambda: _serve_node(
+                    node, lifecycle, state_dir, dns_address, dns_spec, socks5_spec, forward_specs, serve_specs
+                )
+            )
+        except BaseException as exc:
+            error = cli_error(exc)
+            if error is None:
+                raise
+            raise error from None
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(run)
 
 
+async def _serve_node(
+    node: Any,
+    lifecycle: Any,
+    state_dir: Path | None,
+    dns_address: str | None,
+    dns_spec: tuple[str, int] | None,
+    socks5_spec: tuple[str, int] | None,
+    forward_specs: list[tuple[tuple[str, int], str]],
+    serve_specs: list[tuple[int, tuple[str, int]]],
+) -> None:
+    import anyio
+
+    from embedmesh.localapi import serve_local_api
+
+    async with anyio.create_task_group() as tg:
+        if state_dir is not None:
+            # Before up(): `status` and `status --wait` see a node that waits for approval.
+            await tg.start(
+                partial(
+                    serve_local_api,
+                    node,
+                    state_dir,
+                    waiting_for=lifecycle.waiting_for,
+                    on_down=lifecycle.down,
+                )
+            )
+            click.echo(f"local API: {state_dir / 'embedmesh.sock'}")
+        await node.up()
+        name = f"{node.fqdn} " if node.fqdn else ""
+        click.echo(
+            f"up: {name}{', '.join(str(ip) for ip in node.ips)} (key {node.public_key[:12]}…, "
+            f"UDP {node.listen_port})"
+        )
+        if dns_spec is not None:
+            try:
+                host, port = await node.serve_dns(join_host_port(dns_spec[0] or "127.0.0.1", dns_spec[1]))
+            except ListenError as exc:
+                raise ListenError(exc.errno or 0, f"--dns {dns_address}: {exc}", exc.host, exc.port) from None
+            click.echo(f"MagicDNS on {join_host_port(host, port)} (UDP and TCP)")
+        await run_gateways(node, socks5_spec, forward_specs, serve_specs, on_ready=lifecycle.ready)
+
+
 async def run_gateways(
     node: Any,
-    state_dir: Path | None,
     socks5: tuple[str, int] | None,
     forwards: list[tuple[tuple[str, int], str]],
     serves: list[tuple[int, tuple[str, int]]],
+    *,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Start the local API and the gateways of `embedmesh up`, then run until cancelled."""
+    """Start the gateways of `embedmesh up`, call ``on_ready`` once they all listen, then run
+    until cancelled."""
     import anyio
     import anyio.abc
 
     from embedmesh.gateway import listen_local
     from embedmesh.gateway.forward import forward_local, serve_local
     from embedmesh.gateway.socks5 import serve_socks5, tailnet_dialer
-    from embedmesh.localapi import serve_local_api
 
     opened: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
 
@@ -250,9 +308,6 @@ async def run_gateways(
         for (host, port), remote in forwards
     ]
     async with anyio.create_task_group() as tg:
-        if state_dir is not None:
-            await tg.start(serve_local_api, node, state_dir)
-            click.echo(f"local API: {state_dir / 'embedmesh.sock'}")
         if socks5 is not None and socks5_listener is not None:
             host, port = socks5[0] or "127.0.0.1", socks5[1]
             tg.start_soon(serve_socks5, socks5_listener, tailnet_dialer(node))
@@ -269,7 +324,9 @@ async def run_gateways(
             mesh_listener = await node.listen("tcp", f":{mesh_port}")
             tg.start_soon(serve_local, mesh_listener, host or "127.0.0.1", port)
             click.echo(f"serving mesh port {mesh_port} from {join_host_port(host or '127.0.0.1', port)}")
-        click.echo("Ctrl-C to stop", err=True)
+        if on_ready is not None:
+            on_ready()
+        click.echo("Ctrl-C or SIGTERM to stop", err=True)
         await anyio.sleep_forever()
 
 
@@ -281,20 +338,30 @@ async def run_gateways(
     help="The state folder of the running node (as given to `embedmesh up`).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(state_dir: Path, as_json: bool) -> None:
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="First wait until the node is ready: in its network, with every forward, proxy and DNS "
+    "listener of `up` listening (exit 1 with the reason if --timeout passes first).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long --wait waits.",
+)
+def status(state_dir: Path, as_json: bool, wait: bool, timeout: float) -> None:
     """Show the running node and its peers."""
     import json
 
-    import anyio
     from rich.console import Console
     from rich.table import Table
 
-    from embedmesh.localapi import request
+    from embedmesh.cli.lifecycle import read_status, wait_ready
 
-    try:
-        data = anyio.run(request, state_dir, "GET", "/v1/status")
-    except (FileNotFoundError, OSError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    data = wait_ready(state_dir, timeout) if wait else read_status(state_dir)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -318,6 +385,35 @@ def status(state_dir: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The state folder of the running node (as given to `embedmesh up`).",
+)
+@click.option(
+    "--logout",
+    is_flag=True,
+    help="Also log out of the tailnet: the node's key expires, so joining again needs an auth key "
+    "(an ephemeral node logs out and is deleted anyway).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the node to close.",
+)
+def down(state_dir: Path, logout: bool, timeout: float) -> None:
+    """Stop the node that `embedmesh up --state-dir` runs, and return once it has closed."""
+    from embedmesh.cli.lifecycle import stop_node
+
+    pid = stop_node(state_dir, logout, timeout)
+    click.echo(f"stopped the node in {state_dir}" + (f" (PID {pid})" if pid is not None else ""))
+
+
+@main.command()
 @click.argument("peer")
 @click.option(
     "--state-dir",
@@ -331,12 +427,14 @@ def ping(peer: str, state_dir: Path, count: int, timeout: float) -> None:
     """Ping a peer over the mesh from the running node."""
     import anyio
 
-    from embedmesh.localapi import request
+    from embedmesh.localapi import NodeNotRunningError, request
 
     failures = 0
     for i in range(count):
         try:
             data = anyio.run(request, state_dir, "POST", "/v1/ping", {"peer": peer, "timeout": timeout})
+        except NodeNotRunningError as exc:
+            raise click.ClickException(str(exc)) from None
         except RuntimeError as exc:
             failures += 1
             click.echo(f"no reply from {peer}: {exc}")

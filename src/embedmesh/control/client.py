@@ -130,6 +130,7 @@ class ControlClient:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         rng: random.Random | None = None,
+        start_timeout: float = 0.0,
     ) -> None:
         split_url(control_url)  # validates
         for key, name in ((machine_key, "machine_key"), (node_key, "node_key"), (disco_key, "disco_key")):
@@ -156,6 +157,8 @@ class ControlClient:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self._rng = rng or random.Random()
+        #: How long :meth:`start` keeps retrying a server it cannot connect to (0: fail at once).
+        self.start_timeout = start_timeout
 
         #: The server's static public key once known (pinned).
         self.server_public_key: bytes | None = None
@@ -207,17 +210,7 @@ class ControlClient:
         """Register and receive the first map, then keep the stream up in the background."""
         if self._task_group is not None:
             raise NodeError("ControlClient already started")
-        try:
-            conn = await self._open(first=True)
-        except _RETRYABLE as exc:
-            if isinstance(exc, ControlError) and not isinstance(
-                exc, ControlProtocolError | ControlUnreachableError
-            ):
-                raise
-            raise ControlUnreachableError(
-                f"cannot reach the control server at {self.control_url} ({type(exc).__name__}: {exc}); "
-                "is `embedmesh control serve` running there, and is the URL right?"
-            ) from exc
+        conn = await self._open_first()
         try:
             await self._receive_first_map(conn)
         except BaseException:
@@ -226,6 +219,51 @@ class ControlClient:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._run, conn)
+
+    async def _open_first(self) -> _Connection:
+        """The first connection, retried with exponential backoff for :attr:`start_timeout` seconds
+        while the server cannot be reached (it may be starting along with this node)."""
+        deadline = time.monotonic() + self.start_timeout
+        backoff = self.reconnect_min
+        announced = False
+        while True:
+            try:
+                return await self._open(first=True)
+            except _RETRYABLE as exc:
+                if isinstance(exc, ControlError) and not isinstance(
+                    exc, ControlProtocolError | ControlUnreachableError
+                ):
+                    raise
+                # A server that answers but is not an embedmesh control server will not become
+                # one; a proxy in front of one that is still starting answers 502/503/504.
+                cause = exc.__cause__
+                retry = not isinstance(exc, ControlUnreachableError | ControlProtocolError) or (
+                    isinstance(cause, HTTPStatusError) and cause.status >= 500
+                )
+                remaining = deadline - time.monotonic()
+                if not retry or remaining <= 0:
+                    waited = f" for {self.start_timeout:g} s" if self.start_timeout > 0 and retry else ""
+                    raise ControlUnreachableError(
+                        f"cannot reach the control server at {self.control_url}{waited} "
+                        f"({type(exc).__name__}: {exc}); is `embedmesh control serve` running there, "
+                        "and is the URL right?"
+                    ) from exc
+                if not announced:
+                    announced = True
+                    what = "known node" if self._auth_key is None else "first registration"
+                    logger.warning(
+                        "waiting for the control server at %s (%s: %s); retrying for up to %.0f s (%s)",
+                        self.control_url,
+                        type(exc).__name__,
+                        exc,
+                        remaining,
+                        what,
+                    )
+                else:
+                    logger.debug("control server still unreachable (%s: %s)", type(exc).__name__, exc)
+                delay = min(backoff * (0.5 + self._rng.random() / 2), remaining)
+                backoff = min(backoff * 2, self.reconnect_max)
+                await anyio.sleep(delay)
 
     async def close(self) -> None:
         """Stop the stream (the node stays registered; see :meth:`logout`)."""
