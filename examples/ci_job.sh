@@ -31,6 +31,7 @@ node=$!
 
 # However the job ends (success, a failed step under `set -e`, a cancelled pipeline), stop the
 # node with SIGTERM: a background job ignores SIGINT, and SIGTERM is what CI runners send.
+# `up` leaves cleanly on SIGTERM: the ephemeral node logs out and is gone from the tailnet at once.
 leave() {
   kill -TERM "$node" 2>/dev/null || true
   wait "$node" || true
@@ -38,14 +39,9 @@ leave() {
 }
 trap leave EXIT
 
-# Wait until the node is in the tailnet and its proxy accepts connections (or `up` failed).
-for _ in $(seq 300); do
-  kill -0 "$node" 2>/dev/null || { echo "embedmesh up exited" >&2; exit 1; }
-  if embedmesh status --state-dir "$state" >/dev/null 2>&1 && (: <"/dev/tcp/${socks%:*}/${socks##*:}") 2>/dev/null; then
-    break
-  fi
-  sleep 0.1
-done
+# Wait until the node is in the tailnet and its proxy listens: `status --wait` returns 0 then,
+# or exits 1 with one line saying what the node still waits for (or that it stopped).
+embedmesh status --wait --timeout 60 --state-dir "$state" >/dev/null
 
 # The job's real work: anything that speaks SOCKS5 (curl, git, psql via a forward, ...).
 curl --fail --silent --show-error --max-time 30 --socks5-hostname "$socks" "$service_url"

@@ -201,11 +201,10 @@ def test_ci_job_reaches_a_service_by_name_through_socks5_and_leaves(
             async with run_example("bash", "examples/ci_job.sh", env=env) as job:
                 await job.expect(r"deployed, ci-job", timeout=20)
                 assert await job.exit_code(15) == 0, job.output
-        # The trap stopped the node and removed its state; the ephemeral node left the tailnet.
+        # The trap stopped the node and removed its state; the ephemeral node logged out, so it
+        # left the tailnet before the job ended.
         assert list(job_tmp.iterdir()) == []
-        with anyio.fail_after(5):
-            while any(n["name"] == "ci-job" for n in admin.nodes()):
-                await anyio.sleep(0.05)
+        assert not any(n["name"] == "ci-job" for n in admin.nodes())
 
     anyio.run(main)
 
