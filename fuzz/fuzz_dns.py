@@ -29,7 +29,7 @@ from embedmesh.dns.message import (
     parse_query,
 )
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import PENDING, Client, Resolver
+from embedmesh.dns.resolver import PENDING, Client, Recursion, Resolver
 from embedmesh.dns.upstream import HostDnsConfig, Upstream
 from embedmesh.errors import ParseError
 
@@ -66,7 +66,12 @@ _MAP = NetworkMap(
     _Dns(),  # type: ignore[arg-type]
 )
 _ZONE = MagicZone.from_netmap(_MAP)
-_CLIENTS = (Client(1, "udp", True), Client(2, "udp", False), Client(3, "tcp", True))
+_CLIENTS = (
+    Client(1, "udp", Recursion.ALL),
+    Client(2, "udp", Recursion.NONE),
+    Client(4, "udp", Recursion.ROUTES),
+    Client(3, "tcp", Recursion.ALL),
+)
 
 
 def _check_answer(query: bytes, answer: bytes, client: Client) -> None:

@@ -21,7 +21,7 @@ from embedmesh.dns.records import MagicZone
 from embedmesh.gateway.forward import forward_local
 from embedmesh.gateway.socks5 import serve_socks5, tailnet_dialer
 from embedmesh.node import _local_addresses
-from tests.dns.dns_harness import TestUpstream, netmap, peer, zone_handler
+from tests.dns.dns_harness import AdminDNSConfig, TestUpstream, netmap, peer, zone_handler
 from tests.test_node_static import _configs
 
 CLIENTS = 100
@@ -98,8 +98,9 @@ def reply_code(data: bytes) -> int | None:
 
 
 @asynccontextmanager
-async def mesh(**kw: object) -> AsyncIterator[tuple[Node, Node]]:
-    """Two static-mode nodes a (100.64.0.1) and b (100.64.0.2) that know each other by name."""
+async def mesh(dns: AdminDNSConfig | None = None, **kw: object) -> AsyncIterator[tuple[Node, Node]]:
+    """Two static-mode nodes a (100.64.0.1) and b (100.64.0.2) that know each other by name
+    (and a has the admin's DNS settings ``dns``)."""
     a_text, b_text = _configs()
     async with Node(wireguard_config=b_text, listen_host="127.0.0.1", dns_upstreams=[]) as b:
         a_text = a_text.replace("{port_b}", str(b.listen_port))
@@ -107,6 +108,7 @@ async def mesh(**kw: object) -> AsyncIterator[tuple[Node, Node]]:
             names = netmap(
                 peer(2, "b", "100.64.0.2", "fd7a:115c:a1e0::2"),
                 me=peer(1, "a", "100.64.0.1", "fd7a:115c:a1e0::1"),
+                dns=dns,
             )
             a.dns.set_zone(MagicZone.from_netmap(names))
             yield a, b
@@ -216,6 +218,7 @@ def test_socks5_reaches_only_tailnet_peers() -> None:
     localhost by name), and names resolve in the tailnet only: the host's resolver is never asked.
     A tailnet peer by address, short name and FQDN works."""
     upstream = TestUpstream(zone_handler({("localhost", "A"): ["127.0.0.1"], ("lan.example", "A"): ["127.0.0.1"]}))
+    lab = TestUpstream(zone_handler({("web.lab.example", "A"): ["100.64.0.2"], ("host.lab.example", "A"): ["127.0.0.1"]}))
 
     async def main() -> None:
         host_service = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -228,8 +231,13 @@ def test_socks5_reaches_only_tailnet_peers() -> None:
 
         async with anyio.create_task_group() as outer:
             up_port = await outer.start(upstream.run)
+            lab_port = await outer.start(lab.run)
             outer.start_soon(host_service.serve, record)
-            async with mesh(dns_upstreams=[f"127.0.0.1:{up_port}"]) as (a, b), socks5_gateway(a) as port:
+            split = AdminDNSConfig(split_dns={"lab.example": (f"127.0.0.1:{lab_port}",)})
+            async with (
+                mesh(split, dns_upstreams=[f"127.0.0.1:{up_port}"]) as (a, b),
+                socks5_gateway(a) as port,
+            ):
                 web = await b.listen("tcp", ":80")
                 async with anyio.create_task_group() as tg:
 
@@ -239,13 +247,15 @@ def test_socks5_reaches_only_tailnet_peers() -> None:
 
                     tg.start_soon(web.serve, hello)
                     refused: list[str | bytes] = ["127.0.0.1", "::1", "0.0.0.0", *_local_addresses()]
-                    refused += [b"localhost", b"lan.example", b"127.0.0.1.nip.io"]
+                    refused += [b"localhost", b"lan.example", b"127.0.0.1.nip.io", b"host.lab.example"]
                     for host in refused:
                         received, closed = await exchange(port, connect(host, host_port))
                         assert reply_code(received) == 4 and closed, host
                     assert accepted == []
                     assert upstream.queries == []  # no name left the tailnet
-                    for host in ("100.64.0.2", "fd7a:115c:a1e0::2", b"b", b"b.mesh.internal", b"B.Mesh.Internal."):
+                    # A tailnet peer by address, by name, and by a name of a split-DNS route.
+                    peers: list[str | bytes] = ["100.64.0.2", "fd7a:115c:a1e0::2", b"b", b"b.mesh.internal"]
+                    for host in [*peers, b"B.Mesh.Internal.", b"web.lab.example"]:
                         received, closed = await exchange(port, connect(host, 80))
                         assert reply_code(received) == 0, host
                         assert received.endswith(b"hello from b") and closed

@@ -26,7 +26,7 @@ from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.client import ControlClient
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import Resolver
+from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
 from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
 from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError
@@ -143,7 +143,9 @@ class Node:
     and names in :meth:`dial`, :meth:`listen` and :meth:`ping`) and serves DNS to its peers at
     100.100.100.100:53 and [fd7a:115c:a1e0::53]:53 unless ``magic_dns=False``. Other names go to
     the host's resolvers from ``resolv_conf`` (default /etc/resolv.conf), or to ``dns_upstreams``
-    (``"ip"`` / ``"ip:port"``) when given.
+    (``"ip"`` / ``"ip:port"``) when given. Peers asking at 100.100.100.100 get the tailnet's names
+    and its split-DNS routes only (REFUSED for other names), unless ``dns_forward_for_peers=True``
+    lets them use this node's upstream resolvers too.
     """
 
     def __init__(
@@ -164,6 +166,7 @@ class Node:
         dns_upstreams: Sequence[str] | None = None,
         resolv_conf: str | os.PathLike[str] = RESOLV_CONF,
         control_timeout: float = DEFAULT_CONTROL_TIMEOUT,
+        dns_forward_for_peers: bool = False,
     ) -> None:
         if (wireguard_config is None) == (control_url is None):
             raise ConfigError(
@@ -250,6 +253,7 @@ class Node:
         #: Each serve_asgi task's cancel scope and the event it sets once its app has shut down.
         self._asgi_servers: list[tuple[anyio.CancelScope, anyio.Event]] = []
         self._magic_dns = magic_dns
+        self._dns_forward_for_peers = dns_forward_for_peers
         self._zone_serial = 0
         resolv: ResolvConf | None = None
         host_dns: HostDnsConfig | None = None
@@ -636,14 +640,20 @@ class Node:
 
     def _serve_magic_dns(self) -> None:
         """DNS at 100.100.100.100:53 and [fd7a:115c:a1e0::53]:53 on the overlay, UDP and TCP.
-        Whatever arrives there came through WireGuard from a peer, so it may use forwarding."""
+        Whatever arrives there came through WireGuard from a peer: it gets the tailnet's names
+        and split DNS, and the host's resolvers only if this node forwards for its peers."""
         assert self._task_group is not None
+        recursion = Recursion.ALL if self._dns_forward_for_peers else Recursion.ROUTES
+
+        def for_peers(host: str) -> Recursion:
+            return recursion
+
         for service in (SERVICE_V4, SERVICE_V6):
             self._interface.add_service_address(service.packed)
             udp = self._sockets.bind_udp(service.packed, DNS_PORT)
             tcp = self._sockets.listen_tcp(service.packed, DNS_PORT, 64)
-            self._task_group.start_soon(self._dns.serve_udp, udp, _from_overlay)
-            self._task_group.start_soon(self._dns.serve_tcp, tcp, _from_overlay)
+            self._task_group.start_soon(self._dns.serve_udp, udp, for_peers)
+            self._task_group.start_soon(self._dns.serve_tcp, tcp, for_peers)
 
     async def _overlay_address(self, host: str, family: int | None = None) -> bytes:
         """An address of ``host`` that a peer of this node routes (for dial and ping)."""
@@ -844,11 +854,6 @@ async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
     return (str(address[0]), int(address[1]))
-
-
-def _from_overlay(host: str) -> bool:
-    """Queries that reach 100.100.100.100 came through WireGuard from an authenticated peer."""
-    return True
 
 
 class _Overlay:

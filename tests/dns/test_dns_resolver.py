@@ -23,14 +23,15 @@ from tests.dns.dns_harness import (
 
 from embedmesh.dns.message import encode_name
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import FAILURE_TTL, PENDING, Client, Exchange, Resolver
+from embedmesh.dns.resolver import FAILURE_TTL, PENDING, Client, Exchange, Recursion, Resolver
 from embedmesh.dns.upstream import HostDnsConfig, Upstream
 
 UP1 = Upstream("192.0.2.53", 53)
 UP2 = Upstream("192.0.2.54", 53)
-UDP = Client(1, "udp", True)
-STRANGER = Client(2, "udp", False)
-TCP = Client(3, "tcp", True)
+UDP = Client(1, "udp", Recursion.ALL)
+STRANGER = Client(2, "udp", Recursion.NONE)
+PEER = Client(4, "udp", Recursion.ROUTES)
+TCP = Client(3, "tcp", Recursion.ALL)
 
 EXAMPLE = zone_handler(
     {
@@ -131,7 +132,7 @@ def test_forwarded_answer_is_cached_with_aging_ttls() -> None:
 
 def test_identical_questions_in_flight_share_one_upstream_query() -> None:
     resolver = make()
-    clients = [Client(i, "udp", True) for i in range(10, 15)]
+    clients = [Client(i, "udp") for i in range(10, 15)]
     for client in clients:
         data = bytearray(query("example.com", "A"))
         struct.pack_into("!H", data, 0, client.id)
@@ -260,6 +261,40 @@ def test_strangers_get_no_recursion() -> None:
     resolver = make()
     refused = ask(resolver, query("example.com", "A"), STRANGER)
     assert refused.rcode() == dns.rcode.REFUSED and not resolver.pop_exchanges()
+
+
+def test_peers_get_split_dns_but_not_the_host_resolvers() -> None:
+    """Recursion.ROUTES (a peer at 100.100.100.100): the tailnet's names and its split-DNS routes;
+    a name for the host's resolvers is REFUSED before anything is sent."""
+    lab = Upstream("127.0.0.1", 5300)
+    resolver = make()
+    resolver.set_zone(MagicZone.from_netmap(standard_map(AdminDNSConfig(split_dns={"lab.example": (str(lab),)}))))
+    assert answers(ask(resolver, query("db", "A"), PEER)) == ["db. A 100.64.0.2"]
+    refused = ask(resolver, query("example.com", "A"), PEER)
+    assert refused.rcode() == dns.rcode.REFUSED and not resolver.pop_exchanges()
+    assert resolver.receive_query(query("db.lab.example", "A"), PEER, 0.0) is PENDING
+    (exchange,) = serve(resolver, EXAMPLE, 0.0)
+    assert exchange.upstream == lab
+    assert answers(replies(resolver)[PEER.id]) == ["db.lab.example. A 10.1.0.5"]
+    # A stranger on a host port gets no split DNS either; the node itself gets everything.
+    assert ask(resolver, query("db.lab.example", "A"), STRANGER).rcode() == dns.rcode.REFUSED
+    assert resolver.receive_query(query("example.com", "A"), UDP, 0.0) is PENDING
+
+
+def test_any_gets_a_minimal_answer() -> None:
+    """RFC 8482: ANY gets one RRset (the smallest) or the synthesized HINFO, and over UDP a name
+    that would be forwarded gets the HINFO without any upstream being asked; over TCP it is
+    forwarded as before."""
+    resolver = make()
+    assert answers(ask(resolver, query("db", "ANY"))) == ["db. A 100.64.0.2"]
+    apex = ask(resolver, query("mesh.internal", "ANY"))
+    assert answers(apex) == ['mesh.internal. HINFO "RFC8482" ""']
+    missing = ask(resolver, query("nope.mesh.internal", "ANY"))
+    assert missing.rcode() == dns.rcode.NXDOMAIN and not missing.authority  # no SOA for ANY
+    assert ask(resolver, query("nope.mesh.internal", "A")).authority  # but for other types
+    outside = ask(resolver, query("example.com", "ANY"))
+    assert answers(outside) == ['example.com. HINFO "RFC8482" ""'] and not resolver.pop_exchanges()
+    assert resolver.receive_query(query("example.com", "ANY"), TCP, 0.0) is PENDING
 
 
 def test_split_dns_routes_and_local_only_domains() -> None:

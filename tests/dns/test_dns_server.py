@@ -22,7 +22,7 @@ import pytest
 from tests.dns.dns_harness import AdminDNSConfig, TestUpstream, answers, query, standard_map, zone_handler
 
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import Client, Resolver
+from embedmesh.dns.resolver import Client, Recursion, Resolver
 from embedmesh.dns.server import DnsService, _is_loopback
 from embedmesh.dns.upstream import HostDnsConfig, ResolvConf, Upstream
 from embedmesh.errors import NameResolutionError
@@ -249,7 +249,7 @@ def test_only_loopback_clients_get_forwarding_on_the_local_port() -> None:
 
     async def main() -> None:
         async with running() as (service, _, upstream):
-            stranger = Client(99, "udp", may_forward=False)
+            stranger = Client(99, "udp", Recursion.NONE)
             reply = service.handle(query("example.com", "A"), stranger, lambda data: None)
             assert reply is not None and dns.message.from_wire(reply).rcode() == dns.rcode.REFUSED
             assert not upstream.queries

@@ -102,6 +102,7 @@ def test_wireguard_go_peer_uses_magicdns_at_100_100_100_100(
                     auth_key=key,
                     listen_host=link.a.ip,
                     dns_upstreams=[f"127.0.0.1:{up_port}"],
+                    dns_forward_for_peers=True,  # the WireGuard peer uses db as its resolver
                 ) as db,
                 Node(
                     hostname="web",
@@ -241,8 +242,8 @@ def test_static_mode_node_serves_its_own_names_extra_records_and_split_dns(wg_ri
                     ]
                     assert short(ns, "@100.100.100.100", "-x", PEER_V6) == ["kernel.mesh.internal."]
                     assert short(ns, "@100.100.100.100", "nas.lab.example") == ["10.9.0.7"]
-                    # No host resolvers configured: other names are SERVFAIL, not a hang.
-                    assert "status: SERVFAIL" in dig(ns, "@100.100.100.100", "example.com")
+                    # Names for the host's resolvers: not for peers (the node does not opt in).
+                    assert "status: REFUSED" in dig(ns, "@100.100.100.100", "example.com")
 
                 await anyio.to_thread.run_sync(checks)
                 assert lab.queries == [("udp", "nas.lab.example.", "A")]

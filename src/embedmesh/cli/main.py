@@ -146,6 +146,12 @@ def _split_endpoint(text: str, what: str) -> tuple[str, int]:
     metavar="SECONDS",
     help="How long to keep retrying a coordination server that cannot be reached yet at start.",
 )
+@click.option(
+    "--dns-forward-for-peers",
+    is_flag=True,
+    help="Let peers asking 100.100.100.100 resolve any name through this host's resolvers "
+    "(default: tailnet names and split DNS only).",
+)
 def up(
     control_url: str | None,
     auth_key: str | None,
@@ -161,6 +167,7 @@ def up(
     serves: tuple[str, ...],
     dns_address: str | None,
     control_timeout: float,
+    dns_forward_for_peers: bool,
 ) -> None:
     """Run a node in the foreground until stopped (Ctrl-C, SIGTERM, SIGHUP or `embedmesh down`;
     an ephemeral node then logs out, so it leaves the tailnet at once)."""
@@ -196,6 +203,7 @@ def up(
                     listen_host=listen_host,
                     listen_port=listen_port,
                     state_dir=state_dir,  # only for its lock: one node per state folder
+                    dns_forward_for_peers=dns_forward_for_peers,
                 )
             else:
                 node = Node(
@@ -208,6 +216,7 @@ def up(
                     listen_host=listen_host,
                     listen_port=listen_port,
                     control_timeout=control_timeout,
+                    dns_forward_for_peers=dns_forward_for_peers,
                 )
         except EmbedmeshError as exc:
             raise click.ClickException(str(exc)) from exc

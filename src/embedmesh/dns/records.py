@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from dnslib import AAAA, CNAME, PTR, QTYPE, RD, RR, SOA, TXT, A, DNSLabel  # type: ignore[import-untyped]
+from dnslib import AAAA, CNAME, PTR, QTYPE, RD, RR, SOA, TXT, A, DNSBuffer, DNSLabel  # type: ignore[import-untyped]
 
 from embedmesh.dns.message import (
     TYPE_A,
     TYPE_AAAA,
     TYPE_ANY,
     TYPE_CNAME,
+    TYPE_HINFO,
     TYPE_PTR,
     TYPE_SOA,
     Name,
@@ -179,11 +180,12 @@ class MagicZone:
         base = self.base_domain
         if key[-len(base) :] == base:
             if key in (self._existing_nodes if nodes else self._existing):
-                answer: tuple[RR, ...] = ()
-                if key == base and qtype in (TYPE_SOA, TYPE_ANY):
-                    answer = (self._soa(name),)
-                return ZoneAnswer(0, answer, () if answer else (self._soa(),))
-            return ZoneAnswer(3, (), (self._soa(),))
+                if key == base and qtype == TYPE_ANY:
+                    return ZoneAnswer(0, minimal_any(name, [[self._soa(name)]]))
+                if key == base and qtype == TYPE_SOA:
+                    return ZoneAnswer(0, (self._soa(name),))
+                return self._negative(0, qtype, self._soa())
+            return self._negative(3, qtype, self._soa())
         return None
 
     def route(self, name: Name) -> SplitRoute | None:
@@ -232,7 +234,12 @@ class MagicZone:
                 if followed is not None and followed.rcode == 0:
                     answer += followed.answer
             return ZoneAnswer(0, tuple(answer))
-        matching = [r for r in records if qtype == TYPE_ANY or r.rtype == qtype]
+        if qtype == TYPE_ANY and records:
+            rrsets: dict[int, list[RR]] = {}
+            for r in records:
+                rrsets.setdefault(r.rtype, []).append(RR(owner, r.rtype, ttl=r.ttl, rdata=r.rdata))
+            return ZoneAnswer(0, minimal_any(name, list(rrsets.values())))
+        matching = [r for r in records if r.rtype == qtype]
         if matching:
             return ZoneAnswer(0, tuple(RR(owner, r.rtype, ttl=r.ttl, rdata=r.rdata) for r in matching))
         within = key[-len(self.base_domain) :] == self.base_domain
@@ -248,11 +255,17 @@ class MagicZone:
         if target is not None:
             if qtype in (TYPE_PTR, TYPE_ANY):
                 ptr = RR(DNSLabel(name), TYPE_PTR, ttl=NAME_TTL, rdata=PTR(DNSLabel(target)))
-                return ZoneAnswer(0, (ptr,))
+                return ZoneAnswer(0, (ptr,) if qtype == TYPE_PTR else minimal_any(name, [[ptr]]))
             return ZoneAnswer(0, (), (self._reverse_soa(address),))
         if address in TAILNET_V4 or address in TAILNET_V6:
-            return ZoneAnswer(3, (), (self._reverse_soa(address),))
+            return self._negative(3, qtype, self._reverse_soa(address))
         return None
+
+    @staticmethod
+    def _negative(rcode: int, qtype: int, soa: RR) -> ZoneAnswer:
+        """NXDOMAIN or NODATA with the SOA for negative caching (RFC 2308); for ANY without it,
+        so that no answer to ANY is much larger than the question (RFC 8482's intent)."""
+        return ZoneAnswer(rcode, (), () if qtype == TYPE_ANY else (soa,))
 
     def _extra_addresses(self) -> set[IPAddress]:
         return {
@@ -269,6 +282,39 @@ class MagicZone:
     def _reverse_soa(self, address: IPAddress) -> RR:
         apex = _REVERSE_V4_APEX if address.version == 4 else _REVERSE_V6_APEX
         return _soa_record(DNSLabel(apex), self.base_domain, self.serial)
+
+
+#: RFC 8482 §4.2: the HINFO a server may synthesize to answer ANY (CPU "RFC8482", OS "").
+_RFC8482_RDATA = b"\x07RFC8482\x00"
+
+
+def rfc8482_hinfo(name: Name) -> RR:
+    """The synthesized ``HINFO "RFC8482" ""`` answer to an ANY question for ``name``."""
+    return RR(DNSLabel(name), TYPE_HINFO, ttl=NAME_TTL, rdata=RD(_RFC8482_RDATA))
+
+
+def minimal_any(name: Name, rrsets: Iterable[list[RR]]) -> tuple[RR, ...]:
+    """The answer to ANY (RFC 8482 §4): one RRset, the smallest the name has, or the synthesized
+    HINFO when even that is larger. Each record costs 12 bytes besides its data (the owner, a
+    pointer to the question, and type, class, TTL, length), so an ANY answer is at most the
+    question plus 21 bytes: 2.1 times a one-letter name's 19-byte query at worst."""
+    limit = 12 + len(_RFC8482_RDATA)
+    best: list[RR] | None = None
+    best_size = 0
+    for rrset in rrsets:
+        size = sum(12 + _rdata_size(rr.rdata) for rr in rrset)
+        if best is None or size < best_size:
+            best, best_size = rrset, size
+    if best is None or best_size > limit:
+        return (rfc8482_hinfo(name),)
+    return tuple(best)
+
+
+def _rdata_size(rdata: RD) -> int:
+    """The uncompressed wire size of ``rdata`` (an upper bound of what it takes in a message)."""
+    buffer = DNSBuffer()
+    rdata.pack(buffer)
+    return len(buffer.data)
 
 
 def _soa_record(owner: DNSLabel, base: Name, serial: int) -> RR:

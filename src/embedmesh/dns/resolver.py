@@ -47,6 +47,7 @@ from embedmesh.dns.message import (
     RCODE_NXDOMAIN,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
+    TYPE_ANY,
     TYPE_AXFR,
     TYPE_IXFR,
     TYPE_OPT,
@@ -65,7 +66,7 @@ from embedmesh.dns.message import (
     parse_query,
     without_records,
 )
-from embedmesh.dns.records import MagicZone
+from embedmesh.dns.records import MagicZone, rfc8482_hinfo
 from embedmesh.dns.upstream import HostDnsConfig, Upstream
 from embedmesh.errors import ParseError
 
@@ -96,14 +97,30 @@ class Pending(enum.Enum):
 PENDING = Pending.PENDING
 
 
+class Recursion(enum.Enum):
+    """How far a client's questions may reach beyond the tailnet's own names (which everyone gets).
+
+    MagicDNS must not become an open resolver, nor a window into the node's host network: a peer
+    on the overlay gets the tailnet's names and its split-DNS routes (the admin's resolvers), and
+    only a node that opts in lets its peers use the host's own resolvers too.
+    """
+
+    #: Tailnet names only: REFUSED for anything else (a stranger on a host port).
+    NONE = "none"
+    #: Tailnet names and split-DNS routes (a peer, unless the node forwards for peers).
+    ROUTES = "routes"
+    #: Everything, through the host's resolvers too (the node itself, loopback clients).
+    ALL = "all"
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     """Who asked: an id the driver chooses (to route the answer), the transport (UDP answers are
-    size-limited and may be truncated), and whether it may use us to reach other resolvers."""
+    size-limited and may be truncated), and how far it may use us to reach other resolvers."""
 
     id: int
     transport: str = "udp"  # "udp", "tcp" or "internal" (the node itself)
-    may_forward: bool = True
+    recursion: Recursion = Recursion.ALL
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,10 +361,16 @@ class Resolver:
         if route is not None and not route.upstreams:
             # An admin routed this domain to nowhere: it exists only in the tailnet.
             return self._build(query, client, RCODE_NXDOMAIN, authoritative=True)
-        if not client.may_forward:
-            # Not an open resolver: only the tailnet and the local host get recursion.
+        if client.recursion is not Recursion.ALL and (route is None or client.recursion is Recursion.NONE):
+            # Not an open resolver: the host's resolvers serve the node itself and loopback
+            # clients (and peers only where the node opts in); split DNS serves peers too.
             self.counters["refused"] += 1
             return self._build(query, client, RCODE_REFUSED)
+        if question.qtype == TYPE_ANY and client.transport == "udp":
+            # RFC 8482: ANY over UDP is a favourite of amplification attacks; answer it here
+            # with the synthesized HINFO instead of relaying whatever an upstream has.
+            self.counters["any_minimal"] += 1
+            return self._build(query, client, RCODE_NOERROR, (rfc8482_hinfo(question.name),))
         upstreams = [
             u for u in (route.upstreams if route else self._host.nameservers) if u not in self.excluded
         ]

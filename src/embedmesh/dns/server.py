@@ -39,7 +39,7 @@ from embedmesh.dns.message import (
     text_to_name,
 )
 from embedmesh.dns.records import MagicZone
-from embedmesh.dns.resolver import Client, Exchange, Pending, Resolver
+from embedmesh.dns.resolver import Client, Exchange, Pending, Recursion, Resolver
 from embedmesh.dns.upstream import HostDnsConfig, ResolvConf, Upstream, exchange_on_stream, exchange_udp
 from embedmesh.errors import ConfigError, NameResolutionError, ParseError
 
@@ -240,8 +240,9 @@ class DnsService:
 
     # -------------------------------------------------------------------------------- serving
 
-    async def serve_udp(self, sock: Any, may_forward: Callable[[str], bool]) -> None:
-        """Answer every datagram on ``sock`` (an anyio UDP socket or a mesh ``UdpSocket``)."""
+    async def serve_udp(self, sock: Any, recursion: Callable[[str], Recursion]) -> None:
+        """Answer every datagram on ``sock`` (an anyio UDP socket or a mesh ``UdpSocket``);
+        ``recursion(host)`` says how far a client at ``host`` may have names forwarded."""
         while True:
             try:
                 data, (host, port) = await sock.receive()
@@ -250,7 +251,7 @@ class DnsService:
             except OSError as exc:  # e.g. an ICMP error reported on the socket
                 logger.debug("DNS UDP socket: %s", exc)
                 continue
-            client = Client(next(self._ids), "udp", may_forward(host))
+            client = Client(next(self._ids), "udp", recursion(host))
 
             def deliver(reply: bytes, host: str = host, port: int = port) -> None:
                 try:
@@ -265,7 +266,7 @@ class DnsService:
                 except OSError as exc:
                     logger.debug("cannot answer %s:%d: %s", host, port, exc)
 
-    async def serve_tcp(self, listener: anyio.abc.Listener[Any], may_forward: Callable[[str], bool]) -> None:
+    async def serve_tcp(self, listener: anyio.abc.Listener[Any], recursion: Callable[[str], Recursion]) -> None:
         """Answer DNS over TCP (RFC 7766: pipelined queries, answers in any order)."""
 
         async def handler(stream: anyio.abc.ByteStream) -> None:
@@ -275,7 +276,7 @@ class DnsService:
                 return
             self._tcp_connections += 1
             try:
-                await self._serve_connection(stream, may_forward)
+                await self._serve_connection(stream, recursion)
             except Exception:  # one connection's trouble must never stop the listener
                 logger.exception("DNS over TCP connection failed")
             finally:
@@ -287,10 +288,10 @@ class DnsService:
             return
 
     async def _serve_connection(
-        self, stream: anyio.abc.ByteStream, may_forward: Callable[[str], bool]
+        self, stream: anyio.abc.ByteStream, recursion: Callable[[str], Recursion]
     ) -> None:
         remote = stream.extra(SocketAttribute.remote_address, ("", 0))
-        allowed = may_forward(str(remote[0]))
+        allowed = recursion(str(remote[0]))
         send, receive = anyio.create_memory_object_stream[bytes](MAX_TCP_PIPELINE)
         pipeline = _Pipeline()
 
@@ -359,17 +360,18 @@ class DnsService:
         logger.info("MagicDNS on %s:%d (UDP and TCP)", host, bound)
         try:
             async with udp, listener, anyio.create_task_group() as tg:
-                tg.start_soon(self.serve_udp, udp, _is_loopback)
-                tg.start_soon(self.serve_tcp, listener, _is_loopback)
+                tg.start_soon(self.serve_udp, udp, _loopback_only)
+                tg.start_soon(self.serve_tcp, listener, _loopback_only)
                 task_status.started((host, bound))
         finally:
             self.resolver.excluded -= own
 
     # -------------------------------------------------------------------------------- stub resolver
 
-    async def query(self, data: bytes, *, timeout: float = 15.0) -> bytes:
-        """Ask the resolver as the node itself (no size limit; tailnet names always known)."""
-        client = Client(next(self._ids), "internal", True)
+    async def query(self, data: bytes, *, timeout: float = 15.0, recursion: Recursion = Recursion.ALL) -> bytes:
+        """Ask the resolver as the node itself (no size limit; tailnet names always known);
+        ``recursion`` confines the question, as for a peer (e.g. the SOCKS5 proxy's lookups)."""
+        client = Client(next(self._ids), "internal", recursion)
         answer: list[bytes] = []
         ready = anyio.Event()
 
@@ -389,15 +391,15 @@ class DnsService:
             raise TimeoutError("no answer from the resolver")
         return answer[0]
 
-    def search_list(self, name: str) -> list[str]:
+    def search_list(self, name: str, *, host_search: bool = True) -> list[str]:
         """The names to try for ``name``, as a resolv.conf stub would: with the search domains
         first when it has fewer dots than ``ndots`` (and as given first otherwise); a name ending
-        in a dot is absolute."""
+        in a dot is absolute. ``host_search=False`` leaves out resolv.conf's search domains."""
         if name.endswith("."):
             return [name.rstrip(".")]
         config = self._host_config()
         domains: list[str] = []
-        for domain in (*self.zone.search_domains, *config.search):
+        for domain in (*self.zone.search_domains, *(config.search if host_search else ())):
             if domain and domain not in domains:
                 domains.append(domain)
         expanded = [f"{name}.{domain}" for domain in domains]
@@ -405,9 +407,13 @@ class DnsService:
             return [name, *expanded]
         return [*expanded, name]
 
-    async def resolve(self, host: str, *, family: int | None = None) -> list[IPAddress]:
+    async def resolve(
+        self, host: str, *, family: int | None = None, recursion: Recursion = Recursion.ALL
+    ) -> list[IPAddress]:
         """The addresses of ``host``: an IP literal as it is, a tailnet name from the zone, any
         other name through search domains, split DNS and the host's resolvers. IPv4 first.
+        ``recursion=Recursion.ROUTES`` keeps the lookup inside the tailnet (its names and split
+        DNS, never the host's resolvers); the host's own search domains are then not applied.
 
         ``family`` picks one: 4 or ``socket.AF_INET``, 6 or ``socket.AF_INET6``; None (or
         ``socket.AF_UNSPEC``) means both.
@@ -441,14 +447,14 @@ class DnsService:
             raise NameResolutionError(f"{host!r} is not a valid DNS name") from None
         failures: list[str] = []
         other_family: list[str] = []  # names that exist, but without an address (of ``version``)
-        for candidate in self.search_list(host):
+        for candidate in self.search_list(host, host_search=recursion is Recursion.ALL):
             try:
                 name = text_to_name(candidate)
             except ValueError:
                 continue  # the name with a search domain appended is too long: skip that one
             if not name:
                 continue
-            addresses, rcode = await self._lookup_addresses(name, version)
+            addresses, rcode = await self._lookup_addresses(name, version, recursion)
             if addresses:
                 return addresses
             if rcode == RCODE_SERVFAIL:
@@ -468,14 +474,14 @@ class DnsService:
         raise NameResolutionError(f"cannot resolve {host!r}: no such name in the tailnet or in DNS")
 
     async def _lookup_addresses(
-        self, name: tuple[bytes, ...], family: int | None
+        self, name: tuple[bytes, ...], family: int | None, recursion: Recursion = Recursion.ALL
     ) -> tuple[list[IPAddress], int]:
         qtypes = [t for t, v in ((TYPE_A, 4), (TYPE_AAAA, 6)) if family in (None, v)]
         replies: dict[int, bytes] = {}
 
         async def ask(qtype: int) -> None:
             query = HEADER.pack(next(self._ids) & 0xFFFF, FLAG_RD, 1, 0, 0, 0) + encode_name(name)
-            replies[qtype] = await self.query(query + QUESTION_TAIL.pack(qtype, CLASS_IN))
+            replies[qtype] = await self.query(query + QUESTION_TAIL.pack(qtype, CLASS_IN), recursion=recursion)
 
         async with anyio.create_task_group() as tg:
             for qtype in qtypes:
@@ -532,6 +538,11 @@ class _Pipeline:
         while len(self.outstanding) >= count:
             self._changed = anyio.Event()
             await self._changed.wait()
+
+
+def _loopback_only(host: str) -> Recursion:
+    """Clients of a host port: loopback ones are this host's programs; others get no recursion."""
+    return Recursion.ALL if _is_loopback(host) else Recursion.NONE
 
 
 def _is_loopback(host: str) -> bool:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
-from embedmesh.errors import NameResolutionError, ParseError
+from embedmesh.dns.resolver import Recursion
+from embedmesh.errors import ParseError
 from embedmesh.gateway.pipe import pipe
 from embedmesh.hostport import join_host_port
 
@@ -254,20 +255,33 @@ async def serve_socks5(
 def tailnet_dialer(node: Node, *, timeout: float = 30.0) -> Dial:
     """The ``dial`` of a SOCKS5 proxy into ``node``'s tailnet, and nowhere else.
 
-    A name must be a tailnet name (a node's short name or FQDN, or an admin's extra record):
-    it is looked up in the MagicDNS zone only, never sent to split-DNS or host resolvers, so a
-    client cannot probe the host's DNS through the proxy. An address must be one that a peer
-    routes; anything else (loopback, the LAN, the internet without an exit node) fails at once
-    with "host unreachable" rather than after a timeout.
+    A name is looked up as a peer's question to MagicDNS would be: the tailnet's names, its extra
+    records and its split-DNS routes, never the host's resolvers, so a client cannot probe the
+    host's DNS through the proxy. An address must be one that a peer routes; anything else
+    (loopback, the LAN, the internet without an exit node) fails at once with "host unreachable"
+    rather than after a timeout, and is never dialled on the host network.
     """
 
     async def dial(host: str, port: int) -> anyio.abc.ByteStream:
         try:
-            ipaddress.ip_address(host)
+            ipaddress.ip_address(host.split("%")[0])
         except ValueError:
-            if not node.dns.zone.addresses_of(host):
-                raise NameResolutionError(f"{host!r} is not a name in the tailnet") from None
-        stream: anyio.abc.ByteStream = await node.dial("tcp", join_host_port(host, port), timeout=timeout)
-        return stream
+            addresses = [str(a) for a in await node.dns.resolve(host, recursion=Recursion.ROUTES)]
+        else:
+            addresses = [host]
+        unreachable: OSError | None = None
+        for address in addresses:
+            try:
+                stream: anyio.abc.ByteStream = await node.dial(
+                    "tcp", join_host_port(address, port), timeout=timeout
+                )
+            except OSError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                unreachable = exc  # maybe a peer routes the name's other address
+                continue
+            return stream
+        assert unreachable is not None  # resolve() returns at least one address or raises
+        raise unreachable
 
     return dial
