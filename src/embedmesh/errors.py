@@ -74,3 +74,8 @@ class AddressInUseError(ListenError):
 
 class StateDirInUseError(NodeError):
     """Another running node holds the state folder's lock; the message names its PID."""
+
+
+class TagNotPermittedError(EmbedmeshError):
+    """A node asked for tags that its auth key does not grant (only an admin grants tags, when
+    creating the key with ``embedmesh control authkey create --tags ...``)."""

@@ -524,7 +524,8 @@ class Node:
 
     def whois(self, address: str | IPAddress) -> WhoIs | None:
         """Which tailnet node owns the overlay ``address`` (e.g. a connection's remote address),
-        with its tags and user, so an application can authorize callers by mesh identity.
+        with its tags and user, so an application can authorize callers by mesh identity (a
+        node carries only the tags its auth key grants, so only an admin hands them out).
 
         ``address`` is an IP (object or text) or, as tsnet's WhoIs takes it, ``"ip:port"`` or
         ``"[ipv6]:port"``. None for an address no node has; ``ValueError`` for text that is none

@@ -284,7 +284,11 @@ def authkey() -> None:
 @click.option("--reusable", is_flag=True, help="Any number of nodes may use the key (default: one node).")
 @click.option("--ephemeral", is_flag=True, help="Nodes joining with it are deleted when they go away.")
 @click.option("--preapproved", is_flag=True, help="Nodes joining with it skip admin approval.")
-@click.option("--tags", default="", help="Comma-separated tags for its nodes, e.g. tag:ci,tag:web.")
+@click.option(
+    "--tags",
+    default="",
+    help="Tags the key grants its nodes (the only ones they can carry), e.g. tag:ci,tag:web.",
+)
 @click.option("--expiry", default=None, help="The key stops working after this long (e.g. 1h, 7d).")
 def authkey_create(
     state_dir: Path,

@@ -48,6 +48,7 @@ from embedmesh.control.errors import (
     NodeDeletedError,
     NotFoundError,
     SessionReplacedError,
+    TagNotPermittedError,
 )
 from embedmesh.control.messages import (
     FQDN_RE,
@@ -224,6 +225,7 @@ class Coordinator:
         records = store.load_nodes()
         self._pool = AddressPool(r.ipv4 for r in records)
         for rec in records:
+            self._drop_ungranted_tags(rec)
             node = LiveNode(rec)
             node.expired = rec.key_expiry is not None and rec.key_expiry <= now
             self._index(node)
@@ -515,6 +517,7 @@ class Coordinator:
         ):
             # A restart with the same keys: no auth key needed (an expired node stays cut off
             # until it brings a new auth key or an admin approves it again).
+            self._check_kept_tags(existing, request)
             self._update(
                 existing,
                 disco_key=request.disco_key,
@@ -525,6 +528,7 @@ class Coordinator:
             return existing
         if request.auth_key is None:
             if existing is not None and not existing.rec.authorized:
+                self._check_kept_tags(existing, request)
                 self._update(existing, node_key=request.node_key, disco_key=request.disco_key)
                 return existing
             if existing is not None:
@@ -545,10 +549,52 @@ class Coordinator:
         return self._reauthenticate(existing, request, key, now)
 
     def _tags_for(self, request: RegisterRequest, key: AuthKeyRecord | None) -> tuple[str, ...]:
-        # Without a policy, tags carry no privilege yet; with ACLs, requested tags will need
-        # tagOwners and only the key's tags will be granted outright.
-        key_tags = key.tags if key is not None else ()
-        return tuple(sorted(set(key_tags) | set(request.tags)))
+        """The tags a node registering with ``key`` carries: the ones it asks for, each of which
+        the key must grant, or, if it asks for none, all the key grants. Tags are what peers
+        authorize callers by (whois), so only an admin hands them out, through the key."""
+        granted = key.tags if key is not None else ()
+        refused = sorted(set(request.tags) - set(granted))
+        if refused:
+            if key is None:
+                source = "a node that joins without an auth key carries no tags"
+            elif not granted:
+                source = f"auth key {key.id} grants no tags"
+            else:
+                source = f"auth key {key.id} grants only {', '.join(granted)}"
+            raise TagNotPermittedError(
+                f"tags {', '.join(refused)} not permitted: {source}; join with a key created by "
+                f"`embedmesh control authkey create --tags {','.join(refused)}`, or drop --tags"
+            )
+        return tuple(sorted(request.tags)) if request.tags else tuple(sorted(granted))
+
+    @staticmethod
+    def _check_kept_tags(node: LiveNode, request: RegisterRequest) -> None:
+        """A known node that rejoins without a new key keeps its tags; it cannot add any."""
+        extra = sorted(set(request.tags) - set(node.rec.tags))
+        if extra:
+            held = ", ".join(node.rec.tags) or "no tags"
+            raise TagNotPermittedError(
+                f"tags {', '.join(extra)} not permitted: node {node.id} carries {held}, granted when it "
+                f"joined; to change them an admin deletes it (`embedmesh control nodes delete {node.id}`) "
+                "and it joins again with a key that grants them"
+            )
+
+    def _drop_ungranted_tags(self, rec: NodeRecord) -> None:
+        """Strip tags a node holds without its key granting them (databases from before tags
+        needed a grant, when a node could claim any tag)."""
+        key = self.store.get_auth_key(rec.auth_key_id) if rec.auth_key_id is not None else None
+        granted = set(key.tags) if key is not None else set()
+        kept = tuple(t for t in rec.tags if t in granted)
+        if kept != rec.tags:
+            logger.warning(
+                "node %d %s: dropped tags its auth key never granted: %s",
+                rec.id,
+                rec.name,
+                ", ".join(t for t in rec.tags if t not in granted),
+            )
+            rec.tags = kept
+            rec.user = TAGGED_OWNER if kept else DEFAULT_OWNER
+            self.store.update_node(rec.id, tags=rec.tags, user=rec.user)
 
     def _expiry_from(self, now: float) -> float | None:
         return None if self.config.key_expiry is None else now + self.config.key_expiry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from embedmesh import errors as _errors
 from embedmesh.errors import EmbedmeshError, ParseError
 
 
@@ -65,7 +66,10 @@ class AuthKeyRequiredError(AuthKeyError):
     code = "auth_key_required"
 
 
-class TagsNotPermittedError(ControlError):
+class TagNotPermittedError(ControlError, _errors.TagNotPermittedError):
+    """The node asked for tags its auth key does not grant; also an
+    :class:`embedmesh.errors.TagNotPermittedError`, which is what applications catch."""
+
     code = "tags_not_permitted"
 
 
@@ -144,7 +148,7 @@ _BY_CODE: dict[str, type[ControlError]] = {
         AuthKeyExpiredError,
         AuthKeyRevokedError,
         AuthKeyRequiredError,
-        TagsNotPermittedError,
+        TagNotPermittedError,
         ApprovalRefusedError,
         NodeDeletedError,
         ControlUnreachableError,
@@ -188,7 +192,7 @@ __all__ = [
     "ServerKeyChangedError",
     "SessionReplacedError",
     "StoreError",
-    "TagsNotPermittedError",
+    "TagNotPermittedError",
     "UnauthorizedError",
     "error_from_code",
 ]
