@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
@@ -76,7 +77,7 @@ from embedmesh.control.netmap import (
     PeerRemoved,
     SelfChanged,
 )
-from embedmesh.control.protocol import check_handshake_freshness
+from embedmesh.control.protocol import MAX_CLOCK_SKEW, check_handshake_freshness
 from embedmesh.control.store import NodeRecord, Store
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -88,6 +89,8 @@ _TRIM_EVERY = 4096
 _MAX_LAG = 262_144
 DEFAULT_KEY_EXPIRY = 180 * DAY
 DEFAULT_EPHEMERAL_TIMEOUT = 60.0
+#: Handshake timestamps of machines that have not registered, kept in memory (about 100 bytes each).
+_MAX_RECENT_HANDSHAKES = 65_536
 TAGGED_OWNER = "tagged-devices"
 DEFAULT_OWNER = "default"
 
@@ -179,6 +182,13 @@ class Stream:
         self.wake()
 
 
+def _replayed() -> HandshakeRejectedError:
+    return HandshakeRejectedError(
+        "handshake timestamp is not newer than the last one from this machine key "
+        "(a replayed handshake, or two processes sharing one state directory)"
+    )
+
+
 def _error_payload(error: ControlError) -> bytes:
     return dumps({"type": "error", "code": error.code, "message": str(error)})
 
@@ -218,11 +228,16 @@ class Coordinator:
         self._streams: dict[int, Stream] = {}
         self._expiries: list[tuple[float, int]] = []
         self._reaps: list[tuple[float, int]] = []
+        #: Unregistered machine key -> its last handshake timestamp, oldest first.
+        self._recent_handshakes: OrderedDict[bytes, int] = OrderedDict()
         self.dns = DNSConfig(config.base_domain, True, (config.base_domain,))
         saved = store.get_meta("dns")
         if saved:
             self.dns = self._dns_with(json.loads(saved))
         records = store.load_nodes()
+        pruned = store.prune_handshakes()
+        if pruned:
+            logger.info("dropped %d handshake timestamps of machines that never registered", pruned)
         self._pool = AddressPool(r.ipv4 for r in records)
         for rec in records:
             self._drop_ungranted_tags(rec)
@@ -496,13 +511,27 @@ class Coordinator:
     # ------------------------------------------------------------------ the stream protocol
 
     def accept_handshake(self, machine_key: bytes, timestamp_ns: int, now: float) -> None:
-        """Require a fresh timestamp, strictly newer than any this machine key sent before."""
+        """Require a fresh timestamp, strictly newer than any this machine key sent before.
+
+        Only a registered machine's timestamp is persisted. Anyone can complete a handshake with
+        a fresh key, so an unknown machine's timestamp stays in memory (bounded, and only for
+        the freshness window, outside which the clock check refuses a replay anyway) until the
+        machine registers: unauthenticated handshakes write nothing to the store.
+        """
         check_handshake_freshness(timestamp_ns, now)
-        if not self.store.advance_handshake_timestamp(machine_key, timestamp_ns):
-            raise HandshakeRejectedError(
-                "handshake timestamp is not newer than the last one from this machine key "
-                "(a replayed handshake, or two processes sharing one state directory)"
-            )
+        if machine_key in self._by_machine:
+            if not self.store.advance_handshake_timestamp(machine_key, timestamp_ns):
+                raise _replayed()
+            return
+        recent = self._recent_handshakes
+        horizon = int((now - MAX_CLOCK_SKEW) * 1e9)
+        while recent and (len(recent) >= _MAX_RECENT_HANDSHAKES or next(iter(recent.values())) < horizon):
+            recent.popitem(last=False)
+        last = recent.get(machine_key)
+        if last is not None and timestamp_ns <= last:
+            raise _replayed()
+        recent[machine_key] = timestamp_ns
+        recent.move_to_end(machine_key)
 
     def register(self, machine_key: bytes, request: RegisterRequest, now: float) -> LiveNode:
         """Register or re-register a machine; raises the :class:`ControlError` that explains a refusal."""
@@ -635,6 +664,10 @@ class Coordinator:
         try:
             with self.store.transaction():
                 self.store.insert_node(rec)
+                # The machine authenticated: from now on its handshake timestamps are persisted.
+                stamp = self._recent_handshakes.pop(machine_key, None)
+                if stamp is not None:
+                    self.store.advance_handshake_timestamp(machine_key, stamp)
                 if key is not None:
                     self.store.use_auth_key(key.id, now)
         except sqlite3.IntegrityError as exc:

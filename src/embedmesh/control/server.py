@@ -154,7 +154,10 @@ class ControlServer:
         return JSONResponse({"protocol_version": PROTOCOL_VERSION, "public_key": self.public_key_b64})
 
     async def _health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "nodes": len(self.coordinator)})
+        # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
+        # connections an outsider could watch); the admin API has the details.
+        healthy = self.store.healthy()
+        return JSONResponse({"ok": healthy}, status_code=200 if healthy else 503)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -209,6 +209,14 @@ class Store:
         self._in_transaction = False
         self._db.execute("COMMIT")
 
+    def healthy(self) -> bool:
+        """True if the database answers a query (what ``/health`` reports)."""
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
@@ -281,7 +289,13 @@ class Store:
         )
 
     def delete_node(self, node_id: int) -> None:
-        self._db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+        """Delete the node and its machine's handshake timestamp (nothing outlives a node)."""
+        with self.transaction():
+            self._db.execute(
+                "DELETE FROM handshakes WHERE machine_key = (SELECT machine_key FROM nodes WHERE id = ?)",
+                (node_id,),
+            )
+            self._db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
 
     # ------------------------------------------------------------------ handshake replay protection
 
@@ -294,3 +308,17 @@ class Store:
             (machine_key, timestamp),
         )
         return cursor.rowcount == 1
+
+    def prune_handshakes(self) -> int:
+        """Drop the timestamps of machine keys that have no node (older servers stored one for
+        every handshake, registered or not); returns how many went."""
+        cursor = self._db.execute(
+            "DELETE FROM handshakes WHERE machine_key NOT IN (SELECT machine_key FROM nodes)"
+        )
+        return cursor.rowcount
+
+    def count_rows(self, table: str) -> int:
+        """Rows in ``table`` (``nodes``, ``auth_keys``, ``handshakes``), for tests and diagnostics."""
+        if table not in ("nodes", "auth_keys", "handshakes", "meta"):
+            raise ValueError(f"unknown table {table!r}")
+        return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
