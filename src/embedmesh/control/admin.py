@@ -13,15 +13,26 @@
 ``DELETE /admin/v1/nodes/{id}``
 ====================================  ==========================================================
 
-Errors are ``{"error": {"code", "message"}}`` with 400, 401, 404 or 409.
+Errors are ``{"error": {"code", "message"}}`` with 400, 401, 404, 409 or 413.
+
+Everything here fails closed. The token must be at least :data:`MIN_ADMIN_TOKEN_LENGTH` visible
+ASCII characters or the server does not start; a request carries exactly one ``Authorization:
+Bearer <token>`` or gets 401. Bodies are at most :data:`MAX_BODY` bytes of JSON nested at most
+:data:`MAX_JSON_DEPTH` deep, without ``NaN``/``Infinity``; ids are ASCII digits; expiries are finite
+and at most :data:`MAX_EXPIRY`. What a request may store is checked by the rules the wire format and
+the CLI read it back with, so no stored value can make a later list, map or restart fail.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -29,12 +40,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from embedmesh.control.authkeys import AuthKeyRecord
+from embedmesh.control.coordinator import MAX_KEY_LIFETIME
 from embedmesh.control.errors import (
     AdminError,
     BadRequestError,
     ConflictError,
     ControlError,
     NotFoundError,
+    PayloadTooLargeError,
+    StoreError,
     UnauthorizedError,
 )
 
@@ -42,7 +56,62 @@ if TYPE_CHECKING:
     from embedmesh.control.server import ControlServer
 
 PREFIX = "/admin/v1"
-_STATUS = {NotFoundError: 404, ConflictError: 409, UnauthorizedError: 401, BadRequestError: 400}
+_STATUS = {
+    NotFoundError: 404,
+    ConflictError: 409,
+    UnauthorizedError: 401,
+    BadRequestError: 400,
+    PayloadTooLargeError: 413,
+}
+
+#: Shorter tokens are refused at startup (a generated one has 43 characters, 256 bits).
+MIN_ADMIN_TOKEN_LENGTH = 32
+#: The largest admin request body; the biggest real one (DNS settings) is a few KiB.
+MAX_BODY = 64 * 1024
+#: Arrays and objects nested deeper than this are refused before parsing (no request needs more
+#: than 3; a deep one would otherwise hit Python's recursion limit).
+MAX_JSON_DEPTH = 16
+#: The longest auth key lifetime: 100 years (the CLI prints expiry dates, which stop at year 9999).
+MAX_EXPIRY = MAX_KEY_LIFETIME
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+_NODE_ID_RE = re.compile(r"[0-9]{1,18}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{12}")
+_CREATE_FIELDS = frozenset({"reusable", "ephemeral", "preapproved", "tags", "expiry"})
+
+
+def new_admin_token() -> bytes:
+    """A fresh token for the ``admin-token`` file: 43 URL-safe characters (256 random bits)."""
+    return secrets.token_urlsafe(32).encode() + b"\n"
+
+
+def check_admin_token(data: bytes, path: Path) -> str:
+    """The token in ``path`` (surrounding whitespace dropped), or :class:`StoreError` if it is too
+    short or not visible ASCII: a weak token must stop the server, never guard its admin API."""
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = None
+    fix = f"delete {path} and restart the server to generate one, or write at least {MIN_ADMIN_TOKEN_LENGTH} random characters there"
+    if token is None or _TOKEN_RE.fullmatch(token) is None:
+        raise StoreError(f"the admin token in {path} is empty or not printable ASCII without spaces: {fix}")
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise StoreError(
+            f"the admin token in {path} has {len(token)} characters, fewer than {MIN_ADMIN_TOKEN_LENGTH}: {fix}"
+        )
+    return token
+
+
+def token_accepted(headers: list[tuple[bytes, bytes]], expected: str) -> bool:
+    """True only for exactly one ``Authorization`` header that is ``Bearer <expected>`` (the
+    scheme's case does not matter, RFC 7235; anything else about it does)."""
+    values = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(values) != 1 or len(expected) < MIN_ADMIN_TOKEN_LENGTH:
+        return False
+    scheme, space, token = values[0].partition(b" ")
+    if scheme.lower() != b"bearer" or not space or not token:
+        return False
+    return hmac.compare_digest(token, expected.encode())
+
 
 Handler = Callable[[Request], Awaitable[JSONResponse]]
 
@@ -68,13 +137,53 @@ def _error_response(exc: ControlError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, status_code=status)
 
 
+def _json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    too_large = PayloadTooLargeError(f"request body larger than {MAX_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw:
         return {}
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(raw)
-    except ValueError:
+        # NaN and Infinity are not JSON (RFC 8259); Python would accept them.
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         raise BadRequestError("request body is not JSON") from None
     if not isinstance(value, dict):
         raise BadRequestError("request body must be a JSON object")
@@ -90,9 +199,33 @@ def _flag(body: dict[str, Any], name: str) -> bool:
 
 def _node_id(request: Request) -> int:
     text = request.path_params["node_id"]
-    if not text.isdigit():
+    # Only ASCII digits: str.isdigit() and int() also take "١٢", "+1", " 1" and "1_0".
+    if _NODE_ID_RE.fullmatch(text) is None:
         raise BadRequestError(f"node id {text!r} is not a number: see `embedmesh control nodes list`")
     return int(text)
+
+
+def _key_id(request: Request) -> str:
+    text = str(request.path_params["key_id"])
+    if _KEY_ID_RE.fullmatch(text) is None:
+        raise BadRequestError(
+            f"{text!r} is not an auth key id (12 hex digits): see `embedmesh control authkey list`"
+        )
+    return text
+
+
+def _expiry(value: object) -> float | None:
+    """Seconds from now, finite and positive, or None (never)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequestError("expiry must be a number of seconds or null")
+    # An int beyond a float's range, inf (JSON 1e309) and nan all fail here, before float().
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= MAX_EXPIRY:
+        raise BadRequestError(
+            f"expiry must be a positive number of seconds up to {MAX_EXPIRY:.0f} (100 years), or null"
+        )
+    return float(value)
 
 
 def admin_routes(server: ControlServer) -> list[Route]:
@@ -100,11 +233,7 @@ def admin_routes(server: ControlServer) -> list[Route]:
 
     def guarded(handler: Handler) -> Handler:
         async def wrapper(request: Request) -> JSONResponse:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.encode(), server.admin_token.encode()
-            ):
+            if not token_accepted(request.scope["headers"], server.admin_token):
                 return _error_response(
                     UnauthorizedError(
                         "missing or wrong admin token: use the admin-token file in the server's state directory"
@@ -119,19 +248,21 @@ def admin_routes(server: ControlServer) -> list[Route]:
 
     async def create_key(request: Request) -> JSONResponse:
         body = await _body(request)
+        unknown = set(body) - _CREATE_FIELDS
+        if unknown:
+            raise BadRequestError(
+                f"unknown auth key settings {sorted(unknown)}: use {sorted(_CREATE_FIELDS)}"
+            )
         tags = body.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise BadRequestError("tags must be a list of strings such as tag:ci")
-        expiry = body.get("expiry")
-        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, int | float)):
-            raise BadRequestError("expiry must be a number of seconds or null")
         now = time.time()
         record, text = coordinator.create_auth_key(
             reusable=_flag(body, "reusable"),
             ephemeral=_flag(body, "ephemeral"),
             preapproved=_flag(body, "preapproved"),
             tags=tuple(tags),
-            expiry=None if expiry is None else float(expiry),
+            expiry=_expiry(body.get("expiry")),
             now=now,
         )
         return JSONResponse({"key": text, "authkey": describe_auth_key(record, now)}, status_code=201)
@@ -144,7 +275,7 @@ def admin_routes(server: ControlServer) -> list[Route]:
 
     async def revoke_key(request: Request) -> JSONResponse:
         now = time.time()
-        record = coordinator.revoke_auth_key(request.path_params["key_id"], now)
+        record = coordinator.revoke_auth_key(_key_id(request), now)
         return JSONResponse({"authkey": describe_auth_key(record, now)})
 
     async def list_nodes(request: Request) -> JSONResponse:
@@ -164,7 +295,7 @@ def admin_routes(server: ControlServer) -> list[Route]:
     async def rename(request: Request) -> JSONResponse:
         body = await _body(request)
         name = body.get("name")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or set(body) != {"name"}:
             raise BadRequestError('rename needs {"name": "new-name"}')
         node = coordinator.rename(_node_id(request), name)
         return JSONResponse({"node": coordinator.describe(node)})
@@ -216,4 +347,15 @@ def admin_routes(server: ControlServer) -> list[Route]:
     ]
 
 
-__all__ = ["AdminError", "admin_routes", "describe_auth_key"]
+__all__ = [
+    "MAX_BODY",
+    "MAX_EXPIRY",
+    "MAX_JSON_DEPTH",
+    "MIN_ADMIN_TOKEN_LENGTH",
+    "AdminError",
+    "admin_routes",
+    "check_admin_token",
+    "describe_auth_key",
+    "new_admin_token",
+    "token_accepted",
+]

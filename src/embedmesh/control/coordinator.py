@@ -28,6 +28,7 @@ import dataclasses
 import heapq
 import json
 import logging
+import math
 import re
 import sqlite3
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from embedmesh.control.errors import (
 from embedmesh.control.messages import (
     FQDN_RE,
     LABEL_RE,
+    MAX_TAGS,
     TAG_RE,
     RegisterRequest,
     dumps,
@@ -88,6 +90,8 @@ _TRIM_EVERY = 4096
 #: A stream this far behind the log gets a full map instead of the backlog.
 _MAX_LAG = 262_144
 DEFAULT_KEY_EXPIRY = 180 * DAY
+#: The longest an auth key may stay valid (admin tools print its expiry as a date).
+MAX_KEY_LIFETIME = 100 * 365 * DAY
 DEFAULT_EPHEMERAL_TIMEOUT = 60.0
 #: Handshake timestamps of machines that have not registered, kept in memory (about 100 bytes each).
 _MAX_RECENT_HANDSHAKES = 65_536
@@ -844,11 +848,15 @@ class Coordinator:
         now: float,
     ) -> tuple[AuthKeyRecord, str]:
         """A new key; the text (with its secret) is returned once and never stored."""
+        # The key's tags go into its nodes' map entries, so they obey the wire format's rules.
         for tag in tags:
             if TAG_RE.fullmatch(tag) is None:
                 raise BadRequestError(f"tag {tag!r} is not of the form tag:<lowercase-name>")
-        if expiry is not None and expiry <= 0:
-            raise BadRequestError("an auth key's expiry must be positive (e.g. 1h, 7d)")
+        if len(set(tags)) > MAX_TAGS:
+            raise BadRequestError(f"an auth key grants at most {MAX_TAGS} tags")
+        # Finite (NaN compares false to everything and would never expire) and bounded.
+        if expiry is not None and not (math.isfinite(expiry) and 0 < expiry <= MAX_KEY_LIFETIME):
+            raise BadRequestError("an auth key's expiry must be positive and at most 100 years (e.g. 1h, 7d)")
         key_id, text = new_auth_key(self._random_bytes(6), self._random_bytes(24))
         record = AuthKeyRecord(
             id=key_id,

@@ -129,6 +129,12 @@ class UnauthorizedError(AdminError):
     code = "unauthorized"
 
 
+class PayloadTooLargeError(AdminError):
+    """An admin request's body is larger than the API accepts."""
+
+    code = "payload_too_large"
+
+
 class StoreError(ControlError):
     """The state directory cannot be used (newer schema, wrong permissions, corrupt files)."""
 
@@ -160,6 +166,7 @@ _BY_CODE: dict[str, type[ControlError]] = {
         ConflictError,
         BadRequestError,
         UnauthorizedError,
+        PayloadTooLargeError,
         StoreError,
     )
 }
@@ -188,6 +195,7 @@ __all__ = [
     "NetmapDesyncError",
     "NodeDeletedError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "ProtocolVersionError",
     "ServerKeyChangedError",
     "SessionReplacedError",

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -110,11 +109,11 @@ class ControlServer:
         except (ValueError, AssertionError) as exc:
             raise StoreError(f"{state / 'server.key'} is not a base64 private key") from exc
         self.public_key = public_key(self._private_key)
-        self.admin_token = (
-            _read_or_create(state / "admin-token", lambda: secrets.token_urlsafe(32).encode() + b"\n")
-            .decode()
-            .strip()
-        )
+        from embedmesh.control.admin import admin_routes, check_admin_token, new_admin_token
+
+        # Fails closed: a short, empty or garbled token stops the server instead of guarding the API.
+        token_path = state / "admin-token"
+        self.admin_token = check_admin_token(_read_or_create(token_path, new_admin_token), token_path)
         self.store = Store(state / "control.db")
         self.coordinator = Coordinator(
             self.store,
@@ -127,8 +126,6 @@ class ControlServer:
             now=time.time(),
             random_bytes=os.urandom,
         )
-        from embedmesh.control.admin import admin_routes
-
         self.app = Starlette(
             routes=[
                 Route("/key", self._key, methods=["GET"]),
