@@ -1,0 +1,577 @@
+// Command tsvectors runs Tailscale's own Go packages (tailscale.com v1.102.5) against embedmesh's
+// Python cores in tests/tailscale/, so the Python code is checked against the real implementation
+// and not only against itself.
+//
+// Modes (the first argument):
+//
+//	noise-server   controlbase.Server over stdin/stdout: the initiation arrives in the stream,
+//	               an early payload (EarlyNoise JSON, as headscale writes it) follows the
+//	               response, then every message is echoed back.
+//	noise-client   controlbase.Client over stdin/stdout, wrapped in ts2021.Conn: reads the early
+//	               payload the Python server sent, then sends messages and checks their echoes.
+//	http-server    an HTTP server on 127.0.0.1 (port printed on stdout) serving GET /key?v= and
+//	               POST /ts2021 with controlhttpserver.AcceptHTTP, then the echo loop.
+//	http-client    controlhttp.Dialer against a Python HTTP server, then as noise-client.
+//	disco          JSON on stdin: seals disco messages with types/key and disco, opens and parses
+//	               packets sealed by Python, formats keys as text; JSON on stdout.
+//
+// Messages inside the Noise stream are framed as [u32 BE length][payload]; length 0xFFFFFFFF ends
+// the exchange. Reports go to stdout as one JSON object per line; errors exit non-zero.
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go4.org/mem"
+	"tailscale.com/control/controlbase"
+	"tailscale.com/control/controlhttp"
+	"tailscale.com/control/controlhttp/controlhttpserver"
+	"tailscale.com/control/ts2021"
+	"tailscale.com/disco"
+	"tailscale.com/health"
+	"tailscale.com/net/netmon"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+	"tailscale.com/util/eventbus"
+)
+
+const endOfExchange = 0xFFFFFFFF
+
+// stdioConn is a net.Conn over this process's stdin and stdout (controlbase needs a net.Conn).
+type stdioConn struct{}
+
+func (stdioConn) Read(b []byte) (int, error)         { return os.Stdin.Read(b) }
+func (stdioConn) Write(b []byte) (int, error)        { return os.Stdout.Write(b) }
+func (stdioConn) Close() error                       { return nil }
+func (stdioConn) LocalAddr() net.Addr                { return &net.UnixAddr{Name: "stdio", Net: "unix"} }
+func (stdioConn) RemoteAddr() net.Addr               { return &net.UnixAddr{Name: "stdio", Net: "unix"} }
+func (stdioConn) SetDeadline(t time.Time) error      { return nil }
+func (stdioConn) SetReadDeadline(t time.Time) error  { return nil }
+func (stdioConn) SetWriteDeadline(t time.Time) error { return nil }
+
+func fatal(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "tsvectors: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+func machinePrivate(hexKey string) key.MachinePrivate {
+	var k key.MachinePrivate
+	if err := k.UnmarshalText([]byte("privkey:" + hexKey)); err != nil {
+		fatal("machine private key: %v", err)
+	}
+	return k
+}
+
+func machinePublic(hexKey string) key.MachinePublic {
+	var k key.MachinePublic
+	if err := k.UnmarshalText([]byte("mkey:" + hexKey)); err != nil {
+		fatal("machine public key: %v", err)
+	}
+	return k
+}
+
+func challengePublic(hexKey string) key.ChallengePublic {
+	var k key.ChallengePublic
+	if err := k.UnmarshalText([]byte("chalpub:" + hexKey)); err != nil {
+		fatal("challenge key: %v", err)
+	}
+	return k
+}
+
+// writeEarlyPayload writes the EarlyNoise payload the way headscale's early-noise writer does:
+// magic, u32 BE length, json.Marshal(tailcfg.EarlyNoise).
+func writeEarlyPayload(w io.Writer, challenge key.ChallengePublic) error {
+	body, err := json.Marshal(&tailcfg.EarlyNoise{NodeKeyChallenge: challenge})
+	if err != nil {
+		return err
+	}
+	buf := []byte(ts2021.EarlyPayloadMagic)
+	buf = binary.BigEndian.AppendUint32(buf, uint32(len(body)))
+	buf = append(buf, body...)
+	_, err = w.Write(buf)
+	return err
+}
+
+func readMessage(r io.Reader) ([]byte, bool, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, false, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n == endOfExchange {
+		return nil, true, nil
+	}
+	if n > 16<<20 {
+		return nil, false, fmt.Errorf("message of %d bytes", n)
+	}
+	msg := make([]byte, n)
+	_, err := io.ReadFull(r, msg)
+	return msg, false, err
+}
+
+func writeMessage(w io.Writer, msg []byte) error {
+	buf := binary.BigEndian.AppendUint32(nil, uint32(len(msg)))
+	buf = append(buf, msg...)
+	_, err := w.Write(buf)
+	return err
+}
+
+// echo answers every message with the same bytes until the peer ends the exchange, then ends it too.
+func echo(c io.ReadWriter) (int, error) {
+	count := 0
+	for {
+		msg, end, err := readMessage(c)
+		if err != nil {
+			return count, err
+		}
+		if end {
+			_, err := c.Write(binary.BigEndian.AppendUint32(nil, endOfExchange))
+			return count, err
+		}
+		if err := writeMessage(c, msg); err != nil {
+			return count, err
+		}
+		count++
+	}
+}
+
+type report struct {
+	Mode             string `json:"mode"`
+	Peer             string `json:"peer,omitempty"`
+	Version          int    `json:"version"`
+	HandshakeHash    string `json:"handshake_hash"`
+	EarlyChallenge   string `json:"early_challenge,omitempty"`
+	MessagesEchoed   int    `json:"messages_echoed"`
+	MessagesVerified int    `json:"messages_verified"`
+}
+
+func emit(w io.Writer, r report) {
+	b, _ := json.Marshal(r)
+	fmt.Fprintf(w, "%s\n", b)
+}
+
+// exchange sends messages of the given sizes (deterministic content from seed), checks each echo,
+// then ends the exchange.
+func exchange(c io.ReadWriter, sizes []int, seed int64) (int, error) {
+	rng := rand.New(rand.NewSource(seed))
+	for i, size := range sizes {
+		msg := make([]byte, size)
+		rng.Read(msg)
+		if err := writeMessage(c, msg); err != nil {
+			return i, err
+		}
+		got, end, err := readMessage(c)
+		if err != nil {
+			return i, err
+		}
+		if end || string(got) != string(msg) {
+			return i, fmt.Errorf("echo %d of %d bytes differs", i, size)
+		}
+	}
+	if _, err := c.Write(binary.BigEndian.AppendUint32(nil, endOfExchange)); err != nil {
+		return len(sizes), err
+	}
+	if _, end, err := readMessage(c); err != nil || !end {
+		return len(sizes), fmt.Errorf("peer did not end the exchange: %v", err)
+	}
+	return len(sizes), nil
+}
+
+func parseSizes(s string) []int {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil {
+			fatal("size %q: %v", f, err)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+func noiseServer(args []string) {
+	fs := flag.NewFlagSet("noise-server", flag.ExitOnError)
+	priv := fs.String("key", "", "server machine private key, hex")
+	chal := fs.String("challenge", "", "early payload challenge public key, hex (empty: no early payload)")
+	fs.Parse(args)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := controlbase.Server(ctx, stdioConn{}, machinePrivate(*priv), nil)
+	if err != nil {
+		fatal("server handshake: %v", err)
+	}
+	if *chal != "" {
+		if err := writeEarlyPayload(conn, challengePublic(*chal)); err != nil {
+			fatal("early payload: %v", err)
+		}
+	}
+	n, err := echo(conn)
+	if err != nil {
+		fatal("echo after %d messages: %v", n, err)
+	}
+	h := conn.HandshakeHash()
+	emit(os.Stderr, report{Mode: "noise-server", Peer: conn.Peer().String(), Version: conn.ProtocolVersion(),
+		HandshakeHash: hex.EncodeToString(h[:]), MessagesEchoed: n})
+}
+
+func clientSide(mode string, nc *controlbase.Conn, sizes []int, seed int64, out io.Writer) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn := ts2021.NewConn(nc, func() {})
+	early, err := conn.GetEarlyPayload(ctx)
+	if err != nil {
+		fatal("early payload: %v", err)
+	}
+	r := report{Mode: mode, Version: nc.ProtocolVersion()}
+	if early != nil {
+		r.EarlyChallenge = early.NodeKeyChallenge.String()
+	}
+	n, err := exchange(conn, sizes, seed)
+	if err != nil {
+		fatal("exchange after %d messages: %v", n, err)
+	}
+	h := nc.HandshakeHash()
+	r.HandshakeHash = hex.EncodeToString(h[:])
+	r.MessagesVerified = n
+	r.Peer = nc.Peer().String()
+	emit(out, r)
+}
+
+func noiseClient(args []string) {
+	fs := flag.NewFlagSet("noise-client", flag.ExitOnError)
+	priv := fs.String("key", "", "client machine private key, hex")
+	server := fs.String("server", "", "server machine public key, hex")
+	version := fs.Int("version", 130, "protocol (capability) version")
+	sizes := fs.String("sizes", "1,4077,4078,10000", "message sizes")
+	seed := fs.Int64("seed", 1, "content seed")
+	fs.Parse(args)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	nc, err := controlbase.Client(ctx, stdioConn{}, machinePrivate(*priv), machinePublic(*server), uint16(*version))
+	if err != nil {
+		fatal("client handshake: %v", err)
+	}
+	clientSide("noise-client", nc, parseSizes(*sizes), *seed, os.Stderr)
+}
+
+func httpServer(args []string) {
+	fs := flag.NewFlagSet("http-server", flag.ExitOnError)
+	priv := fs.String("key", "", "server machine private key, hex")
+	chal := fs.String("challenge", "", "early payload challenge public key, hex")
+	fs.Parse(args)
+	private := machinePrivate(*priv)
+	challenge := challengePublic(*chal)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/key", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("v") == "" {
+			http.Error(w, "missing v", http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(&tailcfg.OverTLSPublicKeyResponse{PublicKey: private.Public()})
+	})
+	mux.HandleFunc("/ts2021", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		conn, err := controlhttpserver.AcceptHTTP(ctx, w, r, private, func(_ int, w io.Writer) error {
+			return writeEarlyPayload(w, challenge)
+		})
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tsvectors: accept: %v\n", err)
+			return
+		}
+		defer conn.Close()
+		n, err := echo(conn)
+		if err != nil && !errors.Is(err, io.EOF) {
+			fmt.Fprintf(os.Stderr, "tsvectors: echo after %d: %v\n", n, err)
+			return
+		}
+		h := conn.HandshakeHash()
+		emit(os.Stderr, report{Mode: "http-server", Peer: conn.Peer().String(), Version: conn.ProtocolVersion(),
+			HandshakeHash: hex.EncodeToString(h[:]), MessagesEchoed: n})
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fatal("listen: %v", err)
+	}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	// Serve until stdin closes (the test's end of the pipe), so the process never outlives it.
+	go func() {
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	if err := http.Serve(ln, mux); err != nil {
+		fatal("serve: %v", err)
+	}
+}
+
+func httpClient(args []string) {
+	fs := flag.NewFlagSet("http-client", flag.ExitOnError)
+	priv := fs.String("key", "", "client machine private key, hex")
+	server := fs.String("server", "", "server machine public key, hex")
+	port := fs.String("port", "", "HTTP port on 127.0.0.1")
+	version := fs.Int("version", 130, "protocol (capability) version")
+	sizes := fs.String("sizes", "1,4077,4078,10000", "message sizes")
+	seed := fs.Int64("seed", 1, "content seed")
+	fs.Parse(args)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d := &controlhttp.Dialer{
+		Hostname:        "127.0.0.1",
+		HTTPPort:        *port,
+		HTTPSPort:       controlhttp.NoPort,
+		MachineKey:      machinePrivate(*priv),
+		ControlKey:      machinePublic(*server),
+		ProtocolVersion: uint16(*version),
+		Dialer:          (&net.Dialer{}).DialContext,
+		NetMon:          netmon.NewStatic(),
+		HealthTracker:   health.NewTracker(eventbus.New()),
+		Logf:            func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+	}
+	cc, err := d.Dial(ctx)
+	if err != nil {
+		fatal("dial: %v", err)
+	}
+	defer cc.Close()
+	clientSide("http-client", cc.Conn, parseSizes(*sizes), *seed, os.Stdout)
+}
+
+// Disco requests and answers (JSON).
+
+type discoMessage struct {
+	Type      string   `json:"type"` // ping, pong, call_me_maybe
+	TxID      string   `json:"tx_id,omitempty"`
+	NodeKey   string   `json:"node_key,omitempty"`
+	Padding   int      `json:"padding,omitempty"`
+	Src       string   `json:"src,omitempty"`
+	Endpoints []string `json:"endpoints,omitempty"`
+}
+
+type discoRequest struct {
+	// Private is the disco private key (hex) of the side Go plays; Peer is the other side's public key.
+	Private   string         `json:"private"`
+	Peer      string         `json:"peer"`
+	Seal      []discoMessage `json:"seal"`
+	Open      []string       `json:"open"`      // base64 packets sealed by the peer to Private
+	Marshal   []discoMessage `json:"marshal"`   // messages to encode without sealing
+	Parse     []string       `json:"parse"`     // base64 cleartext messages to parse
+	Keys      []string       `json:"keys"`      // hex raw keys to format in every text form
+	Unmarshal []string       `json:"unmarshal"` // text forms to parse as NodePublic
+}
+
+type discoOpened struct {
+	OK      bool          `json:"ok"`
+	Sender  string        `json:"sender,omitempty"`
+	Message *discoMessage `json:"message,omitempty"`
+	Error   string        `json:"error,omitempty"`
+}
+
+type discoAnswer struct {
+	Public    string              `json:"public"`
+	Sealed    []string            `json:"sealed"`
+	Opened    []discoOpened       `json:"opened"`
+	Marshaled []string            `json:"marshaled"`
+	Parsed    []discoOpened       `json:"parsed"`
+	Keys      []map[string]string `json:"keys"`
+	Unmarshal []discoOpened       `json:"unmarshal"`
+}
+
+func toGo(m discoMessage) disco.Message {
+	switch m.Type {
+	case "ping":
+		p := &disco.Ping{Padding: m.Padding}
+		tx, _ := hex.DecodeString(m.TxID)
+		copy(p.TxID[:], tx)
+		if m.NodeKey != "" {
+			if err := p.NodeKey.UnmarshalText([]byte(m.NodeKey)); err != nil {
+				fatal("node key: %v", err)
+			}
+		}
+		return p
+	case "pong":
+		p := &disco.Pong{Src: netip.MustParseAddrPort(m.Src)}
+		tx, _ := hex.DecodeString(m.TxID)
+		copy(p.TxID[:], tx)
+		return p
+	case "call_me_maybe":
+		c := &disco.CallMeMaybe{}
+		for _, e := range m.Endpoints {
+			c.MyNumber = append(c.MyNumber, netip.MustParseAddrPort(e))
+		}
+		return c
+	}
+	fatal("unknown message type %q", m.Type)
+	return nil
+}
+
+func fromGo(m disco.Message) *discoMessage {
+	switch m := m.(type) {
+	case *disco.Ping:
+		out := &discoMessage{Type: "ping", TxID: hex.EncodeToString(m.TxID[:]), Padding: m.Padding}
+		if !m.NodeKey.IsZero() {
+			out.NodeKey = m.NodeKey.String()
+		}
+		return out
+	case *disco.Pong:
+		return &discoMessage{Type: "pong", TxID: hex.EncodeToString(m.TxID[:]), Src: m.Src.String()}
+	case *disco.CallMeMaybe:
+		out := &discoMessage{Type: "call_me_maybe", Endpoints: []string{}}
+		for _, e := range m.MyNumber {
+			out.Endpoints = append(out.Endpoints, e.String())
+		}
+		return out
+	}
+	return &discoMessage{Type: fmt.Sprintf("%T", m)}
+}
+
+func discoMode() {
+	var req discoRequest
+	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
+		fatal("request: %v", err)
+	}
+	raw, err := hex.DecodeString(req.Private)
+	if err != nil || len(raw) != 32 {
+		fatal("private key")
+	}
+	priv := key.DiscoPrivateFromRaw32(mem.B(raw))
+	peerRaw, err := hex.DecodeString(req.Peer)
+	if err != nil || len(peerRaw) != 32 {
+		fatal("peer key")
+	}
+	peer := key.DiscoPublicFromRaw32(mem.B(peerRaw))
+	shared := priv.Shared(peer)
+	ans := discoAnswer{Public: priv.Public().String(), Sealed: []string{}, Opened: []discoOpened{},
+		Marshaled: []string{}, Parsed: []discoOpened{}, Keys: []map[string]string{}, Unmarshal: []discoOpened{}}
+	// Seal as magicsock's sendDiscoMessage does: magic, our disco public key, box of the message.
+	for _, m := range req.Seal {
+		pkt := []byte(disco.Magic)
+		pkt = priv.Public().AppendTo(pkt)
+		pkt = append(pkt, shared.Seal(toGo(m).AppendMarshal(nil))...)
+		ans.Sealed = append(ans.Sealed, base64.StdEncoding.EncodeToString(pkt))
+	}
+	// Open as magicsock's handleDiscoMessage does.
+	for _, b64 := range req.Open {
+		pkt, err := base64.StdEncoding.DecodeString(b64)
+		if err != nil {
+			fatal("open: %v", err)
+		}
+		src, ok := disco.Source(pkt)
+		if !ok {
+			ans.Opened = append(ans.Opened, discoOpened{Error: "not disco"})
+			continue
+		}
+		sender := key.DiscoPublicFromRaw32(mem.B(src))
+		clear, ok := priv.Shared(sender).Open(pkt[len(disco.Magic)+key.DiscoPublicRawLen:])
+		if !ok {
+			ans.Opened = append(ans.Opened, discoOpened{Sender: sender.String(), Error: "box did not open"})
+			continue
+		}
+		m, err := disco.Parse(clear)
+		if err != nil {
+			ans.Opened = append(ans.Opened, discoOpened{Sender: sender.String(), Error: err.Error()})
+			continue
+		}
+		ans.Opened = append(ans.Opened, discoOpened{OK: true, Sender: sender.String(), Message: fromGo(m)})
+	}
+	for _, m := range req.Marshal {
+		ans.Marshaled = append(ans.Marshaled, base64.StdEncoding.EncodeToString(toGo(m).AppendMarshal(nil)))
+	}
+	for _, b64 := range req.Parse {
+		b, err := base64.StdEncoding.DecodeString(b64)
+		if err != nil {
+			fatal("parse: %v", err)
+		}
+		m, err := disco.Parse(b)
+		if err != nil {
+			ans.Parsed = append(ans.Parsed, discoOpened{Error: err.Error()})
+			continue
+		}
+		ans.Parsed = append(ans.Parsed, discoOpened{OK: true, Message: fromGo(m)})
+	}
+	for _, h := range req.Keys {
+		raw, err := hex.DecodeString(h)
+		if err != nil || len(raw) != 32 {
+			fatal("key %q", h)
+		}
+		forms := map[string]string{}
+		mp := key.MachinePublicFromRaw32(mem.B(raw))
+		forms["machine_public"] = mp.String()
+		np := key.NodePublicFromRaw32(mem.B(raw))
+		forms["node_public"] = np.String()
+		dp := key.DiscoPublicFromRaw32(mem.B(raw))
+		forms["disco_public"] = dp.String()
+		var cp key.ChallengePublic
+		if err := cp.UnmarshalText([]byte("chalpub:" + h)); err != nil {
+			fatal("chalpub: %v", err)
+		}
+		forms["challenge_public"] = cp.String()
+		nk := key.NodePrivateFromRaw32(mem.B(raw))
+		text, _ := nk.MarshalText()
+		forms["node_private"] = string(text)
+		var mk key.MachinePrivate
+		if err := mk.UnmarshalText([]byte("privkey:" + h)); err != nil {
+			fatal("privkey: %v", err)
+		}
+		text, _ = mk.MarshalText()
+		forms["machine_private"] = string(text)
+		if !nk.IsZero() {
+			forms["node_private_public"] = nk.Public().String()
+			forms["machine_private_public"] = mk.Public().String()
+		}
+		js, _ := json.Marshal(struct {
+			Key key.NodePublic
+		}{np})
+		forms["node_public_json"] = string(js)
+		ans.Keys = append(ans.Keys, forms)
+	}
+	for _, text := range req.Unmarshal {
+		var k key.NodePublic
+		if err := k.UnmarshalText([]byte(text)); err != nil {
+			ans.Unmarshal = append(ans.Unmarshal, discoOpened{Error: err.Error()})
+			continue
+		}
+		ans.Unmarshal = append(ans.Unmarshal, discoOpened{OK: true, Sender: k.String()})
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(&ans); err != nil {
+		fatal("answer: %v", err)
+	}
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fatal("usage: tsvectors noise-server|noise-client|http-server|http-client|disco [flags]")
+	}
+	switch os.Args[1] {
+	case "noise-server":
+		noiseServer(os.Args[2:])
+	case "noise-client":
+		noiseClient(os.Args[2:])
+	case "http-server":
+		httpServer(os.Args[2:])
+	case "http-client":
+		httpClient(os.Args[2:])
+	case "disco":
+		discoMode()
+	default:
+		fatal("unknown mode %q", os.Args[1])
+	}
+}

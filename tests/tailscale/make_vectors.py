@@ -1,0 +1,129 @@
+"""Regenerates the known-answer vectors in tests/tailscale/vectors/ from Tailscale's Go code.
+
+    PYTHONPATH=src python3 -m tests.tailscale.make_vectors
+
+Runs tsvectors (tailscale.com v1.102.5: controlbase, ts2021, disco, types/key) against embedmesh's
+cores with fixed keys and writes what both sides sent. The tests replay these files without Go,
+so every run checks the Python code against bytes that Go produced or accepted. Go's own nonces and
+ephemeral keys are random, so a regeneration changes the files; each one is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from embedmesh.tailscale.keys import ChallengePublic, MachinePrivate
+from tests.tailscale import ts_harness
+from tests.tailscale.gobuild import tsvectors
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+KAT_SIZES = [0, 1, 4077, 4078, 9000]
+
+
+def fixed_bytes(label: str) -> bytes:
+    """32 bytes derived from a label (the fixed keys of the vectors)."""
+    return hashlib.sha256(b"embedmesh tailscale vectors/" + label.encode()).digest()
+
+
+def b64(data: bytes | bytearray) -> str:
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def controlbase_vectors(binary: Path) -> dict[str, Any]:
+    server_key = MachinePrivate.generate(fixed_bytes("server"))
+    client_key = MachinePrivate.generate(fixed_bytes("client"))
+    challenge = ChallengePublic(fixed_bytes("challenge"))
+    version = 130
+    client = ts_harness.python_client_vs_go_server(
+        binary, server_key, client_key, fixed_bytes("client-ephemeral"), challenge, version, KAT_SIZES
+    )
+    server = ts_harness.go_client_vs_python_server(
+        binary, server_key, client_key, fixed_bytes("server-ephemeral"), challenge, version, KAT_SIZES
+    )
+
+    def case(t: ts_harness.Transcript) -> dict[str, Any]:
+        return {
+            "python_out": b64(t.python_out),
+            "go_out": b64(t.go_out),
+            "plaintext_in_sha256": hashlib.sha256(t.plaintext_in).hexdigest(),
+            "plaintext_in_length": len(t.plaintext_in),
+            "go_report": t.report,
+            "tx_counter": t.tx_counter,
+            "rx_counter": t.rx_counter,
+        }
+
+    return {
+        "comment": "tsvectors (tailscale.com v1.102.5) against embedmesh; see tests/tailscale/make_vectors.py",
+        "server_key": server_key.to_text(),
+        "client_key": client_key.to_text(),
+        "client_ephemeral": fixed_bytes("client-ephemeral").hex(),
+        "server_ephemeral": fixed_bytes("server-ephemeral").hex(),
+        "challenge": challenge.to_text(),
+        "version": version,
+        "sizes": KAT_SIZES,
+        "python_client_go_server": case(client),
+        "go_client_python_server": case(server),
+    }
+
+
+def run_disco(binary: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """One disco-mode request to tsvectors (JSON in, JSON out)."""
+    result = subprocess.run(
+        [str(binary), "disco"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"tsvectors disco failed: {result.stderr.decode()}")
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+KEY_RAWS = [bytes(32), bytes(range(32)), b"\xff" * 32, fixed_bytes("key-a"), fixed_bytes("key-b")]
+UNMARSHAL_TEXTS = [
+    "nodekey:" + bytes(range(32)).hex(),
+    "nodekey:" + bytes(range(32)).hex().upper(),
+    "NODEKEY:" + bytes(range(32)).hex(),
+    "nodekey:" + bytes(range(32)).hex()[:-1],
+    "nodekey:" + bytes(range(32)).hex() + "0",
+    "nodekey:" + "g" * 64,
+    "discokey:" + bytes(range(32)).hex(),
+    bytes(range(32)).hex(),
+    "",
+]
+
+
+def keys_vectors(binary: Path) -> dict[str, Any]:
+    """Every text form of a few raw keys, and NodePublic.UnmarshalText on odd inputs, as Go does them."""
+    peer = fixed_bytes("peer")
+    answer = run_disco(
+        binary,
+        {"private": fixed_bytes("disco").hex(), "peer": peer.hex(), "keys": [k.hex() for k in KEY_RAWS],
+         "unmarshal": UNMARSHAL_TEXTS},
+    )
+    return {
+        "comment": "tsvectors (tailscale.com v1.102.5 types/key); see tests/tailscale/make_vectors.py",
+        "forms": [{"raw": k.hex(), "go": forms} for k, forms in zip(KEY_RAWS, answer["keys"], strict=True)],
+        "unmarshal": [
+            {"text": text, "go": result} for text, result in zip(UNMARSHAL_TEXTS, answer["unmarshal"], strict=True)
+        ],
+    }
+
+
+def write(name: str, document: dict[str, Any]) -> None:
+    VECTORS.mkdir(exist_ok=True)
+    (VECTORS / name).write_text(json.dumps(document, indent=1) + "\n")
+    print(f"wrote {VECTORS / name}")
+
+
+def main() -> None:
+    binary = tsvectors()
+    write("controlbase.json", controlbase_vectors(binary))
+    write("keys.json", keys_vectors(binary))
+
+
+if __name__ == "__main__":
+    main()
