@@ -4,7 +4,14 @@ The front door is :class:`Node`; errors derive from :class:`EmbedmeshError`. The
 what docs/api.md documents; the lower levels live in their submodules.
 """
 
-from embedmesh.errors import ConfigError, EmbedmeshError, NameResolutionError, NodeError, ParseError
+from embedmesh.errors import (
+    ConfigError,
+    EmbedmeshError,
+    NameResolutionError,
+    NodeError,
+    ParseError,
+    UpTimeoutError,
+)
 from embedmesh.node import Node, NodeStatus, PeerStatus, WhoIs
 from embedmesh.sockets import TcpListener, TcpStream, UdpSocket
 
@@ -20,6 +27,7 @@ __all__ = [
     "TcpListener",
     "TcpStream",
     "UdpSocket",
+    "UpTimeoutError",
     "WhoIs",
 ]
 __version__ = "0.1.0"

@@ -79,3 +79,16 @@ class StateDirInUseError(NodeError):
 class TagNotPermittedError(EmbedmeshError):
     """A node asked for tags that its auth key does not grant (only an admin grants tags, when
     creating the key with ``embedmesh control authkey create --tags ...``)."""
+
+
+class UpTimeoutError(EmbedmeshError, TimeoutError):
+    """``Node.up(timeout=...)`` ran out of time; the message and :attr:`waiting_for` say for what.
+
+    :attr:`waiting_for` is one of ``"start"`` (the node was still starting: registration and the
+    first network map), ``"control"`` (reconnecting to the coordination server), ``"approval"``
+    (an admin has yet to approve the node) and ``"reauthentication"`` (the node key expired).
+    """
+
+    def __init__(self, message: str, waiting_for: str) -> None:
+        self.waiting_for = waiting_for
+        super().__init__(message)

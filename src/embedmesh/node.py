@@ -24,12 +24,14 @@ import anyio.abc
 from embedmesh.asgi import ASGIApp, serve_asgi
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.client import ControlClient
+from embedmesh.control.errors import ApprovalRefusedError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
+from embedmesh.control.websocket import split_url
 from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
 from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
-from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError
+from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError, UpTimeoutError
 from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
@@ -38,7 +40,7 @@ from embedmesh.runtime.dataplane import DataPlane
 from embedmesh.runtime.links import Link, WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
-from embedmesh.state import NodeKeys, load_or_create_keys
+from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
@@ -70,6 +72,9 @@ class PeerStatus:
     name: str = ""
     fqdn: str = ""
     online: bool | None = None
+    #: In a tailnet: the peer's overlay addresses, and when control last saw it (Unix time).
+    addresses: tuple[str, ...] = ()
+    last_seen: float | None = None
     tags: tuple[str, ...] = ()
     #: Seconds since the last completed handshake, or None if there was none.
     last_handshake_ago: float | None = None
@@ -173,6 +178,8 @@ class Node:
                 "Node needs exactly one of control_url=... (join a tailnet) or "
                 "wireguard_config=... (join a plain WireGuard network)"
             )
+        if control_url is not None:
+            split_url(control_url)  # a ConfigError that says what to write, before anything starts
         self._listen_host = listen_host
         self._listen_port = listen_port
         self._config: WireGuardConfig | None = None
@@ -221,7 +228,8 @@ class Node:
             self.mtu = mtu or TAILNET_MTU
             self.ephemeral = ephemeral if ephemeral is not None else state_dir is None
             self._control_url = control_url
-            self._auth_key = auth_key if auth_key is not None else os.environ.get("EMBEDMESH_AUTH_KEY")
+            given = auth_key if auth_key is not None else os.environ.get("EMBEDMESH_AUTH_KEY")
+            self._auth_key = resolve_auth_key(given) if given else None
             self._tags = tuple(tags)
         # The operating system's CSPRNG for everything a peer could learn from and predict: TCP's
         # ISN, timestamp and SYN-cookie keys, ephemeral ports, handshake timer jitter.
@@ -333,14 +341,47 @@ class Node:
     async def up(self, timeout: float | None = None) -> None:
         """Return once the node is ready: listening, and in a tailnet authorized with its
         addresses and first network map. While an admin has yet to approve the node, this waits
-        (and says so in the log); ``timeout`` bounds the wait (``TimeoutError``).
+        (and says so in the log).
+
+        Raises :class:`~embedmesh.errors.UpTimeoutError` (a ``TimeoutError``) when ``timeout``
+        seconds pass first, saying what the node was waiting for, and
+        :class:`~embedmesh.control.errors.ApprovalRefusedError` when an admin refuses the node.
         """
         if self._closed:
             raise NodeError("this node was closed")
-        await self._started.wait()
-        if self._control is not None:
-            # The control client logs the wait for approval, with the command an admin runs.
-            await self._control.wait_for_approval(timeout)
+        if self._task_group is None:
+            raise NodeError(
+                "the node is not running: use 'async with node:' or 'await node.start()' before up()"
+            )
+        with anyio.move_on_after(timeout) as scope:
+            await self._started.wait()
+            if self._control is not None:
+                try:
+                    await self._control.wait_for_approval()
+                except ApprovalRefusedError as exc:
+                    raise ApprovalRefusedError(
+                        f"the admin of {self._control_url} refused this node (deleted it while it "
+                        "waited for approval): create the Node with an auth_key= (or "
+                        "$EMBEDMESH_AUTH_KEY) that the admin issued; a key created with "
+                        "--preapproved skips approval"
+                    ) from exc
+        if scope.cancelled_caught:
+            # The same words as `embedmesh status --wait` and the local API (waiting_for()).
+            raise UpTimeoutError(
+                f"up() timed out after {timeout:g} s: {self.waiting_for() or 'the node is still starting'}",
+                self._waiting_for_kind(),
+            )
+
+    def _waiting_for_kind(self) -> str:
+        """:attr:`UpTimeoutError.waiting_for`: what :meth:`waiting_for` says, as a keyword."""
+        netmap = self._netmap
+        if not self._started.is_set() or netmap is None:
+            return "start"
+        if self._control is not None and not self._control.connected:
+            return "control"
+        if netmap.state is NodeState.KEY_EXPIRED:
+            return "reauthentication"
+        return "approval"
 
     def waiting_for(self) -> str:
         """What the node still waits for before it is up, in words; ``""`` once it is up (in a
@@ -440,9 +481,8 @@ class Node:
         """Follow the coordination server: addresses, peers and their endpoints."""
         self._netmap = netmap
         me = netmap.self_node
+        # (The control client warns once when the node key expires, saying what to do.)
         self._interface.set_addresses([a.packed for a in me.addresses])
-        if netmap.state is NodeState.KEY_EXPIRED:
-            logger.warning("node key expired: cut off from peers until it re-authenticates")
         assert self._peer_sync is not None
         self._peer_sync.apply(netmap, time.monotonic())
         self._zone_serial += 1
@@ -562,6 +602,8 @@ class Node:
                     name=info.name if info else "",
                     fqdn=info.fqdn if info else "",
                     online=info.online if info else None,
+                    addresses=tuple(str(a) for a in info.addresses) if info else (),
+                    last_seen=info.last_seen if info else None,
                     tags=tuple(info.tags) if info else (),
                     last_handshake_ago=None if last is None else now - last,
                     rx_bytes=peer.stats.rx_bytes,

@@ -87,3 +87,41 @@ def load_or_create_keys(state_dir: str | os.PathLike[str]) -> tuple[NodeKeys, bo
     if any(len(key) != 32 for key in raw):
         raise ConfigError(f"{path} holds a key that is not 32 bytes; restore or delete the file")
     return NodeKeys(*raw), False
+
+
+#: ``auth_key="file:PATH"`` (and ``--auth-key file:PATH``, as tailscale accepts) reads the key from
+#: a file, so it appears neither in the process's command line (``/proc/PID/cmdline`` is readable
+#: by every user) nor in its environment.
+AUTH_KEY_FILE_PREFIX = "file:"
+
+
+def resolve_auth_key(value: str) -> str:
+    """The auth key ``value`` stands for: itself, or the contents of PATH for ``"file:PATH"``.
+
+    Surrounding whitespace (a trailing newline) is dropped. A file that other users can read or
+    write is used but reported with a warning, since whoever reads the key can join the tailnet.
+    Raises :class:`~embedmesh.errors.ConfigError` for a file that cannot be read or is empty.
+    """
+    if not value.startswith(AUTH_KEY_FILE_PREFIX):
+        return value
+    path = Path(value[len(AUTH_KEY_FILE_PREFIX) :]).expanduser()
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"auth key file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read the auth key file {path}: {reason}") from None
+    if not key:
+        raise ConfigError(
+            f"the auth key file {path} is empty: put the key from `embedmesh control authkey create` in it"
+        )
+    if stat.S_ISREG(mode) and mode & 0o077:
+        logger.warning(
+            "auth key file %s is accessible by other users (mode %s): chmod 600 %s",
+            path,
+            oct(mode & 0o777),
+            path,
+        )
+    return key

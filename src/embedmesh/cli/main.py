@@ -31,6 +31,27 @@ class _Commands(click.Group):
             return control
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # Every command path: an embedmesh error is one line on stderr and exit status 1, never a
+        # traceback (including one raised inside a task group, which arrives as an ExceptionGroup).
+        try:
+            return super().invoke(ctx)
+        except EmbedmeshError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except BaseExceptionGroup as group:
+            leaves = _leaves(group)
+            if not all(isinstance(e, EmbedmeshError | click.ClickException) for e in leaves):
+                raise
+            messages = (e.format_message() if isinstance(e, click.ClickException) else str(e) for e in leaves)
+            raise click.ClickException("; ".join(dict.fromkeys(messages))) from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
 
 @click.group(cls=_Commands)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -86,7 +107,10 @@ def _split_endpoint(text: str, what: str) -> tuple[str, int]:
     "--auth-key",
     default=None,
     envvar="EMBEDMESH_AUTH_KEY",
-    help="A pre-auth key (or set EMBEDMESH_AUTH_KEY); not needed to rejoin from --state-dir.",
+    metavar="KEY|file:PATH",
+    help="A pre-auth key; not needed to rejoin from --state-dir. Any user can read a command line "
+    "(/proc/PID/cmdline), so keep the key out of it: file:PATH reads it from a file (chmod 600), "
+    "or set EMBEDMESH_AUTH_KEY (which may also be file:PATH).",
 )
 @click.option("--hostname", default=None, help="The name to ask for in the tailnet (default: this host's).")
 @click.option(
@@ -175,11 +199,19 @@ def up(
 
     from embedmesh.cli.lifecycle import Lifecycle, cli_error
     from embedmesh.node import Node
+    from embedmesh.state import resolve_auth_key
 
     if (control_url is None) == (config_path is None):
         raise click.UsageError(
             "give either --control-url (join a tailnet) or --wireguard-config (plain WireGuard)"
         )
+    if control_url is not None and "://" not in control_url:
+        raise click.ClickException(
+            f"--control-url {control_url} has no scheme: write --control-url http://{control_url} "
+            "(or https:// for a server behind TLS)"
+        )
+    if auth_key:
+        auth_key = resolve_auth_key(auth_key)
     forward_specs = []
     for spec in forwards:
         local, sep, remote = spec.partition("=")
@@ -224,7 +256,15 @@ def up(
         try:
             await lifecycle.run(
                 lambda: _serve_node(
-                    node, lifecycle, state_dir, dns_address, dns_spec, socks5_spec, forward_specs, serve_specs
+                    node,
+                    lifecycle,
+                    control_url,
+                    state_dir,
+                    dns_address,
+                    dns_spec,
+                    socks5_spec,
+                    forward_specs,
+                    serve_specs,
                 )
             )
         except BaseException as exc:
@@ -233,13 +273,55 @@ def up(
                 raise
             raise error from None
 
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(run)
+    wording = _OperatorWording(state_dir)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(wording)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(run)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(wording)
+
+
+class _OperatorWording(logging.Filter):
+    """Says the library's warnings about this node's standing to the operator who runs `up`.
+
+    The control client words them for a programmer (``auth_key=``, ``up()``); a record that
+    carries ``embedmesh_event`` is reworded here as what to run or whom to ask.
+    """
+
+    def __init__(self, state_dir: Path | None) -> None:
+        super().__init__()
+        self.state_dir = state_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = getattr(record, "embedmesh_event", None)
+        node_id = getattr(record, "node_id", "ID")
+        url = getattr(record, "control_url", "the control server")
+        if event == "pending_approval":
+            record.msg = (
+                f"waiting for approval: ask the admin of {url} to run "
+                f"`embedmesh control nodes approve {node_id}` (keys created with --preapproved skip this)"
+            )
+        elif event == "key_expired":
+            state = f" --state-dir {self.state_dir}" if self.state_dir is not None else ""
+            record.msg = (
+                f"this node's key expired, so it is cut off from its peers: ask the admin of {url} to run "
+                f"`embedmesh control nodes approve {node_id}`, or restart with a new key: "
+                f"`embedmesh up --control-url {url}{state} --auth-key file:PATH`"
+            )
+        else:
+            return True
+        record.args = ()
+        return True
 
 
 async def _serve_node(
     node: Any,
     lifecycle: Any,
+    control_url: str | None,
     state_dir: Path | None,
     dns_address: str | None,
     dns_spec: tuple[str, int] | None,
@@ -249,6 +331,7 @@ async def _serve_node(
 ) -> None:
     import anyio
 
+    from embedmesh.control.errors import ApprovalRefusedError
     from embedmesh.localapi import serve_local_api
 
     async with anyio.create_task_group() as tg:
@@ -264,7 +347,16 @@ async def _serve_node(
                 )
             )
             click.echo(f"local API: {state_dir / 'embedmesh.sock'}")
-        await node.up()
+        try:
+            await node.up()
+        except ApprovalRefusedError:
+            # The API's message speaks to a programmer (auth_key=); this one to the operator.
+            url = control_url
+            raise click.ClickException(
+                f"an admin of {url} refused this node: ask them for an auth key "
+                "(they run `embedmesh control authkey create`, --preapproved to skip approval), "
+                f"then run `embedmesh up --control-url {url} --auth-key file:PATH` again"
+            ) from None
         name = f"{node.fqdn} " if node.fqdn else ""
         click.echo(
             f"up: {name}{', '.join(str(ip) for ip in node.ips)} (key {node.public_key[:12]}…, "
@@ -375,22 +467,62 @@ def status(state_dir: Path, as_json: bool, wait: bool, timeout: float) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     console = Console()
-    console.print(f"[bold]{data['public_key']}[/]  {', '.join(data['addresses'])}  UDP {data['listen_port']}")
+    console.print(_status_header(data), highlight=False)
     table = Table()
-    for column in ("peer", "allowed IPs", "endpoint", "handshake", "rx", "tx"):
+    for column in ("peer", "address", "online", "endpoint", "handshake", "rx", "tx"):
         table.add_column(column)
-    for peer in data["peers"]:
+    for peer in sorted(data["peers"], key=lambda p: (p["name"] or "~", p["public_key"])):
         ago = peer["last_handshake_ago"]
         endpoint = peer["endpoint"]
         table.add_row(
-            peer["public_key"][:16] + "…",
-            ", ".join(peer["allowed_ips"]),
-            f"{endpoint[0]}:{endpoint[1]}" if endpoint else "-",
-            "no handshake yet" if ago is None else f"{ago:.0f} s ago",
+            # Static mode has no names: the key is the only thing that tells its peers apart.
+            peer["name"] or f"key {peer['public_key'][:12]}…",
+            "\n".join(peer["addresses"] or peer["allowed_ips"]),
+            _online(peer["online"], peer["last_seen"]),
+            join_host_port(endpoint[0], endpoint[1]) if endpoint else "-",
+            "no handshake yet" if ago is None else f"{_ago(ago)} ago",
             str(peer["rx_bytes"]),
             str(peer["tx_bytes"]),
         )
     console.print(table)
+
+
+def _status_header(data: dict[str, Any]) -> str:
+    """The node itself: name, FQDN and state in a tailnet (key prefix in static mode)."""
+    who = data["name"] or f"key {data['public_key'][:12]}…"
+    if data["fqdn"]:
+        who += f" ({data['fqdn']})"
+    parts = [f"[bold]{who}[/]"]
+    if data["state"]:
+        state = data["state"].replace("_", " ")
+        if data["control_connected"] is False:
+            state += ", control server not connected"
+        parts.append(state)
+    parts += [", ".join(data["addresses"]) or "no addresses", f"UDP {data['listen_port']}"]
+    return "  ".join(parts)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _online(online: bool | None, last_seen: float | None) -> str:
+    """Control's view of a peer: online, or when it was last seen ("-" in static mode)."""
+    import time
+
+    if online is None:
+        return "-"
+    if online:
+        return "yes"
+    if last_seen is None:
+        return "no"
+    return f"no, last seen {_ago(max(time.time() - last_seen, 0.0))} ago"
 
 
 @main.command()

@@ -492,16 +492,29 @@ class ControlClient:
         state = netmap.state
         if state is not self._announced_state:
             self._announced_state = state
+            # Worded for the programmer whose application logs this; ``embedmesh_event`` lets
+            # the CLI say it to an operator instead (embedmesh.cli.main).
+            node_id = netmap.self_node.id
+            event = {"embedmesh_event": state.value, "node_id": node_id, "control_url": self.control_url}
             if state is NodeState.PENDING_APPROVAL:
                 logger.warning(
-                    "waiting for approval by an admin: run embedmesh control nodes approve %d",
-                    netmap.self_node.id,
+                    "node %d waits for an admin of %s to approve it; up()/wait_for_approval() return "
+                    "once approved (the admin runs `embedmesh control nodes approve %d`; auth keys "
+                    "created with --preapproved skip this)",
+                    node_id,
+                    self.control_url,
+                    node_id,
+                    extra=event,
                 )
             elif state is NodeState.KEY_EXPIRED:
                 logger.warning(
-                    "node key expired: this node is cut off until it re-authenticates with a new auth key "
-                    "(reauthenticate()) or an admin runs embedmesh control nodes approve %d",
-                    netmap.self_node.id,
+                    "node key expired (node %d): cut off from its peers until it re-authenticates; "
+                    "start the node again with a new auth_key= and the same state_dir (or call "
+                    "ControlClient.reauthenticate()), or the admin renews it with "
+                    "`embedmesh control nodes approve %d`",
+                    node_id,
+                    node_id,
+                    extra=event,
                 )
             else:
                 logger.info("in the tailnet as %s (%d peers)", netmap.self_node.fqdn, len(netmap.peers))
