@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import anyio
+
 from embedmesh import Node
 from embedmesh.localapi import serve_local_api
 from tests.control.control_harness import Admin, start_server
@@ -57,7 +58,11 @@ def test_status_shows_the_node_and_its_peers_by_name(tmp_path: Path) -> None:
         rows = {line.split()[1]: line for line in lines if line.startswith("│") and line.split()[1] != "│"}
         assert set(rows) == {"web", "db"}, text
         assert str(web.ips[0]) in rows["web"] and " yes " in rows["web"] and "ago" in rows["web"], text
-        assert str(db.ips[0]) in rows["db"] and "no, last seen" in rows["db"] and "never" in rows["db"], text
+        assert (
+            str(db.ips[0]) in rows["db"]
+            and "no, last seen" in rows["db"]
+            and "no handshake yet" in rows["db"]
+        ), text
         assert laptop.public_key[:12] not in text and web.public_key[:12] not in text
 
     try:

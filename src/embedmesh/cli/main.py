@@ -466,7 +466,9 @@ def status(state_dir: Path, as_json: bool, wait: bool, timeout: float) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    console = Console()
+    # Piped into a script or a log, lines are not cut to 80 columns (rich's default without a
+    # terminal): an address or a "last seen" split over two lines is hard to grep.
+    console = Console(width=None if sys.stdout.isatty() else 250)
     console.print(_status_header(data), highlight=False)
     table = Table()
     for column in ("peer", "address", "online", "endpoint", "handshake", "rx", "tx"):
