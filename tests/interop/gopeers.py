@@ -104,7 +104,12 @@ class GoBuild:
         for path in sorted(p for p in self.source.rglob("*") if p.is_file()):
             digest.update(str(path.relative_to(self.source)).encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
-        return {"source": self.source.name, "target": self.target, "ldflags": self.ldflags, "sha256": digest.hexdigest()}
+        return {
+            "source": self.source.name,
+            "target": self.target,
+            "ldflags": self.ldflags,
+            "sha256": digest.hexdigest(),
+        }
 
 
 # The bundles `gopeers.py build` (and so .ci/run) builds; tests may build others with go_install()
@@ -306,7 +311,9 @@ def _build_locked(
         elapsed = time.monotonic() - started
         if proc.returncode != 0:
             tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-6:])
-            raise GoBuildError(f"building {spec.name} failed (exit {proc.returncode}, log: {log_path}): {tail}")
+            raise GoBuildError(
+                f"building {spec.name} failed (exit {proc.returncode}, log: {log_path}): {tail}"
+            )
         missing = [b for b in spec.binaries if not (staging / b).is_file()]
         if missing:
             raise GoBuildError(f"building {spec.name} produced no {', '.join(missing)} (log: {log_path})")

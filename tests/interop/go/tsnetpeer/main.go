@@ -6,6 +6,7 @@
 //
 //	-echo PORT      echo every byte back on each accepted connection
 //	-discard PORT   read and drop everything, then reply with the byte count (bulk sink)
+//	-http PORT      serve HTTP: every GET answers "tsnetpeer HOSTNAME PATH\n"
 //	-dial HOST:PORT connect, send -send bytes (or stdin with -send -1), half-close, print what
 //	                came back (echo) as {"event":"dialed",...}, and exit unless serving
 //	-peers N        before dialing, wait until N peers are in the netmap and print them
@@ -23,6 +24,7 @@ import (
 	"io"
 	"log"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -48,6 +50,7 @@ func main() {
 	ephemeral := flag.Bool("ephemeral", false, "register as an ephemeral node")
 	echoPort := flag.Int("echo", 0, "serve an echo service on this tailnet TCP port")
 	discardPort := flag.Int("discard", 0, "serve a byte-counting sink on this tailnet TCP port")
+	httpPort := flag.Int("http", 0, "serve HTTP on this tailnet TCP port")
 	dial := flag.String("dial", "", "dial this HOST:PORT over the tailnet")
 	send := flag.Int("send", 16, "bytes to send when dialing (-1: copy stdin)")
 	peers := flag.Int("peers", 0, "wait until this many peers are in the netmap before dialing")
@@ -91,6 +94,10 @@ func main() {
 		serve(srv, *discardPort, handleDiscard)
 		serving = true
 	}
+	if *httpPort != 0 {
+		serveHTTP(srv, *httpPort, *hostname)
+		serving = true
+	}
 	if *peers > 0 {
 		waitPeers(ctx, srv, *peers)
 	}
@@ -98,7 +105,7 @@ func main() {
 		dialOnce(ctx, srv, *dial, *send)
 	}
 	if serving {
-		emit(map[string]any{"event": "serving", "echo": *echoPort, "discard": *discardPort})
+		emit(map[string]any{"event": "serving", "echo": *echoPort, "discard": *discardPort, "http": *httpPort})
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 		<-sig
@@ -119,6 +126,23 @@ func serve(srv *tsnet.Server, port int, handle func(net.Conn)) {
 			}
 			go handle(c)
 		}
+	}()
+}
+
+// serveHTTP answers every request with the node's name and the path, so a test can tell which
+// node it reached and that the request arrived whole.
+func serveHTTP(srv *tsnet.Server, port int, hostname string) {
+	ln, err := srv.Listen("tcp", ":"+strconv.Itoa(port))
+	if err != nil {
+		log.Fatalf("tsnetpeer: listen :%d: %v", port, err)
+	}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintf(w, "tsnetpeer %s %s\n", hostname, r.URL.Path)
+	})
+	go func() {
+		err := http.Serve(ln, handler)
+		log.Printf("tsnetpeer: http :%d: %v", port, err)
 	}()
 }
 
