@@ -363,8 +363,14 @@ class Tailscaled:
         return {str(p.get("DNSName", "")).rstrip(".") for p in peers}
 
     def wait_peers(self, names: set[str], timeout: float = 30.0) -> set[str]:
+        """Wait until every name in names is a peer; all peer names then."""
+
+        def seen() -> set[str]:
+            current = self.peer_names()
+            return current if current >= names else set()
+
         return wait_for(
-            lambda: self.peer_names() >= names and self.peer_names(),
+            seen,
             timeout=timeout,
             interval=0.2,
             what=f"{self.name} to see {sorted(names)}",
@@ -372,7 +378,7 @@ class Tailscaled:
 
     def ipv4(self) -> str:
         ips = self.status()["Self"]["TailscaleIPs"]
-        return next(ip for ip in ips if ":" not in ip)
+        return next(str(ip) for ip in ips if ":" not in ip)
 
     def ping(self, target: str, *args: str, timeout: float = 30.0) -> str:
         """`tailscale ping TARGET` (disco, stops at the first direct pong); its output."""
@@ -414,13 +420,13 @@ class TsnetPeer:
         return out
 
     def wait_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
+        def found() -> dict[str, Any]:
             for e in self.events():
                 if e.get("event") == event:
                     return e
             if self.process.poll() is not None:
                 raise RigError(f"tsnetpeer {self.name} exited with {self.process.returncode}:\n{self.log()}")
-            return None
+            return {}  # falsy: not yet
 
         return wait_for(found, timeout=timeout, interval=0.1, what=f"tsnetpeer {self.name}: {event}")
 

@@ -20,7 +20,9 @@ def _hello(folder: Path, token: str) -> Path:
     folder.mkdir()
     (folder / "go.mod").write_text("module embedmesh.test/hello\n\ngo 1.26\n")
     (folder / "go.sum").write_text("")
-    (folder / "main.go").write_text(f'package main\n\nimport "fmt"\n\nfunc main() {{ fmt.Println("{token}") }}\n')
+    (folder / "main.go").write_text(
+        f'package main\n\nimport "fmt"\n\nfunc main() {{ fmt.Println("{token}") }}\n'
+    )
     return folder
 
 
