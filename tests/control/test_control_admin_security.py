@@ -29,6 +29,7 @@ from embedmesh.control.errors import BadRequestError, StoreError
 from embedmesh.control.messages import RegisterRequest
 from embedmesh.control.server import ControlServer, RunningServer, ServerConfig
 from embedmesh.control.store import Store
+from embedmesh.errors import ConfigError
 
 CLI = [sys.executable, "-m", "embedmesh.cli.main"]
 
@@ -54,8 +55,10 @@ def test_the_server_refuses_to_start_with_a_weak_admin_token(
     token = state / "admin-token"
     token.write_bytes(content)
     token.chmod(0o600)
-    with pytest.raises(StoreError, match=reason) as info:
+    with pytest.raises(ConfigError, match=reason) as info:
         ControlServer(ServerConfig(state_dir=state))
+    # What applications catch (ConfigError), and still a StoreError for older callers.
+    assert isinstance(info.value, StoreError)
     assert f"delete {token}" in str(info.value)
     # Exactly 32 is enough.
     token.write_bytes(b"k" * MIN_ADMIN_TOKEN_LENGTH + b"\n")

@@ -43,12 +43,12 @@ from embedmesh.control.authkeys import AuthKeyRecord
 from embedmesh.control.coordinator import MAX_KEY_LIFETIME
 from embedmesh.control.errors import (
     AdminError,
+    AdminTokenError,
     BadRequestError,
     ConflictError,
     ControlError,
     NotFoundError,
     PayloadTooLargeError,
-    StoreError,
     UnauthorizedError,
 )
 
@@ -85,17 +85,17 @@ def new_admin_token() -> bytes:
 
 
 def check_admin_token(data: bytes, path: Path) -> str:
-    """The token in ``path`` (surrounding whitespace dropped), or :class:`StoreError` if it is too
-    short or not visible ASCII: a weak token must stop the server, never guard its admin API."""
+    """The token in ``path`` (surrounding whitespace dropped), or :class:`AdminTokenError` (a
+    ``ConfigError``) if it is too short or not visible ASCII: a weak token must stop the server, never guard its admin API."""
     try:
         token = data.decode("ascii").strip()
     except UnicodeDecodeError:
         token = None
     fix = f"delete {path} and restart the server to generate one, or write at least {MIN_ADMIN_TOKEN_LENGTH} random characters there"
     if token is None or _TOKEN_RE.fullmatch(token) is None:
-        raise StoreError(f"the admin token in {path} is empty or not printable ASCII without spaces: {fix}")
+        raise AdminTokenError(f"the admin token in {path} is empty or not printable ASCII without spaces: {fix}")
     if len(token) < MIN_ADMIN_TOKEN_LENGTH:
-        raise StoreError(
+        raise AdminTokenError(
             f"the admin token in {path} has {len(token)} characters, fewer than {MIN_ADMIN_TOKEN_LENGTH}: {fix}"
         )
     return token

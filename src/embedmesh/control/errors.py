@@ -141,6 +141,14 @@ class StoreError(ControlError):
     code = "store_error"
 
 
+class AdminTokenError(StoreError, _errors.ConfigError):
+    """The ``admin-token`` file holds a token too weak to guard the admin API (shorter than 32
+    characters, empty, or not visible ASCII): the server refuses to start. It is a
+    :class:`embedmesh.errors.ConfigError`, what applications catch, and a :class:`StoreError`."""
+
+    code = "admin_token_weak"
+
+
 _BY_CODE: dict[str, type[ControlError]] = {
     cls.code: cls
     for cls in (
@@ -179,6 +187,7 @@ def error_from_code(code: str, message: str) -> ControlError:
 
 __all__ = [
     "AdminError",
+    "AdminTokenError",
     "ApprovalRefusedError",
     "AuthKeyError",
     "AuthKeyExpiredError",
