@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     # Issue 9's foundation: the Tailscale-protocol control client and server are built on these
     # next; drop the entries when they import them.
     "embedmesh.tailscale.controlbase": "the ts2021 transport, for issue 9's control client/server",
+    "embedmesh.tailscale.mapframe": "the map stream's framing and zstd, for issue 9's control client/server",
 }
 
 

@@ -71,13 +71,13 @@ def controlbase_vectors(binary: Path) -> dict[str, Any]:
     }
 
 
-def run_disco(binary: Path, request: dict[str, Any]) -> dict[str, Any]:
-    """One disco-mode request to tsvectors (JSON in, JSON out)."""
+def run_mode(binary: Path, mode: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to a JSON mode of tsvectors (disco, zstd): JSON in, JSON out."""
     result = subprocess.run(
-        [str(binary), "disco"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
+        [str(binary), mode], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
     )
     if result.returncode != 0:
-        raise AssertionError(f"tsvectors disco failed: {result.stderr.decode()}")
+        raise AssertionError(f"tsvectors {mode} failed: {result.stderr.decode()}")
     answer: dict[str, Any] = json.loads(result.stdout)
     return answer
 
@@ -99,16 +99,89 @@ UNMARSHAL_TEXTS = [
 def keys_vectors(binary: Path) -> dict[str, Any]:
     """Every text form of a few raw keys, and NodePublic.UnmarshalText on odd inputs, as Go does them."""
     peer = fixed_bytes("peer")
-    answer = run_disco(
+    answer = run_mode(
         binary,
-        {"private": fixed_bytes("disco").hex(), "peer": peer.hex(), "keys": [k.hex() for k in KEY_RAWS],
-         "unmarshal": UNMARSHAL_TEXTS},
+        "disco",
+        {
+            "private": fixed_bytes("disco").hex(),
+            "peer": peer.hex(),
+            "keys": [k.hex() for k in KEY_RAWS],
+            "unmarshal": UNMARSHAL_TEXTS,
+        },
     )
     return {
         "comment": "tsvectors (tailscale.com v1.102.5 types/key); see tests/tailscale/make_vectors.py",
         "forms": [{"raw": k.hex(), "go": forms} for k, forms in zip(KEY_RAWS, answer["keys"], strict=True)],
         "unmarshal": [
-            {"text": text, "go": result} for text, result in zip(UNMARSHAL_TEXTS, answer["unmarshal"], strict=True)
+            {"text": text, "go": result}
+            for text, result in zip(UNMARSHAL_TEXTS, answer["unmarshal"], strict=True)
+        ],
+    }
+
+
+def map_bodies() -> list[bytes]:
+    """JSON bodies for the map-framing vectors: a keep-alive, a small map, a large one, nothing."""
+    peers = ",".join(
+        f'{{"ID":{i},"Key":"nodekey:{fixed_bytes(f"peer-{i}").hex()}","Name":"host-{i}.tail.example.",'
+        f'"Addresses":["100.64.{i // 250}.{i % 250 + 1}/32"]}}'
+        for i in range(1, 400)
+    )
+    return [
+        b'{"KeepAlive":true}',
+        b'{"Node":{"ID":1,"Name":"self.tail.example."},"Domain":"tail.example"}',
+        ('{"Peers":[' + peers + "]}").encode(),
+        b"",
+    ]
+
+
+def hostile_zstd(frame: bytes) -> dict[str, bytes]:
+    """zstd inputs on which Go's decoder and ours must agree (accept or refuse)."""
+    skippable = b"\x50\x2a\x4d\x18\x03\x00\x00\x00abc"
+    return {
+        "two_frames": frame + frame,
+        "skippable_then_frame": skippable + frame,
+        "truncated": frame[:-1],
+        "truncated_header": frame[:5],
+        "trailing_garbage": frame + b"\x00",
+        "bad_checksum": frame[:-1] + bytes([frame[-1] ^ 1]),
+        "not_zstd": b'{"KeepAlive":true}',
+        "empty": b"",
+    }
+
+
+def mapframe_vectors(binary: Path) -> dict[str, Any]:
+    import zstandard
+
+    bodies = map_bodies()
+    ours = [zstandard.ZstdCompressor(level=1, write_checksum=True).compress(b) for b in bodies]
+    hostile = hostile_zstd(ours[1])
+    answer = run_mode(
+        binary,
+        "zstd",
+        {
+            "encode": [b64(b) for b in bodies],
+            "decode": [b64(f) for f in ours] + [b64(v) for v in hostile.values()],
+        },
+    )
+    decoded = answer["decoded"]
+    return {
+        "comment": "tsvectors (tailscale.com v1.102.5 util/zstdframe); see tests/tailscale/make_vectors.py",
+        "bodies": [
+            {
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_length": len(body),
+                "go_default": go_default,
+                "go_fastest": go_fastest,
+                "python_frame_sha256": hashlib.sha256(frame).hexdigest(),
+                "go_decoded_python_frame": result["ok"] and base64.b64decode(result.get("data", "")) == body,
+            }
+            for body, go_default, go_fastest, frame, result in zip(
+                bodies, answer["encoded"], answer["encoded_fastest"], ours, decoded, strict=False
+            )
+        ],
+        "hostile": [
+            {"name": name, "input": b64(data), "go_ok": result["ok"], "go_error": result.get("error", "")}
+            for (name, data), result in zip(hostile.items(), decoded[len(ours) :], strict=True)
         ],
     }
 
@@ -123,6 +196,7 @@ def main() -> None:
     binary = tsvectors()
     write("controlbase.json", controlbase_vectors(binary))
     write("keys.json", keys_vectors(binary))
+    write("mapframe.json", mapframe_vectors(binary))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,34 @@ def test_without_go_the_interop_tests_skip_or_fail_under_require(monkeypatch: py
     monkeypatch.setenv(gobuild.REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="forbids skipping"):
         gobuild.tsvectors()
+
+
+def test_map_frames_both_ways_with_go_zstdframe() -> None:
+    """Go's zstdframe (as Tailscale's servers encode and controlclient decodes) and ours agree."""
+    import base64
+    import random
+
+    from embedmesh.tailscale import mapframe
+    from tests.tailscale.make_vectors import run_mode
+
+    rng = random.Random(os.urandom(8))
+    bodies = [
+        mapframe.KEEPALIVE_JSON,
+        b"",
+        bytes(rng.randrange(256) for _ in range(5000)),  # incompressible
+        (b'{"PeersChangedPatch":[{"NodeID":%d}]}' % rng.randrange(1 << 40)) * 3000,  # > one 128 KiB block
+    ]
+    ours = [mapframe.MapFrameEncoder(level=level).encode(b)[4:] for b in bodies for level in (1, 3)]
+    answer = run_mode(
+        tsvectors(),
+        "zstd",
+        {"encode": [base64.b64encode(b).decode() for b in bodies], "decode": [base64.b64encode(f).decode() for f in ours]},
+    )
+    for body, default, fastest in zip(bodies, answer["encoded"], answer["encoded_fastest"], strict=True):
+        for encoded in (default, fastest):
+            frame = base64.b64decode(encoded)
+            assert mapframe.MapStreamReader().receive_data(len(frame).to_bytes(4, "little") + frame) == [body]
+    expected = [b for b in bodies for _ in (1, 3)]
+    for body, result in zip(expected, answer["decoded"], strict=True):
+        assert result["ok"], result
+        assert base64.b64decode(result.get("data", "")) == body

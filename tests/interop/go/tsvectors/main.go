@@ -14,6 +14,8 @@
 //	http-client    controlhttp.Dialer against a Python HTTP server, then as noise-client.
 //	disco          JSON on stdin: seals disco messages with types/key and disco, opens and parses
 //	               packets sealed by Python, formats keys as text; JSON on stdout.
+//	zstd           JSON on stdin: encodes map bodies with util/zstdframe (as tailscale's servers
+//	               do, default and fastest levels) and decodes frames as controlclient does.
 //
 // Messages inside the Noise stream are framed as [u32 BE length][payload]; length 0xFFFFFFFF ends
 // the exchange. Reports go to stdout as one JSON object per line; errors exit non-zero.
@@ -49,6 +51,7 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 	"tailscale.com/util/eventbus"
+	"tailscale.com/util/zstdframe"
 )
 
 const endOfExchange = 0xFFFFFFFF
@@ -556,9 +559,59 @@ func discoMode() {
 	}
 }
 
+type zstdRequest struct {
+	Encode []string `json:"encode"` // base64 bodies to compress
+	Decode []string `json:"decode"` // base64 frames to decompress
+}
+
+type zstdDecoded struct {
+	OK    bool   `json:"ok"`
+	Data  string `json:"data,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+type zstdAnswer struct {
+	Encoded        []string      `json:"encoded"`
+	EncodedFastest []string      `json:"encoded_fastest"`
+	Decoded        []zstdDecoded `json:"decoded"`
+}
+
+func zstdMode() {
+	var req zstdRequest
+	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
+		fatal("request: %v", err)
+	}
+	ans := zstdAnswer{Encoded: []string{}, EncodedFastest: []string{}, Decoded: []zstdDecoded{}}
+	for _, b64 := range req.Encode {
+		body, err := base64.StdEncoding.DecodeString(b64)
+		if err != nil {
+			fatal("encode: %v", err)
+		}
+		ans.Encoded = append(ans.Encoded, base64.StdEncoding.EncodeToString(zstdframe.AppendEncode(nil, body)))
+		fastest := zstdframe.AppendEncode(nil, body, zstdframe.FastestCompression)
+		ans.EncodedFastest = append(ans.EncodedFastest, base64.StdEncoding.EncodeToString(fastest))
+	}
+	for _, b64 := range req.Decode {
+		frame, err := base64.StdEncoding.DecodeString(b64)
+		if err != nil {
+			fatal("decode: %v", err)
+		}
+		// As controlclient's decodeMsg: no options.
+		out, err := zstdframe.AppendDecode(nil, frame)
+		if err != nil {
+			ans.Decoded = append(ans.Decoded, zstdDecoded{Error: err.Error()})
+			continue
+		}
+		ans.Decoded = append(ans.Decoded, zstdDecoded{OK: true, Data: base64.StdEncoding.EncodeToString(out)})
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(&ans); err != nil {
+		fatal("answer: %v", err)
+	}
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fatal("usage: tsvectors noise-server|noise-client|http-server|http-client|disco [flags]")
+		fatal("usage: tsvectors noise-server|noise-client|http-server|http-client|disco|zstd [flags]")
 	}
 	switch os.Args[1] {
 	case "noise-server":
@@ -571,6 +624,8 @@ func main() {
 		httpClient(os.Args[2:])
 	case "disco":
 		discoMode()
+	case "zstd":
+		zstdMode()
 	default:
 		fatal("unknown mode %q", os.Args[1])
 	}
