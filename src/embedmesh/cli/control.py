@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def serve(
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
+    import anyio.abc
 
     from embedmesh.control.server import ControlServer, ServerConfig
 
@@ -120,12 +122,26 @@ def serve(
         raise click.ClickException(str(exc)) from exc
 
     async def run() -> None:
-        async with anyio.create_task_group() as tg:
-            url = await tg.start(
-                lambda task_status: server.serve(host, int(port_text), task_status=task_status)
-            )
-            click.echo(f"control server on {url} (key {server.public_key_b64})")
-            click.echo(f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}")
+        # SIGTERM (systemd, docker stop, CI runners) and SIGHUP stop the server as Ctrl-C does:
+        # uvicorn closes the node streams, the store is closed, and the exit status is 0.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def serve_until_stopped(*, task_status: anyio.abc.TaskStatus[str]) -> None:
+                    await server.serve(host, int(port_text), task_status=task_status)
+                    tg.cancel_scope.cancel()  # stopped: no more signals to wait for
+
+                url = await tg.start(serve_until_stopped)
+                click.echo(f"control server on {url} (key {server.public_key_b64})")
+                click.echo(f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}")
+                stopping = False
+                async for signum in signals:
+                    if stopping:  # a second signal while the streams drain: stop at once
+                        tg.cancel_scope.cancel()
+                        break
+                    click.echo(f"{signal.Signals(signum).name}: stopping the control server")
+                    server.shutdown()
+                    stopping = True
 
     try:
         with contextlib.suppress(KeyboardInterrupt):

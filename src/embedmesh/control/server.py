@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,7 +307,7 @@ class ControlServer:
         bound_host, bound_port = sock.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{url_host}:{bound_port}"
-        server = uvicorn.Server(self._uvicorn_config())
+        server = _EmbeddedUvicorn(self._uvicorn_config())
         self._uvicorn = server
         self._write_server_json(self.url)
         async with anyio.create_task_group() as tg:
@@ -326,6 +326,19 @@ class ControlServer:
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
         """Run on a private asyncio loop in a daemon thread (for trio programs, tests and demos)."""
         return RunningServer(self, bind_socket(host, port))
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its signal handling: the program that embeds the server owns signals.
+
+    uvicorn's own handlers would replace the embedding program's and, after a graceful stop,
+    re-raise the signal, so a SIGTERM'd ``embedmesh control serve`` died with status -15 instead
+    of exiting 0. Stopping is :meth:`ControlServer.shutdown` or cancellation.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class _Waker:
