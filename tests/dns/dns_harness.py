@@ -164,11 +164,21 @@ class TestUpstream:
             return bytes(reply.to_wire())
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        import errno
         import socket
 
-        udp = await anyio.create_udp_socket(family=socket.AF_INET, local_host="127.0.0.1")
-        self.port = int(udp.extra(anyio.abc.SocketAttribute.local_port))
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        # UDP and TCP on one port: the OS picks the UDP port, and another process may already hold
+        # that TCP port (the suite runs beside other servers), so pick again until both are free.
+        for attempt in range(50):
+            udp = await anyio.create_udp_socket(family=socket.AF_INET, local_host="127.0.0.1")
+            self.port = int(udp.extra(anyio.abc.SocketAttribute.local_port))
+            try:
+                listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+                break
+            except OSError as exc:
+                await udp.aclose()
+                if exc.errno != errno.EADDRINUSE or attempt == 49:
+                    raise
 
         async def serve_udp() -> None:
             async for data, (host, port) in udp:
