@@ -27,9 +27,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ADMIN_STDERR: list[str] = []  # what the admin commands wrote besides their answers
+
+
 def _run(*args: str, timeout: float = 60) -> str:
     result = subprocess.run([*EMBEDMESH, *args], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"embedmesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    ADMIN_STDERR.append(result.stderr)
     return result.stdout
 
 
@@ -108,6 +112,12 @@ def test_vv_logs_hold_no_secret_and_state_files_are_private(
 ) -> None:
     server_dir, port = tmp_path / "control", _free_port()
     url = f"http://127.0.0.1:{port}"
+    nodes = {"alpha": tmp_path / "alpha", "beta": tmp_path / "beta"}
+    ADMIN_STDERR.clear()
+    # Folders someone created open: both programs tighten them (the server's one, the nodes').
+    for folder in (server_dir, *nodes.values()):
+        folder.mkdir(mode=0o755)
+        os.chmod(folder, 0o755)
     server = _spawn(
         procs, tmp_path / "server.log", "control", "serve", "--listen", f"127.0.0.1:{port}",
         "--state-dir", str(server_dir),
@@ -125,7 +135,6 @@ def test_vv_logs_hold_no_secret_and_state_files_are_private(
     env_key = _run("control", "authkey", "create", "--state-dir", str(server_dir)).strip().splitlines()[-1]
     assert one_off.startswith("emk-") and env_key.startswith("emk-")
 
-    nodes = {"alpha": tmp_path / "alpha", "beta": tmp_path / "beta"}
     common = ["up", "--control-url", url, "--listen-host", "127.0.0.1"]
     socks_port = _free_port()
     # One key on the command line, one in the environment, as a CI job passes it.
@@ -138,6 +147,8 @@ def test_vv_logs_hold_no_secret_and_state_files_are_private(
         del os.environ["EMBEDMESH_AUTH_KEY"]
     for folder in nodes.values():
         _run("status", "--wait", "--timeout", "40", "--state-dir", str(folder), timeout=60)
+    listed = _run("-vv", "control", "nodes", "list", "--state-dir", str(server_dir), "--json")
+    assert {"alpha", "beta"} <= {node["name"] for node in json.loads(listed)["nodes"]}
     ping = _run("ping", "beta", "--state-dir", str(nodes["alpha"]), "-c", "2", timeout=60)
     assert "pong" in ping.lower() or "time" in ping.lower(), ping
     # A SOCKS5 client that offers only username/password: refused, and logged at debug level.
@@ -159,10 +170,17 @@ def test_vv_logs_hold_no_secret_and_state_files_are_private(
     for folder in (server_dir, *nodes.values()):
         _assert_private(folder)
 
-    assert "embedmesh.socks5 DEBUG SOCKS5 client offered no acceptable method" in (
-        tmp_path / "alpha.log"
-    ).read_text()
+    assert (
+        "embedmesh.socks5 DEBUG SOCKS5 client offered no acceptable method"
+        in (tmp_path / "alpha.log").read_text()
+    )
     secrets = _secrets(server_dir, list(nodes.values()), [one_off, env_key])
+    # The admin CLI's own output: the key is printed once by `authkey create` (its answer) and
+    # nowhere else; the node list and every command's stderr hold no secret.
+    for secret, what in secrets.items():
+        assert secret not in listed, f"the {what} appears in nodes list"
+        for text in ADMIN_STDERR:
+            assert secret not in text, f"the {what} appears in an admin command's stderr"
     for name in ("server", "alpha", "beta"):
         log = (tmp_path / f"{name}.log").read_text()
         # The logs are the debug logs (so the check means something) ...
