@@ -20,6 +20,7 @@ ENTRY_POINTS = {
     # next; drop the entries when they import them.
     "embedmesh.tailscale.controlbase": "the ts2021 transport, for issue 9's control client/server",
     "embedmesh.tailscale.mapframe": "the map stream's framing and zstd, for issue 9's control client/server",
+    "embedmesh.tailscale.disco": "disco packets and demultiplexing, for issue 9's disco engine",
 }
 
 

@@ -186,6 +186,107 @@ def mapframe_vectors(binary: Path) -> dict[str, Any]:
     }
 
 
+DISCO_MESSAGES: list[dict[str, Any]] = [
+    {"type": "ping", "tx_id": "00112233445566778899aabb"},
+    {"type": "ping", "tx_id": "0102030405060708090a0b0c", "node_key": "nodekey:" + "ab" * 32},
+    {"type": "ping", "tx_id": "0102030405060708090a0b0c", "node_key": "nodekey:" + "cd" * 32, "padding": 1200},
+    {"type": "ping", "tx_id": "ffffffffffffffffffffffff", "padding": 20},
+    {"type": "pong", "tx_id": "00112233445566778899aabb", "src": "192.0.2.7:41641"},
+    {"type": "pong", "tx_id": "0102030405060708090a0b0c", "src": "[2001:db8::1]:65535"},
+    {"type": "pong", "tx_id": "0102030405060708090a0b0c", "src": "[::ffff:10.0.0.1]:1"},
+    {"type": "call_me_maybe", "endpoints": ["192.0.2.7:41641", "[2001:db8::2]:41642", "10.1.2.3:0"]},
+    {"type": "call_me_maybe", "endpoints": []},
+]
+
+
+def disco_cleartexts() -> dict[str, bytes]:
+    """Odd cleartexts on which Go's disco.Parse and ours must agree."""
+    tx = bytes(range(12))
+    v4 = bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 9])
+    return {
+        "empty": b"",
+        "one_byte": b"\x01",
+        "ping_short": b"\x01\x00" + tx[:11],
+        "ping_txid_only": b"\x01\x00" + tx,
+        "ping_31_extra": b"\x01\x00" + tx + bytes(31),
+        "ping_32_zero_extra": b"\x01\x00" + tx + bytes(32),
+        "ping_version_7": b"\x01\x07" + tx + b"\x05" * 40,
+        "pong_short": b"\x02\x00" + tx + v4 + b"\x01",
+        "pong_v4_mapped": b"\x02\x00" + tx + v4 + b"\x12\x34",
+        "pong_trailing": b"\x02\x00" + tx + bytes(15) + b"\x01" + b"\x00\x35" + b"junk",
+        "cmm_empty": b"\x03\x00",
+        "cmm_bad_length": b"\x03\x00" + v4 + b"\x00\x01" + b"\x00",
+        "cmm_version_1": b"\x03\x01" + v4 + b"\x00\x01",
+        "cmm_two": b"\x03\x00" + v4 + b"\x00\x01" + bytes(15) + b"\x01\xff\xff",
+        "unknown_type": b"\x0a\x00" + tx,
+        "type_zero": b"\x00\x00",
+    }
+
+
+def disco_vectors(binary: Path) -> dict[str, Any]:
+    from embedmesh.tailscale import disco
+    from embedmesh.tailscale.keys import DiscoPrivate
+
+    go_private = DiscoPrivate.generate(fixed_bytes("disco-go"))
+    py_private = DiscoPrivate.generate(fixed_bytes("disco-python"))
+    box = disco.DiscoBox(py_private, go_private.public())
+    ours = [
+        box.seal(message_from_json(m), fixed_bytes(f"nonce-{i}")[:24]) for i, m in enumerate(DISCO_MESSAGES)
+    ]
+    cleartexts = disco_cleartexts()
+    answer = run_mode(
+        binary,
+        "disco",
+        {
+            "private": go_private.raw.hex(),
+            "peer": py_private.public().raw.hex(),
+            "seal": DISCO_MESSAGES,
+            "open": [b64(p) for p in ours],
+            "marshal": DISCO_MESSAGES,
+            "parse": [b64(c) for c in cleartexts.values()],
+        },
+    )
+    return {
+        "comment": "tsvectors (tailscale.com v1.102.5 disco, types/key); see tests/tailscale/make_vectors.py",
+        "go_private": go_private.to_text(),
+        "python_private": py_private.to_text(),
+        "go_public": answer["public"],
+        "messages": [
+            {"message": m, "go_sealed": sealed, "python_sealed": b64(packet), "go_opened": opened, "go_marshaled": marshaled}
+            for m, sealed, packet, opened, marshaled in zip(
+                DISCO_MESSAGES, answer["sealed"], ours, answer["opened"], answer["marshaled"], strict=True
+            )
+        ],
+        "parse": [
+            {"name": name, "cleartext": b64(data), "go": result}
+            for (name, data), result in zip(cleartexts.items(), answer["parsed"], strict=True)
+        ],
+    }
+
+
+def message_from_json(m: dict[str, Any]) -> Any:
+    """A disco message from tsvectors' JSON form."""
+    import ipaddress
+
+    from embedmesh.tailscale import disco
+    from embedmesh.tailscale.keys import NodePublic
+
+    def endpoint(text: str) -> tuple[Any, int]:
+        host, _, port = text.rpartition(":")
+        ip = ipaddress.ip_address(host.strip("[]"))
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # Go unmaps on parse
+        return ip, int(port)
+
+    tx = bytes.fromhex(m.get("tx_id", ""))
+    if m["type"] == "ping":
+        key = NodePublic.from_text(m["node_key"]) if m.get("node_key") else NodePublic.zero()
+        return disco.Ping(tx, key, m.get("padding", 0))
+    if m["type"] == "pong":
+        return disco.Pong(tx, endpoint(m["src"]))
+    return disco.CallMeMaybe(tuple(endpoint(e) for e in m.get("endpoints") or []))
+
+
 def write(name: str, document: dict[str, Any]) -> None:
     VECTORS.mkdir(exist_ok=True)
     (VECTORS / name).write_text(json.dumps(document, indent=1) + "\n")
@@ -197,6 +298,7 @@ def main() -> None:
     write("controlbase.json", controlbase_vectors(binary))
     write("keys.json", keys_vectors(binary))
     write("mapframe.json", mapframe_vectors(binary))
+    write("disco.json", disco_vectors(binary))
 
 
 if __name__ == "__main__":

@@ -121,3 +121,33 @@ def test_map_frames_both_ways_with_go_zstdframe() -> None:
     for body, result in zip(expected, answer["decoded"], strict=True):
         assert result["ok"], result
         assert base64.b64decode(result.get("data", "")) == body
+
+
+def test_disco_packets_both_ways_with_go() -> None:
+    """Fresh disco keys and nonces: Go opens what we seal and we open what Go seals."""
+    import base64
+
+    from embedmesh.tailscale import disco
+    from embedmesh.tailscale.keys import DiscoPrivate
+    from tests.tailscale.make_vectors import DISCO_MESSAGES, message_from_json, run_mode
+    from tests.tailscale.test_disco import to_json
+
+    go_key, our_key = DiscoPrivate.generate(os.urandom(32)), DiscoPrivate.generate(os.urandom(32))
+    box = disco.DiscoBox(our_key, go_key.public())
+    messages = [message_from_json(m) for m in DISCO_MESSAGES]
+    ours = [box.seal(m, os.urandom(24)) for m in messages]
+    answer = run_mode(
+        tsvectors(),
+        "disco",
+        {
+            "private": go_key.raw.hex(),
+            "peer": our_key.public().raw.hex(),
+            "seal": DISCO_MESSAGES,
+            "open": [base64.b64encode(p).decode() for p in ours],
+        },
+    )
+    assert answer["public"] == go_key.public().to_text()
+    for message, sealed, opened in zip(messages, answer["sealed"], answer["opened"], strict=True):
+        assert box.open(base64.b64decode(sealed)) == message
+        assert opened["ok"] and opened["sender"] == our_key.public().to_text()
+        assert opened["message"] == to_json(message)
