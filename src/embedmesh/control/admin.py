@@ -93,7 +93,9 @@ def check_admin_token(data: bytes, path: Path) -> str:
         token = None
     fix = f"delete {path} and restart the server to generate one, or write at least {MIN_ADMIN_TOKEN_LENGTH} random characters there"
     if token is None or _TOKEN_RE.fullmatch(token) is None:
-        raise AdminTokenError(f"the admin token in {path} is empty or not printable ASCII without spaces: {fix}")
+        raise AdminTokenError(
+            f"the admin token in {path} is empty or not printable ASCII without spaces: {fix}"
+        )
     if len(token) < MIN_ADMIN_TOKEN_LENGTH:
         raise AdminTokenError(
             f"the admin token in {path} has {len(token)} characters, fewer than {MIN_ADMIN_TOKEN_LENGTH}: {fix}"

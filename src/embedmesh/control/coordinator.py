@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import heapq
+import ipaddress
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from embedmesh.control.errors import (
     HandshakeRejectedError,
     NodeDeletedError,
     NotFoundError,
+    RegistrationLimitError,
     SessionReplacedError,
     TagNotPermittedError,
 )
@@ -109,8 +111,17 @@ class CoordinatorConfig:
     key_expiry: float | None = DEFAULT_KEY_EXPIRY
     #: Seconds after an ephemeral node's stream drops before it is deleted.
     ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
+    #: With approval required, nodes may register without a key and wait for an admin. Anyone who
+    #: can reach the server can do that, so such nodes are capped in total ...
+    max_pending: int = 100
+    #: ... and each source address (an IPv6 /64 counts as one) may add this many in a burst,
+    #: then one every ``keyless_interval`` seconds.
+    keyless_burst: int = 5
+    keyless_interval: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.max_pending < 0 or self.keyless_burst < 1 or not self.keyless_interval > 0:
+            raise ValueError("max_pending must be >= 0, keyless_burst >= 1 and keyless_interval > 0")
         if FQDN_RE.fullmatch(self.base_domain) is None or len(self.base_domain) > 200:
             raise ValueError(f"base domain {self.base_domain!r} is not a valid DNS name (e.g. mesh.internal)")
 
@@ -186,6 +197,20 @@ class Stream:
         self.wake()
 
 
+_MAX_BUCKETS = 65536
+
+
+def _source_bucket(source: str) -> str:
+    """The rate-limit key of a remote address: the address, or its /64 for IPv6."""
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address)
+
+
 def _replayed() -> HandshakeRejectedError:
     return HandshakeRejectedError(
         "handshake timestamp is not newer than the last one from this machine key "
@@ -234,6 +259,8 @@ class Coordinator:
         self._reaps: list[tuple[float, int]] = []
         #: Unregistered machine key -> its last handshake timestamp, oldest first.
         self._recent_handshakes: OrderedDict[bytes, int] = OrderedDict()
+        #: Keyless registrations per source (address, IPv6 /64): (tokens, when).
+        self._keyless_buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.dns = DNSConfig(config.base_domain, True, (config.base_domain,))
         saved = store.get_meta("dns")
         if saved:
@@ -537,8 +564,13 @@ class Coordinator:
         recent[machine_key] = timestamp_ns
         recent.move_to_end(machine_key)
 
-    def register(self, machine_key: bytes, request: RegisterRequest, now: float) -> LiveNode:
-        """Register or re-register a machine; raises the :class:`ControlError` that explains a refusal."""
+    def register(
+        self, machine_key: bytes, request: RegisterRequest, now: float, source: str | None = None
+    ) -> LiveNode:
+        """Register or re-register a machine; raises the :class:`ControlError` that explains a refusal.
+
+        ``source`` is the connection's remote address: keyless registrations are rate-limited by it.
+        """
         existing = self._by_machine.get(machine_key)
         holder = self._by_node_key.get(request.node_key)
         if holder is not None and holder is not existing:
@@ -574,6 +606,7 @@ class Coordinator:
                     "this control server needs an auth key to join: create one with "
                     "`embedmesh control authkey create` and pass it to the node"
                 )
+            self._admit_keyless(source, now)
             return self._create(machine_key, request, None, now)
         key_id, digest = parse_auth_key(request.auth_key)
         key = check_auth_key(self.store.get_auth_key(key_id), digest, now)
@@ -629,6 +662,31 @@ class Coordinator:
             rec.user = TAGGED_OWNER if kept else DEFAULT_OWNER
             self.store.update_node(rec.id, tags=rec.tags, user=rec.user)
 
+    def _admit_keyless(self, source: str | None, now: float) -> None:
+        """Refuse a new keyless (pending) node when too many wait or its source sends too fast."""
+        pending = sum(1 for node in self._nodes.values() if not node.rec.authorized)
+        if pending >= self.config.max_pending:
+            raise RegistrationLimitError(
+                f"{pending} nodes already wait for approval, the most this server takes: ask an admin to "
+                "approve or delete them (`embedmesh control nodes list`), or join with an auth key"
+            )
+        if source is None:
+            return
+        bucket = _source_bucket(source)
+        burst, interval = self.config.keyless_burst, self.config.keyless_interval
+        # A token bucket per source: `tokens` as of `stamp`, refilled one per interval up to burst.
+        tokens, stamp = self._keyless_buckets.pop(bucket, (float(burst), now))
+        tokens = min(float(burst), tokens + max(0.0, now - stamp) / interval)
+        if tokens < 1.0:
+            self._keyless_buckets[bucket] = (tokens, now)
+            raise RegistrationLimitError(
+                f"too many registrations without an auth key from {source}: try again in "
+                f"{(1.0 - tokens) * interval:.0f} s, or join with an auth key"
+            )
+        self._keyless_buckets[bucket] = (tokens - 1.0, now)
+        while len(self._keyless_buckets) > _MAX_BUCKETS:  # oldest first: bounded memory
+            self._keyless_buckets.popitem(last=False)
+
     def _expiry_from(self, now: float) -> float | None:
         return None if self.config.key_expiry is None else now + self.config.key_expiry
 
@@ -641,11 +699,24 @@ class Coordinator:
             name = base[: 63 - len(tail)].rstrip("-") + tail
         return name
 
+    def _take_name_from_pending(self, hostname: str) -> None:
+        """A node that joins the mesh gets its name even if a pending node asked for it first.
+
+        Names are claimed by whoever is in the mesh: an unapproved registration (anyone who can
+        reach the server can make one) must not push a real ``web`` to ``web-1``. The pending node
+        moves to a suffixed name and picks again when it is approved.
+        """
+        holder = self._by_name.get(sanitize_hostname(hostname))
+        if holder is not None and not holder.rec.authorized:
+            self._update(holder, name=self._unique_name(holder.rec.hostname, exclude=None))
+
     def _create(
         self, machine_key: bytes, request: RegisterRequest, key: AuthKeyRecord | None, now: float
     ) -> LiveNode:
         tags = self._tags_for(request, key)
         authorized = not self.config.approval_required or (key is not None and key.preapproved)
+        if authorized:
+            self._take_name_from_pending(request.hostname)
         address = self._pool.allocate()
         rec = NodeRecord(
             id=0,
@@ -889,7 +960,10 @@ class Coordinator:
         if node.expired:
             self._update(node, authorized=True, key_expiry=self._expiry_from(now), expired=False)
         elif not node.rec.authorized:
-            self._update(node, authorized=True)
+            # Its name was only held while it waited: it takes its hostname now if that is free
+            # (a suffix otherwise), the way a node with a key would have at registration.
+            self._take_name_from_pending(node.rec.hostname)
+            self._update(node, authorized=True, name=self._unique_name(node.rec.hostname, exclude=node))
         logger.info("node %d %s approved", node.id, node.rec.name)
         return node
 

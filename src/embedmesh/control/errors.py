@@ -73,6 +73,12 @@ class TagNotPermittedError(ControlError, _errors.TagNotPermittedError):
     code = "tags_not_permitted"
 
 
+class RegistrationLimitError(ControlError):
+    """The server takes no more keyless registrations for now (too many pending, or too fast)."""
+
+    code = "registration_limit"
+
+
 class ApprovalRefusedError(ControlError):
     """An admin deleted the node while it was waiting for approval."""
 
@@ -163,6 +169,7 @@ _BY_CODE: dict[str, type[ControlError]] = {
         AuthKeyRevokedError,
         AuthKeyRequiredError,
         TagNotPermittedError,
+        RegistrationLimitError,
         ApprovalRefusedError,
         NodeDeletedError,
         ControlUnreachableError,
@@ -206,6 +213,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "ProtocolVersionError",
+    "RegistrationLimitError",
     "ServerKeyChangedError",
     "SessionReplacedError",
     "StoreError",

@@ -78,6 +78,11 @@ class ServerConfig:
     key_expiry: float | None = DEFAULT_KEY_EXPIRY
     ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
+    #: With approval required: the most nodes that may wait for an admin at once, and how many
+    #: keyless registrations one source address (an IPv6 /64) may make in a burst / per interval.
+    max_pending: int = 100
+    keyless_burst: int = 5
+    keyless_interval: float = 60.0
 
 
 def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -122,6 +127,9 @@ class ControlServer:
                 approval_required=config.approval_required,
                 key_expiry=config.key_expiry,
                 ephemeral_timeout=config.ephemeral_timeout,
+                max_pending=config.max_pending,
+                keyless_burst=config.keyless_burst,
+                keyless_interval=config.keyless_interval,
             ),
             now=time.time(),
             random_bytes=os.urandom,
@@ -199,7 +207,8 @@ class ControlServer:
             if not isinstance(request, RegisterRequest):
                 raise ControlProtocolError("the first message on a control stream must be register")
             try:
-                node = coordinator.register(initiation.machine_key, request, time.time())
+                source = websocket.client.host if websocket.client is not None else None
+                node = coordinator.register(initiation.machine_key, request, time.time(), source)
             except ControlError as exc:
                 logger.info("refused a registration: %s", exc)
                 await websocket.send_bytes(session.send_encoded(_error(exc)))
