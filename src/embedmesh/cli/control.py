@@ -89,6 +89,25 @@ def control() -> None:
     show_default=True,
     help="Delete ephemeral nodes this long after they drop.",
 )
+@click.option(
+    "--first-request-timeout",
+    default="5s",
+    show_default=True,
+    help="Close a connection that sends no complete request within this long.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Connections at once (default: the descriptor limit, ulimit -n, minus 64).",
+)
+@click.option(
+    "--max-connections-per-source",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Connections one address (an IPv6 /64) may hold before its nodes have registered.",
+)
 def serve(
     listen: str,
     state_dir: Path,
@@ -96,6 +115,9 @@ def serve(
     approval_required: bool,
     key_expiry: str,
     ephemeral_timeout: str,
+    first_request_timeout: str,
+    max_connections: int | None,
+    max_connections_per_source: int,
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
@@ -108,6 +130,9 @@ def serve(
         raise click.BadParameter(f"{listen!r} is not host:port (e.g. 127.0.0.1:8080)", param_hint="--listen")
     host = host.strip("[]")
     reap = parse_duration(ephemeral_timeout)
+    first_request = parse_duration(first_request_timeout)
+    if first_request is None or first_request <= 0:
+        raise click.BadParameter("must be a positive duration (e.g. 5s)", param_hint="--first-request-timeout")
     try:
         server = ControlServer(
             ServerConfig(
@@ -116,6 +141,9 @@ def serve(
                 approval_required=approval_required,
                 key_expiry=parse_duration(key_expiry),
                 ephemeral_timeout=60.0 if reap is None else reap,
+                first_request_timeout=first_request,
+                max_connections=max_connections,
+                max_connections_per_source=max_connections_per_source,
             )
         )
     except (EmbedmeshError, ValueError) as exc:

@@ -8,6 +8,10 @@ Routes:
   :mod:`embedmesh.control.admin`;
 * ``GET /health``.
 
+Connections are limited before any of that (see :mod:`embedmesh.control.limits`): a first request
+within a few seconds, a cap on unauthenticated connections per source and a total cap below the
+descriptor limit.
+
 The state directory (0700) holds ``control.db``, ``server.key`` (the static X25519 private key),
 ``admin-token`` and ``server.json`` (the URL the admin CLI talks to), all 0600.
 
@@ -38,7 +42,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 
 from embedmesh.control.coordinator import (
     DEFAULT_EPHEMERAL_TIMEOUT,
@@ -48,6 +55,13 @@ from embedmesh.control.coordinator import (
     Stream,
 )
 from embedmesh.control.errors import ControlError, ControlProtocolError, HandshakeRejectedError, StoreError
+from embedmesh.control.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+    Client,
+    ConnectionLimiter,
+    default_max_connections,
+)
 from embedmesh.control.messages import (
     EndpointsUpdate,
     LogoutRequest,
@@ -83,6 +97,12 @@ class ServerConfig:
     max_pending: int = 100
     keyless_burst: int = 5
     keyless_interval: float = 60.0
+    #: A connection that sends no complete request this long after it is accepted is closed.
+    first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT
+    #: All connections at once; None: the descriptor limit (``ulimit -n``) minus 64.
+    max_connections: int | None = None
+    #: Connections one source address (an IPv6 /64) may hold before its nodes register.
+    max_connections_per_source: int = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
 
 
 def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -143,6 +163,13 @@ class ControlServer:
             ],
             lifespan=self._lifespan,
         )
+        self.limiter = ConnectionLimiter(
+            max_connections=(
+                default_max_connections() if config.max_connections is None else config.max_connections
+            ),
+            max_per_source=config.max_connections_per_source,
+            first_request_timeout=config.first_request_timeout,
+        )
         self.url: str | None = None
         self._uvicorn: uvicorn.Server | None = None
 
@@ -152,6 +179,12 @@ class ControlServer:
 
     def close(self) -> None:
         self.store.close()
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app uvicorn runs: a request that reaches it has met its first-request deadline."""
+        if scope["type"] in ("http", "websocket"):
+            self.limiter.started(_client_key(scope))
+        await self.app(scope, receive, send)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -214,6 +247,9 @@ class ControlServer:
                 await websocket.send_bytes(session.send_encoded(_error(exc)))
                 await websocket.close(1008)
                 return
+            # A registered node's stream no longer counts against its source's cap (many nodes
+            # may share one NAT address); it still counts in the total.
+            self.limiter.authenticated(_client_key(websocket.scope))
             waker = _Waker()
             stream = coordinator.attach(node.id, waker.wake, time.time())
             await self._stream(websocket, session, stream, waker)
@@ -285,9 +321,12 @@ class ControlServer:
     # ------------------------------------------------------------------ running
 
     def _uvicorn_config(self) -> uvicorn.Config:
+        http, ws = _limited_protocols(self.limiter)
         return uvicorn.Config(
-            self.app,
-            ws="wsproto",
+            self._asgi,
+            interface="asgi3",
+            http=http,
+            ws=ws,
             ws_max_size=MAX_CLIENT_MESSAGE,
             ws_ping_interval=None,
             lifespan="on",
@@ -335,6 +374,49 @@ class ControlServer:
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
         """Run on a private asyncio loop in a daemon thread (for trio programs, tests and demos)."""
         return RunningServer(self, bind_socket(host, port))
+
+
+def _client_key(scope: Scope) -> Client | None:
+    client = scope.get("client")
+    return (str(client[0]), int(client[1])) if client else None
+
+
+def _limited_protocols(limiter: ConnectionLimiter) -> tuple[type[H11Protocol], type[WSProtocol]]:
+    """uvicorn's h11 and wsproto protocols, with the limiter told about every connection.
+
+    A WebSocket upgrade hands the transport from the HTTP protocol to a new WebSocket protocol
+    (only the latter sees connection_lost), so both report the end of a connection.
+    """
+
+    class LimitedH11(H11Protocol):
+        _limit_key: Client
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._limit_key = self.client or ("?", id(self))
+            if not limiter.open(self._limit_key, transport.close):
+                logger.info("refused a connection from %s: connection limit reached", self._limit_key[0])
+                transport.close()
+                return
+            timer = self.loop.call_later(limiter.first_request_timeout, self._first_request_due)
+            limiter.set_deadline_cancel(self._limit_key, timer.cancel)
+
+        def _first_request_due(self) -> None:
+            if limiter.expired(self._limit_key):
+                logger.info("closed a connection from %s: no request in time", self._limit_key[0])
+                limiter.closed(self._limit_key)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            limiter.closed(self._limit_key)
+            super().connection_lost(exc)
+
+    class LimitedWS(WSProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            limiter.closed(self.client or ("?", id(self)))
+            super().connection_lost(exc)
+
+    return LimitedH11, LimitedWS
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
