@@ -170,9 +170,13 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
                 assert data["waiting_for"] == (
                     f"waiting for approval by an admin (embedmesh control nodes approve {listed['id']})"
                 )
+                # Waiting, it holds no tailnet address (issue 8: an address only at approval).
+                assert listed["addresses"] == [] and node.ips == []
                 await anyio.to_thread.run_sync(admin.post, f"/nodes/{listed['id']}/approve")
                 await node.up(timeout=10)
                 assert node.waiting_for() == ""
+                (listed,) = admin.nodes()
+                assert [str(ip) for ip in node.ips] == listed["addresses"] and len(listed["addresses"]) == 2
                 data = await request(state, "GET", "/v1/status")
                 assert (data["ready"], data["waiting_for"]) == (False, "opening the gateways")
                 opening[0] = ""

@@ -112,3 +112,37 @@ def test_500_keyless_nodes_from_one_source_take_at_most_the_burst() -> None:
         except RegistrationLimitError:
             refused += 1
     assert len(c) == CoordinatorConfig().keyless_burst and refused == 500 - len(c)
+
+
+def test_a_pending_node_holds_no_address_until_it_is_approved() -> None:
+    c = _coordinator(keyless_burst=1000)
+    waiting = [c.register(_machine(n), _request(n, f"p{n}"), T0, f"198.51.100.{n}") for n in range(5)]
+    for node in waiting:
+        info = c.peer_info(node)
+        assert node.rec.ipv4 is None and info.addresses == () and info.allowed_ips == ()
+    assert len(c._pool) == 0  # nothing taken from the pool by the waiting ones
+    _, key = c.create_auth_key(preapproved=True, now=T0)
+    real = c.register(_machine(50), _request(50, "real", key), T0, "192.0.2.1")
+    assert str(c.peer_info(real).addresses[0]) == "100.64.0.1"
+    c.approve(waiting[3].id, T0 + 1)
+    approved = c.peer_info(waiting[3])
+    assert [str(a) for a in approved.addresses] == ["100.64.0.2", "fd7a:115c:a1e0::6440:2"]
+    # The approved node appears in the real node's map with its new address.
+    assert c.network_map(real.id).peers[waiting[3].id].addresses == approved.addresses
+    # Deleting a waiting node frees nothing it did not hold; re-approving keeps the address.
+    c.delete(waiting[0].id)
+    c.approve(waiting[3].id, T0 + 2)
+    assert c.peer_info(waiting[3]).addresses == approved.addresses
+    assert len(c._pool) == 2
+
+
+def test_a_pending_node_that_reauthenticates_with_a_key_gets_an_address() -> None:
+    c = _coordinator()
+    node = c.register(_machine(1), _request(1, "late"), T0, "198.51.100.1")
+    assert node.rec.ipv4 is None
+    _, key = c.create_auth_key(preapproved=True, now=T0)
+    # A new node key with the key (as `up --auth-key` after a reset does).
+    request = RegisterRequest(b"\x77" * 32, b"\x78" * 32, "late", auth_key=key)
+    again = c.register(_machine(1), request, T0 + 1, "198.51.100.1")
+    assert again.id == node.id and again.in_mesh
+    assert str(c.peer_info(again).addresses[0]) == "100.64.0.1"

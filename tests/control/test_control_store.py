@@ -179,3 +179,43 @@ def test_handshake_timestamps_only_advance() -> None:
     assert not store.advance_handshake_timestamp(machine, 9)
     assert store.advance_handshake_timestamp(machine, 11)
     assert store.advance_handshake_timestamp(b"n" * 32, 1)
+
+
+def test_schema_1_databases_migrate_and_waiting_nodes_lose_their_address(tmp_path: Path) -> None:
+    """A database written before waiting nodes went without an address: approved nodes keep
+    theirs, waiting ones give theirs back, and a deleted node's id is still never reused."""
+    from embedmesh.control.store import MIGRATIONS
+
+    path = tmp_path / "control.db"
+    db = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version=1")
+    insert = (
+        "INSERT INTO nodes(machine_key, node_key, disco_key, hostname, name, os, tags, ipv4, ephemeral,"
+        " authorized, key_expiry, created, last_seen, auth_key_id, user)"
+        " VALUES (?, ?, ?, ?, ?, 'linux', '[]', ?, 0, ?, NULL, 1.0, NULL, NULL, 'default')"
+    )
+    for n, (name, ipv4, authorized) in enumerate(
+        [("web", 0x64400001, 1), ("waiting", 0x64400002, 0), ("gone", 0x64400003, 1)]
+    ):
+        db.execute(insert, (bytes([n]) * 32, bytes([n + 10]) * 32, bytes(32), name, name, ipv4, authorized))
+    db.execute("DELETE FROM nodes WHERE name = 'gone'")
+    db.commit()
+    db.close()
+
+    store = Store(path)
+    assert store.schema_version == SCHEMA_VERSION
+    nodes = {n.name: n for n in store.load_nodes()}
+    assert (nodes["web"].id, nodes["web"].ipv4, nodes["web"].authorized) == (1, 0x64400001, True)
+    assert (nodes["waiting"].id, nodes["waiting"].ipv4) == (2, None)
+    assert store.integrity_check() == "ok"
+    # AUTOINCREMENT still remembers id 3.
+    assert store.insert_node(_node(40, 0x64400004, "next")) == 4
+    # Several waiting nodes may hold no address at once; addresses stay unique.
+    waiting = _node(50, 0, "w2")
+    waiting.ipv4 = None
+    store.insert_node(waiting)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert_node(_node(60, 0x64400001, "dup"))
+    store.close()

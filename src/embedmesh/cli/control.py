@@ -273,7 +273,7 @@ def _node_table(nodes: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(node["id"]),
             node["name"],
-            "\n".join(node["addresses"]),
+            "\n".join(node["addresses"]) or "-",
             node["state"].replace("_", " "),
             "yes" if node["online"] else "no",
             _when(node["last_seen"], "-"),

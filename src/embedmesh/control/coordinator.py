@@ -35,7 +35,7 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from embedmesh.control.addresses import AddressPool, ipv6_for
@@ -269,7 +269,7 @@ class Coordinator:
         pruned = store.prune_handshakes()
         if pruned:
             logger.info("dropped %d handshake timestamps of machines that never registered", pruned)
-        self._pool = AddressPool(r.ipv4 for r in records)
+        self._pool = AddressPool(r.ipv4 for r in records if r.ipv4 is not None)
         for rec in records:
             self._drop_ungranted_tags(rec)
             node = LiveNode(rec)
@@ -325,8 +325,13 @@ class Coordinator:
 
     def peer_info(self, node: LiveNode) -> PeerInfo:
         rec = node.rec
-        v4 = IPv4Address(rec.ipv4)
-        v6 = ipv6_for(v4)
+        addresses: tuple[IPv4Address | IPv6Address, ...] = ()
+        allowed_ips: tuple[IPv4Network | IPv6Network, ...] = ()
+        if rec.ipv4 is not None:
+            v4 = IPv4Address(rec.ipv4)
+            v6 = ipv6_for(v4)
+            addresses = (v4, v6)
+            allowed_ips = (IPv4Network(f"{v4}/32"), IPv6Network(f"{v6}/128"))
         return PeerInfo(
             id=rec.id,
             node_key=rec.node_key,
@@ -334,8 +339,8 @@ class Coordinator:
             name=rec.name,
             hostname=rec.hostname,
             fqdn=f"{rec.name}.{self.config.base_domain}",
-            addresses=(v4, v6),
-            allowed_ips=(IPv4Network(f"{v4}/32"), IPv6Network(f"{v6}/128")),
+            addresses=addresses,
+            allowed_ips=allowed_ips,
             endpoints=node.endpoints,
             tags=rec.tags,
             user=rec.user,
@@ -717,7 +722,9 @@ class Coordinator:
         authorized = not self.config.approval_required or (key is not None and key.preapproved)
         if authorized:
             self._take_name_from_pending(request.hostname)
-        address = self._pool.allocate()
+        # A node waiting for approval gets no address: anyone who reaches the server can make
+        # one, and an address is what peers would route and MagicDNS would publish.
+        address = self._pool.allocate() if authorized else None
         rec = NodeRecord(
             id=0,
             machine_key=machine_key,
@@ -727,7 +734,7 @@ class Coordinator:
             name=self._unique_name(request.hostname),
             os=request.os,
             tags=tags,
-            ipv4=int(address),
+            ipv4=None if address is None else int(address),
             ephemeral=request.ephemeral or (key is not None and key.ephemeral),
             authorized=authorized,
             key_expiry=self._expiry_from(now),
@@ -746,10 +753,12 @@ class Coordinator:
                 if key is not None:
                     self.store.use_auth_key(key.id, now)
         except sqlite3.IntegrityError as exc:
-            self._pool.release(address)
+            if address is not None:
+                self._pool.release(address)
             raise ConflictError(f"could not register the node: {exc}") from exc
         except BaseException:
-            self._pool.release(address)
+            if address is not None:
+                self._pool.release(address)
             raise
         node = LiveNode(rec, endpoints=request.endpoints)
         self._index(node)
@@ -759,7 +768,7 @@ class Coordinator:
             "registered node %d %s (%s)%s",
             rec.id,
             rec.name,
-            address,
+            address or "no address yet",
             "" if authorized else ", waiting for approval",
         )
         if node.in_mesh:
@@ -786,6 +795,7 @@ class Coordinator:
                 expired=False,
                 auth_key_id=key.id,
                 endpoints=request.endpoints,
+                **self._address_if_needed(node, authorized),
             )
         logger.info("node %d %s re-authenticated with auth key %s", node.id, node.rec.name, key.id)
         return node
@@ -954,6 +964,12 @@ class Coordinator:
         assert record is not None
         return record
 
+    def _address_if_needed(self, node: LiveNode, authorized: bool) -> dict[str, Any]:
+        """``{"ipv4": ...}`` from the pool for a node that is authorized now and has none yet."""
+        if not authorized or node.rec.ipv4 is not None:
+            return {}
+        return {"ipv4": int(self._pool.allocate())}
+
     def approve(self, node_id: int, now: float) -> LiveNode:
         """Approve a pending node, or re-approve an expired one (its key gets a fresh expiry)."""
         node = self.node(node_id)
@@ -963,7 +979,12 @@ class Coordinator:
             # Its name was only held while it waited: it takes its hostname now if that is free
             # (a suffix otherwise), the way a node with a key would have at registration.
             self._take_name_from_pending(node.rec.hostname)
-            self._update(node, authorized=True, name=self._unique_name(node.rec.hostname, exclude=node))
+            self._update(
+                node,
+                authorized=True,
+                name=self._unique_name(node.rec.hostname, exclude=node),
+                **self._address_if_needed(node, True),
+            )
         logger.info("node %d %s approved", node.id, node.rec.name)
         return node
 
@@ -1003,7 +1024,8 @@ class Coordinator:
         was_in_mesh = node.in_mesh
         self.store.delete_node(node.id)
         self._unindex(node)
-        self._pool.release(IPv4Address(node.rec.ipv4))
+        if node.rec.ipv4 is not None:
+            self._pool.release(IPv4Address(node.rec.ipv4))
         stream = self._streams.pop(node.id, None)
         if stream is not None and error is not None:
             stream._push_message(_error_payload(error), close=True)

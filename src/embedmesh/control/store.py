@@ -64,6 +64,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_timestamp INTEGER NOT NULL
         )""",
     ),
+    # 1 -> 2: a node waiting for approval holds no address (anyone who reaches a server that
+    # takes keyless registrations can make one), so ``ipv4`` becomes nullable. SQLite cannot drop
+    # a NOT NULL constraint in place: the table is rebuilt, keeping AUTOINCREMENT's high-water
+    # mark so that the id of a deleted node is still never handed out again.
+    (
+        """CREATE TABLE nodes_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            machine_key BLOB NOT NULL UNIQUE,
+            node_key BLOB NOT NULL UNIQUE,
+            disco_key BLOB NOT NULL,
+            hostname TEXT NOT NULL,
+            name TEXT NOT NULL UNIQUE,
+            os TEXT NOT NULL,
+            tags TEXT NOT NULL,
+            ipv4 INTEGER UNIQUE,
+            ephemeral INTEGER NOT NULL,
+            authorized INTEGER NOT NULL,
+            key_expiry REAL,
+            created REAL NOT NULL,
+            last_seen REAL,
+            auth_key_id TEXT REFERENCES auth_keys(id) ON DELETE SET NULL,
+            user TEXT NOT NULL
+        )""",
+        """INSERT INTO nodes_new SELECT id, machine_key, node_key, disco_key, hostname, name, os, tags,
+            CASE WHEN authorized THEN ipv4 ELSE NULL END, ephemeral, authorized, key_expiry, created,
+            last_seen, auth_key_id, user FROM nodes""",
+        """DELETE FROM sqlite_sequence WHERE name = 'nodes_new'""",
+        """INSERT INTO sqlite_sequence(name, seq)
+            SELECT 'nodes_new', MAX(seq) FROM (
+                SELECT seq FROM sqlite_sequence WHERE name = 'nodes'
+                UNION ALL SELECT COALESCE(MAX(id), 0) AS seq FROM nodes
+            )""",
+        """DROP TABLE nodes""",
+        """ALTER TABLE nodes_new RENAME TO nodes""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -80,7 +115,8 @@ class NodeRecord:
     name: str
     os: str
     tags: tuple[str, ...]
-    ipv4: int
+    #: None while the node waits for approval: it gets an address when it is approved.
+    ipv4: int | None
     ephemeral: bool
     authorized: bool
     key_expiry: float | None
