@@ -76,3 +76,54 @@ def test_admin_commands(tmp_path: Path) -> None:
         assert "admin token" in _fail("nodes", "list", *sd)
     assert "is `embedmesh control serve --state-dir" in _fail("nodes", "list", *sd)
     assert "no server.json" in _fail("nodes", "list", "--state-dir", str(tmp_path / "elsewhere"))
+
+
+def test_users_own_the_untagged_nodes_that_join_with_their_keys(tmp_path: Path) -> None:
+    state = tmp_path / "server"
+    with start_server(state) as running:
+        sd = ("--state-dir", str(state))
+        assert "user 2 alice@example.com created" in _run(
+            "users", "create", "alice@example.com", "--display-name", "Alice Liddell", *sd
+        )
+        assert "exists already" in _fail("users", "create", "alice@example.com", *sd)
+        assert "not a valid user name" in _fail("users", "create", "Bad Name", *sd)
+        assert "not a valid user name" in _fail("users", "create", "tagged-devices", *sd)
+        assert "no user 'bob'" in _fail("authkey", "create", "--user", "bob", *sd)
+        alice_key = _run("authkey", "create", "--user", "alice@example.com", "--reusable", *sd)
+        assert "user alice@example.com" in alice_key
+        alice_key = alice_key.strip().splitlines()[-1]
+        tagged_key = _run("authkey", "create", "--user", "alice@example.com", "--tags", "tag:ci", *sd)
+        tagged_key = tagged_key.strip().splitlines()[-1]
+        plain_key = _run("authkey", "create", *sd).strip().splitlines()[-1]
+
+        async def join() -> None:
+            async with (
+                Identity.new().client(running.url, "laptop", auth_key=alice_key) as laptop,
+                Identity.new().client(running.url, "runner", auth_key=tagged_key),
+                Identity.new().client(running.url, "box", auth_key=plain_key),
+            ):
+                netmap = await laptop.wait_for_netmap(lambda m: len(m.peers) == 2, timeout=5)
+                owners = {p.name: p.user for p in netmap.peers.values()}
+                assert netmap.self_node.user == "alice@example.com"
+                # Tags replace the user's identity, as in Tailscale.
+                assert owners == {"runner": "tagged-devices", "box": "default"}
+                users = {u["name"]: u for u in json.loads(_run("users", "list", "--json", *sd))["users"]}
+                assert users["alice@example.com"]["nodes"] == 1 and users["default"]["nodes"] == 1
+                assert users["alice@example.com"]["display_name"] == "Alice Liddell"
+                listed = {n["name"]: n["user"] for n in json.loads(_run("nodes", "list", "--json", *sd))["nodes"]}
+                assert listed == {"laptop": "alice@example.com", "runner": "tagged-devices", "box": "default"}
+                assert "still owns nodes" in _fail("users", "delete", "alice@example.com", *sd)
+
+        anyio.run(join)
+        for node in json.loads(_run("nodes", "list", "--json", *sd))["nodes"]:
+            if node["user"] == "alice@example.com":
+                _run("nodes", "delete", str(node["id"]), *sd)
+        assert "still has usable auth keys" in _fail("users", "delete", "alice@example.com", *sd)
+        for key in json.loads(_run("authkey", "list", "--json", *sd))["authkeys"]:
+            if key["user"] == "alice@example.com" and key["state"] == "valid":
+                _run("authkey", "revoke", key["id"], *sd)
+        assert "user alice@example.com deleted" in _run("users", "delete", "alice@example.com", *sd)
+        assert "cannot be deleted" in _fail("users", "delete", "default", *sd)
+        assert [u["name"] for u in json.loads(_run("users", "list", "--json", *sd))["users"]] == ["default"]
+        # The deleted user's spent keys stay listed, now without a user.
+        assert {k["user"] for k in json.loads(_run("authkey", "list", "--json", *sd))["authkeys"]} == {"default"}

@@ -210,6 +210,8 @@ def test_schema_1_databases_migrate_and_waiting_nodes_lose_their_address(tmp_pat
     assert (nodes["web"].id, nodes["web"].ipv4, nodes["web"].authorized) == (1, 0x64400001, True)
     assert (nodes["waiting"].id, nodes["waiting"].ipv4) == (2, None)
     assert store.integrity_check() == "ok"
+    # Schema 3: the owners older servers wrote became users; tagged-devices is not one.
+    assert [(u.id, u.name) for u in store.list_users()] == [(1, "default")]
     # AUTOINCREMENT still remembers id 3.
     assert store.insert_node(_node(40, 0x64400004, "next")) == 4
     # Several waiting nodes may hold no address at once; addresses stay unique.

@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,7 @@ def _node_table(nodes: list[dict[str, Any]]) -> Table:
         "STATE",
         "ONLINE",
         "LAST SEEN",
+        "USER",
         "TAGS",
         "EPHEMERAL",
         "KEY EXPIRY",
@@ -277,6 +279,7 @@ def _node_table(nodes: list[dict[str, Any]]) -> Table:
             node["state"].replace("_", " "),
             "yes" if node["online"] else "no",
             _when(node["last_seen"], "-"),
+            node["user"],
             ",".join(node["tags"]) or "-",
             "yes" if node["ephemeral"] else "no",
             _when(node["key_expiry"]),
@@ -292,6 +295,7 @@ def _key_table(keys: list[dict[str, Any]]) -> Table:
         "REUSABLE",
         "EPHEMERAL",
         "PREAPPROVED",
+        "USER",
         "TAGS",
         "USES",
         "EXPIRES",
@@ -305,6 +309,7 @@ def _key_table(keys: list[dict[str, Any]]) -> Table:
             "yes" if key["reusable"] else "no",
             "yes" if key["ephemeral"] else "no",
             "yes" if key["preapproved"] else "no",
+            key["user"],
             ",".join(key["tags"]) or "-",
             str(key["uses"]),
             _when(key["expires"]),
@@ -334,6 +339,11 @@ def authkey() -> None:
     help="Tags the key grants its nodes (the only ones they can carry), e.g. tag:ci,tag:web.",
 )
 @click.option("--expiry", default=None, help="The key stops working after this long (e.g. 1h, 7d).")
+@click.option(
+    "--user",
+    default=None,
+    help="The user its untagged nodes belong to (see `users list`; default: the default user).",
+)
 def authkey_create(
     state_dir: Path,
     url: str | None,
@@ -343,6 +353,7 @@ def authkey_create(
     preapproved: bool,
     tags: str,
     expiry: str | None,
+    user: str | None,
 ) -> None:
     """Create a key; the key itself is the last line printed (it is shown only once)."""
     body = {
@@ -352,6 +363,8 @@ def authkey_create(
         "tags": [t.strip() for t in tags.split(",") if t.strip()],
         "expiry": None if expiry is None else parse_duration(expiry),
     }
+    if user is not None:
+        body["user"] = user
     result = AdminClient(state_dir, url).request("POST", "/authkeys", body)
     if as_json:
         _print_json(result)
@@ -359,7 +372,8 @@ def authkey_create(
     info = result["authkey"]
     kinds = [k for k in ("reusable", "ephemeral", "preapproved") if info[k]] or ["one-off"]
     click.echo(
-        f"auth key {info['id']} ({', '.join(kinds)}; tags {','.join(info['tags']) or 'none'}; "
+        f"auth key {info['id']} ({', '.join(kinds)}; user {info['user']}; "
+        f"tags {','.join(info['tags']) or 'none'}; "
         f"expires {_when(info['expires'])}). Store it now, it is not shown again:",
         err=False,
     )
@@ -462,6 +476,64 @@ def nodes_delete(node_id: int, state_dir: Path, url: str | None, as_json: bool) 
         _print_json(result)
     else:
         click.echo(f"node {node_id} deleted")
+
+
+@control.group()
+def users() -> None:
+    """Users: who a tailnet's untagged nodes belong to."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--display-name", default=None, help="A longer name shown in maps (default: NAME).")
+@_state_dir_option
+@_url_option
+@_json_option
+def users_create(name: str, display_name: str | None, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Create a user; nodes join as it with keys from `authkey create --user NAME`."""
+    body: dict[str, Any] = {"name": name}
+    if display_name is not None:
+        body["display_name"] = display_name
+    result = AdminClient(state_dir, url).request("POST", "/users", body)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"user {result['user']['id']} {result['user']['name']} created")
+
+
+@users.command("list")
+@_state_dir_option
+@_url_option
+@_json_option
+def users_list(state_dir: Path, url: str | None, as_json: bool) -> None:
+    """List users and how many nodes each owns."""
+    result = AdminClient(state_dir, url).request("GET", "/users")
+    if as_json:
+        _print_json(result)
+        return
+    rows = result["users"]
+    table = Table(title=f"{len(rows)} user{'s' if len(rows) != 1 else ''}")
+    for column in ("ID", "NAME", "DISPLAY NAME", "NODES", "CREATED"):
+        table.add_column(column)
+    for user in rows:
+        table.add_row(
+            str(user["id"]), user["name"], user["display_name"], str(user["nodes"]), _when(user["created"] or None, "-")
+        )
+    _console().print(table)
+
+
+@users.command("delete")
+@click.argument("name")
+@_state_dir_option
+@_url_option
+@_json_option
+def users_delete(name: str, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Delete a user that owns no nodes and no usable auth keys."""
+    result = AdminClient(state_dir, url).request("DELETE", f"/users/{urllib.parse.quote(name, safe='@+')}")
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"user {name} deleted")
 
 
 @control.group()

@@ -31,6 +31,7 @@ import math
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from embedmesh.control.authkeys import AuthKeyRecord
-from embedmesh.control.coordinator import MAX_KEY_LIFETIME
+from embedmesh.control.coordinator import DEFAULT_OWNER, MAX_KEY_LIFETIME
 from embedmesh.control.errors import (
     AdminError,
     AdminTokenError,
@@ -51,6 +52,7 @@ from embedmesh.control.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
+from embedmesh.control.store import UserRecord
 
 if TYPE_CHECKING:
     from embedmesh.control.server import ControlServer
@@ -76,7 +78,7 @@ MAX_EXPIRY = MAX_KEY_LIFETIME
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _NODE_ID_RE = re.compile(r"[0-9]{1,18}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{12}")
-_CREATE_FIELDS = frozenset({"reusable", "ephemeral", "preapproved", "tags", "expiry"})
+_CREATE_FIELDS = frozenset({"reusable", "ephemeral", "preapproved", "tags", "expiry", "user"})
 
 
 def new_admin_token() -> bytes:
@@ -131,6 +133,17 @@ def describe_auth_key(record: AuthKeyRecord, now: float) -> dict[str, Any]:
         "revoked": record.revoked,
         "uses": record.uses,
         "last_used": record.last_used,
+        "user": record.user or DEFAULT_OWNER,
+    }
+
+
+def describe_user(record: UserRecord, nodes: int) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "display_name": record.display_name,
+        "created": record.created,
+        "nodes": nodes,
     }
 
 
@@ -258,6 +271,9 @@ def admin_routes(server: ControlServer) -> list[Route]:
         tags = body.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise BadRequestError("tags must be a list of strings such as tag:ci")
+        user = body.get("user")
+        if user is not None and not isinstance(user, str):
+            raise BadRequestError("user must be a user name (see `embedmesh control users list`)")
         now = time.time()
         record, text = coordinator.create_auth_key(
             reusable=_flag(body, "reusable"),
@@ -265,6 +281,7 @@ def admin_routes(server: ControlServer) -> list[Route]:
             preapproved=_flag(body, "preapproved"),
             tags=tuple(tags),
             expiry=_expiry(body.get("expiry")),
+            user=user,
             now=now,
         )
         return JSONResponse({"key": text, "authkey": describe_auth_key(record, now)}, status_code=201)
@@ -329,6 +346,32 @@ def admin_routes(server: ControlServer) -> list[Route]:
         )
         return JSONResponse({"dns": dns_document()})
 
+    def users_document() -> dict[str, Any]:
+        owned = Counter(n.rec.user for n in coordinator.nodes())
+        return {"users": [describe_user(u, owned[u.name]) for u in coordinator.users()]}
+
+    async def list_users(request: Request) -> JSONResponse:
+        return JSONResponse(users_document())
+
+    async def create_user(request: Request) -> JSONResponse:
+        body = await _body(request)
+        name, display = body.get("name"), body.get("display_name")
+        if (
+            not isinstance(name, str)
+            or not isinstance(display, str | None)
+            or set(body) - {"name", "display_name"}
+        ):
+            raise BadRequestError(
+                'creating a user needs {"name": "alice", "display_name": "Alice"} (display_name optional)'
+            )
+        record = coordinator.create_user(name, display, time.time())
+        return JSONResponse({"user": describe_user(record, 0)}, status_code=201)
+
+    async def delete_user(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        coordinator.delete_user(name, time.time())
+        return JSONResponse({"deleted": name})
+
     async def delete(request: Request) -> JSONResponse:
         node_id = _node_id(request)
         coordinator.delete(node_id)
@@ -338,6 +381,9 @@ def admin_routes(server: ControlServer) -> list[Route]:
         Route(f"{PREFIX}/authkeys", guarded(create_key), methods=["POST"]),
         Route(f"{PREFIX}/authkeys", guarded(list_keys), methods=["GET"]),
         Route(f"{PREFIX}/authkeys/{{key_id}}/revoke", guarded(revoke_key), methods=["POST"]),
+        Route(f"{PREFIX}/users", guarded(list_users), methods=["GET"]),
+        Route(f"{PREFIX}/users", guarded(create_user), methods=["POST"]),
+        Route(f"{PREFIX}/users/{{name}}", guarded(delete_user), methods=["DELETE"]),
         Route(f"{PREFIX}/nodes", guarded(list_nodes), methods=["GET"]),
         Route(f"{PREFIX}/nodes/{{node_id}}", guarded(get_node), methods=["GET"]),
         Route(f"{PREFIX}/nodes/{{node_id}}", guarded(delete), methods=["DELETE"]),

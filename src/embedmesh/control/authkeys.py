@@ -40,6 +40,8 @@ class AuthKeyRecord:
     revoked: float | None
     uses: int
     last_used: float | None
+    #: The user that nodes joining with the key (without tags) belong to; None: the default user.
+    user: str | None = None
 
     def __repr__(self) -> str:
         return (

@@ -82,7 +82,7 @@ from embedmesh.control.netmap import (
     SelfChanged,
 )
 from embedmesh.control.protocol import MAX_CLOCK_SKEW, check_handshake_freshness
-from embedmesh.control.store import NodeRecord, Store
+from embedmesh.control.store import NodeRecord, Store, UserRecord
 
 logger = logging.getLogger("embedmesh.control.server")
 
@@ -99,6 +99,9 @@ DEFAULT_EPHEMERAL_TIMEOUT = 60.0
 _MAX_RECENT_HANDSHAKES = 65_536
 TAGGED_OWNER = "tagged-devices"
 DEFAULT_OWNER = "default"
+#: User names: what headscale and Tailscale accept as login names (an email address fits).
+USER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._@+-]{0,63}")
+MAX_DISPLAY_NAME = 128
 
 _PERSISTED = frozenset(f.name for f in dataclasses.fields(NodeRecord)) - {"id"}
 
@@ -228,6 +231,13 @@ def sanitize_hostname(hostname: str) -> str:
     label = re.sub(r"[^a-z0-9-]+", "-", label).strip("-")
     label = re.sub(r"-{2,}", "-", label)[:63].strip("-")
     return label or "node"
+
+
+def _owner(tags: tuple[str, ...], key: AuthKeyRecord | None) -> str:
+    """Who a node belongs to: tags replace the user's identity (as in Tailscale)."""
+    if tags:
+        return TAGGED_OWNER
+    return key.user if key is not None and key.user is not None else DEFAULT_OWNER
 
 
 def _encode_key(key: bytes) -> str:
@@ -664,7 +674,7 @@ class Coordinator:
                 ", ".join(t for t in rec.tags if t not in granted),
             )
             rec.tags = kept
-            rec.user = TAGGED_OWNER if kept else DEFAULT_OWNER
+            rec.user = _owner(kept, key)
             self.store.update_node(rec.id, tags=rec.tags, user=rec.user)
 
     def _admit_keyless(self, source: str | None, now: float) -> None:
@@ -741,7 +751,7 @@ class Coordinator:
             created=now,
             last_seen=now,
             auth_key_id=key.id if key is not None else None,
-            user=TAGGED_OWNER if tags else DEFAULT_OWNER,
+            user=_owner(tags, key),
         )
         try:
             with self.store.transaction():
@@ -789,7 +799,7 @@ class Coordinator:
                 hostname=request.hostname,
                 os=request.os,
                 tags=tags,
-                user=TAGGED_OWNER if tags else DEFAULT_OWNER,
+                user=_owner(tags, key),
                 authorized=authorized,
                 key_expiry=self._expiry_from(now),
                 expired=False,
@@ -926,9 +936,15 @@ class Coordinator:
         preapproved: bool = False,
         tags: tuple[str, ...] = (),
         expiry: float | None = None,
+        user: str | None = None,
         now: float,
     ) -> tuple[AuthKeyRecord, str]:
-        """A new key; the text (with its secret) is returned once and never stored."""
+        """A new key; the text (with its secret) is returned once and never stored.
+
+        ``user``: the user that the key's untagged nodes belong to (None: the default user).
+        """
+        if user is not None and user not in {u.name for u in self.store.list_users()}:
+            raise NotFoundError(f"no user {user!r}: create it with `embedmesh control users create {user}`")
         # The key's tags go into its nodes' map entries, so they obey the wire format's rules.
         for tag in tags:
             if TAG_RE.fullmatch(tag) is None:
@@ -951,10 +967,57 @@ class Coordinator:
             revoked=None,
             uses=0,
             last_used=None,
+            user=None if user == DEFAULT_OWNER else user,
         )
         self.store.insert_auth_key(record)
         logger.info("auth key %s created", key_id)
         return record, text
+
+    # ------------------------------------------------------------------ users
+
+    def users(self) -> list[UserRecord]:
+        return self.store.list_users()
+
+    def create_user(self, name: str, display_name: str | None, now: float) -> UserRecord:
+        """A new user; its untagged nodes join with keys created with ``--user``."""
+        if USER_NAME_RE.fullmatch(name) is None or name == TAGGED_OWNER:
+            raise BadRequestError(
+                f"{name!r} is not a valid user name: use lowercase letters, digits and . _ @ + - "
+                f"(at most 64; an email address works), and not {TAGGED_OWNER!r}"
+            )
+        display = name if display_name is None else display_name.strip()
+        if not display or len(display) > MAX_DISPLAY_NAME or not display.isprintable():
+            raise BadRequestError(f"a display name is 1 to {MAX_DISPLAY_NAME} printable characters")
+        record = UserRecord(0, name, display, now)
+        try:
+            self.store.insert_user(record)
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"user {name!r} exists already: see `embedmesh control users list`") from exc
+        logger.info("user %d %s created", record.id, name)
+        return record
+
+    def delete_user(self, name: str, now: float) -> None:
+        """Delete a user that owns no node and no usable auth key (as headscale refuses to)."""
+        if name not in {u.name for u in self.store.list_users()}:
+            raise NotFoundError(f"no user {name!r}: see `embedmesh control users list`")
+        if name == DEFAULT_OWNER:
+            raise ConflictError("the default user cannot be deleted: nodes without a user belong to it")
+        owned = sorted(str(n.id) for n in self._nodes.values() if n.rec.user == name)
+        if owned:
+            raise ConflictError(
+                f"user {name!r} still owns nodes {', '.join(owned)}: delete them first "
+                "(`embedmesh control nodes delete ID`)"
+            )
+        keys = [k.id for k in self.store.list_auth_keys() if k.user == name and k.state(now) == "valid"]
+        if keys:
+            raise ConflictError(
+                f"user {name!r} still has usable auth keys {', '.join(keys)}: revoke them first "
+                "(`embedmesh control authkey revoke ID`)"
+            )
+        with self.store.transaction():
+            self.store.detach_auth_keys(name)
+            self.store.delete_user(name)
+        logger.info("user %s deleted", name)
 
     def revoke_auth_key(self, key_id: str, now: float) -> AuthKeyRecord:
         if self.store.get_auth_key(key_id) is None:

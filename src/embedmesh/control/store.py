@@ -99,6 +99,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """DROP TABLE nodes""",
         """ALTER TABLE nodes_new RENAME TO nodes""",
     ),
+    # 2 -> 3: users. Nodes belong to a user (``default`` unless their auth key names one) or, when
+    # tagged, to ``tagged-devices``; an auth key may name the user its nodes join as.
+    (
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            display_name TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        """INSERT INTO users(name, display_name, created) VALUES ('default', 'default', 0)""",
+        # Whatever owners older servers wrote (only ``default`` and ``tagged-devices``).
+        """INSERT OR IGNORE INTO users(name, display_name, created)
+            SELECT DISTINCT user, user, 0 FROM nodes WHERE user <> 'tagged-devices'""",
+        """ALTER TABLE auth_keys ADD COLUMN user TEXT REFERENCES users(name)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -127,6 +142,17 @@ class NodeRecord:
 
     def __repr__(self) -> str:
         return f"NodeRecord(id={self.id}, name={self.name!r}, ipv4={self.ipv4}, authorized={self.authorized})"
+
+
+@dataclass(slots=True)
+class UserRecord:
+    """A user: the owner of the untagged nodes that joined with its keys. ``id`` is stable (it
+    becomes the user's ID in Tailscale's network maps) and never reused."""
+
+    id: int
+    name: str
+    display_name: str
+    created: float
 
 
 _NODE_COLUMNS = tuple(f.name for f in fields(NodeRecord))
@@ -296,6 +322,28 @@ class Store:
     def use_auth_key(self, key_id: str, now: float) -> None:
         self._db.execute("UPDATE auth_keys SET uses = uses + 1, last_used = ? WHERE id = ?", (now, key_id))
 
+    # ------------------------------------------------------------------ users
+
+    def insert_user(self, record: UserRecord) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO users(name, display_name, created) VALUES (?, ?, ?)",
+            (record.name, record.display_name, record.created),
+        )
+        assert cursor.lastrowid is not None
+        record.id = int(cursor.lastrowid)
+        return record.id
+
+    def list_users(self) -> list[UserRecord]:
+        rows = self._db.execute("SELECT id, name, display_name, created FROM users ORDER BY id")
+        return [UserRecord(*row) for row in rows]
+
+    def delete_user(self, name: str) -> None:
+        self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    def detach_auth_keys(self, user: str) -> None:
+        """Spent, expired or revoked keys of a deleted user stay listed, without the user."""
+        self._db.execute("UPDATE auth_keys SET user = NULL WHERE user = ?", (user,))
+
     # ------------------------------------------------------------------ nodes
 
     def load_nodes(self) -> list[NodeRecord]:
@@ -354,7 +402,7 @@ class Store:
         return cursor.rowcount
 
     def count_rows(self, table: str) -> int:
-        """Rows in ``table`` (``nodes``, ``auth_keys``, ``handshakes``), for tests and diagnostics."""
-        if table not in ("nodes", "auth_keys", "handshakes", "meta"):
+        """Rows in ``table`` (``nodes``, ``auth_keys``, ``handshakes``, ``users``), for tests and diagnostics."""
+        if table not in ("nodes", "auth_keys", "handshakes", "meta", "users"):
             raise ValueError(f"unknown table {table!r}")
         return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
