@@ -21,6 +21,7 @@ ENTRY_POINTS = {
     "embedmesh.tailscale.controlbase": "the ts2021 transport, for issue 9's control client/server",
     "embedmesh.tailscale.mapframe": "the map stream's framing and zstd, for issue 9's control client/server",
     "embedmesh.tailscale.disco": "disco packets and demultiplexing, for issue 9's disco engine",
+    "embedmesh.tailscale.noiseclient": "HTTP/2 over ts2021, for issue 9's control client (next)",
 }
 
 
