@@ -16,12 +16,6 @@ ENTRY_POINTS = {
     "embedmesh.runtime.tun": "a TUN device for tests and tools that attach a Netstack to the kernel",
     "embedmesh.sim.network": "the simulator, driven by tests and benchmarks",
     "embedmesh.sim.node": "the simulator, driven by tests and benchmarks",
-    # Issue 9's foundation: the Tailscale-protocol control client and server are built on these
-    # next; drop the entries when they import them.
-    "embedmesh.tailscale.controlbase": "the ts2021 transport, for issue 9's control client/server",
-    "embedmesh.tailscale.mapframe": "the map stream's framing and zstd, for issue 9's control client/server",
-    "embedmesh.tailscale.disco": "disco packets and demultiplexing, for issue 9's disco engine",
-    "embedmesh.tailscale.noiseclient": "HTTP/2 over ts2021, for issue 9's control client (next)",
 }
 
 

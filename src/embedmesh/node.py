@@ -42,6 +42,9 @@ from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
+from embedmesh.tailscale.client import TailscaleControlClient, speaks_tailscale
+from embedmesh.tailscale.discoresponder import DiscoResponder
+from embedmesh.tailscale.keys import DiscoPrivate
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -183,7 +186,8 @@ class Node:
         self._listen_host = listen_host
         self._listen_port = listen_port
         self._config: WireGuardConfig | None = None
-        self._control: ControlClient | None = None
+        self._control: ControlClient | TailscaleControlClient | None = None
+        self._disco_responder: DiscoResponder | None = None
         self._netmap: NetworkMap | None = None
         self._peer_sync: PeerSync | None = None
         self._state_dir = state_dir
@@ -241,7 +245,8 @@ class Node:
             wall_clock_offset=time.time() - time.monotonic(),
         )
         self._underlay = UdpUnderlay()
-        self._link: Link = WireGuardLink(self._device, self._underlay)
+        self._wireguard_link = WireGuardLink(self._device, self._underlay)
+        self._link: Link = self._wireguard_link
         if pcap is not None:
             from embedmesh.pcap import PcapLink, PcapWriter
 
@@ -451,7 +456,15 @@ class Node:
         own_hosts = self._advertised_hosts()
         self._peer_sync = PeerSync(self._device, own_hosts)
         endpoints = [join_host_port(host, self._underlay.port) for host in own_hosts]
-        control = ControlClient(
+        # The same Node joins embedmesh's control server or a Tailscale-protocol one (headscale,
+        # Tailscale's): the server's /key answer tells them apart.
+        client_class: type[ControlClient] | type[TailscaleControlClient] = ControlClient
+        if await speaks_tailscale(self._control_url):
+            client_class = TailscaleControlClient
+            responder = DiscoResponder(DiscoPrivate(self._keys.disco_key))
+            self._disco_responder = responder
+            self._wireguard_link.on_disco = responder.receive
+        control = client_class(
             self._control_url,
             machine_key=self._keys.machine_key,
             node_key=self._keys.node_key,
@@ -485,6 +498,8 @@ class Node:
         self._interface.set_addresses([a.packed for a in me.addresses])
         assert self._peer_sync is not None
         self._peer_sync.apply(netmap, time.monotonic())
+        if self._disco_responder is not None:
+            self._disco_responder.set_peers(peer.disco_key for peer in netmap.peers.values())
         self._zone_serial += 1
         self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
         self._dataplane.kick()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netns import Namespace, NetnsRig, RigError, wait_for
+from netns import Namespace, NetnsRig, RigError, VethLink, wait_for
 
 TS_ENV = {
     "TS_NO_LOGS_NO_SUPPORT": "true",  # no log upload, no support tooling
@@ -75,6 +75,7 @@ class TailnetRig:
         # The hub routes between the hosts' /30s; it has no link anywhere else.
         self.hub.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         self.hosts: list[Host] = []
+        self._root_link: VethLink | None = None
 
     @property
     def tmpdir(self) -> Path:
@@ -89,7 +90,24 @@ class TailnetRig:
         ns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
         host = Host(ns, link.b.ip, name)
         self.hosts.append(host)
+        if self._root_link is not None:
+            self._route_from_root(host)
         return host
+
+    def attach_root(self) -> str:
+        """Let the test process itself (the root namespace) be a host: a veth from root into the
+        hub, and a route from root to each host's address (no other: root sends nothing else into
+        the rig, and the hub still has no route out). Returns the root end's address, which an
+        in-process embedmesh Node binds its UDP socket to."""
+        if self._root_link is None:
+            self._root_link = self.rig.veth_to_root(self.hub)
+            for host in self.hosts:
+                self._route_from_root(host)
+        return self._root_link.a.ip
+
+    def _route_from_root(self, host: Host) -> None:
+        assert self._root_link is not None
+        self.rig.root.ip("route", "replace", f"{host.ip}/32", "via", self._root_link.b.ip)
 
     def state_dir(self, name: str) -> Path:
         """A fresh 0700 folder in the rig's temp folder (removed by the rig)."""

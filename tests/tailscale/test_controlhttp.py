@@ -33,7 +33,7 @@ def test_key_answers_as_tailscale_and_headscale_write_them() -> None:
         (b'{"publicKey": "mkey:' + b"0" * 64 + b'"}', "too old"),
         (b"<html>", "not JSON"),
         (b"[]", "not a JSON object"),
-        (b"{\"publicKey\": \"nodekey:" + b"1" * 64 + b"\"}", "mkey"),
+        (b'{"publicKey": "nodekey:' + b"1" * 64 + b'"}', "mkey"),
     ):
         with pytest.raises(ParseError, match=message):
             controlhttp.parse_key_response(body)
@@ -45,7 +45,10 @@ def test_the_upgrade_request_is_what_the_server_checks() -> None:
     head, _, body = client.request.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0] == "POST /ts2021 HTTP/1.1" and body == b""
-    headers = [(k.strip().lower().encode(), v.strip().encode()) for k, v in (line.split(":", 1) for line in lines[1:])]
+    headers = [
+        (k.strip().lower().encode(), v.strip().encode())
+        for k, v in (line.split(":", 1) for line in lines[1:])
+    ]
     assert dict(headers)[b"upgrade"] == b"tailscale-control-protocol"
     assert controlhttp.check_upgrade_request("POST", headers).initiation == initiation
 
@@ -77,7 +80,11 @@ def test_the_server_refuses_bad_upgrades_with_a_reason() -> None:
         ("POST", [(b"upgrade", b"websocket"), (b"x-tailscale-handshake", good)], "Upgrade"),
         ("POST", [(b"upgrade", b"tailscale-control-protocol")], "no tailscale handshake"),
         ("POST", [(b"upgrade", b"tailscale-control-protocol"), (b"x-tailscale-handshake", b"!!")], "base64"),
-        ("POST", [(b"upgrade", b"tailscale-control-protocol"), (b"x-tailscale-handshake", b"AAAA")], "length"),
+        (
+            "POST",
+            [(b"upgrade", b"tailscale-control-protocol"), (b"x-tailscale-handshake", b"AAAA")],
+            "length",
+        ),
         ("DELETE", [(b"upgrade", b"tailscale-control-protocol"), (b"x-tailscale-handshake", good)], "DELETE"),
     ):
         with pytest.raises(controlhttp.ControlHTTPError, match=message):

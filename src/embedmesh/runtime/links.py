@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from embedmesh.runtime.underlay import UdpUnderlay
+from embedmesh.runtime.underlay import Endpoint, UdpUnderlay
 from embedmesh.wireguard.device import WireGuardDevice
 
 Deliver = Callable[[bytes | memoryview, float], None]
@@ -53,6 +53,9 @@ class WireGuardLink:
         self.underlay = underlay
         self.clock = clock
         self.read_batch = read_batch
+        #: Disco packets (Tailscale's path discovery) go here instead of to WireGuard, when set:
+        #: it returns the replies to send.
+        self.on_disco: Callable[[bytes | memoryview, Endpoint, float], list[tuple[bytes, Endpoint]]] | None = None
 
     def readables(self) -> list[socket.socket | int]:
         return list(self.underlay.sockets)
@@ -60,7 +63,14 @@ class WireGuardLink:
     def read(self, readable: socket.socket | int, deliver: Deliver, now: float) -> None:
         assert isinstance(readable, socket.socket)
         receive_datagram = self.device.receive_datagram
+        on_disco = self.on_disco
         for data, source in self.underlay.drain(readable, max_datagrams=self.read_batch):
+            # One byte tells them apart: WireGuard messages start with 1-4, disco with "T" (0x54).
+            if on_disco is not None and data and data[0] == 0x54:
+                replies = on_disco(data, source, now)
+                if replies:
+                    self.underlay.send(replies)
+                continue
             packet = receive_datagram(data, source, now)
             if packet is not None:
                 deliver(packet, now)

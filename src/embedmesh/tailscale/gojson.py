@@ -45,6 +45,10 @@ class GoObject:
     def __contains__(self, name: str) -> bool:
         return fold(name) in self._fields
 
+    def items(self) -> list[tuple[str, Any]]:
+        """The members as (folded key, value): for maps keyed by data (node ids, DNS suffixes)."""
+        return list(self._fields.items())
+
 
 def loads(data: bytes | str, what: str) -> Any:
     """Decode JSON; objects become :class:`GoObject`. Raises :class:`TailscaleProtocolError`."""
