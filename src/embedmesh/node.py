@@ -461,9 +461,11 @@ class Node:
         client_class: type[ControlClient] | type[TailscaleControlClient] = ControlClient
         if await speaks_tailscale(self._control_url):
             client_class = TailscaleControlClient
-            responder = DiscoResponder(DiscoPrivate(self._keys.disco_key))
-            self._disco_responder = responder
-            self._wireguard_link.on_disco = responder.receive
+        # Tailscale's clients in the map (in either server's tailnet) send WireGuard directly
+        # only to a node that answered their disco pings.
+        responder = DiscoResponder(DiscoPrivate(self._keys.disco_key))
+        self._disco_responder = responder
+        self._wireguard_link.on_disco = responder.receive
         control = client_class(
             self._control_url,
             machine_key=self._keys.machine_key,

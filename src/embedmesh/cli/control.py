@@ -109,6 +109,12 @@ def control() -> None:
     show_default=True,
     help="Connections one address (an IPv6 /64) may hold before its nodes have registered.",
 )
+@click.option(
+    "--derp-map",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A DERP map (Tailscale's DERPMap JSON) sent to Tailscale clients, e.g. of your derper.",
+)
 def serve(
     listen: str,
     state_dir: Path,
@@ -119,6 +125,7 @@ def serve(
     first_request_timeout: str,
     max_connections: int | None,
     max_connections_per_source: int,
+    derp_map: Path | None,
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
@@ -145,6 +152,7 @@ def serve(
                 first_request_timeout=first_request,
                 max_connections=max_connections,
                 max_connections_per_source=max_connections_per_source,
+                derp_map=derp_map,
             )
         )
     except (EmbedmeshError, ValueError) as exc:

@@ -330,6 +330,38 @@ class Coordinator:
     def nodes(self) -> Iterator[LiveNode]:
         return iter(self._nodes.values())
 
+    def node_by_machine(self, machine_key: bytes) -> LiveNode | None:
+        return self._by_machine.get(machine_key)
+
+    def node_by_node_key(self, node_key: bytes) -> LiveNode | None:
+        return self._by_node_key.get(node_key)
+
+    def update_node_session(
+        self, node_id: int, *, disco_key: bytes | None = None, endpoints: tuple[str, ...] | None = None
+    ) -> None:
+        """What a Tailscale client's map request says of itself: its disco key and endpoints."""
+        node = self.node(node_id)
+        changes: dict[str, Any] = {}
+        if disco_key is not None and disco_key != node.rec.disco_key:
+            changes["disco_key"] = disco_key
+        if endpoints is not None and endpoints != node.endpoints:
+            changes["endpoints"] = endpoints
+        if changes:
+            self._update(node, **changes)
+
+    def logout_node(self, node_id: int, now: float) -> None:
+        """A logout outside a stream (Tailscale's register with a past expiry)."""
+        node = self.node(node_id)
+        stream = self._streams.get(node_id)
+        if stream is not None:
+            self.logout(stream, now)
+            return
+        if node.rec.ephemeral:
+            self._delete(node, None)
+        else:
+            self._update(node, key_expiry=now, expired=True)
+        logger.info("node %d %s logged out", node.id, node.rec.name)
+
     def stream_of(self, node_id: int) -> Stream | None:
         return self._streams.get(node_id)
 

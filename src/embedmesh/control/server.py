@@ -37,6 +37,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -72,6 +73,14 @@ from embedmesh.control.messages import (
 from embedmesh.control.noise import MAX_FRAME_SIZE, PROTOCOL_VERSION
 from embedmesh.control.protocol import ServerSession
 from embedmesh.control.store import Store, create_private_file, prepare_state_dir
+from embedmesh.errors import ConfigError
+from embedmesh.tailscale.controlhttp import (
+    UPGRADE_PATH,
+    UPGRADE_PROTOCOL,
+    ControlHTTPError,
+    check_upgrade_request,
+)
+from embedmesh.tailscale.noiseserver import Ts2021Protocol
 from embedmesh.wireguard.crypto import generate_private_key, public_key
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -103,6 +112,9 @@ class ServerConfig:
     max_connections: int | None = None
     #: Connections one source address (an IPv6 /64) may hold before its nodes register.
     max_connections_per_source: int = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
+    #: The DERP map sent to Tailscale clients: a file in Tailscale's DERPMap JSON (``{"Regions":
+    #: {...}}``), e.g. of a derper you run; None sends an empty map.
+    derp_map: Path | None = None
 
 
 def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -172,6 +184,25 @@ class ControlServer:
         )
         self.url: str | None = None
         self._uvicorn: uvicorn.Server | None = None
+        # Tailscale's clients speak ts2021 with the same static key (the server's machine key).
+        from embedmesh.control.tsapi import tsapi_app
+        from embedmesh.tailscale.keys import MachinePrivate
+
+        self.machine_key = MachinePrivate(self._private_key)
+        self.tsapi = tsapi_app(self)
+        self._derp_map: dict[str, Any] = {"Regions": {}}
+        if config.derp_map is not None:
+            try:
+                loaded = json.loads(Path(config.derp_map).read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read the DERP map {config.derp_map}: {exc}") from exc
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("Regions"), dict):
+                raise ConfigError(f'{config.derp_map} is not a DERP map: it needs {{"Regions": {{...}}}}')
+            self._derp_map = loaded
+
+    def derp_map_json(self) -> dict[str, Any]:
+        """The DERP map sent in every Tailscale client's first map."""
+        return self._derp_map
 
     @property
     def public_key_b64(self) -> str:
@@ -189,7 +220,16 @@ class ControlServer:
     # ------------------------------------------------------------------ HTTP
 
     async def _key(self, request: Request) -> JSONResponse:
-        return JSONResponse({"protocol_version": PROTOCOL_VERSION, "public_key": self.public_key_b64})
+        # embedmesh's own fields, and Tailscale's (`publicKey`, the ts2021 key; the legacy key is
+        # zero, as for every modern client) so tailscaled and tsnet can use this server too.
+        return JSONResponse(
+            {
+                "protocol_version": PROTOCOL_VERSION,
+                "public_key": self.public_key_b64,
+                "legacyPublicKey": "mkey:" + "0" * 64,
+                "publicKey": self.machine_key.public().to_text(),
+            }
+        )
 
     async def _health(self, request: Request) -> JSONResponse:
         # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
@@ -321,7 +361,7 @@ class ControlServer:
     # ------------------------------------------------------------------ running
 
     def _uvicorn_config(self) -> uvicorn.Config:
-        http, ws = _limited_protocols(self.limiter)
+        http, ws = _limited_protocols(self.limiter, self)
         return uvicorn.Config(
             self._asgi,
             interface="asgi3",
@@ -381,7 +421,9 @@ def _client_key(scope: Scope) -> Client | None:
     return (str(client[0]), int(client[1])) if client else None
 
 
-def _limited_protocols(limiter: ConnectionLimiter) -> tuple[type[H11Protocol], type[WSProtocol]]:
+def _limited_protocols(
+    limiter: ConnectionLimiter, server: ControlServer | None = None
+) -> tuple[type[H11Protocol], type[WSProtocol]]:
     """uvicorn's h11 and wsproto protocols, with the limiter told about every connection.
 
     A WebSocket upgrade hands the transport from the HTTP protocol to a new WebSocket protocol
@@ -410,6 +452,42 @@ def _limited_protocols(limiter: ConnectionLimiter) -> tuple[type[H11Protocol], t
         def connection_lost(self, exc: Exception | None) -> None:
             limiter.closed(self._limit_key)
             super().connection_lost(exc)
+
+        def _should_upgrade(self) -> bool:
+            if self._get_upgrade() == UPGRADE_PROTOCOL.encode() and server is not None:
+                return True
+            return bool(super()._should_upgrade())
+
+        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+            if self._get_upgrade() != UPGRADE_PROTOCOL.encode() or server is None:
+                super().handle_websocket_upgrade(event)
+                return
+            # Tailscale's ts2021: from here the socket carries Noise, then HTTP/2 inside it.
+            limiter.started(self._limit_key)
+            try:
+                if event.target.partition(b"?")[0] != UPGRADE_PATH.encode():
+                    raise ControlHTTPError(f"the ts2021 upgrade is at {UPGRADE_PATH}")
+                upgrade = check_upgrade_request(event.method.decode("ascii"), self.headers)
+            except ControlHTTPError as exc:
+                self.send_400_response(str(exc))
+                return
+            self.connections.discard(self)
+            key = self._limit_key
+            protocol = Ts2021Protocol(
+                server.tsapi,
+                server.machine_key,
+                upgrade.initiation,
+                client=self.client,
+                server=self.server,
+                on_close=lambda: limiter.closed(key),
+            )
+            leftover, _closed = self.conn.trailing_data
+            self.transport.set_protocol(protocol)
+            protocol.connection_made(self.transport)
+            # A ts2021 connection authenticated by Noise is a node's, not an idle socket.
+            limiter.authenticated(key)
+            if leftover:
+                protocol.data_received(bytes(leftover))
 
     class LimitedWS(WSProtocol):
         def connection_lost(self, exc: Exception | None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import httpx
 
 import embedmesh
 from embedmesh.control.errors import (
@@ -33,7 +34,7 @@ from embedmesh.control.errors import (
 )
 from embedmesh.control.netmap import NetworkMap, NodeState
 from embedmesh.errors import NodeError
-from embedmesh.tailscale import mapframe, tailcfg
+from embedmesh.tailscale import controlhttp, mapframe, tailcfg
 from embedmesh.tailscale.errors import TailscaleProtocolError
 from embedmesh.tailscale.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePrivate
 from embedmesh.tailscale.mapsession import MapSession
@@ -337,9 +338,14 @@ class TailscaleControlClient:
 
 
 async def speaks_tailscale(url: str, timeout: float = 5.0) -> bool:
-    """Whether ``url`` is a Tailscale-protocol control server (its ``/key`` has a Noise key)."""
+    """Whether a node should use Tailscale's protocol with ``url``: its ``/key`` has a Noise key
+    and no embedmesh protocol version (embedmesh's server speaks both; its nodes keep its own)."""
     try:
-        await fetch_server_key(url, tailcfg.CAPABILITY_VERSION, timeout=timeout)
-    except (ControlUnreachableError, TailscaleProtocolError):
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+            reply = await http.get(url.rstrip("/") + controlhttp.key_path(tailcfg.CAPABILITY_VERSION))
+        if reply.status_code != 200 or b'"protocol_version"' in reply.content:
+            return False
+        controlhttp.parse_key_response(reply.content)
+    except (httpx.HTTPError, TailscaleProtocolError):
         return False
     return True

@@ -1,0 +1,370 @@
+"""The Tailscale-protocol API of the coordination server: what tailscaled, tsnet and the apps ask.
+
+Served inside the ts2021 Noise channel (:mod:`embedmesh.tailscale.noiseserver`), where the
+handshake has authenticated the caller's machine key:
+
+* ``POST /machine/register``: a RegisterRequest becomes a :meth:`Coordinator.register` (auth key,
+  approval, tags, ephemeral, re-registration by node key) or a logout (an expiry in the past);
+* ``POST /machine/map``: the long poll. The coordinator's stream for the node yields the same
+  messages it gives embedmesh's own clients (a full map, then delta ops of the peers a change
+  affects); each becomes a MapResponse (``Node``/``Peers`` first, then ``PeersChanged``,
+  ``PeersRemoved``, ``PeersChangedPatch``, ``OnlineChange``), zstd-framed as Tailscale's clients
+  expect, with a keep-alive every 50 s. A non-streaming request with ``OmitPeers`` updates the
+  node's endpoints and disco key ("lite" update).
+
+Everything else answers 501, as headscale does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from embedmesh.control.errors import ControlError
+from embedmesh.control.messages import (
+    DeltaMessage,
+    ErrorMessage,
+    FullMap,
+    LoggedOut,
+    RegisterRequest,
+    parse_server_message,
+)
+from embedmesh.control.netmap import (
+    DNSChanged,
+    NetworkMap,
+    PeerAdded,
+    PeerChange,
+    PeerInfo,
+    PeerRemoved,
+    SelfChanged,
+)
+from embedmesh.tailscale import gojson, mapframe, tailcfg
+from embedmesh.tailscale.errors import TailscaleProtocolError
+from embedmesh.tailscale.keys import DiscoPublic, MachinePublic, NodePublic
+
+if TYPE_CHECKING:
+    from embedmesh.control.server import ControlServer
+
+logger = logging.getLogger("embedmesh.control.server")
+
+#: The oldest client served: Tailscale 1.80 (capability version 113), as headscale's floor.
+MIN_CAPABILITY_VERSION = 113
+KEEPALIVE_INTERVAL = 50.0
+#: The user id of tagged nodes in maps (tags replace the user's identity).
+TAGGED_USER_ID = 2**31 - 1
+_ZERO_DISCO = "discokey:" + "0" * 64
+
+
+def _machine(request: Request) -> MachinePublic:
+    key = request.scope["extensions"]["tailscale"]["machine_key"]
+    assert isinstance(key, MachinePublic)
+    return key
+
+
+def _text(obj: gojson.GoObject | None, name: str) -> str:
+    value = obj.get(name) if obj is not None else None
+    return value if isinstance(value, str) else ""
+
+
+def _node_key(obj: gojson.GoObject, name: str) -> NodePublic:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise TailscaleProtocolError(f"{name} missing")
+    return NodePublic.from_text(value)
+
+
+def tsapi_app(server: ControlServer) -> Starlette:
+    """The Starlette app served inside Noise."""
+    coordinator = server.coordinator
+    rng = random.Random()
+
+    def user_ids() -> dict[str, int]:
+        return {u.name: u.id for u in coordinator.users()}
+
+    def node_json(peer: PeerInfo, ids: dict[str, int], *, is_self: bool = False) -> dict[str, Any]:
+        live = coordinator.node(peer.id)
+        node: dict[str, Any] = {
+            "ID": peer.id,
+            "StableID": str(peer.id),
+            "Name": peer.fqdn + ".",
+            "User": TAGGED_USER_ID if peer.tags else ids.get(peer.user, 1),
+            "Key": NodePublic(peer.node_key).to_text(),
+            "Machine": MachinePublic(live.rec.machine_key).to_text(),
+            "DiscoKey": DiscoPublic(peer.disco_key).to_text() if any(peer.disco_key) else _ZERO_DISCO,
+            "Addresses": [f"{a}/{a.max_prefixlen}" for a in peer.addresses],
+            "AllowedIPs": [str(n) for n in peer.allowed_ips],
+            "Endpoints": list(peer.endpoints),
+            "Hostinfo": {"Hostname": peer.hostname, "OS": peer.os},
+            "Created": tailcfg.format_time(live.rec.created),
+            "MachineAuthorized": peer.authorized and not peer.key_expired,
+            "CapMap": {},
+        }
+        if peer.key_expiry is not None:
+            node["KeyExpiry"] = tailcfg.format_time(peer.key_expiry)
+        if peer.key_expired:
+            node["Expired"] = True
+        if peer.tags:
+            node["Tags"] = list(peer.tags)
+        if not is_self:
+            node["Online"] = peer.online
+            # Tailscale's clients read a LastSeen as "offline since" (headscale sends it only then).
+            if not peer.online and peer.last_seen is not None:
+                node["LastSeen"] = tailcfg.format_time(peer.last_seen)
+        return node
+
+    def profiles(netmap: NetworkMap) -> list[dict[str, Any]]:
+        ids = user_ids()
+        owners = {p.user for p in (netmap.self_node, *netmap.peers.values()) if not p.tags}
+        out = [{"ID": ids[u], "LoginName": u, "DisplayName": u} for u in sorted(owners) if u in ids]
+        if any(p.tags for p in (netmap.self_node, *netmap.peers.values())):
+            out.append({"ID": TAGGED_USER_ID, "LoginName": "tagged-devices", "DisplayName": "Tagged Devices"})
+        return out
+
+    def dns_json(netmap: NetworkMap) -> dict[str, Any]:
+        dns = netmap.dns
+        routes: dict[str, list[dict[str, str]]] = {dns.base_domain: []} if dns.magic_dns else {}
+        for domain, upstreams in dns.split_dns:
+            routes[domain] = [{"Addr": u} for u in upstreams]
+        return {
+            "Proxied": dns.magic_dns,
+            "Domains": [dns.base_domain, *dns.search_domains],
+            "Routes": routes,
+            "ExtraRecords": [
+                {"Name": name if "." in name else f"{name}.{dns.base_domain}", "Type": kind, "Value": value}
+                for name, kind, value in dns.extra_records
+            ],
+        }
+
+    def full_map(netmap: NetworkMap) -> dict[str, Any]:
+        ids = user_ids()
+        return {
+            "Node": node_json(netmap.self_node, ids, is_self=True),
+            "Peers": [node_json(p, ids) for p in sorted(netmap.peers.values(), key=lambda p: p.id)],
+            "DNSConfig": dns_json(netmap),
+            "Domain": netmap.dns.base_domain,
+            "DERPMap": server.derp_map_json(),
+            "PacketFilter": [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}],
+            "UserProfiles": profiles(netmap),
+            "CollectServices": False,
+            "ControlTime": tailcfg.format_time(time.time()),
+        }
+
+    def delta(netmap: NetworkMap, ops: tuple[Any, ...]) -> dict[str, Any]:
+        ids = user_ids()
+        message: dict[str, Any] = {}
+        changed: dict[int, dict[str, Any]] = {}
+        patches: list[dict[str, Any]] = []
+        removed: list[int] = []
+        online: dict[str, bool] = {}
+        for op in ops:
+            if isinstance(op, PeerAdded):
+                changed[op.peer.id] = node_json(op.peer, ids)
+            elif isinstance(op, PeerRemoved):
+                removed.append(op.id)
+                changed.pop(op.id, None)
+            elif isinstance(op, PeerChange):
+                fields = op.changes()
+                peer = netmap.peers.get(op.id)
+                if peer is None:
+                    continue
+                if set(fields) <= {"endpoints", "online", "last_seen"}:
+                    patch: dict[str, Any] = {"NodeID": op.id}
+                    if "endpoints" in fields:
+                        patch["Endpoints"] = list(peer.endpoints)
+                    if len(patch) > 1:
+                        patches.append(patch)
+                    if "online" in fields:
+                        online[str(op.id)] = peer.online
+                else:
+                    changed[op.id] = node_json(peer, ids)
+            elif isinstance(op, SelfChanged):
+                message["Node"] = node_json(op.node, ids, is_self=True)
+            elif isinstance(op, DNSChanged):
+                message["DNSConfig"] = dns_json(netmap)
+        if changed:
+            message["PeersChanged"] = list(changed.values())
+            message["UserProfiles"] = profiles(netmap)
+        if removed:
+            message["PeersRemoved"] = removed
+        if patches:
+            message["PeersChangedPatch"] = patches
+        if online:
+            message["OnlineChange"] = online
+        return message
+
+    async def read_json(request: Request, what: str) -> gojson.GoObject:
+        body = await request.body()
+        obj = gojson.load_object(body, what)
+        assert obj is not None
+        version = obj.get("Version")
+        if not isinstance(version, int) or version < MIN_CAPABILITY_VERSION:
+            raise _ClientTooOld(
+                f"unsupported client version {version}: this server serves Tailscale 1.80 "
+                f"(capability version {MIN_CAPABILITY_VERSION}) and newer; upgrade the client"
+            )
+        return obj
+
+    async def register(request: Request) -> Response:
+        try:
+            obj = await read_json(request, "RegisterRequest")
+            node_key = _node_key(obj, "NodeKey")
+        except _ClientTooOld as exc:
+            return Response(str(exc), status_code=400)
+        except TailscaleProtocolError as exc:
+            return Response(f"bad RegisterRequest: {exc}", status_code=400)
+        machine = _machine(request)
+        hostinfo = obj.get("Hostinfo")
+        hostinfo = hostinfo if isinstance(hostinfo, gojson.GoObject) else None
+        auth = obj.get("Auth")
+        auth_key = _text(auth if isinstance(auth, gojson.GoObject) else None, "AuthKey") or None
+        expiry_text = obj.get("Expiry")
+        now = time.time()
+        existing = coordinator.node_by_machine(machine.raw)
+        if isinstance(expiry_text, str):
+            try:
+                expiry = tailcfg.parse_time(expiry_text, "Expiry")
+            except TailscaleProtocolError:
+                expiry = None
+            if expiry is not None and expiry <= now and existing is not None and existing.rec.node_key == node_key.raw:
+                coordinator.logout_node(existing.id, now)
+                return JSONResponse({"NodeKeyExpired": True, "MachineAuthorized": False})
+        tags = hostinfo.get("RequestTags") if hostinfo is not None else None
+        tags = tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else ()
+        disco = existing.rec.disco_key if existing is not None else bytes(32)
+        ephemeral = obj.get("Ephemeral") is True
+        source = request.client.host if request.client is not None else None
+        try:
+            node = coordinator.register(
+                machine.raw,
+                RegisterRequest(
+                    node_key.raw,
+                    disco,
+                    _text(hostinfo, "Hostname") or "node",
+                    os=_text(hostinfo, "OS")[:32],
+                    tags=tags,
+                    ephemeral=ephemeral,
+                    auth_key=auth_key,
+                ),
+                now,
+                source,
+            )
+        except ControlError as exc:
+            logger.info("refused a Tailscale-protocol registration: %s", exc)
+            return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+        ids = user_ids()
+        owner = "tagged-devices" if node.rec.tags else node.rec.user
+        user_id = TAGGED_USER_ID if node.rec.tags else ids.get(owner, 1)
+        return JSONResponse(
+            {
+                "User": {"ID": user_id, "DisplayName": owner, "Created": tailcfg.format_time(0)},
+                "Login": {"ID": user_id, "LoginName": owner, "DisplayName": owner},
+                "NodeKeyExpired": node.expired,
+                "MachineAuthorized": node.in_mesh,
+                "AuthURL": "",
+                "Error": "",
+            }
+        )
+
+    async def map_poll(request: Request) -> Response:
+        try:
+            obj = await read_json(request, "MapRequest")
+            node_key = _node_key(obj, "NodeKey")
+        except _ClientTooOld as exc:
+            return Response(str(exc), status_code=400)
+        except TailscaleProtocolError as exc:
+            return Response(f"bad MapRequest: {exc}", status_code=400)
+        node = coordinator.node_by_node_key(node_key.raw)
+        if node is None or node.rec.machine_key != _machine(request).raw:
+            return Response("node not found: register first", status_code=404)
+        disco_text = obj.get("DiscoKey")
+        endpoints = obj.get("Endpoints")
+        updates: dict[str, Any] = {}
+        if isinstance(disco_text, str) and disco_text:
+            try:
+                updates["disco_key"] = DiscoPublic.from_text(disco_text).raw
+            except TailscaleProtocolError:
+                return Response("bad DiscoKey", status_code=400)
+        if isinstance(endpoints, list):
+            updates["endpoints"] = tuple(e for e in endpoints if isinstance(e, str) and _is_endpoint(e))[:64]
+        coordinator.update_node_session(node.id, **updates)
+        if obj.get("Stream") is not True:
+            return Response(b"", status_code=200)
+        compress = obj.get("Compress") == "zstd"
+        return StreamingResponse(_map_stream(node.id, compress), media_type="application/octet-stream")
+
+    async def _map_stream(node_id: int, compress: bool) -> Any:
+        encoder = mapframe.MapFrameEncoder(compress=compress)
+        wake = anyio.Event()
+
+        def waker() -> None:
+            wake.set()
+
+        stream = coordinator.attach(node_id, waker, time.time())
+        netmap: NetworkMap | None = None
+        try:
+            next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+            while True:
+                if coordinator.park(stream):
+                    with anyio.move_on_after(max(0.0, next_keepalive - time.monotonic())):
+                        await wake.wait()
+                    wake = anyio.Event()
+                    if time.monotonic() >= next_keepalive:
+                        yield encoder.encode(mapframe.KEEPALIVE_JSON)
+                        next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+                    continue
+                for payload in coordinator.take(stream):
+                    message = parse_server_message(payload)
+                    out: dict[str, Any] | None = None
+                    if isinstance(message, FullMap):
+                        netmap = message.netmap
+                        out = full_map(netmap)
+                    elif isinstance(message, DeltaMessage) and netmap is not None:
+                        netmap = netmap.apply(message.delta)
+                        out = delta(netmap, message.delta.ops) or None
+                    elif isinstance(message, LoggedOut | ErrorMessage):
+                        return
+                    if out is not None:
+                        out["ControlTime"] = tailcfg.format_time(time.time())
+                        yield encoder.encode(json.dumps(out, separators=(",", ":")).encode())
+                        next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+                if stream.closing:
+                    return
+        finally:
+            coordinator.detach(stream, time.time())
+
+    async def not_implemented(request: Request) -> Response:
+        return Response("not implemented by this control server", status_code=501)
+
+    return Starlette(
+        routes=[
+            Route("/machine/register", register, methods=["POST"]),
+            Route("/machine/map", map_poll, methods=["POST"]),
+            Route("/{path:path}", not_implemented, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        ]
+    )
+
+
+class _ClientTooOld(Exception):
+    pass
+
+
+def _is_endpoint(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+

@@ -1,0 +1,309 @@
+"""The control server's transport: an upgraded ``/ts2021`` connection, HTTP/2 in Noise, to ASGI.
+
+The HTTP/1.1 server (uvicorn's h11 protocol, see :mod:`embedmesh.control.server`) hands over the
+socket after ``POST /ts2021``; :class:`Ts2021Protocol` then answers with ``101``, the Noise
+response and an early payload (a node-key challenge, as headscale and Tailscale send it to
+clients of capability version 49 and newer) in one write, and runs an h2 server connection inside
+the Noise records. Each HTTP/2 request becomes an ASGI ``http`` call of the given app, with the
+peer's machine key and capability version in ``scope["extensions"]["tailscale"]``: the Noise
+handshake authenticated that machine key, so the app may trust it as Tailscale's servers do.
+
+Flow control both ways: a response body is sent as the client's windows allow (the app's
+``send`` waits for window updates and for the socket to drain), and request bodies are
+acknowledged as the app reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from starlette.types import ASGIApp
+
+from embedmesh.tailscale import controlbase
+from embedmesh.tailscale.errors import TailscaleProtocolError
+from embedmesh.tailscale.keys import ChallengePrivate, MachinePrivate
+
+logger = logging.getLogger("embedmesh.control.server")
+
+#: A request body larger than this is refused (headscale and Tailscale read at most 1 MiB).
+MAX_REQUEST_BODY = 1 << 20
+SWITCHING = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: tailscale-control-protocol\r\n"
+    b"Connection: upgrade\r\n\r\n"
+)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _Request:
+    __slots__ = ("body", "ended", "event", "reset", "task", "window_open")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.ended = False
+        self.reset = False
+        self.event = asyncio.Event()
+        self.window_open = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Ts2021Protocol(asyncio.Protocol):
+    """One upgraded connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        control_key: MachinePrivate,
+        initiation: bytes,
+        *,
+        client: tuple[str, int] | None,
+        server: tuple[str, int | None] | None,
+        on_close: Callable[[], None] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._app = app
+        self._noise = controlbase.ServerConnection(control_key, random_bytes(32))
+        self._initiation = initiation
+        self._random = random_bytes
+        self._client = client
+        self._server = server
+        self._on_close = on_close
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._requests: dict[int, _Request] = {}
+        self._transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        try:
+            response = self._noise.accept_initiation(self._initiation)
+        except controlbase.HandshakeError as exc:
+            logger.info("refused a ts2021 handshake: %s", exc)
+            transport.write(SWITCHING + exc.reply)
+            transport.close()
+            return
+        session = self._noise.session
+        assert session is not None
+        challenge = ChallengePrivate.generate(self._random(32)).public()
+        self._h2.initiate_connection()
+        self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        # One write, as Tailscale's server "corks" it: the 101, the Noise response, the early
+        # payload, then our HTTP/2 preface.
+        transport.write(
+            SWITCHING
+            + response
+            + self._noise.send(controlbase.encode_early_payload(challenge))
+            + self._noise.send(self._h2.data_to_send())
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            plaintext = self._noise.receive_data(data)
+            events = self._h2.receive_data(plaintext) if plaintext else []
+        except (TailscaleProtocolError, h2.exceptions.ProtocolError) as exc:
+            logger.info("closing a ts2021 connection from %s: %s", self._client, exc)
+            self._close()
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        for request in self._requests.values():
+            request.reset = True
+            request.event.set()
+            request.window_open.set()
+            if request.task is not None:
+                request.task.cancel()
+        self._requests.clear()
+        self._writable.set()
+        if self._on_close is not None:
+            self._on_close()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ------------------------------------------------------------------ HTTP/2
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            request = _Request()
+            assert event.stream_id is not None
+            self._requests[event.stream_id] = request
+            if event.stream_ended is not None:
+                request.ended = True
+            headers = [(_text(k), _text(v)) for k, v in event.headers or ()]
+            request.task = asyncio.get_running_loop().create_task(self._run(event.stream_id, headers, request))
+        elif isinstance(event, h2.events.DataReceived):
+            pending = self._requests.get(event.stream_id or 0)
+            data = event.data or b""
+            if pending is None or sum(map(len, pending.body)) + len(data) > MAX_REQUEST_BODY:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self._h2.reset_stream(event.stream_id or 0, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            pending.body.append(data)
+            # The body is small and read whole: give the window back at once.
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id or 0)
+            pending.event.set()
+        elif isinstance(event, h2.events.StreamEnded):
+            ended = self._requests.get(event.stream_id or 0)
+            if ended is not None:
+                ended.ended = True
+                ended.event.set()
+        elif isinstance(event, h2.events.StreamReset):
+            gone = self._requests.pop(event.stream_id or 0, None)
+            if gone is not None:
+                gone.reset = True
+                gone.event.set()
+                gone.window_open.set()
+                if gone.task is not None:
+                    gone.task.cancel()
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = list(self._requests.values()) if not event.stream_id else [self._requests.get(event.stream_id)]
+            for target in targets:
+                if target is not None:
+                    target.window_open.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._close()
+
+    def _flush(self) -> None:
+        if self._transport is None or self._closed:
+            return
+        data = self._h2.data_to_send()
+        if data:
+            try:
+                self._transport.write(self._noise.send(data))
+            except TailscaleProtocolError:
+                self._close()
+
+    def _close(self) -> None:
+        if not self._closed and self._transport is not None:
+            self._closed = True
+            self._transport.close()
+
+    async def _run(self, stream_id: int, headers: list[tuple[str, str]], request: _Request) -> None:
+        fields = {k: v for k, v in headers}
+        path, _, query = fields.get(":path", "/").partition("?")
+        session = self._noise.session
+        assert session is not None
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "2",
+            "method": fields.get(":method", "GET"),
+            "scheme": "https",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":")],
+            "client": self._client,
+            "server": self._server,
+            "extensions": {"tailscale": {"machine_key": session.peer, "version": session.version}},
+        }
+        started = False
+        finished = False
+
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                # The whole request was read: the next receive waits for the client to go away
+                # (Starlette's streaming responses listen for that while they send).
+                while not request.reset and not self._closed:
+                    request.event.clear()
+                    await request.event.wait()
+                return {"type": "http.disconnect"}
+            while not request.body and not request.ended and not request.reset:
+                request.event.clear()
+                await request.event.wait()
+            if request.reset or self._closed:
+                return {"type": "http.disconnect"}
+            chunk = b"".join(request.body)
+            request.body.clear()
+            delivered = request.ended
+            return {"type": "http.request", "body": chunk, "more_body": not request.ended}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started, finished
+            if self._closed or request.reset:
+                raise OSError("the control client went away")
+            if message["type"] == "http.response.start":
+                response_headers = [(":status", str(message["status"]))] + [
+                    (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in message.get("headers", [])
+                ]
+                self._h2.send_headers(stream_id, response_headers)
+                started = True
+                self._flush()
+            elif message["type"] == "http.response.body":
+                await self._send_body(stream_id, request, message.get("body", b""), not message.get("more_body", False))
+                if not message.get("more_body", False):
+                    finished = True
+
+        try:
+            await self._app(scope, receive, send)
+            if not started and not self._closed:
+                self._h2.send_headers(stream_id, [(":status", "500")], end_stream=True)
+                self._flush()
+        except asyncio.CancelledError:
+            pass
+        except OSError:
+            pass
+        except Exception:
+            logger.exception("the control API failed on %s %s", scope["method"], path)
+            if not started and not self._closed:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self._h2.send_headers(stream_id, [(":status", "500")], end_stream=True)
+                    self._flush()
+        finally:
+            self._requests.pop(stream_id, None)
+
+    async def _send_body(self, stream_id: int, request: _Request, body: bytes, end: bool) -> None:
+        view = memoryview(body)
+        while True:
+            if self._closed or request.reset:
+                raise OSError("the control client went away")
+            if not view:
+                if end:
+                    self._h2.end_stream(stream_id)
+                    self._flush()
+                return
+            window = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+            if window <= 0:
+                request.window_open.clear()
+                await request.window_open.wait()
+                continue
+            chunk, view = view[:window], view[window:]
+            self._h2.send_data(stream_id, bytes(chunk), end_stream=end and not view)
+            self._flush()
+            await self._writable.wait()
+            if not view:
+                return

@@ -1,0 +1,179 @@
+"""Real Tailscale clients join an embedmesh control server (issue 9: "tailscaled + the tailscale CLI
+join an embedmesh control server"), in one tailnet with an embedmesh Node.
+
+`embedmesh control serve` runs in a namespace of the rig, tailscaled (tailscale.com v1.102.5,
+userspace networking) in another, the embedmesh Node in the test process. tailscaled joins with
+`tailscale up --login-server=http://... --authkey=...` over ts2021 (Noise + HTTP/2); the Node
+keeps embedmesh's own protocol; both are in one map. Proved: `tailscale status` lists the Node by
+its MagicDNS name, `tailscale ping` gets a direct pong from it, curl through tailscaled's SOCKS5
+fetches the Node's ASGI app by name, the Node pings tailscaled, and admin changes (rename,
+delete) reach tailscaled within one map update.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from netns import RigError, wait_for
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from tailnet import TailnetRig, TailscaleBins, child_env
+
+import embedmesh
+
+pytestmark = pytest.mark.interop
+
+
+async def _hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(f"embedmesh says hello to {request.client.host if request.client else '?'}\n")
+
+
+def test_tailscaled_joins_an_embedmesh_control_server(
+    tailnet: TailnetRig, tailscale_bins: TailscaleBins, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    root_ip = tailnet.attach_root()
+    host = tailnet.add_host("control")
+    state = tailnet.state_dir("control")
+    url = f"http://{host.ip}:8080"
+    # Tailscale's client reaches Running only with a live DERP connection or live peers, so the
+    # tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
+    derp = host.ns.popen(
+        [
+            str(tailscale_bins.derper),
+            "-a",
+            f"{host.ip}:3340",
+            "-http-port",
+            "-1",
+            "-stun-port",
+            "3478",
+            "-c",
+            str(state / "derper.json"),
+        ],
+        log_name="derper",
+        env=child_env(),
+    )
+    derp_map = state / "derp-map.json"
+    derp_map.write_text(
+        json.dumps(
+            {
+                "Regions": {
+                    "900": {
+                        "RegionID": 900,
+                        "RegionCode": "test",
+                        "RegionName": "the test's derper",
+                        "Nodes": [
+                            {
+                                "Name": "900a",
+                                "RegionID": 900,
+                                "HostName": host.ip,
+                                "IPv4": host.ip,
+                                "DERPPort": 3340,
+                                "STUNPort": 3478,
+                                "InsecureForTests": True,
+                            }
+                        ],
+                    }
+                }
+            }
+        )
+    )
+    server = host.ns.popen(
+        [
+            sys.executable,
+            "-m",
+            "embedmesh.cli.main",
+            "control",
+            "serve",
+            "--listen",
+            f"{host.ip}:8080",
+            "--state-dir",
+            str(state),
+            "--derp-map",
+            str(derp_map),
+        ],
+        log_name="embedmesh-control",
+        env=child_env(),
+    )
+
+    def answering() -> bool:
+        if derp.poll() is not None:
+            raise RigError(f"derper exited with {derp.returncode}")
+        if server.poll() is not None:
+            raise RigError(f"embedmesh control serve exited with {server.returncode}")
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answering, timeout=20, interval=0.1, what="the embedmesh control server")
+    token = (state / "admin-token").read_text().strip()
+    admin = httpx.Client(base_url=f"{url}/admin/v1", headers={"authorization": f"Bearer {token}"}, timeout=10)
+    key = admin.post("/authkeys", json={"reusable": True}).json()["key"]
+
+    ts = tailnet.tailscaled(tailscale_bins, "ts-a")
+    ts.up(url, key)
+    domain = "mesh.internal"
+    app = Starlette(routes=[Route("/hello", _hello)])
+
+    async def main() -> None:
+        async with (
+            embedmesh.Node(
+                control_url=url, hostname="py", auth_key=key, state_dir=tmp_path / "py", listen_host=root_ip
+            ) as node,
+            anyio.create_task_group() as tg,
+        ):
+            await node.up(timeout=30)
+            tg.start_soon(node.serve_asgi, app, ":8080")
+            await anyio.to_thread.run_sync(lambda: ts.wait_peers({f"py.{domain}"}))
+            with anyio.fail_after(20):
+                while node.netmap is None or node.netmap.peer_by_name("ts-a") is None:
+                    await anyio.sleep(0.2)
+            assert str(node.netmap.peer_by_name("ts-a").addresses[0]) == ts.ipv4()
+            listed = {n["name"]: n for n in admin.get("/nodes").json()["nodes"]}
+            assert listed["ts-a"]["os"] == "linux" and listed["ts-a"]["online"]
+
+            out = ""
+            for _ in range(40):
+                try:
+                    out = await anyio.to_thread.run_sync(lambda: ts.ping(str(node.ips[0])))
+                    break
+                except RigError as exc:
+                    if "unknown peer" not in str(exc):
+                        raise
+                    await anyio.sleep(0.5)
+            assert re.search(rf"pong from py \(100\.\S+\) via {re.escape(root_ip)}:\d+", out), out
+
+            body = await anyio.to_thread.run_sync(lambda: ts.curl(f"http://py.{domain}:8080/hello"))
+            assert body == f"embedmesh says hello to {ts.ipv4()}\n"
+            rtt = await node.ping(f"ts-a.{domain}", timeout=10)
+            assert rtt < 5
+
+            # Admin changes reach tailscaled in one map update: a rename, then a delete.
+            assert admin.post(f"/nodes/{listed['py']['id']}/rename", json={"name": "web"}).status_code == 200
+            await anyio.to_thread.run_sync(lambda: ts.wait_peers({f"web.{domain}"}))
+            assert admin.delete(f"/nodes/{listed['py']['id']}").status_code == 200
+
+            def gone() -> bool:
+                return not ts.peer_names()
+
+            await anyio.to_thread.run_sync(
+                lambda: wait_for(gone, timeout=15, interval=0.2, what="py to leave")
+            )
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        admin.close()
+        print(json.dumps(ts.status().get("Self", {}).get("DNSName")))
+    print(f"tailscaled in an embedmesh tailnet, proved in {time.monotonic() - started:.1f}s")
