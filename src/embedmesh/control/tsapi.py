@@ -326,8 +326,14 @@ def tsapi_app(server: ControlServer) -> Starlette:
                     message = parse_server_message(payload)
                     out: dict[str, Any] | None = None
                     if isinstance(message, FullMap):
+                        previous = set(netmap.peers) if netmap is not None else set()
                         netmap = message.netmap
                         out = full_map(netmap)
+                        # An empty Peers means "unchanged" to Tailscale's clients, so a map sent
+                        # again (the node left the mesh, or came back) removes what it dropped.
+                        gone = sorted(previous - set(netmap.peers))
+                        if gone:
+                            out["PeersRemoved"] = gone
                     elif isinstance(message, DeltaMessage) and netmap is not None:
                         netmap = netmap.apply(message.delta)
                         out = delta(netmap, message.delta.ops) or None

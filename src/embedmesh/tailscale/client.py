@@ -116,6 +116,13 @@ class TailscaleControlClient:
     def waiting_for_approval(self) -> bool:
         return self.state is NodeState.PENDING_APPROVAL or (self.netmap is None and bool(self.auth_url))
 
+    async def __aenter__(self) -> TailscaleControlClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def start(self) -> None:
         """Register and receive the first map, then keep the stream up in the background."""
         if self._task_group is not None:

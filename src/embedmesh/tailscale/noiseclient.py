@@ -415,14 +415,20 @@ async def connect_control(
         except (OSError, anyio.BrokenResourceError) as exc:
             raise ControlUnreachableError(f"the control server at {url} dropped the connection: {exc}") from exc
         conn = ControlConnection(socket, noise, controlbase.EarlyPayloadReader(), host_header)
+        # The caller's exception leaves unwrapped (a task group would put it in a group).
+        raised: BaseException | None = None
         async with anyio.create_task_group() as tg:
             await conn._start(bytes(plaintext))
             tg.start_soon(conn.run)
             try:
                 yield conn
+            except BaseException as exc:
+                raised = exc
             finally:
                 tg.cancel_scope.cancel()
                 conn._fail(ControlTransportError("the connection to the control server was closed"))
+        if raised is not None:
+            raise raised
 
 
 __all__ = [

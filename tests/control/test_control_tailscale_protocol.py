@@ -1,0 +1,145 @@
+"""embedmesh's control server speaks Tailscale's control protocol (issue 9), checked in-process
+with embedmesh's own Tailscale-protocol client (tailscaled and headscale are the interop tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import anyio
+import pytest
+from control_harness import Admin, start_server
+
+from embedmesh.control.errors import AuthKeyRequiredError
+from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
+from embedmesh.tailscale import tailcfg
+from embedmesh.tailscale.client import TailscaleControlClient, speaks_tailscale
+from embedmesh.tailscale.keys import DiscoPrivate, MachinePrivate, NodePrivate
+from embedmesh.tailscale.noiseclient import connect_control
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _client(url: str, name: str, key: str | None, **kwargs: object) -> TailscaleControlClient:
+    return TailscaleControlClient(
+        url,
+        machine_key=os.urandom(32),
+        node_key=os.urandom(32),
+        disco_key=os.urandom(32),
+        hostname=name,
+        auth_key=key,
+        endpoints=["192.0.2.1:41641"],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _only(netmap: NetworkMap) -> PeerInfo:
+    (peer,) = netmap.peers.values()
+    return peer
+
+
+def _view(peers: dict[int, PeerInfo]) -> dict[int, tuple[object, ...]]:
+    return {
+        p.id: (p.name, p.fqdn, p.addresses, p.endpoints, p.tags, p.node_key, p.disco_key, p.key_expired)
+        for p in peers.values()
+    }
+
+
+async def test_register_map_deltas_and_logout(tmp_path: Path) -> None:
+    with start_server(tmp_path / "server") as running:
+        assert not await speaks_tailscale(running.url)  # embedmesh's nodes keep their own protocol
+        admin = Admin(running)
+        key = admin.key(reusable=True)
+        async with _client(running.url, "a", key) as a, _client(running.url, "b", key) as b:
+            netmap = await a.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=10)
+            assert netmap.self_node.fqdn == "a.mesh.internal" and netmap.state is NodeState.AUTHORIZED
+            peer = _only(netmap)
+            assert (peer.name, peer.endpoints, peer.user) == ("b", ("192.0.2.1:41641",), "default")
+            await b.update_endpoints(["192.0.2.2:41641"])
+            await a.wait_for_netmap(lambda m: _only(m).endpoints == ("192.0.2.2:41641",), timeout=10)
+            admin.post(f"/nodes/{peer.id}/rename", name="bee")
+            await a.wait_for_netmap(lambda m: _only(m).fqdn == "bee.mesh.internal", timeout=10)
+            await b.logout()
+            await a.wait_for_netmap(lambda m: not m.peers, timeout=10)
+            (listed,) = [n for n in admin.nodes() if n["name"] == "bee"]
+            assert listed["state"] == "key_expired"
+
+
+async def test_approval_tags_and_refusals(tmp_path: Path) -> None:
+    with start_server(tmp_path / "server", approval_required=True) as running:
+        admin = Admin(running)
+        async with _client(running.url, "waits", admin.key()) as waiting:
+            assert waiting.netmap is not None and waiting.netmap.state is NodeState.PENDING_APPROVAL
+            assert waiting.netmap.self_node.addresses == ()
+            admin.post(f"/nodes/{waiting.node_id}/approve")
+            netmap = await waiting.wait_for_approval(timeout=10)
+            assert netmap.self_node.addresses
+        ci_key = admin.key(preapproved=True, tags=["tag:ci"])
+        async with _client(running.url, "ci", ci_key, tags=["tag:ci"]) as tagged:
+            assert tagged.netmap is not None and tagged.netmap.self_node.tags == ("tag:ci",)
+        with pytest.raises(AuthKeyRequiredError, match="tag:prod"):
+            async with _client(running.url, "x", admin.key(preapproved=True), tags=["tag:prod"]):
+                pass
+        with pytest.raises(AuthKeyRequiredError, match="not recognised"):
+            async with _client(running.url, "y", "emk-000000000000-" + "0" * 48):
+                pass
+
+
+async def test_old_clients_bad_requests_and_other_endpoints(tmp_path: Path) -> None:
+    with start_server(tmp_path / "server") as running:
+        machine, node = MachinePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+        async with connect_control(running.url, machine, 130) as conn:
+            assert conn.early_payload is not None  # a node-key challenge, as headscale sends
+            old = tailcfg.register_request(node.public(), hostinfo={}, version=100)
+            reply = await conn.request("POST", "/machine/register", old)
+            assert reply.status == 400 and b"Tailscale 1.80" in reply.body
+            assert (await conn.request("POST", "/machine/register", b"{")).status == 400
+            disco = DiscoPrivate.generate(bytes(32)).public()
+            unknown = tailcfg.map_request(node.public(), disco, hostinfo={})
+            assert (await conn.request("POST", "/machine/map", unknown)).status == 404
+            assert (await conn.request("POST", "/machine/set-dns", b"{}")).status == 501
+        # The server keeps serving after all that.
+        async with _client(running.url, "fine", Admin(running).key()) as fine:
+            assert fine.netmap is not None
+
+
+async def test_random_changes_reach_every_tailscale_client_as_deltas(tmp_path: Path) -> None:
+    """Whatever the admin and the nodes do, each client's map, built from the server's deltas,
+    becomes the full map the coordinator would send it."""
+    rng = random.Random(9)
+    with start_server(tmp_path / "server") as running:
+        admin = Admin(running)
+        key = admin.key(reusable=True)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(_client(running.url, f"n{i}", key)) for i in range(4)]
+            coordinator = running.server.coordinator
+            for step in range(16):
+                target = rng.choice(clients)
+                action = rng.choice(["rename", "expire", "endpoints", "approve"])
+                if action == "rename":
+                    admin.post(f"/nodes/{target.node_id}/rename", name=f"r{step}")
+                elif action == "expire":
+                    admin.post(f"/nodes/{target.node_id}/expire")
+                elif action == "approve":
+                    admin.post(f"/nodes/{target.node_id}/approve")
+                else:
+                    await target.update_endpoints([f"198.51.100.{step}:41641"])
+                for client in clients:
+                    node_id = client.node_id
+                    assert node_id is not None
+                    with anyio.fail_after(10):
+                        while True:
+                            expected = _view(
+                                dict(running.call(lambda n=node_id: coordinator.network_map(n)).peers)
+                            )
+                            assert client.netmap is not None
+                            if _view(dict(client.netmap.peers)) == expected:
+                                break
+                            await anyio.sleep(0.02)
