@@ -37,88 +37,106 @@ async def _hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"embedmesh says hello to {request.client.host if request.client else '?'}\n")
 
 
+class _Control:
+    """`embedmesh control serve` (and a derper, in its DERP map) in a host of the rig."""
+
+    def __init__(self, tailnet: TailnetRig, bins: TailscaleBins, *flags: str) -> None:
+        tailnet.attach_root()  # the test process talks to the admin API
+        host = tailnet.add_host("control")
+        state = tailnet.state_dir("control")
+        self.url = url = f"http://{host.ip}:8080"
+        # Tailscale's client reaches Running only with a live DERP connection or live peers, so
+        # the tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
+        derp = host.ns.popen(
+            [
+                str(bins.derper),
+                "-a",
+                f"{host.ip}:3340",
+                "-http-port",
+                "-1",
+                "-stun-port",
+                "3478",
+                "-c",
+                str(state / "derper.json"),
+            ],
+            log_name="derper",
+            env=child_env(),
+        )
+        derp_map = state / "derp-map.json"
+        derp_map.write_text(
+            json.dumps(
+                {
+                    "Regions": {
+                        "900": {
+                            "RegionID": 900,
+                            "RegionCode": "test",
+                            "RegionName": "the test's derper",
+                            "Nodes": [
+                                {
+                                    "Name": "900a",
+                                    "RegionID": 900,
+                                    "HostName": host.ip,
+                                    "IPv4": host.ip,
+                                    "DERPPort": 3340,
+                                    "STUNPort": 3478,
+                                    "InsecureForTests": True,
+                                }
+                            ],
+                        }
+                    }
+                }
+            )
+        )
+        server = host.ns.popen(
+            [
+                sys.executable,
+                "-m",
+                "embedmesh.cli.main",
+                "control",
+                "serve",
+                "--listen",
+                f"{host.ip}:8080",
+                "--state-dir",
+                str(state),
+                "--derp-map",
+                str(derp_map),
+                *flags,
+            ],
+            log_name="embedmesh-control",
+            env=child_env(),
+        )
+
+        def answering() -> bool:
+            if derp.poll() is not None:
+                raise RigError(f"derper exited with {derp.returncode}")
+            if server.poll() is not None:
+                raise RigError(f"embedmesh control serve exited with {server.returncode}")
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answering, timeout=20, interval=0.1, what="the embedmesh control server")
+        token = (state / "admin-token").read_text().strip()
+        self.admin = httpx.Client(
+            base_url=f"{url}/admin/v1", headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
+
+    def key(self, **options: object) -> str:
+        return str(self.admin.post("/authkeys", json=options).json()["key"])
+
+    def nodes(self) -> dict[str, dict[str, object]]:
+        return {n["name"]: n for n in self.admin.get("/nodes").json()["nodes"]}
+
+
 def test_tailscaled_joins_an_embedmesh_control_server(
     tailnet: TailnetRig, tailscale_bins: TailscaleBins, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     root_ip = tailnet.attach_root()
-    host = tailnet.add_host("control")
-    state = tailnet.state_dir("control")
-    url = f"http://{host.ip}:8080"
-    # Tailscale's client reaches Running only with a live DERP connection or live peers, so the
-    # tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
-    derp = host.ns.popen(
-        [
-            str(tailscale_bins.derper),
-            "-a",
-            f"{host.ip}:3340",
-            "-http-port",
-            "-1",
-            "-stun-port",
-            "3478",
-            "-c",
-            str(state / "derper.json"),
-        ],
-        log_name="derper",
-        env=child_env(),
-    )
-    derp_map = state / "derp-map.json"
-    derp_map.write_text(
-        json.dumps(
-            {
-                "Regions": {
-                    "900": {
-                        "RegionID": 900,
-                        "RegionCode": "test",
-                        "RegionName": "the test's derper",
-                        "Nodes": [
-                            {
-                                "Name": "900a",
-                                "RegionID": 900,
-                                "HostName": host.ip,
-                                "IPv4": host.ip,
-                                "DERPPort": 3340,
-                                "STUNPort": 3478,
-                                "InsecureForTests": True,
-                            }
-                        ],
-                    }
-                }
-            }
-        )
-    )
-    server = host.ns.popen(
-        [
-            sys.executable,
-            "-m",
-            "embedmesh.cli.main",
-            "control",
-            "serve",
-            "--listen",
-            f"{host.ip}:8080",
-            "--state-dir",
-            str(state),
-            "--derp-map",
-            str(derp_map),
-        ],
-        log_name="embedmesh-control",
-        env=child_env(),
-    )
-
-    def answering() -> bool:
-        if derp.poll() is not None:
-            raise RigError(f"derper exited with {derp.returncode}")
-        if server.poll() is not None:
-            raise RigError(f"embedmesh control serve exited with {server.returncode}")
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(answering, timeout=20, interval=0.1, what="the embedmesh control server")
-    token = (state / "admin-token").read_text().strip()
-    admin = httpx.Client(base_url=f"{url}/admin/v1", headers={"authorization": f"Bearer {token}"}, timeout=10)
-    key = admin.post("/authkeys", json={"reusable": True}).json()["key"]
+    control = _Control(tailnet, tailscale_bins)
+    url, admin = control.url, control.admin
+    key = control.key(reusable=True)
 
     ts = tailnet.tailscaled(tailscale_bins, "ts-a")
     ts.up(url, key)
@@ -175,5 +193,46 @@ def test_tailscaled_joins_an_embedmesh_control_server(
         anyio.run(main)
     finally:
         admin.close()
-        print(json.dumps(ts.status().get("Self", {}).get("DNSName")))
     print(f"tailscaled in an embedmesh tailnet, proved in {time.monotonic() - started:.1f}s")
+
+
+def test_approval_expiry_and_ephemeral_logout_reach_tailscaled(
+    tailnet: TailnetRig, tailscale_bins: TailscaleBins
+) -> None:
+    control = _Control(tailnet, tailscale_bins, "--approval-required")
+    try:
+        # Approval: `tailscale up` waits (NeedsMachineAuth) until an admin approves the node.
+        a = tailnet.tailscaled(tailscale_bins, "ts-a")
+        wait_a = a.up_async(control.url, control.key())
+        wait_for(lambda: "ts-a" in control.nodes(), timeout=20, interval=0.2, what="ts-a to register")
+        assert control.nodes()["ts-a"]["state"] == "pending_approval"
+        wait_for(
+            lambda: a.status()["BackendState"] == "NeedsMachineAuth",
+            timeout=20,
+            interval=0.2,
+            what="ts-a to wait for approval",
+        )
+        control.admin.post(f"/nodes/{control.nodes()['ts-a']['id']}/approve").raise_for_status()
+        wait_a()
+        assert a.status()["BackendState"] == "Running"
+
+        # A second node, with an ephemeral pre-approved key, sees ts-a; logging out removes it
+        # from the tailnet at once (not after the ephemeral timeout).
+        b = tailnet.tailscaled(tailscale_bins, "ts-b")
+        b.up(control.url, control.key(ephemeral=True, preapproved=True))
+        a.wait_peers({"ts-b.mesh.internal"})
+        b.cli("logout")
+        wait_for(lambda: "ts-b" not in control.nodes(), timeout=10, interval=0.2, what="ts-b to be deleted")
+        wait_for(lambda: not a.peer_names(), timeout=15, interval=0.2, what="ts-b to leave ts-a's map")
+
+        # Expiry: an admin expires ts-a's key; its tailscaled learns it in the next map update.
+        control.admin.post(f"/nodes/{control.nodes()['ts-a']['id']}/expire").raise_for_status()
+        wait_for(
+            lambda: a.status()["BackendState"] != "Running",
+            timeout=20,
+            interval=0.2,
+            what="ts-a to notice its key expired",
+        )
+        assert control.nodes()["ts-a"]["state"] == "key_expired"
+    finally:
+        control.admin.close()
