@@ -11,6 +11,7 @@ import datetime
 import json
 import re
 import signal
+import ssl
 import sys
 import urllib.parse
 from pathlib import Path
@@ -110,6 +111,18 @@ def control() -> None:
     help="Connections one address (an IPv6 /64) may hold before its nodes have registered.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this PEM certificate chain (with --tls-key).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The certificate's PEM private key.",
+)
+@click.option(
     "--derp-map",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
@@ -125,6 +138,8 @@ def serve(
     first_request_timeout: str,
     max_connections: int | None,
     max_connections_per_source: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     derp_map: Path | None,
 ) -> None:
     """Run the coordination server in the foreground."""
@@ -140,7 +155,9 @@ def serve(
     reap = parse_duration(ephemeral_timeout)
     first_request = parse_duration(first_request_timeout)
     if first_request is None or first_request <= 0:
-        raise click.BadParameter("must be a positive duration (e.g. 5s)", param_hint="--first-request-timeout")
+        raise click.BadParameter(
+            "must be a positive duration (e.g. 5s)", param_hint="--first-request-timeout"
+        )
     try:
         server = ControlServer(
             ServerConfig(
@@ -153,6 +170,8 @@ def serve(
                 max_connections=max_connections,
                 max_connections_per_source=max_connections_per_source,
                 derp_map=derp_map,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
             )
         )
     except (EmbedmeshError, ValueError) as exc:
@@ -170,7 +189,9 @@ def serve(
 
                 url = await tg.start(serve_until_stopped)
                 click.echo(f"control server on {url} (key {server.public_key_b64})")
-                click.echo(f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}")
+                click.echo(
+                    f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}"
+                )
                 stopping = False
                 async for signum in signals:
                     if stopping:  # a second signal while the streams drain: stop at once
@@ -199,6 +220,13 @@ class AdminClient:
         self.state_dir = state_dir
         info_path = state_dir / "server.json"
         token_path = state_dir / "admin-token"
+        verify: ssl.SSLContext | bool = True
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            cert = json.loads(info_path.read_text()).get("tls_cert")
+            if cert:
+                # The server's own certificate (maybe self-signed) is trusted for its URL.
+                verify = ssl.create_default_context()
+                verify.load_verify_locations(cert)
         if url is None:
             try:
                 url = str(json.loads(info_path.read_text())["url"])
@@ -223,7 +251,10 @@ class AdminClient:
             ) from None
         self.url = url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=httpx.Timeout(10.0)
+            base_url=self.url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(10.0),
+            verify=verify,
         )
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -497,7 +528,9 @@ def users() -> None:
 @_state_dir_option
 @_url_option
 @_json_option
-def users_create(name: str, display_name: str | None, state_dir: Path, url: str | None, as_json: bool) -> None:
+def users_create(
+    name: str, display_name: str | None, state_dir: Path, url: str | None, as_json: bool
+) -> None:
     """Create a user; nodes join as it with keys from `authkey create --user NAME`."""
     body: dict[str, Any] = {"name": name}
     if display_name is not None:
@@ -525,7 +558,11 @@ def users_list(state_dir: Path, url: str | None, as_json: bool) -> None:
         table.add_column(column)
     for user in rows:
         table.add_row(
-            str(user["id"]), user["name"], user["display_name"], str(user["nodes"]), _when(user["created"] or None, "-")
+            str(user["id"]),
+            user["name"],
+            user["display_name"],
+            str(user["nodes"]),
+            _when(user["created"] or None, "-"),
         )
     _console().print(table)
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -115,6 +116,10 @@ class ServerConfig:
     #: The DERP map sent to Tailscale clients: a file in Tailscale's DERPMap JSON (``{"Regions":
     #: {...}}``), e.g. of a derper you run; None sends an empty map.
     derp_map: Path | None = None
+    #: Serve HTTPS with this certificate chain and key (PEM files); both or neither. Some clients
+    #: always speak TLS to control (Noise protects the API over plain HTTP too).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -189,6 +194,18 @@ class ControlServer:
         from embedmesh.tailscale.keys import MachinePrivate
 
         self.machine_key = MachinePrivate(self._private_key)
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if config.tls_cert is not None and config.tls_key is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    config.tls_cert, config.tls_key
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot use {config.tls_cert} with {config.tls_key} for TLS: {exc}; "
+                    "give a PEM certificate chain and its private key"
+                ) from exc
         self.tsapi = tsapi_app(self)
         self._derp_map: dict[str, Any] = {"Regions": {}}
         if config.derp_map is not None:
@@ -373,10 +390,15 @@ class ControlServer:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=self.config.tls_cert,
+            ssl_keyfile=self.config.tls_key,
         )
 
     def _write_server_json(self, url: str) -> None:
-        info = {"url": url, "public_key": self.public_key_b64, "pid": os.getpid()}
+        info: dict[str, Any] = {"url": url, "public_key": self.public_key_b64, "pid": os.getpid()}
+        if self.config.tls_cert is not None:
+            # The admin CLI trusts this certificate for the server's URL (it may be self-signed).
+            info["tls_cert"] = str(Path(self.config.tls_cert).resolve())
         create_private_file(
             self.config.state_dir / "server.json", json.dumps(info, indent=2).encode() + b"\n"
         )
@@ -394,7 +416,8 @@ class ControlServer:
             sock = bind_socket(host, port)
         bound_host, bound_port = sock.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"http://{url_host}:{bound_port}"
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        self.url = f"{scheme}://{url_host}:{bound_port}"
         server = _EmbeddedUvicorn(self._uvicorn_config())
         self._uvicorn = server
         self._write_server_json(self.url)

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,8 +72,11 @@ class TailscaleControlClient:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.control_url = control_url.rstrip("/")
+        #: Trust for an https:// control URL (None: the system's CAs).
+        self.ssl_context = ssl_context
         self._machine = MachinePrivate(machine_key)
         self._node = NodePrivate(node_key)
         self._disco = DiscoPublic(disco_key)
@@ -217,7 +221,9 @@ class TailscaleControlClient:
         backoff = self.reconnect_min
         while True:
             try:
-                self._server_key = await fetch_server_key(self.control_url, tailcfg.CAPABILITY_VERSION, timeout=10)
+                self._server_key = await fetch_server_key(
+                    self.control_url, tailcfg.CAPABILITY_VERSION, ssl_context=self.ssl_context, timeout=10
+                )
                 return
             except ControlUnreachableError as exc:
                 remaining = deadline - time.monotonic()
@@ -233,7 +239,11 @@ class TailscaleControlClient:
             try:
                 # The server's key, once fetched, is kept for reconnects (as Go's client caches it).
                 async with connect_control(
-                    self.control_url, self._machine, tailcfg.CAPABILITY_VERSION, server_key=self._server_key
+                    self.control_url,
+                    self._machine,
+                    tailcfg.CAPABILITY_VERSION,
+                    server_key=self._server_key,
+                    ssl_context=self.ssl_context,
                 ) as conn:
                     self._conn = conn
                     await self._register(conn)
