@@ -181,7 +181,7 @@ async def measure(url: str, key: str, nodes: int, changes: int) -> tuple[float, 
             for client in clients:
                 if client is not mover:
                     await client.wait_for_netmap(
-                        lambda m, i=mover_id: i in m.peers and endpoint in m.peers[i].endpoints, timeout=60
+                        lambda m, i=mover_id, e=endpoint: i in m.peers and e in m.peers[i].endpoints, timeout=60
                     )
             latencies.append(time.monotonic() - t0)
         done.set()
