@@ -107,3 +107,30 @@ def test_any_key_answer_is_a_key_or_a_parse_error(data: bytes) -> None:
         assert isinstance(controlhttp.parse_key_response(data), MachinePublic)
     except ParseError:
         pass
+
+
+_header_names = st.sampled_from([b"upgrade", b"Upgrade", b"x-tailscale-handshake", b"X-TAILSCALE-HANDSHAKE", b"connection"])
+
+
+@given(
+    st.sampled_from(["POST", "GET", "PUT", "post", ""]),
+    st.lists(st.tuples(st.one_of(_header_names, st.binary(max_size=20)), st.binary(max_size=200)), max_size=8),
+)
+def test_any_upgrade_request_is_accepted_or_a_parse_error(method: str, headers: list[tuple[bytes, bytes]]) -> None:
+    try:
+        request = controlhttp.check_upgrade_request(method, headers)
+    except ParseError:
+        return
+    assert len(request.initiation) == controlbase.INITIATION_SIZE
+
+
+@given(st.binary(min_size=controlbase.INITIATION_SIZE, max_size=controlbase.INITIATION_SIZE), st.booleans())
+def test_every_initiation_survives_the_upgrade_request(initiation: bytes, upper: bool) -> None:
+    def name(text: bytes) -> bytes:
+        return text.upper() if upper else text
+
+    headers = [
+        (name(b"upgrade"), b"Tailscale-Control-Protocol"),
+        (name(b"x-tailscale-handshake"), base64.b64encode(initiation)),
+    ]
+    assert controlhttp.check_upgrade_request("POST", headers).initiation == initiation

@@ -4,6 +4,7 @@ go 1.26.6
 
 require (
 	go4.org/mem v0.0.0-20240501181205-ae6ca9944745
+	golang.org/x/net v0.56.0
 	tailscale.com v1.102.5
 )
 
@@ -21,8 +22,8 @@ require (
 	go4.org/netipx v0.0.0-20231129151722-fdeea329fbba // indirect
 	golang.org/x/crypto v0.54.0 // indirect
 	golang.org/x/exp v0.0.0-20260410095643-746e56fc9e2f // indirect
-	golang.org/x/net v0.56.0 // indirect
 	golang.org/x/sync v0.22.0 // indirect
 	golang.org/x/sys v0.47.0 // indirect
+	golang.org/x/text v0.40.0 // indirect
 	golang.zx2c4.com/wireguard/windows v0.5.3 // indirect
 )

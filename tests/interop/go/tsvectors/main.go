@@ -12,6 +12,12 @@
 //	http-server    an HTTP server on 127.0.0.1 (port printed on stdout) serving GET /key?v= and
 //	               POST /ts2021 with controlhttpserver.AcceptHTTP, then the echo loop.
 //	http-client    controlhttp.Dialer against a Python HTTP server, then as noise-client.
+//	h2-server      as http-server, but serves HTTP/2 inside the Noise conn with
+//	               golang.org/x/net/http2 (as headscale and Tailscale's control do): the
+//	               routes /whoami, /echo, /stream, /progress and /reset (see h2Routes).
+//	ts2021-client  Tailscale's own control client transport (ts2021.Client: controlhttp.Dialer,
+//	               ts2021.Conn, net/http's HTTP/2) against a Python server serving those routes:
+//	               a big echo, a multi-MB stream and concurrent echoes; JSON report on stdout.
 //	disco          JSON on stdin: seals disco messages with types/key and disco, opens and parses
 //	               packets sealed by Python, formats keys as text; JSON on stdout.
 //	zstd           JSON on stdin: encodes map bodies with util/zstdframe (as tailscale's servers
@@ -38,9 +44,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"go4.org/mem"
+	"golang.org/x/net/http2"
 	"tailscale.com/control/controlbase"
 	"tailscale.com/control/controlhttp"
 	"tailscale.com/control/controlhttp/controlhttpserver"
@@ -48,6 +57,7 @@ import (
 	"tailscale.com/disco"
 	"tailscale.com/health"
 	"tailscale.com/net/netmon"
+	"tailscale.com/net/tsdial"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 	"tailscale.com/util/eventbus"
@@ -609,9 +619,229 @@ func zstdMode() {
 	}
 }
 
+// streamByte is the content of byte i of every /stream body (251 is prime, so a lost, doubled or
+// reordered frame of any power-of-two size shows).
+func streamByte(i int) byte { return byte(i % 251) }
+
+// progress counts the bytes each tagged /stream handler has handed to http2 so far.
+var progress sync.Map // tag -> *atomic.Int64
+
+// h2Routes is what h2-server serves inside Noise, for the connection of peer at version:
+//
+//	GET  /whoami                    {"peer": "mkey:...", "version": N}
+//	POST /echo                      the request body back; X-Echo and Content-Type copied back
+//	GET  /stream?bytes=N&chunk=K&tag=T  N bytes of streamByte, flushed every K bytes
+//	GET  /progress?tag=T            {"written": bytes the /stream tagged T has written}
+//	GET  /reset                     the handler aborts: the stream is reset
+func h2Routes(peer key.MachinePublic, version int) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/whoami", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"peer": peer.String(), "version": version, "proto": r.Proto})
+	})
+	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("X-Echo", r.Header.Get("X-Echo"))
+		w.Header().Set("X-Method", r.Method)
+		w.Header().Set("Content-Type", r.Header.Get("Content-Type"))
+		w.WriteHeader(http.StatusOK)
+		w.Write(body)
+	})
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
+		chunk, _ := strconv.Atoi(r.URL.Query().Get("chunk"))
+		if chunk <= 0 {
+			chunk = 16 << 10
+		}
+		counter := new(atomic.Int64)
+		if tag := r.URL.Query().Get("tag"); tag != "" {
+			progress.Store(tag, counter)
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.WriteHeader(http.StatusOK)
+		flusher := w.(http.Flusher)
+		buf := make([]byte, chunk)
+		for sent := 0; sent < n; {
+			k := min(chunk, n-sent)
+			for i := 0; i < k; i++ {
+				buf[i] = streamByte(sent + i)
+			}
+			if _, err := w.Write(buf[:k]); err != nil {
+				return
+			}
+			flusher.Flush()
+			sent += k
+			counter.Store(int64(sent))
+		}
+	})
+	mux.HandleFunc("/progress", func(w http.ResponseWriter, r *http.Request) {
+		written := int64(-1)
+		if v, ok := progress.Load(r.URL.Query().Get("tag")); ok {
+			written = v.(*atomic.Int64).Load()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"written": written})
+	})
+	mux.HandleFunc("/reset", func(w http.ResponseWriter, r *http.Request) {
+		panic(http.ErrAbortHandler)
+	})
+	return mux
+}
+
+func h2Server(args []string) {
+	fs := flag.NewFlagSet("h2-server", flag.ExitOnError)
+	priv := fs.String("key", "", "server machine private key, hex")
+	chal := fs.String("challenge", "", "early payload challenge public key, hex")
+	fs.Parse(args)
+	private := machinePrivate(*priv)
+	challenge := challengePublic(*chal)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/key", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(&tailcfg.OverTLSPublicKeyResponse{PublicKey: private.Public()})
+	})
+	mux.HandleFunc("/ts2021", func(w http.ResponseWriter, r *http.Request) {
+		conn, err := controlhttpserver.AcceptHTTP(r.Context(), w, r, private, func(_ int, w io.Writer) error {
+			return writeEarlyPayload(w, challenge)
+		})
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tsvectors: accept: %v\n", err)
+			return
+		}
+		// As headscale does: one HTTP/2 server connection per upgraded Noise conn.
+		(&http2.Server{}).ServeConn(conn, &http2.ServeConnOpts{
+			Context: r.Context(),
+			Handler: h2Routes(conn.Peer(), conn.ProtocolVersion()),
+		})
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fatal("listen: %v", err)
+	}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	go func() {
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	if err := http.Serve(ln, mux); err != nil {
+		fatal("serve: %v", err)
+	}
+}
+
+type ts2021Report struct {
+	Mode        string `json:"mode"`
+	Whoami      string `json:"whoami"`
+	EchoBytes   int    `json:"echo_bytes"`
+	EchoHeader  string `json:"echo_header"`
+	StreamBytes int    `json:"stream_bytes"`
+	Concurrent  int    `json:"concurrent_ok"`
+	Proto       string `json:"proto"`
+	NotFound    int    `json:"not_found_status"`
+}
+
+func ts2021Client(args []string) {
+	fs := flag.NewFlagSet("ts2021-client", flag.ExitOnError)
+	priv := fs.String("key", "", "client machine private key, hex")
+	server := fs.String("server", "", "server machine public key, hex")
+	serverURL := fs.String("url", "", "control URL, http://127.0.0.1:PORT")
+	version := fs.Int("version", 130, "protocol (capability) version")
+	echoBytes := fs.Int("echo-bytes", 300000, "size of the big echo")
+	streamBytes := fs.Int("stream-bytes", 5<<20, "size of the streamed body")
+	concurrent := fs.Int("concurrent", 8, "concurrent echoes")
+	fs.Parse(args)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	nc, err := ts2021.NewClient(ts2021.ClientOpts{
+		ServerURL:       *serverURL,
+		PrivKey:         machinePrivate(*priv),
+		ServerPubKey:    machinePublic(*server),
+		Dialer:          tsdial.NewDialer(netmon.NewStatic()),
+		Logf:            func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+		NetMon:          netmon.NewStatic(),
+		HealthTracker:   health.NewTracker(eventbus.New()),
+		ProtocolVersion: uint16(*version),
+	})
+	if err != nil {
+		fatal("client: %v", err)
+	}
+	defer nc.Close()
+	rep := ts2021Report{Mode: "ts2021-client"}
+	do := func(method, path string, body []byte, hdr map[string]string) (*http.Response, []byte) {
+		req, err := http.NewRequestWithContext(ctx, method, "https://control"+path, strings.NewReader(string(body)))
+		if err != nil {
+			fatal("request: %v", err)
+		}
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		resp, err := nc.Do(req)
+		if err != nil {
+			fatal("%s %s: %v", method, path, err)
+		}
+		defer resp.Body.Close()
+		got, err := io.ReadAll(resp.Body)
+		if err != nil {
+			fatal("%s %s body: %v", method, path, err)
+		}
+		return resp, got
+	}
+	resp, got := do("GET", "/whoami", nil, nil)
+	rep.Whoami = string(got)
+	rep.Proto = resp.Proto
+	msg := make([]byte, *echoBytes)
+	rand.New(rand.NewSource(7)).Read(msg)
+	resp, got = do("POST", "/echo", msg, map[string]string{"X-Echo": "tsvectors", "Content-Type": "application/json"})
+	if resp.StatusCode != 200 || string(got) != string(msg) {
+		fatal("echo: status %d, %d bytes back of %d", resp.StatusCode, len(got), len(msg))
+	}
+	rep.EchoBytes = len(got)
+	rep.EchoHeader = resp.Header.Get("X-Echo")
+	// The stream and the concurrent echoes share the one Noise connection (MaxConnsPerHost 1).
+	var wg sync.WaitGroup
+	var ok atomic.Int64
+	streamed := make(chan int, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, body := do("GET", fmt.Sprintf("/stream?bytes=%d", *streamBytes), nil, nil)
+		for i, b := range body {
+			if b != streamByte(i) {
+				fatal("stream byte %d is %d", i, b)
+			}
+		}
+		streamed <- len(body)
+	}()
+	for i := 0; i < *concurrent; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			want := fmt.Sprintf("echo %d %s", i, strings.Repeat("x", i*1000))
+			resp, body := do("POST", "/echo", []byte(want), map[string]string{"X-Echo": strconv.Itoa(i)})
+			if resp.StatusCode == 200 && string(body) == want && resp.Header.Get("X-Echo") == strconv.Itoa(i) {
+				ok.Add(1)
+			}
+		}(i)
+	}
+	wg.Wait()
+	rep.StreamBytes = <-streamed
+	rep.Concurrent = int(ok.Load())
+	resp, _ = do("GET", "/no-such-route", nil, nil)
+	rep.NotFound = resp.StatusCode
+	emit2(os.Stdout, rep)
+}
+
+func emit2(w io.Writer, r ts2021Report) {
+	b, _ := json.Marshal(r)
+	fmt.Fprintf(w, "%s\n", b)
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fatal("usage: tsvectors noise-server|noise-client|http-server|http-client|disco|zstd [flags]")
+		fatal("usage: tsvectors noise-server|noise-client|http-server|http-client|h2-server|ts2021-client|disco|zstd [flags]")
 	}
 	switch os.Args[1] {
 	case "noise-server":
@@ -622,6 +852,10 @@ func main() {
 		httpServer(os.Args[2:])
 	case "http-client":
 		httpClient(os.Args[2:])
+	case "h2-server":
+		h2Server(os.Args[2:])
+	case "ts2021-client":
+		ts2021Client(os.Args[2:])
 	case "disco":
 		discoMode()
 	case "zstd":
