@@ -4,11 +4,13 @@ with embedmesh's own Tailscale-protocol client (tailscaled and headscale are the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from control_harness import Admin, start_server
 
@@ -143,3 +145,46 @@ async def test_random_changes_reach_every_tailscale_client_as_deltas(tmp_path: P
                             if _view(dict(client.netmap.peers)) == expected:
                                 break
                             await anyio.sleep(0.02)
+
+
+async def test_interactive_login_is_completed_by_an_admin(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedmesh.cli.control import control
+
+    state = tmp_path / "server"
+    with start_server(state) as running:
+        admin = Admin(running)
+        assert admin.http.post("/admin/v1/users", json={"name": "alice@example.com"}).status_code == 201
+        client = _client(running.url, "laptop", None)
+        finished = anyio.Event()
+
+        async def hold() -> None:
+            async with client:
+                await finished.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            with anyio.fail_after(10):
+                while not client.auth_url:
+                    await anyio.sleep(0.05)
+            auth_url = client.auth_url
+            assert auth_url.startswith(running.url + "/register/")
+            assert client.netmap is None and not admin.nodes()  # nothing stored before the admin acts
+            page = httpx.get(client.auth_url)
+            assert page.status_code == 200 and "laptop" in page.text and "<script" not in page.text
+            login_id = client.auth_url.rsplit("/", 1)[1]
+            assert f"auth register {login_id}" in page.text
+            listed = CliRunner().invoke(control, ["auth", "list", "--state-dir", str(state), "--json"])
+            assert [x["hostname"] for x in json.loads(listed.output)["logins"]] == ["laptop"]
+            result = CliRunner().invoke(
+                control, ["auth", "register", client.auth_url, "--user", "alice@example.com", "--state-dir", str(state)]
+            )
+            assert result.exit_code == 0 and "joined as alice@example.com" in result.output, result.output
+            netmap = await client.wait_for_netmap(timeout=10)
+            assert netmap.state is NodeState.AUTHORIZED and netmap.self_node.user == "alice@example.com"
+            assert client.auth_url == ""
+            assert httpx.get(auth_url).status_code == 404  # a login is used once
+            again = CliRunner().invoke(control, ["auth", "register", login_id, "--state-dir", str(state)])
+            assert again.exit_code != 0 and "no login waiting" in again.output
+            finished.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -234,5 +235,55 @@ def test_approval_expiry_and_ephemeral_logout_reach_tailscaled(
             what="ts-a to notice its key expired",
         )
         assert control.nodes()["ts-a"]["state"] == "key_expired"
+    finally:
+        control.admin.close()
+
+
+def test_tailscale_up_without_a_key_logs_in_through_an_admin(
+    tailnet: TailnetRig, tailscale_bins: TailscaleBins
+) -> None:
+    """`tailscale up` with no auth key shows an AuthURL; `embedmesh control auth register URL`
+    completes it (until single sign-on) and tailscaled goes Running."""
+    control = _Control(tailnet, tailscale_bins)
+    try:
+        ts = tailnet.tailscaled(tailscale_bins, "laptop")
+        up = subprocess.Popen(
+            ts.host.ns.wrap(
+                [
+                    str(tailscale_bins.tailscale),
+                    f"--socket={ts.socket}",
+                    "up",
+                    f"--login-server={control.url}",
+                    "--hostname=laptop",
+                    "--timeout=60s",
+                ]
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+        )
+        try:
+            auth_url = wait_for(
+                lambda: ts.status().get("AuthURL", ""),
+                timeout=30,
+                interval=0.2,
+                what="tailscaled to show an AuthURL",
+            )
+            assert auth_url.startswith(f"{control.url}/register/")
+            page = httpx.get(auth_url, timeout=5)
+            assert page.status_code == 200 and "laptop" in page.text
+            login_id = auth_url.rsplit("/", 1)[1]
+            done = control.admin.post(f"/logins/{login_id}/register", json={"user": "default"})
+            assert done.status_code == 200, done.text
+            out, _ = up.communicate(timeout=60)
+            assert up.returncode == 0, out
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+        assert ts.status()["BackendState"] == "Running"
+        assert control.nodes()["laptop"]["state"] == "authorized"
     finally:
         control.admin.close()

@@ -518,6 +518,53 @@ def nodes_delete(node_id: int, state_dir: Path, url: str | None, as_json: bool) 
 
 
 @control.group()
+def auth() -> None:
+    """Interactive logins (a device that joined without an auth key shows an AuthURL)."""
+
+
+@auth.command("register")
+@click.argument("login")
+@click.option("--user", default="default", show_default=True, help="The user the device joins as.")
+@_state_dir_option
+@_url_option
+@_json_option
+def auth_register(login: str, user: str, state_dir: Path, url: str | None, as_json: bool) -> None:
+    """Complete the login LOGIN (the AuthURL the device shows, or its id): the device joins."""
+    login_id = login.strip().rstrip("/").rsplit("/", 1)[-1]
+    result = AdminClient(state_dir, url).request(
+        "POST", f"/logins/{urllib.parse.quote(login_id, safe='')}/register", {"user": user}
+    )
+    if as_json:
+        _print_json(result)
+    else:
+        node = result["node"]
+        click.echo(
+            f"node {node['id']} {node['name']} joined as {node['user']}; state: {node['state'].replace('_', ' ')}"
+        )
+
+
+@auth.command("list")
+@_state_dir_option
+@_url_option
+@_json_option
+def auth_list(state_dir: Path, url: str | None, as_json: bool) -> None:
+    """List the logins waiting for an admin."""
+    result = AdminClient(state_dir, url).request("GET", "/logins")
+    if as_json:
+        _print_json(result)
+        return
+    rows = result["logins"]
+    table = Table(title=f"{len(rows)} login{'s' if len(rows) != 1 else ''} waiting")
+    for column in ("ID", "HOSTNAME", "OS", "FROM", "SINCE"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["id"], row["hostname"], row["os"] or "-", row["source"] or "-", _when(row["created"])
+        )
+    _console().print(table)
+
+
+@control.group()
 def users() -> None:
     """Users: who a tailnet's untagged nodes belong to."""
 

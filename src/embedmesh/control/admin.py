@@ -372,6 +372,29 @@ def admin_routes(server: ControlServer) -> list[Route]:
         coordinator.delete_user(name, time.time())
         return JSONResponse({"deleted": name})
 
+    def describe_login(login: Any) -> dict[str, Any]:
+        return {
+            "id": login.id,
+            "hostname": login.request.hostname,
+            "os": login.request.os,
+            "source": login.source,
+            "created": login.created,
+        }
+
+    async def list_logins(request: Request) -> JSONResponse:
+        return JSONResponse({"logins": [describe_login(x) for x in server.logins.waiting(time.time())]})
+
+    async def complete_login(request: Request) -> JSONResponse:
+        body = await _body(request)
+        user = body.get("user", DEFAULT_OWNER)
+        if not isinstance(user, str) or set(body) - {"user"}:
+            raise BadRequestError('completing a login takes {"user": "NAME"} (default: the default user)')
+        now = time.time()
+        login = server.logins.get(request.path_params["login_id"], now)
+        node = coordinator.register_interactive(login.machine_key, login.request, user, now)
+        server.logins.finish(login, node.id)
+        return JSONResponse({"node": coordinator.describe(node)})
+
     async def delete(request: Request) -> JSONResponse:
         node_id = _node_id(request)
         coordinator.delete(node_id)
@@ -381,6 +404,8 @@ def admin_routes(server: ControlServer) -> list[Route]:
         Route(f"{PREFIX}/authkeys", guarded(create_key), methods=["POST"]),
         Route(f"{PREFIX}/authkeys", guarded(list_keys), methods=["GET"]),
         Route(f"{PREFIX}/authkeys/{{key_id}}/revoke", guarded(revoke_key), methods=["POST"]),
+        Route(f"{PREFIX}/logins", guarded(list_logins), methods=["GET"]),
+        Route(f"{PREFIX}/logins/{{login_id}}/register", guarded(complete_login), methods=["POST"]),
         Route(f"{PREFIX}/users", guarded(list_users), methods=["GET"]),
         Route(f"{PREFIX}/users", guarded(create_user), methods=["POST"]),
         Route(f"{PREFIX}/users/{{name}}", guarded(delete_user), methods=["DELETE"]),

@@ -661,6 +661,35 @@ class Coordinator:
             return self._create(machine_key, request, key, now)
         return self._reauthenticate(existing, request, key, now)
 
+    def register_interactive(
+        self, machine_key: bytes, request: RegisterRequest, user: str, now: float
+    ) -> LiveNode:
+        """Complete an interactive login: an admin vouches for the machine, as ``user``.
+
+        The node joins authorized (the admin's action is the approval); a machine that is known
+        already takes the new node key, as a re-authentication does.
+        """
+        if user not in {u.name for u in self.store.list_users()}:
+            raise NotFoundError(f"no user {user!r}: create it with `embedmesh control users create {user}`")
+        holder = self._by_node_key.get(request.node_key)
+        existing = self._by_machine.get(machine_key)
+        if holder is not None and holder is not existing:
+            raise ConflictError("this node key belongs to another machine: generate a new node key")
+        if existing is not None:
+            self._update(
+                existing,
+                node_key=request.node_key,
+                hostname=request.hostname,
+                os=request.os,
+                authorized=True,
+                key_expiry=self._expiry_from(now),
+                expired=False,
+                user=user if not existing.rec.tags else existing.rec.user,
+                **self._address_if_needed(existing, True),
+            )
+            return existing
+        return self._create(machine_key, request, None, now, approved_by_admin=True, user=user)
+
     def _tags_for(self, request: RegisterRequest, key: AuthKeyRecord | None) -> tuple[str, ...]:
         """The tags a node registering with ``key`` carries: the ones it asks for, each of which
         the key must grant, or, if it asks for none, all the key grants. Tags are what peers
@@ -758,10 +787,19 @@ class Coordinator:
             self._update(holder, name=self._unique_name(holder.rec.hostname, exclude=None))
 
     def _create(
-        self, machine_key: bytes, request: RegisterRequest, key: AuthKeyRecord | None, now: float
+        self,
+        machine_key: bytes,
+        request: RegisterRequest,
+        key: AuthKeyRecord | None,
+        now: float,
+        *,
+        approved_by_admin: bool = False,
+        user: str | None = None,
     ) -> LiveNode:
         tags = self._tags_for(request, key)
-        authorized = not self.config.approval_required or (key is not None and key.preapproved)
+        authorized = (
+            approved_by_admin or not self.config.approval_required or (key is not None and key.preapproved)
+        )
         if authorized:
             self._take_name_from_pending(request.hostname)
         # A node waiting for approval gets no address: anyone who reaches the server can make
@@ -783,7 +821,7 @@ class Coordinator:
             created=now,
             last_seen=now,
             auth_key_id=key.id if key is not None else None,
-            user=_owner(tags, key),
+            user=user if user is not None and not tags else _owner(tags, key),
         )
         try:
             with self.store.transaction():

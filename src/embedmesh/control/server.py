@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -64,6 +65,7 @@ from embedmesh.control.limits import (
     ConnectionLimiter,
     default_max_connections,
 )
+from embedmesh.control.logins import PendingLogins
 from embedmesh.control.messages import (
     EndpointsUpdate,
     LogoutRequest,
@@ -175,6 +177,7 @@ class ControlServer:
             routes=[
                 Route("/key", self._key, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/register/{login_id}", self._login_page, methods=["GET"]),
                 WebSocketRoute(CONTROL_PATH, self._control),
                 *admin_routes(self),
             ],
@@ -194,6 +197,7 @@ class ControlServer:
         from embedmesh.tailscale.keys import MachinePrivate
 
         self.machine_key = MachinePrivate(self._private_key)
+        self.logins = PendingLogins()
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
         if config.tls_cert is not None and config.tls_key is not None:
@@ -247,6 +251,26 @@ class ControlServer:
                 "publicKey": self.machine_key.public().to_text(),
             }
         )
+
+    async def _login_page(self, request: Request) -> HTMLResponse:
+        """Where a Tailscale client's AuthURL points: says how the login is completed."""
+        login_id = request.path_params["login_id"]
+        try:
+            login = self.logins.get(login_id, time.time())
+        except ControlError:
+            return HTMLResponse(
+                _page("Login not found", "<p>This login link has expired or was used. Start the login "
+                      "again on the device (for example <code>tailscale up</code>).</p>"),
+                status_code=404,
+            )
+        name = html.escape(login.request.hostname)
+        body = (
+            f"<p>The device <strong>{name}</strong> is waiting to join this tailnet.</p>"
+            "<p>This server has no single sign-on yet: an administrator completes the login with</p>"
+            f"<pre>embedmesh control auth register {html.escape(login.id)} --user NAME</pre>"
+            "<p>and the device joins at once.</p>"
+        )
+        return HTMLResponse(_page(f"Join the tailnet: {name}", body))
 
     async def _health(self, request: Request) -> JSONResponse:
         # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
@@ -437,6 +461,17 @@ class ControlServer:
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
         """Run on a private asyncio loop in a daemon thread (for trio programs, tests and demos)."""
         return RunningServer(self, bind_socket(host, port))
+
+
+def _page(title: str, body: str) -> str:
+    """A small accessible HTML page (no scripts, no external resources)."""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title></head>"
+        f'<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto; line-height: 1.5">'
+        f"<main><h1>{html.escape(title)}</h1>{body}</main></body></html>"
+    )
 
 
 def _client_key(scope: Scope) -> Client | None:

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from embedmesh.control.errors import ControlError
+from embedmesh.control.errors import AuthKeyRequiredError, ControlError
 from embedmesh.control.messages import (
     DeltaMessage,
     ErrorMessage,
@@ -60,6 +60,9 @@ logger = logging.getLogger("embedmesh.control.server")
 #: The oldest client served: Tailscale 1.80 (capability version 113), as headscale's floor.
 MIN_CAPABILITY_VERSION = 113
 KEEPALIVE_INTERVAL = 50.0
+#: How long a Followup register waits for the admin before answering "not yet" (Go's client asks
+#: again at once).
+FOLLOWUP_WAIT = 60.0
 #: The user id of tagged nodes in maps (tags replace the user's identity).
 TAGGED_USER_ID = 2**31 - 1
 _ZERO_DISCO = "discokey:" + "0" * 64
@@ -243,24 +246,33 @@ def tsapi_app(server: ControlServer) -> Starlette:
         disco = existing.rec.disco_key if existing is not None else bytes(32)
         ephemeral = obj.get("Ephemeral") is True
         source = request.client.host if request.client is not None else None
+        wanted = RegisterRequest(
+            node_key.raw,
+            disco,
+            _text(hostinfo, "Hostname") or "node",
+            os=_text(hostinfo, "OS")[:32],
+            tags=tags,
+            ephemeral=ephemeral,
+            auth_key=auth_key,
+        )
+        followup = obj.get("Followup")
+        if isinstance(followup, str) and followup and auth_key is None:
+            return await _follow_login(request, machine.raw, wanted, followup, source)
         try:
-            node = coordinator.register(
-                machine.raw,
-                RegisterRequest(
-                    node_key.raw,
-                    disco,
-                    _text(hostinfo, "Hostname") or "node",
-                    os=_text(hostinfo, "OS")[:32],
-                    tags=tags,
-                    ephemeral=ephemeral,
-                    auth_key=auth_key,
-                ),
-                now,
-                source,
-            )
+            node = coordinator.register(machine.raw, wanted, now, source)
+        except AuthKeyRequiredError as exc:
+            if auth_key is not None:
+                return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+            # No key and none needed for a restart: Tailscale's interactive login. The client
+            # shows the AuthURL and asks again with Followup, which waits for an admin.
+            login = server.logins.start(machine.raw, wanted, now, source)
+            return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         except ControlError as exc:
             logger.info("refused a Tailscale-protocol registration: %s", exc)
             return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+        return registered(node)
+
+    def registered(node: Any) -> JSONResponse:
         ids = user_ids()
         owner = "tagged-devices" if node.rec.tags else node.rec.user
         user_id = TAGGED_USER_ID if node.rec.tags else ids.get(owner, 1)
@@ -274,6 +286,29 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 "Error": "",
             }
         )
+
+    def _login_url(request: Request, login_id: str) -> str:
+        scheme = "https" if server.config.tls_cert is not None else "http"
+        host = request.headers.get("host") or (server.url or "").split("://", 1)[-1]
+        return f"{scheme}://{host}/register/{login_id}"
+
+    async def _follow_login(
+        request: Request, machine: bytes, wanted: RegisterRequest, followup: str, source: str | None
+    ) -> Response:
+        now = time.time()
+        try:
+            login = server.logins.get(followup, now)
+        except ControlError:
+            login = server.logins.start(machine, wanted, now, source)
+            return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
+        if login.machine_key != machine:
+            return JSONResponse({"Error": "this login belongs to another machine", "MachineAuthorized": False})
+        with anyio.move_on_after(FOLLOWUP_WAIT):
+            await login.done.wait()
+        if login.node_id is None:
+            # Not yet: the client asks again with the same URL.
+            return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
+        return registered(coordinator.node(login.node_id))
 
     async def map_poll(request: Request) -> Response:
         try:

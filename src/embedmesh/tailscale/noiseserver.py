@@ -223,7 +223,9 @@ class Ts2021Protocol(asyncio.Protocol):
             "raw_path": path.encode(),
             "query_string": query.encode(),
             "root_path": "",
-            "headers": [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":")],
+            # HTTP/2's :authority is HTTP/1.1's Host (ASGI apps read the latter).
+            "headers": [(b"host", fields.get(":authority", "").encode())]
+            + [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":") and k != "host"],
             "client": self._client,
             "server": self._server,
             "extensions": {"tailscale": {"machine_key": session.peer, "version": session.version}},
