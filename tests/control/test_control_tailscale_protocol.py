@@ -178,7 +178,16 @@ async def test_interactive_login_is_completed_by_an_admin(tmp_path: Path) -> Non
             listed = CliRunner().invoke(control, ["auth", "list", "--state-dir", str(state), "--json"])
             assert [x["hostname"] for x in json.loads(listed.output)["logins"]] == ["laptop"]
             result = CliRunner().invoke(
-                control, ["auth", "register", client.auth_url, "--user", "alice@example.com", "--state-dir", str(state)]
+                control,
+                [
+                    "auth",
+                    "register",
+                    client.auth_url,
+                    "--user",
+                    "alice@example.com",
+                    "--state-dir",
+                    str(state),
+                ],
             )
             assert result.exit_code == 0 and "joined as alice@example.com" in result.output, result.output
             netmap = await client.wait_for_netmap(timeout=10)
@@ -188,3 +197,29 @@ async def test_interactive_login_is_completed_by_an_admin(tmp_path: Path) -> Non
             again = CliRunner().invoke(control, ["auth", "register", login_id, "--state-dir", str(state)])
             assert again.exit_code != 0 and "no login waiting" in again.output
             finished.set()
+
+
+async def test_a_clients_preferred_derp_region_is_its_peers_home_derp(tmp_path: Path) -> None:
+    with start_server(tmp_path / "server") as running:
+        key = Admin(running).key(reusable=True)
+        async with _client(running.url, "viewer", key) as viewer:
+            machine, node = MachinePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+            disco = DiscoPrivate.generate(os.urandom(32)).public()
+            async with connect_control(running.url, machine, 130) as conn:
+                body = tailcfg.register_request(node.public(), hostinfo={"Hostname": "ts"}, auth_key=key)
+                assert (await conn.request("POST", "/machine/register", body)).status == 200
+                hostinfo = {"Hostname": "ts", "NetInfo": {"PreferredDERP": 900}}
+                lite = tailcfg.map_request(
+                    node.public(), disco, hostinfo=hostinfo, stream=False, omit_peers=True
+                )
+                assert (await conn.request("POST", "/machine/map", lite)).status == 200
+                netmap = await viewer.wait_for_netmap(
+                    lambda m: any(p.home_derp == 900 for p in m.peers.values()), 10
+                )
+                assert _only(netmap).disco_key == disco.raw
+                hostinfo["NetInfo"] = {"PreferredDERP": 901}
+                lite = tailcfg.map_request(
+                    node.public(), disco, hostinfo=hostinfo, stream=False, omit_peers=True
+                )
+                assert (await conn.request("POST", "/machine/map", lite)).status == 200
+                await viewer.wait_for_netmap(lambda m: _only(m).home_derp == 901, 10)

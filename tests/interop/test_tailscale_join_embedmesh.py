@@ -222,6 +222,24 @@ def test_approval_expiry_and_ephemeral_logout_reach_tailscaled(
         b = tailnet.tailscaled(tailscale_bins, "ts-b")
         b.up(control.url, control.key(ephemeral=True, preapproved=True))
         a.wait_peers({"ts-b.mesh.internal"})
+        # Two Tailscale clients in an embedmesh tailnet reach each other (disco, then WireGuard),
+        # and each has the other's home DERP region from the map (its NetInfo, relayed).
+        out = ""
+        for _ in range(40):
+            try:
+                out = a.ping(b.ipv4())
+                break
+            except RigError as exc:
+                if "unknown peer" not in str(exc):
+                    raise
+                time.sleep(0.5)
+        assert re.search(r"pong from ts-b \(100\.\S+\) via ", out), out
+        wait_for(
+            lambda: [p.get("Relay") for p in (a.status().get("Peer") or {}).values()] == ["test"],
+            timeout=20,
+            interval=0.2,
+            what="ts-a to know ts-b's home DERP",
+        )
         b.cli("logout")
         wait_for(lambda: "ts-b" not in control.nodes(), timeout=10, interval=0.2, what="ts-b to be deleted")
         wait_for(lambda: not a.peer_names(), timeout=15, interval=0.2, what="ts-b to leave ts-a's map")

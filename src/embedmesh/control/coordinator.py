@@ -149,6 +149,8 @@ class LiveNode:
     expired: bool = False
     online: bool = False
     endpoints: tuple[str, ...] = ()
+    #: The DERP region a Tailscale client says it calls home (its map requests' NetInfo).
+    home_derp: int = 0
     disconnected_at: float | None = None
     _fragment: bytes | None = None
 
@@ -337,11 +339,18 @@ class Coordinator:
         return self._by_node_key.get(node_key)
 
     def update_node_session(
-        self, node_id: int, *, disco_key: bytes | None = None, endpoints: tuple[str, ...] | None = None
+        self,
+        node_id: int,
+        *,
+        disco_key: bytes | None = None,
+        endpoints: tuple[str, ...] | None = None,
+        home_derp: int | None = None,
     ) -> None:
-        """What a Tailscale client's map request says of itself: its disco key and endpoints."""
+        """What a Tailscale client's map request says of itself: disco key, endpoints, home DERP."""
         node = self.node(node_id)
         changes: dict[str, Any] = {}
+        if home_derp is not None and home_derp != node.home_derp:
+            changes["home_derp"] = home_derp
         if disco_key is not None and disco_key != node.rec.disco_key:
             changes["disco_key"] = disco_key
         if endpoints is not None and endpoints != node.endpoints:
@@ -393,6 +402,7 @@ class Coordinator:
             key_expiry=rec.key_expiry,
             key_expired=node.expired,
             ephemeral=rec.ephemeral,
+            home_derp=node.home_derp,
         )
 
     def _fragment(self, node: LiveNode) -> bytes:

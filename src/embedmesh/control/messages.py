@@ -325,6 +325,7 @@ _PEER_FIELDS = (
     "key_expiry",
     "key_expired",
     "ephemeral",
+    "home_derp",
 )
 
 
@@ -348,6 +349,7 @@ def peer_to_json(peer: PeerInfo) -> dict[str, Any]:
         "key_expiry": peer.key_expiry,
         "key_expired": peer.key_expired,
         "ephemeral": peer.ephemeral,
+        "home_derp": peer.home_derp,
     }
 
 
@@ -367,6 +369,7 @@ _FIELD_PARSERS: dict[str, Callable[[object, str], Any]] = {
     "authorized": _bool,
     "key_expired": _bool,
     "ephemeral": _bool,
+    "home_derp": lambda v, w: _int(v, w, 0, 65535),
     "id": lambda v, w: _int(v, w, 1),
     "addresses": lambda v, w: _list(v, w, _address, 16),
     "allowed_ips": lambda v, w: _list(v, w, _network, 4096),

@@ -73,6 +73,8 @@ class PeerInfo:
     key_expiry: float | None = None
     key_expired: bool = False
     ephemeral: bool = False
+    #: The DERP region the node calls home (0: none), as a Tailscale client reports it.
+    home_derp: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -157,6 +159,7 @@ class PeerChange:
     online: bool | None = None
     last_seen: float | Unchanged | None = UNCHANGED
     key_expiry: float | Unchanged | None = UNCHANGED
+    home_derp: int | None = None
     op: Literal["change"] = "change"
 
     def changes(self) -> dict[str, object]:
@@ -207,6 +210,7 @@ CHANGEABLE_FIELDS: tuple[str, ...] = (
     "online",
     "last_seen",
     "key_expiry",
+    "home_derp",
 )
 NULLABLE_FIELDS = frozenset({"last_seen", "key_expiry"})
 

@@ -107,6 +107,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             "Addresses": [f"{a}/{a.max_prefixlen}" for a in peer.addresses],
             "AllowedIPs": [str(n) for n in peer.allowed_ips],
             "Endpoints": list(peer.endpoints),
+            "HomeDERP": peer.home_derp,
             "Hostinfo": {"Hostname": peer.hostname, "OS": peer.os},
             "Created": tailcfg.format_time(live.rec.created),
             "MachineAuthorized": peer.authorized and not peer.key_expired,
@@ -180,10 +181,12 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 peer = netmap.peers.get(op.id)
                 if peer is None:
                     continue
-                if set(fields) <= {"endpoints", "online", "last_seen"}:
+                if set(fields) <= {"endpoints", "online", "last_seen", "home_derp"}:
                     patch: dict[str, Any] = {"NodeID": op.id}
                     if "endpoints" in fields:
                         patch["Endpoints"] = list(peer.endpoints)
+                    if "home_derp" in fields and peer.home_derp:
+                        patch["DERPRegion"] = peer.home_derp
                     if len(patch) > 1:
                         patches.append(patch)
                     if "online" in fields:
@@ -331,6 +334,11 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 return Response("bad DiscoKey", status_code=400)
         if isinstance(endpoints, list):
             updates["endpoints"] = tuple(e for e in endpoints if isinstance(e, str) and _is_endpoint(e))[:64]
+        hostinfo = obj.get("Hostinfo")
+        net_info = hostinfo.get("NetInfo") if isinstance(hostinfo, gojson.GoObject) else None
+        preferred = net_info.get("PreferredDERP") if isinstance(net_info, gojson.GoObject) else None
+        if isinstance(preferred, int) and not isinstance(preferred, bool) and 0 <= preferred <= 65535:
+            updates["home_derp"] = preferred
         coordinator.update_node_session(node.id, **updates)
         if obj.get("Stream") is not True:
             return Response(b"", status_code=200)

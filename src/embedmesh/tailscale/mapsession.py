@@ -114,6 +114,7 @@ class MapSession:
             authorized=node.machine_authorized,
             key_expiry=node.key_expiry,
             key_expired=expired,
+            home_derp=node.home_derp,
         )
 
     def _dns(self, me: PeerInfo) -> DNSConfig:
