@@ -142,6 +142,29 @@ def test_concurrent_streams_and_a_multi_megabyte_stream(go_server: GoServer) -> 
     assert results == {f"echo{i}": True for i in range(12)}
 
 
+def test_concurrent_uploads_share_the_connection_window(go_server: GoServer) -> None:
+    """Four 2.5 MB bodies at once through Go's 1 MB connection window: every sender waits for
+    window updates at the same time, and each must be woken (not only the last to wait)."""
+    client = MachinePrivate.generate(os.urandom(32))
+    bodies = [os.urandom(5 << 19) for _ in range(4)]
+    echoed: dict[int, bool] = {}
+
+    async def body() -> None:
+        async with _connect(go_server, client) as conn:
+
+            async def upload(i: int) -> None:
+                reply = await conn.request("POST", "/echo", bodies[i])
+                echoed[i] = reply.status == 200 and reply.body == bodies[i]
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(bodies)):
+                        tg.start_soon(upload, i)
+
+    _run(body)
+    assert echoed == {i: True for i in range(len(bodies))}
+
+
 def test_a_slow_reader_holds_the_go_server_back(go_server: GoServer) -> None:
     """Flow control: unread data is not acknowledged, so Go's handler blocks at our window."""
     client = MachinePrivate.generate(os.urandom(32))

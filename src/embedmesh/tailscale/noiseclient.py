@@ -180,7 +180,7 @@ class ControlConnection:
             self._h2.send_headers(stream_id, request_headers, end_stream=not body)
             await self._flush()
             if body:
-                await self._send_body(stream_id, body)
+                await self._send_body(stream, body)
             await stream.headers.wait()
             if stream.error is not None:
                 raise stream.error
@@ -194,17 +194,24 @@ class ControlConnection:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._flush()
 
-    async def _send_body(self, stream_id: int, body: bytes) -> None:
+    async def _send_body(self, stream: _Stream, body: bytes) -> None:
         view = memoryview(body)
-        while view:
-            window = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+        while view and stream.error is None and not stream.ended:
+            try:
+                window = min(self._h2.local_flow_control_window(stream.id), self._h2.max_outbound_frame_size)
+                if window > 0:
+                    chunk, view = view[:window], view[window:]
+                    self._h2.send_data(stream.id, bytes(chunk), end_stream=not view)
+            except h2.exceptions.StreamClosedError:
+                # The server reset or answered the stream before taking the whole body (a body
+                # over its limit): stop sending; the caller reads the reset or the answer.
+                return
             if window <= 0:
-                self._window_changed = anyio.Event()
+                # Several streams may wait at once: each waits on the event of this moment, which
+                # the reader sets and replaces (a waiter replacing it would strand the others).
                 await self._window_changed.wait()
                 self._check_open()
                 continue
-            chunk, view = view[:window], view[window:]
-            self._h2.send_data(stream_id, bytes(chunk), end_stream=not view)
             await self._flush()
 
     async def _acknowledge(self, stream_id: int, flow: int) -> None:
@@ -299,8 +306,9 @@ class ControlConnection:
                 stream.error = ControlTransportError(f"the control server reset the request ({event.error_code!r})")
                 stream.headers.set()
                 stream.readable.set()
+                self._wake_senders()  # an upload waiting for this stream's window stops
         elif isinstance(event, h2.events.WindowUpdated):
-            self._window_changed.set()
+            self._wake_senders()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._fail(ControlTransportError(f"the control server ended the connection ({event.error_code!r})"))
 
@@ -312,7 +320,11 @@ class ControlConnection:
                 stream.error = self._closed
             stream.headers.set()
             stream.readable.set()
-        self._window_changed.set()
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        changed, self._window_changed = self._window_changed, anyio.Event()
+        changed.set()
 
     async def aclose(self) -> None:
         self._fail(ControlTransportError("the connection to the control server was closed"))

@@ -50,10 +50,12 @@ def _text(value: str | bytes) -> str:
 
 
 class _Request:
-    __slots__ = ("body", "ended", "event", "reset", "task", "window_open")
+    __slots__ = ("body", "ended", "event", "received", "reset", "task", "window_open")
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
+        #: Body bytes received so far (the app may already have taken them from ``body``).
+        self.received = 0
         self.ended = False
         self.reset = False
         self.event = asyncio.Event()
@@ -106,7 +108,17 @@ class Ts2021Protocol(asyncio.Protocol):
         assert session is not None
         challenge = ChallengePrivate.generate(self._random(32)).public()
         self._h2.initiate_connection()
-        self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        # Windows as large as the biggest request body we take (Go's HTTP/2 server, which
+        # headscale and Tailscale run, opens 1 MiB too): a client never waits for a window update
+        # in the middle of a request, and concurrent requests do not queue behind one 64 KiB
+        # connection window.
+        self._h2.update_settings(
+            {
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: MAX_REQUEST_BODY,
+            }
+        )
+        self._h2.increment_flow_control_window(MAX_REQUEST_BODY)
         # One write, as Tailscale's server "corks" it: the 101, the Noise response, the early
         # payload, then our HTTP/2 preface.
         transport.write(
@@ -163,9 +175,19 @@ class Ts2021Protocol(asyncio.Protocol):
         elif isinstance(event, h2.events.DataReceived):
             pending = self._requests.get(event.stream_id or 0)
             data = event.data or b""
-            if pending is None or sum(map(len, pending.body)) + len(data) > MAX_REQUEST_BODY:
+            if pending is not None:
+                pending.received += len(data)
+            if pending is None or pending.received > MAX_REQUEST_BODY:
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self._h2.reset_stream(event.stream_id or 0, h2.errors.ErrorCodes.REFUSED_STREAM)
+                # The connection window is shared: give the refused bytes back to it.
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self._h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id or 0)
+                if pending is not None:
+                    # The app sees the client go away instead of waiting for the rest.
+                    pending.reset = True
+                    pending.event.set()
+                    pending.window_open.set()
                 return
             pending.body.append(data)
             # The body is small and read whole: give the window back at once.
@@ -275,6 +297,9 @@ class Ts2021Protocol(asyncio.Protocol):
             if not started and not self._closed:
                 self._h2.send_headers(stream_id, [(":status", "500")], end_stream=True)
                 self._flush()
+            elif not finished and not self._closed and not request.reset:
+                # The app returned in the middle of its body: the client must not wait for the rest.
+                self._reset(stream_id)
         except asyncio.CancelledError:
             pass
         except OSError:
@@ -285,8 +310,17 @@ class Ts2021Protocol(asyncio.Protocol):
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self._h2.send_headers(stream_id, [(":status", "500")], end_stream=True)
                     self._flush()
+            elif not finished and not self._closed and not request.reset:
+                # Headers are out, so no 500 can follow: reset the stream, as Go's server does
+                # when a handler panics mid-answer, instead of leaving the client waiting.
+                self._reset(stream_id)
         finally:
             self._requests.pop(stream_id, None)
+
+    def _reset(self, stream_id: int) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self._flush()
 
     async def _send_body(self, stream_id: int, request: _Request, body: bytes, end: bool) -> None:
         view = memoryview(body)
