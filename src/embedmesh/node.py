@@ -188,6 +188,7 @@ class Node:
         self._config: WireGuardConfig | None = None
         self._control: ControlClient | TailscaleControlClient | None = None
         self._disco_responder: DiscoResponder | None = None
+        self._node_key_by_disco: dict[bytes, bytes] = {}
         self._netmap: NetworkMap | None = None
         self._peer_sync: PeerSync | None = None
         self._state_dir = state_dir
@@ -463,7 +464,7 @@ class Node:
             client_class = TailscaleControlClient
         # Tailscale's clients in the map (in either server's tailnet) send WireGuard directly
         # only to a node that answered their disco pings.
-        responder = DiscoResponder(DiscoPrivate(self._keys.disco_key))
+        responder = DiscoResponder(DiscoPrivate(self._keys.disco_key), on_ping=self._on_disco_ping)
         self._disco_responder = responder
         self._wireguard_link.on_disco = responder.receive
         control = client_class(
@@ -487,6 +488,14 @@ class Node:
             self._apply_netmap(control.netmap)
         self._task_group.start_soon(self._path_checker)
 
+    def _on_disco_ping(self, disco_key: bytes, source: tuple[str, int], now: float) -> None:
+        """A peer's disco ping: it is looking for a path to us, most likely because it could not
+        answer our handshake; resend ours now rather than at the 5 s retransmit."""
+        node_key = self._node_key_by_disco.get(disco_key)
+        peer = self._device.peers.get(node_key) if node_key is not None else None
+        if peer is not None:
+            self._device.hurry_handshake(peer, now)
+
     def _advertised_hosts(self) -> set[str]:
         if self._listen_host is not None:
             return {self._listen_host}
@@ -502,6 +511,7 @@ class Node:
         self._peer_sync.apply(netmap, time.monotonic())
         if self._disco_responder is not None:
             self._disco_responder.set_peers(peer.disco_key for peer in netmap.peers.values())
+            self._node_key_by_disco = {p.disco_key: p.node_key for p in netmap.peers.values() if any(p.disco_key)}
         self._zone_serial += 1
         self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
         self._dataplane.kick()

@@ -131,7 +131,7 @@ class _Control:
 
 
 def test_tailscaled_joins_an_embedmesh_control_server(
-    tailnet: TailnetRig, tailscale_bins: TailscaleBins, tmp_path: Path
+    tailnet: TailnetRig, tailscale_bins: TailscaleBins, tsnetpeer_bin: Path, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     root_ip = tailnet.attach_root()
@@ -141,6 +141,15 @@ def test_tailscaled_joins_an_embedmesh_control_server(
 
     ts = tailnet.tailscaled(tailscale_bins, "ts-a")
     ts.up(url, key)
+    # A service on ts-a's own loopback: tailscaled's userspace netstack forwards tailnet TCP to it.
+    service = ts.host.ns.popen(
+        [sys.executable, "-m", "http.server", "8000", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        log_name="ts-a-http",
+    )
+    (tmp_path / "hello.txt").write_text("served in ts-a's namespace\n")
+    # A tsnet program (tailscale.com/tsnet v1.102.5) joins too.
+    web = tailnet.tsnet(tsnetpeer_bin, "tsnet-web", url, key, "-http", "80")
+    web.wait_event("serving")
     domain = "mesh.internal"
     app = Starlette(routes=[Route("/hello", _hello)])
 
@@ -176,6 +185,16 @@ def test_tailscaled_joins_an_embedmesh_control_server(
             assert body == f"embedmesh says hello to {ts.ipv4()}\n"
             rtt = await node.ping(f"ts-a.{domain}", timeout=10)
             assert rtt < 5
+            # The Node dials a TCP service that tailscaled's userspace netstack forwards to its
+            # namespace, and fetches the tsnet program's page, both by MagicDNS name.
+            async with node.http_client() as http:
+                reply = await http.get(f"http://ts-a.{domain}:8000/hello.txt")
+                assert reply.text == "served in ts-a's namespace\n"
+                reply = await http.get(f"http://tsnet-web.{domain}/from-embedmesh")
+                assert reply.text == "tsnetpeer tsnet-web /from-embedmesh\n"
+            # tailscaled reaches the tsnet program through the embedmesh server's map as well.
+            body = await anyio.to_thread.run_sync(lambda: ts.curl(f"http://tsnet-web.{domain}/from-ts"))
+            assert body == "tsnetpeer tsnet-web /from-ts\n"
 
             # Admin changes reach tailscaled in one map update: a rename, then a delete.
             assert admin.post(f"/nodes/{listed['py']['id']}/rename", json={"name": "web"}).status_code == 200
@@ -183,7 +202,7 @@ def test_tailscaled_joins_an_embedmesh_control_server(
             assert admin.delete(f"/nodes/{listed['py']['id']}").status_code == 200
 
             def gone() -> bool:
-                return not ts.peer_names()
+                return f"web.{domain}" not in ts.peer_names()
 
             await anyio.to_thread.run_sync(
                 lambda: wait_for(gone, timeout=15, interval=0.2, what="py to leave")
@@ -194,6 +213,7 @@ def test_tailscaled_joins_an_embedmesh_control_server(
         anyio.run(main)
     finally:
         admin.close()
+        service.terminate()
     print(f"tailscaled in an embedmesh tailnet, proved in {time.monotonic() - started:.1f}s")
 
 

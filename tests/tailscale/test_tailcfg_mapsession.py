@@ -182,3 +182,15 @@ def test_the_disco_responder_answers_pings_from_peers_in_the_map_only() -> None:
     responder.set_peers([])
     assert responder.receive(ping, ("198.51.100.7", 41641), NOW) == []
     assert responder.counters["pings"] == 1 and responder.counters["drop_unknown_sender"] == 2
+
+
+def test_an_authentic_ping_is_reported_so_the_node_can_hurry_its_handshake() -> None:
+    ours, theirs = DiscoPrivate.generate(os.urandom(32)), DiscoPrivate.generate(os.urandom(32))
+    seen: list[tuple[bytes, tuple[str, int], float]] = []
+    responder = DiscoResponder(ours, on_ping=lambda key, source, now: seen.append((key, source, now)))
+    responder.set_peers([theirs.public().raw])
+    ping = disco.DiscoBox(theirs, ours.public()).seal(disco.Ping(b"p" * 12), nonce=os.urandom(24))
+    assert responder.receive(ping, ("198.51.100.9", 7), NOW)
+    assert seen == [(theirs.public().raw, ("198.51.100.9", 7), NOW)]
+    responder.receive(ping[:-1] + b"\x00", ("198.51.100.9", 7), NOW)  # not authentic: not reported
+    assert len(seen) == 1

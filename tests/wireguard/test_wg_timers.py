@@ -109,3 +109,23 @@ def test_keys_are_zeroed_after_three_reject_after_times() -> None:
     peer = p.a.device.peers[p.b.public_key]
     assert peer.current is None and peer.previous is None and peer.next is None
     assert not p.a.device._indices
+
+
+def test_a_hurried_handshake_goes_out_at_once_instead_of_at_the_retransmit_timer() -> None:
+    """What the node does when a Tailscale peer's disco ping shows it can reach us now: the
+    initiation whose answer was lost is sent again at once, not REKEY_TIMEOUT later."""
+    p = make_pair()
+    peer = p.a.device.peers[p.b.public_key]
+    del p.net.hosts[B_EP]  # B cannot be reached yet: the first initiation is lost
+    p.ping(p.a, 1)
+    p.net.run(0.5)
+    assert p.a.device.counters["tx_initiation"] == 1 and peer.handshake is not None
+    p.net.attach(B_EP, p.b)
+    p.a.device.hurry_handshake(peer, p.net.now)
+    p.net.flush()
+    p.net.run(1.0)
+    assert p.a.device.counters["handshake_hurried"] == 1
+    assert p.replies(p.a) == {1} and p.net.now < REKEY_TIMEOUT
+    # With a session up, hurrying does nothing.
+    p.a.device.hurry_handshake(peer, p.net.now)
+    assert p.a.device.counters["handshake_hurried"] == 1

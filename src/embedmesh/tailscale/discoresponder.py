@@ -27,9 +27,16 @@ Datagram = tuple[bytes, tuple[str, int]]
 class DiscoResponder:
     """Answers disco pings from known peers; counts everything it drops."""
 
-    def __init__(self, private: DiscoPrivate, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        private: DiscoPrivate,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        on_ping: Callable[[bytes, tuple[str, int], float], None] | None = None,
+    ) -> None:
         self._private = private
         self._random = random_bytes
+        #: Called with (the peer's disco key, the ping's source, now) for every authentic ping.
+        self.on_ping = on_ping
         self._boxes: dict[bytes, disco.DiscoBox] = {}
         self.counters: Counter[str] = Counter()
 
@@ -61,6 +68,8 @@ class DiscoResponder:
             host, port = source
             observed = (ipaddress.ip_address(host.split("%", 1)[0]), port)
             pong = box.seal(disco.Pong(message.tx_id, observed), nonce=self._random(disco.NONCE_SIZE))
+            if self.on_ping is not None:
+                self.on_ping(disco.sender_of(datagram).raw, source, now)
             return [(pong, source)]
         self.counters["ignored_" + type(message).__name__.lower()] += 1
         return []

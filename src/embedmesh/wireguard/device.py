@@ -524,6 +524,17 @@ class WireGuardDevice:
         """Start a handshake with ``peer`` now (normally the device decides when)."""
         self._initiate(peer, now, retry=False)
 
+    def hurry_handshake(self, peer: Peer, now: float) -> None:
+        """Resend a handshake in flight now instead of at its retransmit timer.
+
+        For a peer that just proved it can reach us (a Tailscale client's disco ping): its answer
+        to our last initiation was likely lost for want of a path, and now it has one.
+        """
+        if peer.handshake is not None and peer.handshake_attempts < MAX_HANDSHAKE_ATTEMPTS:
+            peer.handshake_attempts += 1
+            self._counts["handshake_hurried"] += 1
+            self._initiate(peer, now, retry=True)
+
     # ------------------------------------------------------------------ time
 
     def handle_timeout(self, now: float) -> None:
