@@ -13,6 +13,8 @@ import anyio
 import httpx
 import pytest
 from control_harness import Admin, start_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from embedmesh.control.errors import AuthKeyRequiredError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
@@ -223,3 +225,58 @@ async def test_a_clients_preferred_derp_region_is_its_peers_home_derp(tmp_path: 
                 )
                 assert (await conn.request("POST", "/machine/map", lite)).status == 200
                 await viewer.wait_for_netmap(lambda m: _only(m).home_derp == 901, 10)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 200) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "Version",
+                    "NodeKey",
+                    "OldNodeKey",
+                    "Auth",
+                    "AuthKey",
+                    "Expiry",
+                    "Followup",
+                    "Hostinfo",
+                    "Hostname",
+                    "OS",
+                    "RequestTags",
+                    "NetInfo",
+                    "PreferredDERP",
+                    "DiscoKey",
+                    "Endpoints",
+                    "Stream",
+                    "OmitPeers",
+                    "Ephemeral",
+                ]
+            ),
+            inner,
+            max_size=6,
+        )
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/machine/register", "/machine/map"]), document=_JSON, version=st.integers(100, 140)
+)
+def test_any_request_json_gets_an_answer_never_a_crash(
+    tmp_path_factory: pytest.TempPathFactory, path: str, document: object, version: int
+) -> None:
+    """Hostile RegisterRequest/MapRequest JSON from an authenticated machine: 200, 400 or 404."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
+    import fuzz_ts_control_api as target
+
+    if isinstance(document, dict):
+        document.setdefault("Version", version)
+        document["Stream"] = False  # a streaming map would not end
+    status = anyio.run(target.call, path, json.dumps(document).encode())
+    assert status in (200, 400, 404)
