@@ -9,6 +9,7 @@ Go client (ts2021.Client in tsvectors, interop), raw sockets for hostile input.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -381,3 +382,59 @@ def test_tailscales_go_client_against_our_server(server: tuple[RunningServer, di
     assert report["stream_bytes"] == 9 << 20
     assert report["concurrent_ok"] == 12
     assert report["not_found_status"] == 404
+
+
+# ---------------------------------------------------------------------- connection limits
+
+
+def test_unregistered_noise_connections_count_against_their_source(tmp_path: Path) -> None:
+    """Anyone can make machine keys: a Noise handshake alone must not lift the per-source cap,
+    while registered nodes' connections (many nodes behind one NAT) no longer count."""
+    from control_harness import Admin
+
+    from embedmesh.errors import EmbedmeshError
+    from embedmesh.tailscale.client import TailscaleControlClient
+
+    with start_server(tmp_path / "server", max_connections_per_source=3) as running:
+        admin = Admin(running)
+        auth_key = admin.key(reusable=True)
+        admin.http.close()
+        limiter = running.server.limiter
+        server_key = running.server.machine_key.public()
+
+        def nodes(name: str) -> TailscaleControlClient:
+            return TailscaleControlClient(
+                running.url,
+                machine_key=os.urandom(32),
+                node_key=os.urandom(32),
+                disco_key=os.urandom(32),
+                hostname=name,
+                auth_key=auth_key,
+            )
+
+        async def settle(count: int) -> None:
+            with anyio.fail_after(5):
+                while len(limiter) != count:
+                    await anyio.sleep(0.02)
+
+        async def body() -> None:
+            # Three registered nodes, each polling its map on its own Noise connection.
+            async with nodes("a"), nodes("b"), nodes("c"):
+                await settle(3)
+                async with contextlib.AsyncExitStack() as stack:
+                    for _ in range(3):
+                        conn = await stack.enter_async_context(
+                            noiseclient.connect_control(running.url, _machine(), CAPVER, server_key=server_key)
+                        )
+                        assert conn.early_payload is not None
+                    await settle(6)
+                    # The source's three unregistered places are taken, by started (not idle)
+                    # connections that are not evicted: the fourth is refused.
+                    with pytest.raises(EmbedmeshError):
+                        async with noiseclient.connect_control(
+                            running.url, _machine(), CAPVER, server_key=server_key, timeout=5
+                        ):
+                            pass
+            await settle(0)
+
+        _run(body)

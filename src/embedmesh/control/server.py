@@ -538,12 +538,12 @@ def _limited_protocols(
                 client=self.client,
                 server=self.server,
                 on_close=lambda: limiter.closed(key),
+                # Only a registered node's connection leaves its source's cap (the app says when).
+                on_registered=lambda: limiter.authenticated(key),
             )
             leftover, _closed = self.conn.trailing_data
             self.transport.set_protocol(protocol)
             protocol.connection_made(self.transport)
-            # A ts2021 connection authenticated by Noise is a node's, not an idle socket.
-            limiter.authenticated(key)
             if leftover:
                 protocol.data_received(bytes(leftover))
 

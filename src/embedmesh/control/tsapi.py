@@ -74,6 +74,15 @@ def _machine(request: Request) -> MachinePublic:
     return key
 
 
+def _registered_connection(request: Request) -> None:
+    """This connection's machine is a registered node's: it stops counting against its source's
+    cap of not-yet-registered connections (the Noise handshake alone proves nothing: anyone can
+    make a machine key)."""
+    callback = request.scope["extensions"]["tailscale"].get("registered")
+    if callable(callback):
+        callback()
+
+
 def _text(obj: gojson.GoObject | None, name: str) -> str:
     value = obj.get(name) if obj is not None else None
     return value if isinstance(value, str) else ""
@@ -273,6 +282,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
         except ControlError as exc:
             logger.info("refused a Tailscale-protocol registration: %s", exc)
             return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+        _registered_connection(request)
         return registered(node)
 
     def registered(node: Any) -> JSONResponse:
@@ -311,6 +321,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
         if login.node_id is None:
             # Not yet: the client asks again with the same URL.
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
+        _registered_connection(request)
         return registered(coordinator.node(login.node_id))
 
     async def map_poll(request: Request) -> Response:
@@ -324,6 +335,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
         node = coordinator.node_by_node_key(node_key.raw)
         if node is None or node.rec.machine_key != _machine(request).raw:
             return Response("node not found: register first", status_code=404)
+        _registered_connection(request)
         disco_text = obj.get("DiscoKey")
         endpoints = obj.get("Endpoints")
         updates: dict[str, Any] = {}

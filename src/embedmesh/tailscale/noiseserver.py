@@ -7,10 +7,13 @@ clients of capability version 49 and newer) in one write, and runs an h2 server 
 the Noise records. Each HTTP/2 request becomes an ASGI ``http`` call of the given app, with the
 peer's machine key and capability version in ``scope["extensions"]["tailscale"]``: the Noise
 handshake authenticated that machine key, so the app may trust it as Tailscale's servers do.
+Anyone can make a machine key, though: the connection keeps counting against its source's cap of
+not-yet-registered connections until the app calls ``extensions["tailscale"]["registered"]()``
+(the machine is a registered node's).
 
 Flow control both ways: a response body is sent as the client's windows allow (the app's
-``send`` waits for window updates and for the socket to drain), and request bodies are
-acknowledged as the app reads them.
+``send`` waits for window updates and for the socket to drain); request bodies (at most
+:data:`MAX_REQUEST_BODY`, within 1 MiB windows) are acknowledged as they arrive.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Ts2021Protocol(asyncio.Protocol):
         client: tuple[str, int] | None,
         server: tuple[str, int | None] | None,
         on_close: Callable[[], None] | None = None,
+        on_registered: Callable[[], None] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._app = app
@@ -84,6 +88,7 @@ class Ts2021Protocol(asyncio.Protocol):
         self._client = client
         self._server = server
         self._on_close = on_close
+        self._on_registered = on_registered
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self._h2 = h2.connection.H2Connection(config=config)
         self._requests: dict[int, _Request] = {}
@@ -250,7 +255,14 @@ class Ts2021Protocol(asyncio.Protocol):
             + [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":") and k != "host"],
             "client": self._client,
             "server": self._server,
-            "extensions": {"tailscale": {"machine_key": session.peer, "version": session.version}},
+            "extensions": {
+                "tailscale": {
+                    "machine_key": session.peer,
+                    "version": session.version,
+                    # The app calls this once the machine key is a registered node's.
+                    "registered": self._on_registered,
+                }
+            },
         }
         started = False
         finished = False
