@@ -36,7 +36,7 @@ class Login:
 
 
 class PendingLogins:
-    """The logins that wait for an admin; ids are 128 random bits (URL-safe)."""
+    """The logins that wait for an admin; ids are 128 random bits in hex."""
 
     def __init__(self, *, lifetime: float = DEFAULT_LIFETIME, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.lifetime = lifetime
@@ -58,7 +58,9 @@ class PendingLogins:
         while len(self._by_id) >= self.max_pending:
             _, oldest = self._by_id.popitem(last=False)
             self._by_machine.pop(oldest.machine_key, None)
-        login = Login(secrets.token_urlsafe(16), machine_key, request, now, source)
+        # Hex: an id that began with "-" (1 in 64 of URL-safe base64 ones) read as an option to
+        # `control auth register ID`.
+        login = Login(secrets.token_hex(16), machine_key, request, now, source)
         self._by_id[login.id] = login
         self._by_machine[machine_key] = login.id
         return login
