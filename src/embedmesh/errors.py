@@ -86,7 +86,9 @@ class UpTimeoutError(EmbedmeshError, TimeoutError):
 
     :attr:`waiting_for` is one of ``"start"`` (the node was still starting: registration and the
     first network map), ``"control"`` (reconnecting to the coordination server), ``"approval"``
-    (an admin has yet to approve the node) and ``"reauthentication"`` (the node key expired).
+    (an admin has yet to approve the node), ``"reauthentication"`` (the node key expired) and
+    ``"login"`` (a Tailscale-protocol server waits for an interactive login: open
+    ``node.status().auth_url``).
     """
 
     def __init__(self, message: str, waiting_for: str) -> None:

@@ -107,6 +107,8 @@ class NodeStatus:
     fqdn: str = ""
     state: str = ""
     control_connected: bool | None = None
+    #: The URL to open to log the node in, while a Tailscale-protocol server waits for a login.
+    auth_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +383,8 @@ class Node:
     def _waiting_for_kind(self) -> str:
         """:attr:`UpTimeoutError.waiting_for`: what :meth:`waiting_for` says, as a keyword."""
         netmap = self._netmap
+        if netmap is None and isinstance(self._control, TailscaleControlClient) and self._control.auth_url:
+            return "login"
         if not self._started.is_set() or netmap is None:
             return "start"
         if self._control is not None and not self._control.connected:
@@ -401,6 +405,9 @@ class Node:
         control, netmap = self._control, self._netmap
         if control is None:
             return ""
+        auth_url = control.auth_url if isinstance(control, TailscaleControlClient) else ""
+        if auth_url and (netmap is None or netmap.state is not NodeState.AUTHORIZED):
+            return f"waiting for a login: open {auth_url}"
         if not control.connected:
             return f"reconnecting to the control server at {self._control_url}"
         if netmap is not None and netmap.state is NodeState.PENDING_APPROVAL:
@@ -655,6 +662,7 @@ class Node:
             fqdn=self.fqdn,
             state=self._netmap.state.value if self._netmap else "",
             control_connected=control.connected if control is not None else None,
+            auth_url=control.auth_url if isinstance(control, TailscaleControlClient) else "",
         )
 
     # ------------------------------------------------------------------ names

@@ -95,3 +95,33 @@ def test_an_embedmesh_node_joins_a_headscale_tailnet(
     print(
         f"embedmesh node in a headscale tailnet with tailscaled, proved in {time.monotonic() - started:.1f}s"
     )
+
+
+def test_a_node_without_a_key_shows_headscales_login_url(
+    tailnet: TailnetRig, headscale_bin: Path, tmp_path: Path
+) -> None:
+    """As `tailscale up` does: no auth key, so the server's AuthURL is what the node waits for;
+    once an admin completes the login (headscale's `auth register`), up() returns."""
+    root_ip = tailnet.attach_root()
+    hs = tailnet.headscale(headscale_bin)
+    hs.user_id("test")
+
+    async def main() -> None:
+        async with embedmesh.Node(
+            control_url=hs.url, hostname="interactive", state_dir=tmp_path / "n", listen_host=root_ip
+        ) as node:
+            with pytest.raises(
+                embedmesh.errors.UpTimeoutError, match="waiting for a login: open http"
+            ) as caught:
+                await node.up(timeout=2)
+            assert caught.value.waiting_for == "login"
+            auth_url = node.status().auth_url
+            assert f"{hs.url}/register/" in auth_url
+            auth_id = auth_url.rstrip("/").rsplit("/", 1)[1]
+            await anyio.to_thread.run_sync(
+                lambda: hs.cli("auth", "register", "--auth-id", auth_id, "--user", "test")
+            )
+            await node.up(timeout=30)
+            assert node.fqdn == f"interactive.{hs.base_domain}" and node.status().auth_url == ""
+
+    anyio.run(main)

@@ -136,7 +136,11 @@ class TailscaleControlClient:
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._run)
         try:
-            await self.wait_for_netmap()
+            # The first map, or an interactive login to wait for (the caller shows its URL).
+            while self.netmap is None and not self.auth_url:
+                if self.error is not None:
+                    raise self.error
+                await self._changed.wait()
         except BaseException:
             await self.close()
             raise
