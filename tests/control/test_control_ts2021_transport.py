@@ -87,6 +87,10 @@ def transport_app(progress: dict[str, int]) -> Starlette:
 
         return StreamingResponse(body())
 
+    async def latin1(request: Request) -> Response:
+        # Not UTF-8: header bytes must cross the bridge as they are, and not break the client.
+        return Response(b"", headers={"x-odd": "\xff\xfe"})
+
     async def written(request: Request) -> JSONResponse:
         return JSONResponse({"written": progress.get(request.query_params["tag"], -1)})
 
@@ -97,6 +101,7 @@ def transport_app(progress: dict[str, int]) -> Starlette:
             Route("/stream", stream),
             Route("/fail-midway", fail_midway),
             Route("/progress", written),
+            Route("/latin1", latin1),
         ]
     )
 
@@ -141,6 +146,8 @@ def test_our_client_against_our_server(server: tuple[RunningServer, dict[str, in
             with pytest.raises(noiseclient.ControlTransportError, match="reset"):
                 await conn.request("POST", "/echo", upload + b"!")
             assert (await conn.request("GET", "/no-such-route")).status == 404
+            odd = await conn.request("GET", "/latin1")
+            assert (odd.status, odd.headers["x-odd"]) == (200, "\xff\xfe")
 
     _run(body)
 

@@ -131,7 +131,9 @@ class ControlConnection:
         self._noise = noise
         self._early = early
         self._host = host
-        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        # Response headers stay bytes (read as latin-1): with an encoding, h2 raises
+        # UnicodeDecodeError out of receive_data on a server's header that is not UTF-8.
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
         self._streams: dict[int, _Stream] = {}
         self._write_lock = anyio.Lock()

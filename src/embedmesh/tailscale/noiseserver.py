@@ -89,7 +89,9 @@ class Ts2021Protocol(asyncio.Protocol):
         self._server = server
         self._on_close = on_close
         self._on_registered = on_registered
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        # Headers stay bytes (read as latin-1 below): with an encoding, h2 raises UnicodeDecodeError
+        # out of receive_data on a header that is not UTF-8 (found by fuzz_ts_noiseserver).
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
         self._requests: dict[int, _Request] = {}
         self._transport: asyncio.Transport | None = None
@@ -247,12 +249,16 @@ class Ts2021Protocol(asyncio.Protocol):
             "method": fields.get(":method", "GET"),
             "scheme": "https",
             "path": path,
-            "raw_path": path.encode(),
-            "query_string": query.encode(),
+            "raw_path": path.encode("latin-1"),
+            "query_string": query.encode("latin-1"),
             "root_path": "",
             # HTTP/2's :authority is HTTP/1.1's Host (ASGI apps read the latter).
-            "headers": [(b"host", fields.get(":authority", "").encode())]
-            + [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":") and k != "host"],
+            "headers": [(b"host", fields.get(":authority", "").encode("latin-1"))]
+            + [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in headers
+                if not k.startswith(":") and k != "host"
+            ],
             "client": self._client,
             "server": self._server,
             "extensions": {
@@ -293,8 +299,9 @@ class Ts2021Protocol(asyncio.Protocol):
             if self._closed or request.reset:
                 raise OSError("the control client went away")
             if message["type"] == "http.response.start":
-                response_headers = [(":status", str(message["status"]))] + [
-                    (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in message.get("headers", [])
+                # The app's header bytes go out as they are (h2 would re-encode text as UTF-8).
+                response_headers = [(b":status", str(message["status"]).encode())] + [
+                    (bytes(k).lower(), bytes(v)) for k, v in message.get("headers", [])
                 ]
                 self._h2.send_headers(stream_id, response_headers)
                 started = True
