@@ -1,0 +1,1083 @@
+"""DERP, Tailscale's relay protocol (version 2), sans-IO: frames, a client and a server connection,
+and the relay core that routes packets between connections by node key.
+
+Wire-compatible with ``tailscale.com/derp`` v1.102.5. After the HTTP upgrade (``GET /derp`` with
+``Upgrade: DERP``) both sides exchange frames::
+
+    type (1) | length (4, big-endian) | payload (length bytes)
+
+=====================  =====  ============================================================================
+frame                  type   payload
+=====================  =====  ============================================================================
+:class:`ServerKey`     0x01   magic "DERP🔑" (8) · server public key (32) · (ignored future bytes)
+:class:`ClientInfo`    0x02   client public key (32) · nonce (24) · NaCl box of the JSON ClientInfo
+:class:`ServerInfo`    0x03   nonce (24) · NaCl box of the JSON ServerInfo
+:class:`SendPacket`    0x04   destination key (32) · packet (≤ 64 KiB)
+:class:`RecvPacket`    0x05   source key (32) · packet
+:class:`KeepAlive`     0x06   (empty)
+:class:`NotePreferred` 0x07   1 byte: 1 when this server is the client's home
+:class:`PeerGone`      0x08   key (32) · reason (1, optional: 0 disconnected, 1 not here)
+:class:`PeerPresent`   0x09   key (32) · IP (16) · port (2) · flags (1); the last two parts optional
+:class:`ForwardPacket` 0x0a   source key (32) · destination key (32) · packet (mesh peers only)
+:class:`WatchConns`    0x10   (empty; mesh peers only)
+:class:`ClosePeer`     0x11   key (32; mesh peers only)
+:class:`Ping`          0x12   8 bytes, echoed in a Pong (the server allows up to 1000 bytes)
+:class:`Pong`          0x13   8 bytes
+:class:`Health`        0x14   a problem description (UTF-8); empty means healthy again
+:class:`Restarting`    0x15   reconnect-in ms (4) · try-for ms (4)
+=====================  =====  ============================================================================
+
+The boxes are ``crypto_box`` (X25519 + XSalsa20-Poly1305) between the node keys, with the nonce in
+front, as Go's ``key.NodePrivate.SealTo``. Unknown frame types are skipped, as Go does.
+
+:class:`ClientConnection` and :class:`ServerConnection` take bytes in and give events and bytes out;
+:class:`RelayCore` holds the routing state of a server (which connection holds which key, duplicate
+connections, per-client send queues with head drop, PeerGone notifications). Randomness (nonces,
+keepalive jitter) and the time (``now``, seconds) are arguments; nothing here reads a clock.
+Parsers raise only :class:`DerpError`, a :class:`~embedmesh.errors.ParseError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import nacl.bindings
+import nacl.exceptions
+
+from embedmesh.tailscale import gojson
+from embedmesh.tailscale.errors import TailscaleProtocolError
+from embedmesh.tailscale.keys import NodePrivate, NodePublic
+
+MAGIC = "DERP🔑".encode()
+assert MAGIC == b"DERP\xf0\x9f\x94\x91"
+PROTOCOL_VERSION = 2
+KEY_LEN = 32
+NONCE_LEN = 24
+FRAME_HEADER_LEN = 5
+#: The largest packet a SendPacket, RecvPacket or ForwardPacket carries (Go's ``MaxPacketSize``).
+MAX_PACKET_SIZE = 64 << 10
+#: The largest ServerInfo box a client accepts (Go's ``MaxInfoLen``), plus its nonce.
+MAX_INFO_LEN = 1 << 20
+#: The largest frame a client reads (Go's ``Client.recvTimeout``).
+MAX_CLIENT_FRAME = 1 << 20
+#: The largest ClientInfo frame a server reads (an untrusted peer's JSON, Go's ``recvClientKey``).
+MAX_CLIENT_INFO_FRAME = 256 << 10
+#: The largest frame a server reads from an authenticated client: a ForwardPacket of the largest
+#: packet. Go skips longer unknown frames byte by byte; here they end the connection instead
+#: (no honest client sends one).
+MAX_SERVER_FRAME = 2 * KEY_LEN + MAX_PACKET_SIZE
+#: A Ping body longer than this ends the connection (Go's ``handleFramePing``).
+MAX_PING_LEN = 1000
+#: How often a server sends KeepAlive (plus up to 5 s of jitter); a client hears one at least this often.
+KEEPALIVE_INTERVAL = 60.0
+#: Packets buffered per client and per class (disco, other) before head drop (Go's default).
+PER_CLIENT_SEND_QUEUE_DEPTH = 32
+#: The HTTP header a client sends to skip the server's 101 response.
+FAST_START_HEADER = "Derp-Fast-Start"
+BOX_OVERHEAD = 16
+
+_DISCO_MAGIC = "TS💬".encode()
+_DISCO_WRAPPER_LEN = len(_DISCO_MAGIC) + KEY_LEN + NONCE_LEN
+
+
+class DerpError(TailscaleProtocolError):
+    """Bytes from a DERP peer do not form a valid frame, or the handshake failed: close the connection."""
+
+
+class FrameType(enum.IntEnum):
+    """DERP frame types (``derp.FrameType``)."""
+
+    SERVER_KEY = 0x01
+    CLIENT_INFO = 0x02
+    SERVER_INFO = 0x03
+    SEND_PACKET = 0x04
+    RECV_PACKET = 0x05
+    KEEP_ALIVE = 0x06
+    NOTE_PREFERRED = 0x07
+    PEER_GONE = 0x08
+    PEER_PRESENT = 0x09
+    FORWARD_PACKET = 0x0A
+    WATCH_CONNS = 0x10
+    CLOSE_PEER = 0x11
+    PING = 0x12
+    PONG = 0x13
+    HEALTH = 0x14
+    RESTARTING = 0x15
+
+
+class PeerGoneReason(enum.IntEnum):
+    """Why a PeerGone frame was sent."""
+
+    DISCONNECTED = 0x00
+    NOT_HERE = 0x01
+
+
+class PeerPresentFlags(enum.IntFlag):
+    """The flags byte of PeerPresent."""
+
+    REGULAR = 1 << 0
+    MESH_PEER = 1 << 1
+    PROBER = 1 << 2
+    NOT_IDEAL = 1 << 3
+
+
+def looks_like_disco(packet: bytes | bytearray | memoryview) -> bool:
+    """Go's ``disco.LooksLikeDiscoWrapper``: the server queues and counts disco apart from WireGuard."""
+    return len(packet) >= _DISCO_WRAPPER_LEN and bytes(packet[: len(_DISCO_MAGIC)]) == _DISCO_MAGIC
+
+
+def _key(data: bytes) -> NodePublic:
+    return NodePublic(data[:KEY_LEN])
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKey:
+    """The server's greeting: its public key."""
+
+    key: NodePublic
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfoFrame:
+    """A client's login: its key and a box (nonce in front) of its JSON :class:`ClientInfo`."""
+
+    key: NodePublic
+    sealed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfoFrame:
+    """The server's answer to the login: a box (nonce in front) of its JSON :class:`ServerInfo`."""
+
+    sealed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendPacket:
+    """Client to server: relay ``packet`` to the node with key ``dst``."""
+
+    dst: NodePublic
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecvPacket:
+    """Server to client: ``packet`` from the node with key ``src``."""
+
+    src: NodePublic
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardPacket:
+    """Mesh peer to server: ``packet`` from ``src`` (on another server) to ``dst`` here."""
+
+    src: NodePublic
+    dst: NodePublic
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """A one-way no-op from the server that keeps the connection alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotePreferred:
+    """Client to server: whether this server is the client's home."""
+
+    preferred: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGone:
+    """Server to client: ``key`` is no longer reachable through this server."""
+
+    key: NodePublic
+    reason: int = PeerGoneReason.DISCONNECTED
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPresent:
+    """Server to a watcher: ``key`` connected (from ``ip``:``port``, when the server says)."""
+
+    key: NodePublic
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    port: int = 0
+    flags: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConns:
+    """Mesh peer to server: send PeerPresent/PeerGone for every client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePeer:
+    """Mesh peer to server: close the connections of ``key``."""
+
+    key: NodePublic
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Either side: answer with a :class:`Pong` of the same 8 bytes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to a :class:`Ping`."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Server to client: a problem with this connection; empty means healthy again."""
+
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restarting:
+    """Server to client: the server restarts; reconnect after ``reconnect_in_ms``, trying for ``try_for_ms``."""
+
+    reconnect_in_ms: int
+    try_for_ms: int
+
+
+Frame: TypeAlias = (
+    ServerKey
+    | ClientInfoFrame
+    | ServerInfoFrame
+    | SendPacket
+    | RecvPacket
+    | ForwardPacket
+    | KeepAlive
+    | NotePreferred
+    | PeerGone
+    | PeerPresent
+    | WatchConns
+    | ClosePeer
+    | Ping
+    | Pong
+    | Health
+    | Restarting
+)
+
+
+def frame_header(frame_type: int, length: int) -> bytes:
+    """The 5-byte header of a frame."""
+    return struct.pack(">BI", frame_type, length)
+
+
+def _frame(frame_type: FrameType, payload: bytes) -> bytes:
+    return frame_header(frame_type, len(payload)) + payload
+
+
+def _eight(data: bytes, what: str) -> bytes:
+    if len(data) != 8:
+        raise ValueError(f"a {what} carries 8 bytes")
+    return data
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The wire bytes (header and payload) of ``frame``. Raises ValueError for a packet over 64 KiB."""
+    match frame:
+        case ServerKey(key):
+            return _frame(FrameType.SERVER_KEY, MAGIC + key.raw)
+        case ClientInfoFrame(key, sealed):
+            return _frame(FrameType.CLIENT_INFO, key.raw + sealed)
+        case ServerInfoFrame(sealed):
+            return _frame(FrameType.SERVER_INFO, sealed)
+        case SendPacket(dst, packet):
+            _check_packet(packet)
+            return _frame(FrameType.SEND_PACKET, dst.raw + packet)
+        case RecvPacket(src, packet):
+            _check_packet(packet)
+            return _frame(FrameType.RECV_PACKET, src.raw + packet)
+        case ForwardPacket(src, dst, packet):
+            _check_packet(packet)
+            return _frame(FrameType.FORWARD_PACKET, src.raw + dst.raw + packet)
+        case KeepAlive():
+            return _frame(FrameType.KEEP_ALIVE, b"")
+        case NotePreferred(preferred):
+            return _frame(FrameType.NOTE_PREFERRED, b"\x01" if preferred else b"\x00")
+        case PeerGone(key, reason):
+            return _frame(FrameType.PEER_GONE, key.raw + bytes([reason]))
+        case PeerPresent(key, ip, port, flags):
+            payload = key.raw
+            if ip is not None:
+                addr = ip if ip.version == 6 else ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
+                payload += addr.packed + struct.pack(">H", port)
+                if flags is not None:
+                    payload += bytes([flags])
+            return _frame(FrameType.PEER_PRESENT, payload)
+        case WatchConns():
+            return _frame(FrameType.WATCH_CONNS, b"")
+        case ClosePeer(key):
+            return _frame(FrameType.CLOSE_PEER, key.raw)
+        case Ping(data):
+            return _frame(FrameType.PING, _eight(data, "Ping"))
+        case Pong(data):
+            return _frame(FrameType.PONG, _eight(data, "Pong"))
+        case Health(problem):
+            return _frame(FrameType.HEALTH, problem.encode())
+        case Restarting(reconnect_in_ms, try_for_ms):
+            return _frame(FrameType.RESTARTING, struct.pack(">II", reconnect_in_ms, try_for_ms))
+    raise TypeError(f"not a DERP frame: {frame!r}")
+
+
+def _check_packet(packet: bytes) -> None:
+    if len(packet) > MAX_PACKET_SIZE:
+        raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
+
+
+def parse_server_frame(frame_type: int, payload: bytes) -> Frame | None:
+    """A frame a client received from a server, read as Go's ``derp.Client.Recv`` reads it.
+
+    Returns None for a frame Go skips (unknown types, and short PeerGone/PeerPresent/RecvPacket/
+    Ping/Pong/Restarting frames, which Go logs and drops). Raises :class:`DerpError` for a bad
+    ServerKey (Go fails the connection).
+    """
+    n = len(payload)
+    if frame_type == FrameType.SERVER_KEY:
+        if n < len(MAGIC) + KEY_LEN or payload[: len(MAGIC)] != MAGIC:
+            raise DerpError("invalid DERP server greeting")
+        return ServerKey(_key(payload[len(MAGIC) :]))
+    if frame_type == FrameType.SERVER_INFO:
+        if n < NONCE_LEN:
+            raise DerpError("short DERP ServerInfo frame")
+        if n > NONCE_LEN + MAX_INFO_LEN:
+            raise DerpError("long DERP ServerInfo frame")
+        return ServerInfoFrame(payload)
+    if frame_type == FrameType.KEEP_ALIVE:
+        return KeepAlive()
+    if frame_type == FrameType.PEER_GONE:
+        if n < KEY_LEN:
+            return None
+        # Old servers sent no reason byte: that meant "disconnected".
+        return PeerGone(_key(payload), payload[KEY_LEN] if n > KEY_LEN else PeerGoneReason.DISCONNECTED)
+    if frame_type == FrameType.PEER_PRESENT:
+        if n < KEY_LEN:
+            return None
+        key = _key(payload)
+        if n < KEY_LEN + 18:
+            return PeerPresent(key)
+        ip6 = ipaddress.IPv6Address(payload[KEY_LEN : KEY_LEN + 16])
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ip6.ipv4_mapped or ip6
+        (port,) = struct.unpack_from(">H", payload, KEY_LEN + 16)
+        flags = payload[KEY_LEN + 18] if n > KEY_LEN + 18 else None
+        return PeerPresent(key, ip, port, flags)
+    if frame_type == FrameType.RECV_PACKET:
+        if n < KEY_LEN:
+            return None
+        return RecvPacket(_key(payload), payload[KEY_LEN:])
+    if frame_type == FrameType.PING:
+        return Ping(payload[:8]) if n >= 8 else None
+    if frame_type == FrameType.PONG:
+        return Pong(payload[:8]) if n >= 8 else None
+    if frame_type == FrameType.HEALTH:
+        return Health(payload.decode("utf-8", errors="replace"))
+    if frame_type == FrameType.RESTARTING:
+        if n < 8:
+            return None
+        reconnect_in, try_for = struct.unpack_from(">II", payload)
+        return Restarting(reconnect_in, try_for)
+    return None
+
+
+def parse_client_frame(frame_type: int, payload: bytes) -> Frame | None:
+    """A frame a server received from an authenticated client, checked as Go's server checks it.
+
+    Returns None for an unknown frame type (skipped). Raises :class:`DerpError` where Go closes the
+    connection: a wrong size, a packet over 64 KiB, a Ping over 1000 bytes.
+    """
+    n = len(payload)
+    if frame_type == FrameType.SEND_PACKET:
+        if n < KEY_LEN:
+            raise DerpError("short DERP SendPacket frame")
+        if n - KEY_LEN > MAX_PACKET_SIZE:
+            raise DerpError("DERP packet longer than 64 KiB")
+        return SendPacket(_key(payload), payload[KEY_LEN:])
+    if frame_type == FrameType.FORWARD_PACKET:
+        if n < 2 * KEY_LEN:
+            raise DerpError("short DERP ForwardPacket frame")
+        if n - 2 * KEY_LEN > MAX_PACKET_SIZE:
+            raise DerpError("DERP packet longer than 64 KiB")
+        return ForwardPacket(_key(payload), _key(payload[KEY_LEN:]), payload[2 * KEY_LEN :])
+    if frame_type == FrameType.NOTE_PREFERRED:
+        if n != 1:
+            raise DerpError("DERP NotePreferred frame of the wrong size")
+        return NotePreferred(payload[0] != 0)
+    if frame_type == FrameType.WATCH_CONNS:
+        if n != 0:
+            raise DerpError("DERP WatchConns frame of the wrong size")
+        return WatchConns()
+    if frame_type == FrameType.CLOSE_PEER:
+        if n != KEY_LEN:
+            raise DerpError("DERP ClosePeer frame of the wrong size")
+        return ClosePeer(_key(payload))
+    if frame_type == FrameType.PING:
+        if n < 8:
+            raise DerpError("short DERP Ping frame")
+        if n > MAX_PING_LEN:
+            raise DerpError("DERP Ping body too large")
+        return Ping(payload[:8])
+    if frame_type == FrameType.PONG:
+        # Go's server has no case for Pong: it is skipped like any unknown frame.
+        return None
+    return None
+
+
+class FrameReader:
+    """Splits a byte stream into ``(type, payload)`` frames; a frame longer than ``max_frame`` raises.
+
+    Memory stays bounded: at most one frame of ``max_frame`` bytes (plus the header) is buffered.
+    """
+
+    __slots__ = ("_buffer", "max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[int, bytes]]:
+        """Add ``data``; yield every complete frame. Raises :class:`DerpError` for an oversized frame."""
+        self._buffer += data
+        while len(self._buffer) >= FRAME_HEADER_LEN:
+            frame_type, length = struct.unpack_from(">BI", self._buffer)
+            if length > self.max_frame:
+                raise DerpError(f"DERP frame of {length} bytes is over the {self.max_frame}-byte limit")
+            end = FRAME_HEADER_LEN + length
+            if len(self._buffer) < end:
+                return
+            payload = bytes(self._buffer[FRAME_HEADER_LEN:end])
+            del self._buffer[:end]
+            yield frame_type, payload
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+# --- the login boxes ------------------------------------------------------------------------
+
+
+def seal(private: NodePrivate, peer: NodePublic, message: bytes, nonce: bytes) -> bytes:
+    """Go's ``NodePrivate.SealTo``: ``nonce (24) | crypto_box(message)``. Raises DerpError for a low-order key."""
+    if len(nonce) != NONCE_LEN:
+        raise ValueError(f"a DERP box nonce is {NONCE_LEN} bytes")
+    try:
+        return nonce + nacl.bindings.crypto_box(message, nonce, peer.raw, private.raw)
+    except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError) as exc:
+        raise DerpError("the peer's key is a low-order point") from exc
+
+
+def open_box(private: NodePrivate, peer: NodePublic, sealed: bytes) -> bytes:
+    """Go's ``NodePrivate.OpenFrom``; raises :class:`DerpError` when the box does not open."""
+    if len(sealed) < NONCE_LEN + BOX_OVERHEAD:
+        raise DerpError("DERP box is too short")
+    try:
+        return bytes(nacl.bindings.crypto_box_open(sealed[NONCE_LEN:], sealed[:NONCE_LEN], peer.raw, private.raw))
+    except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError):
+        raise DerpError("DERP box did not open") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What a client says about itself at login (Go's ``derp.ClientInfo``)."""
+
+    version: int = PROTOCOL_VERSION
+    can_ack_pings: bool = True
+    mesh_key: bytes | None = None
+    is_prober: bool = False
+    app_name: str = ""
+
+    def to_json(self) -> bytes:
+        """The JSON Go's client sends (field names and omissions as Go's struct tags)."""
+        doc: dict[str, object] = {}
+        if self.mesh_key is not None:
+            doc["meshKey"] = self.mesh_key.hex()
+        if self.version:
+            doc["version"] = self.version
+        doc["CanAckPings"] = self.can_ack_pings
+        if self.is_prober:
+            doc["IsProber"] = True
+        if self.app_name:
+            doc["AppName"] = self.app_name
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ClientInfo:
+        """Parse as Go's ``json.Unmarshal`` into ``derp.ClientInfo``; raises :class:`DerpError`."""
+        try:
+            obj = gojson.load_object(data, "DERP ClientInfo")
+        except TailscaleProtocolError as exc:
+            raise DerpError(str(exc)) from None
+        assert obj is not None
+        version = _json_int(obj.get("version"), "version")
+        can_ack = _json_bool(obj.get("CanAckPings"), "CanAckPings")
+        prober = _json_bool(obj.get("IsProber"), "IsProber")
+        app = obj.get("AppName")
+        if app is not None and not isinstance(app, str):
+            raise DerpError("DERP ClientInfo: AppName is not a string")
+        mesh = obj.get("meshKey")
+        mesh_key: bytes | None = None
+        if mesh is not None:
+            if not isinstance(mesh, str) or len(mesh) != 64:
+                raise DerpError("DERP ClientInfo: meshKey is not 64 hex digits")
+            try:
+                mesh_key = bytes.fromhex(mesh)
+            except ValueError:
+                raise DerpError("DERP ClientInfo: meshKey is not 64 hex digits") from None
+        return cls(version, can_ack, mesh_key, prober, app or "")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What the server says at login (Go's ``derp.ServerInfo``): version and an optional send rate limit."""
+
+    version: int = PROTOCOL_VERSION
+    token_bucket_bytes_per_second: int = 0
+    token_bucket_bytes_burst: int = 0
+
+    def to_json(self) -> bytes:
+        doc: dict[str, int] = {}
+        if self.version:
+            doc["version"] = self.version
+        if self.token_bucket_bytes_per_second:
+            doc["TokenBucketBytesPerSecond"] = self.token_bucket_bytes_per_second
+        if self.token_bucket_bytes_burst:
+            doc["TokenBucketBytesBurst"] = self.token_bucket_bytes_burst
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ServerInfo:
+        """Parse as Go's client does; raises :class:`DerpError`."""
+        try:
+            obj = gojson.load_object(data, "DERP ServerInfo")
+        except TailscaleProtocolError as exc:
+            raise DerpError(str(exc)) from None
+        assert obj is not None
+        return cls(
+            _json_int(obj.get("version"), "version"),
+            _json_int(obj.get("TokenBucketBytesPerSecond"), "TokenBucketBytesPerSecond"),
+            _json_int(obj.get("TokenBucketBytesBurst"), "TokenBucketBytesBurst"),
+        )
+
+
+_GO_INT_MIN, _GO_INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _json_int(value: object, name: str) -> int:
+    if value is None:
+        return 0
+    # Go refuses a fraction, an exponent that leaves one, or a value beyond int64 for an int field.
+    if isinstance(value, bool) or not isinstance(value, int) or not _GO_INT_MIN <= value <= _GO_INT_MAX:
+        raise DerpError(f"DERP info: {name} is not an integer")
+    return value
+
+
+def _json_bool(value: object, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise DerpError(f"DERP info: {name} is not a boolean")
+    return value
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The server's key is known and our ClientInfo is on its way: packets may be sent now."""
+
+    server_key: NodePublic
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfoReceived:
+    """The server's login answer opened: the login succeeded."""
+
+    info: ServerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PacketReceived:
+    """A packet relayed from the node with key ``src``."""
+
+    src: NodePublic
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    """The server pinged us; the Pong is already in :meth:`ClientConnection.data_to_send`."""
+
+    data: bytes
+
+
+ClientEvent: TypeAlias = (
+    Connected | ServerInfoReceived | PacketReceived | PeerGone | PeerPresent | PingReceived | Pong | KeepAlive | Health | Restarting
+)
+
+
+class ClientConnection:
+    """A DERP client's side of one connection (after the HTTP upgrade), sans-IO.
+
+    Feed the server's bytes to :meth:`receive_data`, send :meth:`data_to_send` to the server.
+    ``nonce`` is 24 random bytes for the login box. With ``server_key`` (known from the upgrade's
+    ``Derp-Public-Key`` header, for fast start) the ClientInfo goes out at once and the server's
+    ServerKey frame, when it comes, must match.
+    """
+
+    def __init__(
+        self,
+        private: NodePrivate,
+        nonce: bytes,
+        *,
+        server_key: NodePublic | None = None,
+        info: ClientInfo | None = None,
+    ) -> None:
+        if len(nonce) != NONCE_LEN:
+            raise ValueError(f"the ClientInfo nonce is {NONCE_LEN} bytes")
+        self.private = private
+        self.public = private.public()
+        self.info = info if info is not None else ClientInfo()
+        self._nonce = nonce
+        self._reader = FrameReader(MAX_CLIENT_FRAME)
+        self._out = bytearray()
+        self._pending: list[ClientEvent] = []
+        self.server_key: NodePublic | None = None
+        #: True once the server's ServerInfo box opened.
+        self.logged_in = False
+        self._expected_key = server_key
+        if server_key is not None:
+            self._login(server_key)
+
+    def _login(self, server_key: NodePublic) -> None:
+        self.server_key = server_key
+        sealed = seal(self.private, server_key, self.info.to_json(), self._nonce)
+        self._out += encode_frame(ClientInfoFrame(self.public, sealed))
+        self._pending.append(Connected(server_key))
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ClientEvent]:
+        """The events in ``data``. Raises :class:`DerpError` (close the connection) for a bad stream."""
+        events, self._pending = self._pending, []
+        for frame_type, payload in self._reader.feed(data):
+            if self.server_key is None:
+                if frame_type != FrameType.SERVER_KEY:
+                    raise DerpError("the DERP server did not start with its key")
+                frame = parse_server_frame(frame_type, payload)
+                assert isinstance(frame, ServerKey)
+                self._login(frame.key)
+                events += self._pending
+                self._pending = []
+                continue
+            frame = parse_server_frame(frame_type, payload)
+            match frame:
+                case None:
+                    continue
+                case ServerKey(key):
+                    # Fast start: the greeting arrives after our login; Go skips it, we check it.
+                    if key != self.server_key:
+                        raise DerpError("the DERP server's key differs from the one its upgrade named")
+                case ServerInfoFrame(sealed):
+                    assert self.server_key is not None
+                    info = ServerInfo.from_json(open_box(self.private, self.server_key, sealed))
+                    self.logged_in = True
+                    events.append(ServerInfoReceived(info))
+                case RecvPacket(src, packet):
+                    events.append(PacketReceived(src, packet))
+                case Ping(ping):
+                    self._out += encode_frame(Pong(ping))
+                    events.append(PingReceived(ping))
+                case PeerGone() | PeerPresent() | Pong() | KeepAlive() | Health() | Restarting():
+                    events.append(frame)
+                case _:
+                    continue  # a client-to-server frame from the server: Go ignores it too
+        return events
+
+    def events(self) -> list[ClientEvent]:
+        """Events raised by the constructor (``Connected`` with a fast-start key) not yet returned."""
+        events, self._pending = self._pending, []
+        return events
+
+    def send_packet(self, dst: NodePublic, packet: bytes) -> None:
+        """Queue ``packet`` to the node ``dst``. Raises ValueError over 64 KiB or before the server key is known."""
+        self._require_key()
+        self._out += encode_frame(SendPacket(dst, bytes(packet)))
+
+    def forward_packet(self, src: NodePublic, dst: NodePublic, packet: bytes) -> None:
+        """Queue a mesh ForwardPacket (the server honours it only with the mesh key)."""
+        self._require_key()
+        self._out += encode_frame(ForwardPacket(src, dst, bytes(packet)))
+
+    def note_preferred(self, preferred: bool) -> None:
+        """Tell the server whether it is our home."""
+        self._require_key()
+        self._out += encode_frame(NotePreferred(preferred))
+
+    def send_ping(self, data: bytes) -> None:
+        """Queue a Ping of 8 bytes; the server answers with a :class:`Pong` event."""
+        self._require_key()
+        self._out += encode_frame(Ping(bytes(data)))
+
+    def watch_conns(self) -> None:
+        """Ask for PeerPresent/PeerGone of every client (mesh peers only)."""
+        self._require_key()
+        self._out += encode_frame(WatchConns())
+
+    def close_peer(self, key: NodePublic) -> None:
+        """Ask the server to close ``key``'s connections (mesh peers only)."""
+        self._require_key()
+        self._out += encode_frame(ClosePeer(key))
+
+    def _require_key(self) -> None:
+        if self.server_key is None:
+            raise ValueError("the DERP server's key is not known yet")
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the server (and forget)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+
+# --- the server's connection ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthenticated:
+    """The client proved its key: its ServerInfo is in :meth:`ServerConnection.data_to_send`."""
+
+    key: NodePublic
+    info: ClientInfo
+
+
+ServerEvent: TypeAlias = ClientAuthenticated | SendPacket | ForwardPacket | NotePreferred | WatchConns | ClosePeer | Ping
+
+
+class ServerConnection:
+    """A DERP server's side of one connection, sans-IO: the login, then the client's frames.
+
+    The ServerKey greeting is in :meth:`data_to_send` from the start. The first frame must be a
+    ClientInfo whose box opens with the key it names (proof that the client holds that key); until
+    then nothing but that frame is read, and the connection has no routing state. ``nonce`` is 24
+    random bytes for the ServerInfo box.
+    """
+
+    def __init__(self, private: NodePrivate, nonce: bytes, *, server_info: ServerInfo | None = None) -> None:
+        if len(nonce) != NONCE_LEN:
+            raise ValueError(f"the ServerInfo nonce is {NONCE_LEN} bytes")
+        self.private = private
+        self.public = private.public()
+        self._nonce = nonce
+        self._server_info = server_info if server_info is not None else ServerInfo()
+        self._reader = FrameReader(MAX_CLIENT_INFO_FRAME)
+        self._out = bytearray(encode_frame(ServerKey(self.public)))
+        #: The client's key once authenticated, else None.
+        self.client_key: NodePublic | None = None
+        self.client_info: ClientInfo | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ServerEvent]:
+        """The events in ``data``. Raises :class:`DerpError` (close the connection) for a bad stream."""
+        events: list[ServerEvent] = []
+        for frame_type, payload in self._reader.feed(data):
+            if self.client_key is None:
+                events.append(self._authenticate(frame_type, payload))
+                continue
+            frame = parse_client_frame(frame_type, payload)
+            if frame is not None:
+                assert not isinstance(frame, ServerKey | ClientInfoFrame | ServerInfoFrame | RecvPacket)
+                events.append(frame)  # type: ignore[arg-type]
+        return events
+
+    def _authenticate(self, frame_type: int, payload: bytes) -> ClientAuthenticated:
+        if frame_type != FrameType.CLIENT_INFO:
+            raise DerpError("a DERP client must log in first")
+        if len(payload) < KEY_LEN + NONCE_LEN:
+            raise DerpError("short DERP ClientInfo frame")
+        key = _key(payload)
+        info = ClientInfo.from_json(open_box(self.private, key, payload[KEY_LEN:]))
+        self.client_key = key
+        self.client_info = info
+        # An authenticated client may send full-size packets (and mesh forwards).
+        self._reader.max_frame = MAX_SERVER_FRAME
+        self._out += encode_frame(ServerInfoFrame(seal(self.private, key, self._server_info.to_json(), self._nonce)))
+        return ClientAuthenticated(key, info)
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the client (and forget)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+
+# --- the relay core -------------------------------------------------------------------------
+
+
+class DropReason(enum.Enum):
+    """Why the server dropped a packet (Go's ``dropReason``)."""
+
+    UNKNOWN_DEST = "unknown_dest"
+    UNKNOWN_DEST_ON_FWD = "unknown_dest_on_fwd"
+    GONE_DISCONNECTED = "gone_disconnected"
+    QUEUE_HEAD = "queue_head"
+    QUEUE_TAIL = "queue_tail"
+    WRITE_ERROR = "write_error"
+    DUP_CLIENT = "dup_client"
+
+
+@dataclass(eq=False)
+class RelayClient:
+    """One authenticated connection in a :class:`RelayCore` (identity is the object)."""
+
+    key: NodePublic
+    info: ClientInfo
+    preferred: bool = False
+    #: Frames waiting for this connection's writer: packets (disco and other apart), PeerGone, Pong.
+    packets: deque[RecvPacket] = field(default_factory=deque)
+    disco: deque[RecvPacket] = field(default_factory=deque)
+    control: deque[Frame] = field(default_factory=deque)
+    #: Sources this client received from: it hears PeerGone when one leaves.
+    saw_src: set[NodePublic] = field(default_factory=set)
+    #: The PeerGone-NotHere token bucket (3 burst, 1 per second, as Go).
+    gone_tokens: float = 3.0
+    gone_refilled: float | None = None
+    closed: bool = False
+
+    def pending(self) -> bool:
+        """Whether the writer has frames to send."""
+        return bool(self.control or self.disco or self.packets)
+
+    def take_frames(self) -> list[Frame]:
+        """Every queued frame, control frames first (Go's send loop serves them as they come)."""
+        frames: list[Frame] = list(self.control)
+        self.control.clear()
+        frames += self.disco
+        self.disco.clear()
+        frames += self.packets
+        self.packets.clear()
+        return frames
+
+
+@dataclass
+class _KeySet:
+    conns: list[RelayClient]
+    active: RelayClient | None
+    last: RelayClient | None = None
+    history: list[RelayClient] = field(default_factory=list)
+
+
+class RelayCore:
+    """The routing state of a DERP server, sans-IO.
+
+    Connections join with :meth:`register` after they authenticated and leave with
+    :meth:`unregister`. :meth:`route` queues a packet on the destination's connection (and returns
+    it, so the runtime wakes its writer). Duplicate connections for one key follow Go's default
+    policy ("last writer is active"): the newest connection receives until another one of the set
+    sends a frame (:meth:`note_activity`). Drops are counted in :attr:`drops` by reason.
+    """
+
+    def __init__(self, *, queue_depth: int = PER_CLIENT_SEND_QUEUE_DEPTH) -> None:
+        self.queue_depth = queue_depth
+        self._keys: dict[NodePublic, _KeySet] = {}
+        self._gone_watchers: dict[NodePublic, set[RelayClient]] = {}
+        self.drops: dict[DropReason, int] = {reason: 0 for reason in DropReason}
+        self.packets_relayed = 0
+
+    def __len__(self) -> int:
+        return sum(len(s.conns) for s in self._keys.values())
+
+    def is_connected(self, key: NodePublic) -> bool:
+        """Whether ``key`` has at least one connection."""
+        return key in self._keys
+
+    def register(self, key: NodePublic, info: ClientInfo) -> RelayClient:
+        """Add an authenticated connection; a second one for the same key becomes the active one."""
+        client = RelayClient(key, info)
+        current = self._keys.get(key)
+        if current is None:
+            self._keys[key] = _KeySet([client], client)
+        else:
+            if len(current.conns) == 1:
+                current.history = [current.conns[0]]
+            current.conns.append(client)
+            current.last = client
+            current.history.append(client)
+            current.active = client
+        return client
+
+    def unregister(self, client: RelayClient) -> list[RelayClient]:
+        """Remove a connection. Returns the connections that got a PeerGone (wake their writers)."""
+        client.closed = True
+        for src in client.saw_src:
+            watchers = self._gone_watchers.get(src)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._gone_watchers[src]
+        current = self._keys.get(client.key)
+        if current is None or client not in current.conns:
+            return []
+        current.conns.remove(client)
+        if not current.conns:
+            del self._keys[client.key]
+            # The key left this server: everyone who received from it hears so (Go's peerGone).
+            woken = []
+            for watcher in self._gone_watchers.pop(client.key, set()):
+                if not watcher.closed:
+                    watcher.saw_src.discard(client.key)
+                    watcher.control.append(PeerGone(client.key, PeerGoneReason.DISCONNECTED))
+                    woken.append(watcher)
+            return woken
+        if current.last is client:
+            current.last = None
+        trimmed: list[RelayClient] = []
+        for conn in current.history:
+            if conn in current.conns and (not trimmed or trimmed[-1] is not conn):
+                trimmed.append(conn)
+        current.history = trimmed
+        if current.last is None and trimmed:
+            current.last = trimmed[-1]
+        current.active = current.conns[0] if len(current.conns) == 1 else current.last
+        if len(current.conns) == 1:
+            current.last, current.history = None, []
+        return []
+
+    def note_activity(self, client: RelayClient) -> None:
+        """``client`` sent a frame: among duplicates the last writer becomes the active one."""
+        current = self._keys.get(client.key)
+        if current is None or len(current.conns) < 2 or client not in current.conns:
+            return
+        current.last = client
+        current.active = client
+        if not current.history or current.history[-1] is not client:
+            current.history.append(client)
+
+    def route(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
+        """Queue ``packet`` from ``src`` to ``dst``; returns the connection whose writer to wake.
+
+        An unknown destination is a drop; for a disco packet the sender also hears PeerGone
+        (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
+        """
+        current = self._keys.get(dst)
+        target = current.active if current is not None else None
+        if target is None:
+            if current is not None and len(current.conns) > 1:
+                self._drop(DropReason.DUP_CLIENT)
+                return None
+            self._drop(DropReason.UNKNOWN_DEST)
+            if looks_like_disco(packet) and self._take_gone_token(src, now):
+                src.control.append(PeerGone(dst, PeerGoneReason.NOT_HERE))
+                return src
+            return None
+        return self.deliver(target, src.key, packet)
+
+    def deliver(self, target: RelayClient, src: NodePublic, packet: bytes) -> RelayClient | None:
+        """Queue ``packet`` from ``src`` on ``target``, dropping the oldest when its queue is full."""
+        if target.closed:
+            self._drop(DropReason.GONE_DISCONNECTED)
+            return None
+        queue = target.disco if looks_like_disco(packet) else target.packets
+        if len(queue) >= self.queue_depth:
+            # Go drops from the head to keep the freshest packets.
+            queue.popleft()
+            self._drop(DropReason.QUEUE_HEAD)
+        queue.append(RecvPacket(src, packet))
+        if src not in target.saw_src:
+            target.saw_src.add(src)
+            self._gone_watchers.setdefault(src, set()).add(target)
+        self.packets_relayed += 1
+        return target
+
+    def lookup(self, key: NodePublic) -> RelayClient | None:
+        """The active connection of ``key``."""
+        current = self._keys.get(key)
+        return current.active if current is not None else None
+
+    def connections(self, key: NodePublic) -> list[RelayClient]:
+        """Every connection of ``key``."""
+        current = self._keys.get(key)
+        return list(current.conns) if current is not None else []
+
+    def _drop(self, reason: DropReason) -> None:
+        self.drops[reason] += 1
+
+    @staticmethod
+    def _take_gone_token(client: RelayClient, now: float) -> bool:
+        if client.gone_refilled is not None:
+            client.gone_tokens = min(3.0, client.gone_tokens + max(0.0, now - client.gone_refilled))
+        client.gone_refilled = now
+        if client.gone_tokens >= 1.0:
+            client.gone_tokens -= 1.0
+            return True
+        return False
+
+
+__all__ = [
+    "FAST_START_HEADER",
+    "KEEPALIVE_INTERVAL",
+    "MAGIC",
+    "MAX_PACKET_SIZE",
+    "PROTOCOL_VERSION",
+    "ClientAuthenticated",
+    "ClientConnection",
+    "ClientEvent",
+    "ClientInfo",
+    "ClientInfoFrame",
+    "ClosePeer",
+    "Connected",
+    "DerpError",
+    "DropReason",
+    "ForwardPacket",
+    "Frame",
+    "FrameReader",
+    "FrameType",
+    "Health",
+    "KeepAlive",
+    "NotePreferred",
+    "PacketReceived",
+    "PeerGone",
+    "PeerGoneReason",
+    "PeerPresent",
+    "PeerPresentFlags",
+    "Ping",
+    "PingReceived",
+    "Pong",
+    "RecvPacket",
+    "RelayClient",
+    "RelayCore",
+    "Restarting",
+    "SendPacket",
+    "ServerConnection",
+    "ServerEvent",
+    "ServerInfo",
+    "ServerInfoFrame",
+    "ServerInfoReceived",
+    "ServerKey",
+    "WatchConns",
+    "encode_frame",
+    "frame_header",
+    "looks_like_disco",
+    "open_box",
+    "parse_client_frame",
+    "parse_server_frame",
+    "seal",
+]
