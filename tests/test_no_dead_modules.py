@@ -17,7 +17,7 @@ ENTRY_POINTS = {
     "embedmesh.sim.network": "the simulator, driven by tests and benchmarks",
     "embedmesh.sim.node": "the simulator, driven by tests and benchmarks",
     "embedmesh.paths": "issue 9's path layer (disco path choice); the node's wiring imports it next",
-    "embedmesh.tailscale.derp": "DERP framing and relay core; the DERP server and client runtimes build on it (issue 10)",
+    "embedmesh.tailscale.derpserver": "the DERP relay server runtime, a Python API (the `derp serve` CLI comes next)",
 }
 
 

@@ -22,12 +22,18 @@
 //	               packets sealed by Python, formats keys as text; JSON on stdout.
 //	zstd           JSON on stdin: encodes map bodies with util/zstdframe (as tailscale's servers
 //	               do, default and fastest levels) and decodes frames as controlclient does.
+//	derp-client    derphttp.Client (as magicsock uses it) connected to the DERP server URL in the
+//	               second argument. Prints {"event":"ready","key":...,"server":...}, then one JSON
+//	               line per received message (packet, peergone, serverinfo, ping, health,
+//	               restarting, error). Reads commands from stdin, one a line: "send <nodekey:..>
+//	               <hex>", "ping" (a round trip: {"event":"pong"}), "preferred", "close".
 //
 // Messages inside the Noise stream are framed as [u32 BE length][payload]; length 0xFFFFFFFF ends
 // the exchange. Reports go to stdout as one JSON object per line; errors exit non-zero.
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -54,6 +60,8 @@ import (
 	"tailscale.com/control/controlhttp"
 	"tailscale.com/control/controlhttp/controlhttpserver"
 	"tailscale.com/control/ts2021"
+	"tailscale.com/derp"
+	"tailscale.com/derp/derphttp"
 	"tailscale.com/disco"
 	"tailscale.com/health"
 	"tailscale.com/net/netmon"
@@ -860,7 +868,96 @@ func main() {
 		discoMode()
 	case "zstd":
 		zstdMode()
+	case "derp-client":
+		derpClientMode(os.Args[2:])
 	default:
 		fatal("unknown mode %q", os.Args[1])
 	}
+}
+
+// derpClientMode runs Tailscale's DERP client against a DERP server (see the mode list above).
+func derpClientMode(args []string) {
+	if len(args) != 1 {
+		fatal("usage: tsvectors derp-client URL")
+	}
+	priv := key.NewNode()
+	c, err := derphttp.NewClient(priv, args[0], func(string, ...any) {}, netmon.NewStatic())
+	if err != nil {
+		fatal("derp client: %v", err)
+	}
+	c.SetCanAckPings(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.Connect(ctx); err != nil {
+		fatal("derp connect: %v", err)
+	}
+	var mu sync.Mutex
+	emit := func(v map[string]any) {
+		b, _ := json.Marshal(v)
+		mu.Lock()
+		defer mu.Unlock()
+		fmt.Fprintf(os.Stdout, "%s\n", b)
+	}
+	emit(map[string]any{"event": "ready", "key": priv.Public().String(), "server": c.ServerPublicKey().String()})
+	go func() {
+		for {
+			m, err := c.Recv()
+			if err != nil {
+				emit(map[string]any{"event": "error", "error": err.Error()})
+				return
+			}
+			switch m := m.(type) {
+			case derp.ReceivedPacket:
+				emit(map[string]any{"event": "packet", "src": m.Source.String(), "data": hex.EncodeToString(m.Data)})
+			case derp.PeerGoneMessage:
+				emit(map[string]any{"event": "peergone", "peer": m.Peer.String(), "reason": int(m.Reason)})
+			case derp.ServerInfoMessage:
+				emit(map[string]any{"event": "serverinfo"})
+			case derp.PingMessage:
+				// magicsock answers the server's pings the same way.
+				go c.SendPong(m)
+				emit(map[string]any{"event": "ping", "data": hex.EncodeToString(m[:])})
+			case derp.HealthMessage:
+				emit(map[string]any{"event": "health", "problem": m.Problem})
+			case derp.ServerRestartingMessage:
+				emit(map[string]any{"event": "restarting", "reconnect_ms": m.ReconnectIn.Milliseconds(), "try_ms": m.TryFor.Milliseconds()})
+			case derp.KeepAliveMessage:
+				emit(map[string]any{"event": "keepalive"})
+			}
+		}
+	}()
+	lines := bufio.NewScanner(os.Stdin)
+	lines.Buffer(make([]byte, 1<<20), 1<<20)
+	for lines.Scan() {
+		fields := strings.Fields(lines.Text())
+		if len(fields) == 0 {
+			continue
+		}
+		switch fields[0] {
+		case "send":
+			var dst key.NodePublic
+			if err := dst.UnmarshalText([]byte(fields[1])); err != nil {
+				fatal("bad key: %v", err)
+			}
+			data, err := hex.DecodeString(fields[2])
+			if err != nil {
+				fatal("bad hex: %v", err)
+			}
+			if err := c.Send(dst, data); err != nil {
+				emit(map[string]any{"event": "error", "error": err.Error()})
+			}
+		case "ping":
+			if err := c.Ping(context.Background()); err != nil {
+				emit(map[string]any{"event": "error", "error": err.Error()})
+			} else {
+				emit(map[string]any{"event": "pong"})
+			}
+		case "preferred":
+			c.NotePreferred(true)
+		case "close":
+			c.Close()
+			return
+		}
+	}
+	c.Close()
 }

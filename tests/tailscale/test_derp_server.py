@@ -1,0 +1,121 @@
+"""Our DERP server's HTTP side and its handling of hostile connections, over real loopback sockets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from embedmesh.tailscale import derp
+from embedmesh.tailscale.derpserver import DerpServer
+from embedmesh.tailscale.keys import NodePrivate
+
+
+def _run(body: Callable[[DerpServer], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = DerpServer(NodePrivate.generate(os.urandom(32)))
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, "127.0.0.1", 0)
+            with anyio.fail_after(10):
+                await body(server)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        data = b""
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data
+
+
+def test_probe_generate_204_and_upgrade_required() -> None:
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        probe = await _exchange(server.port, b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert probe.startswith(b"HTTP/1.1 200 ") and b"Access-Control-Allow-Origin: *" in probe
+        latency = await _exchange(server.port, b"HEAD /derp/latency-check HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert latency.startswith(b"HTTP/1.1 200 ")
+        bogus = await _exchange(server.port, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert bogus.startswith(b"HTTP/1.1 405 ")
+        no_content = await _exchange(server.port, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: ts_abc\r\n\r\n")
+        assert no_content.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response ts_abc" in no_content
+        bad_challenge = await _exchange(server.port, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: a b\r\n\r\n")
+        assert b"X-Tailscale-Response" not in bad_challenge
+        plain = await _exchange(server.port, b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert plain.startswith(b"HTTP/1.1 426 ")
+        assert (await _exchange(server.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        assert (await _exchange(server.port, b"\x16\x03\x01garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+
+    _run(body)
+
+
+UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+
+
+def test_upgrade_answers_101_with_the_key_and_garbage_gets_no_routing_state() -> None:
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        # Garbage instead of a ClientInfo: the connection ends, nothing is registered.
+        answer = await _exchange(server.port, UPGRADE + derp.frame_header(derp.FrameType.SEND_PACKET, 40) + bytes(40))
+        head, _, frames = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols")
+        assert b"Derp-Public-Key: " + server.public_key.raw.hex().encode() in head
+        assert frames == derp.encode_frame(derp.ServerKey(server.public_key))
+        assert len(server.core) == 0 and server.stats.rejected == 1
+        # A fast-start client: no HTTP answer, the frames start at once; it logs in and relays.
+        alice = derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key)
+        fast = UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n")
+        async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+            alice.send_packet(alice.public, b"to myself")
+            await stream.send(fast + alice.data_to_send())
+            got: list[derp.ClientEvent] = alice.events()
+            while not any(isinstance(e, derp.PacketReceived) for e in got):
+                got += alice.receive_data(await stream.receive())
+            assert derp.ServerInfoReceived(derp.ServerInfo()) in got
+            assert derp.PacketReceived(alice.public, b"to myself") in got
+            assert len(server.core) == 1
+        while len(server.core):
+            await anyio.sleep(0.01)
+
+    _run(body)
+
+
+def test_a_slow_reader_does_not_stall_others_and_drops_are_counted() -> None:
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        keys = [NodePrivate.generate(os.urandom(32)) for _ in range(3)]
+        streams: list[anyio.abc.SocketStream] = []
+        conns: list[derp.ClientConnection] = []
+        for key in keys:
+            conn = derp.ClientConnection(key, os.urandom(24), server_key=server.public_key)
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            await stream.send(UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n") + conn.data_to_send())
+            streams.append(stream)
+            conns.append(conn)
+        while len(server.core) < 3:
+            await anyio.sleep(0.01)
+        sender, slow, quick = conns
+        # The slow client never reads: 2,000 full-size packets to it fill its socket, then its queue.
+        packet = bytes(60_000)
+        for _ in range(40):
+            for _ in range(50):
+                sender.send_packet(slow.public, packet)
+            await streams[0].send(sender.data_to_send())
+        sender.send_packet(quick.public, b"still flowing")
+        await streams[0].send(sender.data_to_send())
+        got: list[derp.ClientEvent] = []
+        while derp.PacketReceived(sender.public, b"still flowing") not in got:
+            got += quick.receive_data(await streams[2].receive())
+        assert server.core.drops[derp.DropReason.QUEUE_HEAD] + server.core.drops[derp.DropReason.WRITE_ERROR] > 0
+        for stream in streams:
+            await stream.aclose()
+
+    _run(body)
