@@ -283,7 +283,12 @@ class ControlConnection:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 headers = {_str(k): _str(v) for k, v in event.headers or ()}
-                stream.status = int(headers.pop(":status", "0") or 0)
+                status = headers.pop(":status", "")
+                # h2 checks that :status is there, not that it is a number.
+                if status.isascii() and status.isdigit() and len(status) == 3:
+                    stream.status = int(status)
+                else:
+                    stream.error = ControlTransportError(f"the control server answered with status {status[:20]!r}")
                 stream.response_headers = headers
                 stream.headers.set()
         elif isinstance(event, h2.events.DataReceived):
@@ -431,8 +436,10 @@ async def connect_control(
         conn = ControlConnection(socket, noise, controlbase.EarlyPayloadReader(), host_header)
         # The caller's exception leaves unwrapped (a task group would put it in a group).
         raised: BaseException | None = None
+        # Outside the task group too: HTTP/2 the server sent with its handshake may already be
+        # broken, and that error must leave as itself, not inside an exception group.
+        await conn._start(bytes(plaintext))
         async with anyio.create_task_group() as tg:
-            await conn._start(bytes(plaintext))
             tg.start_soon(conn.run)
             try:
                 yield conn
