@@ -26,6 +26,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +404,18 @@ class Tailscaled:
     def ping(self, target: str, *args: str, timeout: float = 30.0) -> str:
         """`tailscale ping TARGET` (disco, stops at the first direct pong); its output."""
         return self.cli("ping", "--timeout=5s", "--c=20", *args, target, timeout=timeout).stdout
+
+    def ping_when_known(self, target: str, attempts: int = 40) -> str:
+        """`tailscale ping TARGET`, retried while tailscaled says "unknown peer": it puts a new
+        peer into its engine a moment after its map has it."""
+        for attempt in range(attempts):
+            try:
+                return self.ping(target)
+            except RigError as exc:
+                if "unknown peer" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
 
     def curl(self, url: str, *, timeout: float = 20.0) -> str:
         """GET url through this tailscaled's SOCKS5 server (names resolved by tailscaled, so

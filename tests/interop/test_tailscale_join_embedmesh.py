@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from netns import RigError, wait_for
+from netns import wait_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -78,15 +78,7 @@ def test_tailscaled_joins_an_embedmesh_control_server(
             listed = {n["name"]: n for n in admin.get("/nodes").json()["nodes"]}
             assert listed["ts-a"]["os"] == "linux" and listed["ts-a"]["online"]
 
-            out = ""
-            for _ in range(40):
-                try:
-                    out = await anyio.to_thread.run_sync(lambda: ts.ping(str(node.ips[0])))
-                    break
-                except RigError as exc:
-                    if "unknown peer" not in str(exc):
-                        raise
-                    await anyio.sleep(0.5)
+            out = await anyio.to_thread.run_sync(lambda: ts.ping_when_known(str(node.ips[0])))
             assert re.search(rf"pong from py \(100\.\S+\) via {re.escape(root_ip)}:\d+", out), out
 
             body = await anyio.to_thread.run_sync(lambda: ts.curl(f"http://py.{domain}:8080/hello"))
@@ -152,15 +144,7 @@ def test_approval_expiry_and_ephemeral_logout_reach_tailscaled(
         a.wait_peers({"ts-b.mesh.internal"})
         # Two Tailscale clients in an embedmesh tailnet reach each other (disco, then WireGuard),
         # and each has the other's home DERP region from the map (its NetInfo, relayed).
-        out = ""
-        for _ in range(40):
-            try:
-                out = a.ping(b.ipv4())
-                break
-            except RigError as exc:
-                if "unknown peer" not in str(exc):
-                    raise
-                time.sleep(0.5)
+        out = a.ping_when_known(b.ipv4())
         assert re.search(r"pong from ts-b \(100\.\S+\) via ", out), out
         wait_for(
             lambda: [p.get("Relay") for p in (a.status().get("Peer") or {}).values()] == ["test"],

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from netns import RigError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -72,15 +71,7 @@ def test_an_embedmesh_node_joins_a_headscale_tailnet(
             # Disco: tailscaled's ping gets a pong over the direct path, from the Node's socket.
             # (tailscaled puts a new peer into its engine a moment after its map has it: until
             # then its ping says "unknown peer".)
-            out = ""
-            for _ in range(40):
-                try:
-                    out = await anyio.to_thread.run_sync(lambda: ts.ping(str(node.ips[0])))
-                    break
-                except RigError as exc:
-                    if "unknown peer" not in str(exc):
-                        raise
-                    await anyio.sleep(0.5)
+            out = await anyio.to_thread.run_sync(lambda: ts.ping_when_known(str(node.ips[0])))
             assert re.search(rf"pong from py \(100\.\S+\) via {re.escape(root_ip)}:\d+", out), out
 
             # tailscaled -> Node: its SOCKS5 server carries curl to the Node's ASGI app by name.

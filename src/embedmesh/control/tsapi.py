@@ -229,14 +229,21 @@ def tsapi_app(server: ControlServer) -> Starlette:
             )
         return obj
 
-    async def register(request: Request) -> Response:
+    async def read_request(request: Request, what: str) -> tuple[gojson.GoObject, NodePublic] | Response:
+        """The request's JSON and its NodeKey, or the 400 that says what is wrong."""
         try:
-            obj = await read_json(request, "RegisterRequest")
-            node_key = _node_key(obj, "NodeKey")
+            obj = await read_json(request, what)
+            return obj, _node_key(obj, "NodeKey")
         except _ClientTooOld as exc:
             return Response(str(exc), status_code=400)
         except TailscaleProtocolError as exc:
-            return Response(f"bad RegisterRequest: {exc}", status_code=400)
+            return Response(f"bad {what}: {exc}", status_code=400)
+
+    async def register(request: Request) -> Response:
+        parsed = await read_request(request, "RegisterRequest")
+        if isinstance(parsed, Response):
+            return parsed
+        obj, node_key = parsed
         machine = _machine(request)
         hostinfo = obj.get("Hostinfo")
         hostinfo = hostinfo if isinstance(hostinfo, gojson.GoObject) else None
@@ -325,13 +332,10 @@ def tsapi_app(server: ControlServer) -> Starlette:
         return registered(coordinator.node(login.node_id))
 
     async def map_poll(request: Request) -> Response:
-        try:
-            obj = await read_json(request, "MapRequest")
-            node_key = _node_key(obj, "NodeKey")
-        except _ClientTooOld as exc:
-            return Response(str(exc), status_code=400)
-        except TailscaleProtocolError as exc:
-            return Response(f"bad MapRequest: {exc}", status_code=400)
+        parsed = await read_request(request, "MapRequest")
+        if isinstance(parsed, Response):
+            return parsed
+        obj, node_key = parsed
         node = coordinator.node_by_node_key(node_key.raw)
         if node is None or node.rec.machine_key != _machine(request).raw:
             return Response("node not found: register first", status_code=404)
