@@ -17,7 +17,7 @@ ENTRY_POINTS = {
     "embedmesh.sim.network": "the simulator, driven by tests and benchmarks",
     "embedmesh.sim.node": "the simulator, driven by tests and benchmarks",
     "embedmesh.paths": "issue 9's path layer (disco path choice); the node's wiring imports it next",
-    "embedmesh.tailscale.derpserver": "the DERP relay server runtime, a Python API (the `derp serve` CLI comes next)",
+    "embedmesh.tailscale.derpclient": "the DERP relay client runtime, a Python API; the node's path layer will use it (issue 10)",
 }
 
 

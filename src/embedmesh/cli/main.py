@@ -19,16 +19,20 @@ from embedmesh.hostport import join_host_port, split_host_port
 
 
 class _Commands(click.Group):
-    """The top-level group; `control` is imported only when used, so other commands start fast."""
+    """The top-level group; `control` and `derp` are imported only when used, so other commands start fast."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "control"])
+        return sorted([*super().list_commands(ctx), "control", "derp"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "control":
             from embedmesh.cli.control import control
 
             return control
+        if cmd_name == "derp":
+            from embedmesh.cli.derp import derp
+
+            return derp
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:

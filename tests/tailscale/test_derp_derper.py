@@ -1,0 +1,127 @@
+"""Our DERP client against real DERP servers: Tailscale's ``derper`` (tailscale.com v1.102.5, on
+loopback, plain HTTP) and, with Tailscale's own derphttp client on the other end, our server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from embedmesh.tailscale import derp
+from embedmesh.tailscale.derpclient import DerpConnectError, connect_derp
+from embedmesh.tailscale.keys import NodePrivate, NodePublic
+from tests.interop import gopeers
+from tests.tailscale.test_derp_go import go_client, our_server
+
+pytestmark = pytest.mark.interop
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def derper(tmp_path: Path) -> Iterator[tuple[str, NodePublic]]:
+    binary = gopeers.require(gopeers.derper)
+    key = NodePrivate.generate(os.urandom(32))
+    config = tmp_path / "derper.json"
+    config.write_text(json.dumps({"PrivateKey": key.to_text()}))
+    config.chmod(0o600)
+    port = _free_port()
+    process = subprocess.Popen(
+        [str(binary), "-a", f"127.0.0.1:{port}", "-http-port", "-1", "-stun=false", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"},
+    )
+    try:
+        for _ in range(200):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None, process.stderr.read() if process.stderr else b""
+            anyio.run(anyio.sleep, 0.05)
+        yield f"http://127.0.0.1:{port}/derp", key.public()
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_our_clients_relay_through_derper(derper: tuple[str, NodePublic]) -> None:
+    url, derper_key = derper
+    alice_key, bob_key = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+
+    async def main() -> None:
+        async with connect_derp(url, alice_key) as alice, connect_derp(url, bob_key) as bob:
+            assert alice.server_key == derper_key and alice.server_info is not None
+            await alice.note_preferred(True)
+            assert await alice.ping() < 5
+            big = os.urandom(64 << 10)
+            await alice.send(bob.public_key, b"hello bob")
+            await alice.send(bob.public_key, big)
+            received = []
+            with anyio.fail_after(10):
+                async for src, packet in bob.packets():
+                    received.append((src, packet))
+                    if len(received) == 2:
+                        break
+            assert received == [(alice.public_key, b"hello bob"), (alice.public_key, big)]
+            await bob.send(alice.public_key, b"hello alice")
+            with anyio.fail_after(10):
+                while (event := await alice.receive()) != derp.PacketReceived(bob.public_key, b"hello alice"):
+                    pass
+        # A disco packet to a node derper does not know earns PeerGone(not here).
+        async with connect_derp(url, alice_key) as alice:
+            nobody = NodePrivate.generate(os.urandom(32)).public()
+            await alice.send(nobody, b"TS\xf0\x9f\x92\xac" + bytes(56) + b"box")
+            with anyio.fail_after(10):
+                while not isinstance(event := await alice.receive(), derp.PeerGone):
+                    pass
+            assert event == derp.PeerGone(nobody, derp.PeerGoneReason.NOT_HERE)
+
+    anyio.run(main)
+
+
+def test_go_client_and_our_client_through_our_server() -> None:
+    key = NodePrivate.generate(os.urandom(32))
+
+    async def main() -> None:
+        async with our_server() as server:
+            url = f"http://127.0.0.1:{server.port}/derp"
+            async with go_client(url) as go, connect_derp(url, key) as ours:
+                await go.event("serverinfo")
+                await go.send(ours.public_key, b"from go")
+                with anyio.fail_after(10):
+                    src, packet = await anext(aiter(ours.packets()))
+                assert (src, packet) == (go.key, b"from go")
+                await ours.send(go.key, b"from python")
+                got = await go.event("packet")
+                assert (NodePublic.from_text(got["src"]), bytes.fromhex(got["data"])) == (ours.public_key, b"from python")
+
+    anyio.run(main)
+
+
+def test_connect_errors_are_one_line() -> None:
+    async def main() -> None:
+        port = _free_port()
+        with pytest.raises(DerpConnectError, match="cannot reach"):
+            async with connect_derp(f"http://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32))):
+                pass
+        async with our_server() as server:
+            with pytest.raises(DerpConnectError, match="refused the DERP upgrade"):
+                async with connect_derp(f"http://127.0.0.1:{server.port}/nope", NodePrivate.generate(os.urandom(32))):
+                    pass
+
+    anyio.run(main)
