@@ -153,6 +153,9 @@ class LiveNode:
     home_derp: int = 0
     disconnected_at: float | None = None
     _fragment: bytes | None = None
+    #: A map API's own rendering of this node (Tailscale's JSON), kept until the node changes:
+    #: one rendering serves every full map that lists the node.
+    rendered: Any = None
 
     @property
     def id(self) -> int:
@@ -200,6 +203,18 @@ class Stream:
         self.outbox.append(payload)
         self.closing = self.closing or close
         self.wake()
+
+
+@dataclass(slots=True)
+class Batch:
+    """One :meth:`Coordinator.take_batch`: what a stream's writer sends next."""
+
+    #: Complete messages (registered, pong, error, logged_out), in order.
+    messages: list[bytes]
+    #: The node whose full map goes next (after the messages), or None.
+    full_map: LiveNode | None = None
+    #: Encoded delta ops (:func:`encode_op`), in order; the bytes objects are shared among streams.
+    ops: list[bytes] = field(default_factory=list)
 
 
 _MAX_BUCKETS = 65536
@@ -328,6 +343,10 @@ class Coordinator:
         if node is None:
             raise NotFoundError(f"no node with id {node_id}: see `embedmesh control nodes list`")
         return node
+
+    def find_node(self, node_id: int) -> LiveNode | None:
+        """The node with this id, or None (deleted)."""
+        return self._nodes.get(node_id)
 
     def nodes(self) -> Iterator[LiveNode]:
         return iter(self._nodes.values())
@@ -469,6 +488,7 @@ class Coordinator:
         if after == before:
             return
         node._fragment = None
+        node.rendered = None
         self.counters["changes"] += 1
         is_in_mesh = node.in_mesh
         own = self._streams.get(node.id)
@@ -953,19 +973,31 @@ class Coordinator:
 
     def take(self, stream: Stream) -> list[bytes]:
         """The messages to send on ``stream`` now, in order (the queue is emptied)."""
+        batch = self.take_batch(stream)
+        out = batch.messages
+        if batch.full_map is not None:
+            out.append(self._full_map_payload(batch.full_map))
+        elif batch.ops:
+            out.append(encode_delta_ops(batch.ops))
+        return out
+
+    def take_batch(self, stream: Stream) -> Batch:
+        """What to send on ``stream`` now, unrendered (the queue is emptied): the complete messages
+        first, then either a full map for :attr:`Batch.full_map` (render it with
+        :meth:`visible_peers`) or the encoded delta ops, shared with every other stream that gets
+        them. A map API that renders its own format takes this instead of :meth:`take`, so that it
+        never parses the coordinator's encoding back."""
         out = stream.outbox
         stream.outbox = []
         if stream.closing:
-            return out
+            return Batch(out)
         node = self._nodes.get(stream.node_id)
         end = self.log_end
         if stream.needs_full_map or (node is not None and stream.cursor < self._log_start):
-            if node is not None:
-                out.append(self._full_map_payload(node))
             stream.needs_full_map = False
             stream.ops.clear()
             stream.cursor = end
-            return out
+            return Batch(out, full_map=node)
         fragments: list[bytes] = []
         if node is not None and node.in_mesh and stream.cursor < end:
             me = stream.node_id
@@ -978,8 +1010,12 @@ class Coordinator:
             stream.ops = []
         if fragments:
             self.counters["ops_sent"] += len(fragments)
-            out.append(encode_delta_ops(fragments))
-        return out
+        return Batch(out, ops=fragments)
+
+    def visible_peers(self, viewer: LiveNode) -> Iterator[LiveNode]:
+        """The nodes in ``viewer``'s full map (none when it is outside the mesh)."""
+        self.counters["full_maps"] += 1
+        return self._visible_peers(viewer)
 
     # ------------------------------------------------------------------ timers
 

@@ -18,6 +18,7 @@ Everything else answers 501, as headscale does.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import random
@@ -32,16 +33,15 @@ from starlette.routing import Route
 
 from embedmesh.control.errors import AuthKeyRequiredError, ControlError
 from embedmesh.control.messages import (
-    DeltaMessage,
     ErrorMessage,
-    FullMap,
     LoggedOut,
     RegisterRequest,
+    parse_op,
     parse_server_message,
 )
 from embedmesh.control.netmap import (
     DNSChanged,
-    NetworkMap,
+    DNSConfig,
     PeerAdded,
     PeerChange,
     PeerInfo,
@@ -53,6 +53,7 @@ from embedmesh.tailscale.errors import TailscaleProtocolError
 from embedmesh.tailscale.keys import DiscoPublic, MachinePublic, NodePublic
 
 if TYPE_CHECKING:
+    from embedmesh.control.coordinator import LiveNode
     from embedmesh.control.server import ControlServer
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -103,8 +104,9 @@ def tsapi_app(server: ControlServer) -> Starlette:
     def user_ids() -> dict[str, int]:
         return {u.name: u.id for u in coordinator.users()}
 
-    def node_json(peer: PeerInfo, ids: dict[str, int], *, is_self: bool = False) -> dict[str, Any]:
-        live = coordinator.node(peer.id)
+    def node_json(
+        peer: PeerInfo, live: LiveNode, ids: dict[str, int], *, is_self: bool = False
+    ) -> dict[str, Any]:
         node: dict[str, Any] = {
             "ID": peer.id,
             "StableID": str(peer.id),
@@ -135,16 +137,26 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 node["LastSeen"] = tailcfg.format_time(peer.last_seen)
         return node
 
-    def profiles(netmap: NetworkMap) -> list[dict[str, Any]]:
-        ids = user_ids()
-        owners = {p.user for p in (netmap.self_node, *netmap.peers.values()) if not p.tags}
-        out = [{"ID": ids[u], "LoginName": u, "DisplayName": u} for u in sorted(owners) if u in ids]
-        if any(p.tags for p in (netmap.self_node, *netmap.peers.values())):
+    def peer_json(live: LiveNode, ids: dict[str, int]) -> bytes:
+        """A peer's JSON as every other node sees it, rendered once per state of the node (the
+        coordinator drops ``rendered`` whenever the node changes)."""
+        rendered = live.rendered
+        if rendered is None:
+            rendered = live.rendered = _dumps(node_json(coordinator.peer_info(live), live, ids))
+        assert isinstance(rendered, bytes)
+        return rendered
+
+    def profile_key(live: LiveNode) -> str:
+        return "" if live.rec.tags else live.rec.user
+
+    def profiles(owners: set[str], ids: dict[str, int]) -> list[dict[str, Any]]:
+        """UserProfiles for nodes of these owners ("" stands for tagged nodes)."""
+        out = [{"ID": ids[u], "LoginName": u, "DisplayName": u} for u in sorted(owners) if u and u in ids]
+        if "" in owners:
             out.append({"ID": TAGGED_USER_ID, "LoginName": "tagged-devices", "DisplayName": "Tagged Devices"})
         return out
 
-    def dns_json(netmap: NetworkMap) -> dict[str, Any]:
-        dns = netmap.dns
+    def dns_json(dns: DNSConfig) -> dict[str, Any]:
         routes: dict[str, list[dict[str, str]]] = {dns.base_domain: []} if dns.magic_dns else {}
         for domain, upstreams in dns.split_dns:
             routes[domain] = [{"Addr": u} for u in upstreams]
@@ -158,64 +170,141 @@ def tsapi_app(server: ControlServer) -> Starlette:
             ],
         }
 
-    def full_map(netmap: NetworkMap) -> dict[str, Any]:
+    def full_map(viewer: LiveNode, known: _PeerSet) -> bytes:
+        """A full map for ``viewer``: each peer's JSON comes from its shared rendering."""
         ids = user_ids()
-        return {
-            "Node": node_json(netmap.self_node, ids, is_self=True),
-            "Peers": [node_json(p, ids) for p in sorted(netmap.peers.values(), key=lambda p: p.id)],
-            "DNSConfig": dns_json(netmap),
-            "Domain": netmap.dns.base_domain,
+        peers = sorted(coordinator.visible_peers(viewer), key=lambda n: n.id)
+        previous = known.ids()
+        known.clear()
+        for peer in peers:
+            known.add(peer.id)
+        rest: dict[str, Any] = {
+            "DNSConfig": dns_json(coordinator.dns),
+            "Domain": coordinator.dns.base_domain,
             "DERPMap": server.derp_map_json(),
-            "PacketFilter": [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}],
-            "UserProfiles": profiles(netmap),
+            "PacketFilter": [
+                {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+            ],
+            "UserProfiles": profiles({profile_key(n) for n in (viewer, *peers)}, ids),
             "CollectServices": False,
-            "ControlTime": tailcfg.format_time(time.time()),
         }
+        # An empty Peers means "unchanged" to Tailscale's clients, so a map sent again (the node
+        # left the mesh, or came back) removes what it dropped.
+        gone = [i for i in previous if not known.has(i)]
+        if gone:
+            rest["PeersRemoved"] = gone
+        rest["ControlTime"] = tailcfg.format_time(time.time())
+        return (
+            b'{"Node":'
+            + _dumps(node_json(coordinator.peer_info(viewer), viewer, ids, is_self=True))
+            + b',"Peers":['
+            + b",".join([peer_json(p, ids) for p in peers])
+            + b"],"
+            + _dumps(rest)[1:]
+        )
 
-    def delta(netmap: NetworkMap, ops: tuple[Any, ...]) -> dict[str, Any]:
-        ids = user_ids()
-        message: dict[str, Any] = {}
-        changed: dict[int, dict[str, Any]] = {}
-        patches: list[dict[str, Any]] = []
+    # One rendering per op (the coordinator shares an op's bytes among every stream that gets
+    # it): keyed by the bytes object's id, checked by identity (an id may be reused).
+    op_cache: dict[int, _RenderedOp] = {}
+
+    def render_op(fragment: bytes) -> _RenderedOp:
+        op = parse_op(json.loads(fragment))
+        rendered = _RenderedOp(fragment)
+        if isinstance(op, PeerAdded | PeerChange):
+            fields = op.changes() if isinstance(op, PeerChange) else {}
+            live = coordinator.find_node(op.peer.id if isinstance(op, PeerAdded) else op.id)
+            if live is None:
+                # Deleted since: its removal follows in the log.
+                rendered.kind = _SKIP
+            elif isinstance(op, PeerChange) and set(fields) <= _PATCHABLE:
+                rendered.kind = _PATCH
+                rendered.peer_id = op.id
+                patch: dict[str, Any] = {"NodeID": op.id}
+                endpoints = fields.get("endpoints")
+                if isinstance(endpoints, tuple):
+                    patch["Endpoints"] = list(endpoints)
+                derp = fields.get("home_derp")
+                if isinstance(derp, int) and derp:
+                    patch["DERPRegion"] = derp
+                if len(patch) > 1:
+                    rendered.body = _dumps(patch)
+                online = fields.get("online")
+                if isinstance(online, bool):
+                    rendered.online = online
+            else:
+                # Rendered from the node's state now, at or after this op: every stream that takes
+                # this op takes the later ones too, so its copy of the peer ends where ours is.
+                rendered.kind = _CHANGED
+                rendered.peer_id = live.id
+                rendered.body = peer_json(live, user_ids())
+                rendered.owner = profile_key(live)
+        elif isinstance(op, PeerRemoved):
+            rendered.kind = _REMOVED
+            rendered.peer_id = op.id
+        elif isinstance(op, SelfChanged):
+            live = coordinator.find_node(op.node.id)
+            if live is not None:
+                rendered.kind = _SELF
+                rendered.body = _dumps(node_json(op.node, live, user_ids(), is_self=True))
+            return rendered  # a stream's own op: not shared, not cached
+        elif isinstance(op, DNSChanged):
+            rendered.kind = _DNS
+            rendered.body = _dumps(dns_json(op.dns))
+        if len(op_cache) >= _OP_CACHE_SIZE:
+            for key in list(itertools.islice(op_cache, _OP_CACHE_SIZE // 2)):
+                del op_cache[key]
+        op_cache[id(fragment)] = rendered
+        return rendered
+
+    def delta(ops: list[_RenderedOp], known: _PeerSet) -> bytes | None:
+        """One MapResponse for a batch of ops (the fields Go's mapSession reads, in its order)."""
+        changed: dict[int, bytes] = {}
+        owners: set[str] = set()
+        patches: list[bytes] = []
         removed: list[int] = []
         online: dict[str, bool] = {}
+        self_node: bytes | None = None
+        dns: bytes | None = None
         for op in ops:
-            if isinstance(op, PeerAdded):
-                changed[op.peer.id] = node_json(op.peer, ids)
-            elif isinstance(op, PeerRemoved):
-                removed.append(op.id)
-                changed.pop(op.id, None)
-            elif isinstance(op, PeerChange):
-                fields = op.changes()
-                peer = netmap.peers.get(op.id)
-                if peer is None:
+            kind = op.kind
+            if kind == _CHANGED:
+                assert op.body is not None
+                changed[op.peer_id] = op.body
+                owners.add(op.owner)
+                known.add(op.peer_id)
+            elif kind == _PATCH:
+                if not known.has(op.peer_id):
                     continue
-                if set(fields) <= {"endpoints", "online", "last_seen", "home_derp"}:
-                    patch: dict[str, Any] = {"NodeID": op.id}
-                    if "endpoints" in fields:
-                        patch["Endpoints"] = list(peer.endpoints)
-                    if "home_derp" in fields and peer.home_derp:
-                        patch["DERPRegion"] = peer.home_derp
-                    if len(patch) > 1:
-                        patches.append(patch)
-                    if "online" in fields:
-                        online[str(op.id)] = peer.online
-                else:
-                    changed[op.id] = node_json(peer, ids)
-            elif isinstance(op, SelfChanged):
-                message["Node"] = node_json(op.node, ids, is_self=True)
-            elif isinstance(op, DNSChanged):
-                message["DNSConfig"] = dns_json(netmap)
+                if op.body is not None:
+                    patches.append(op.body)
+                if op.online is not None:
+                    online[str(op.peer_id)] = op.online
+            elif kind == _REMOVED:
+                removed.append(op.peer_id)
+                changed.pop(op.peer_id, None)
+                known.discard(op.peer_id)
+            elif kind == _SELF:
+                self_node = op.body
+            elif kind == _DNS:
+                dns = op.body
+        parts: list[bytes] = []
+        if self_node is not None:
+            parts.append(b'"Node":' + self_node)
+        if dns is not None:
+            parts.append(b'"DNSConfig":' + dns)
         if changed:
-            message["PeersChanged"] = list(changed.values())
-            message["UserProfiles"] = profiles(netmap)
+            parts.append(b'"PeersChanged":[' + b",".join(changed.values()) + b"]")
+            parts.append(b'"UserProfiles":' + _dumps(profiles(owners, user_ids())))
         if removed:
-            message["PeersRemoved"] = removed
+            parts.append(b'"PeersRemoved":' + _dumps(removed))
         if patches:
-            message["PeersChangedPatch"] = patches
+            parts.append(b'"PeersChangedPatch":[' + b",".join(patches) + b"]")
         if online:
-            message["OnlineChange"] = online
-        return message
+            parts.append(b'"OnlineChange":' + _dumps(online))
+        if not parts:
+            return None
+        parts.append(b'"ControlTime":"' + tailcfg.format_time(time.time()).encode() + b'"')
+        return b"{" + b",".join(parts) + b"}"
 
     async def read_json(request: Request, what: str) -> gojson.GoObject:
         body = await request.body()
@@ -257,7 +346,12 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 expiry = tailcfg.parse_time(expiry_text, "Expiry")
             except TailscaleProtocolError:
                 expiry = None
-            if expiry is not None and expiry <= now and existing is not None and existing.rec.node_key == node_key.raw:
+            if (
+                expiry is not None
+                and expiry <= now
+                and existing is not None
+                and existing.rec.node_key == node_key.raw
+            ):
                 coordinator.logout_node(existing.id, now)
                 return JSONResponse({"NodeKeyExpired": True, "MachineAuthorized": False})
         tags = hostinfo.get("RequestTags") if hostinfo is not None else None
@@ -322,7 +416,9 @@ def tsapi_app(server: ControlServer) -> Starlette:
             login = server.logins.start(machine, wanted, now, source)
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         if login.machine_key != machine:
-            return JSONResponse({"Error": "this login belongs to another machine", "MachineAuthorized": False})
+            return JSONResponse(
+                {"Error": "this login belongs to another machine", "MachineAuthorized": False}
+            )
         with anyio.move_on_after(FOLLOWUP_WAIT):
             await login.done.wait()
         if login.node_id is None:
@@ -369,7 +465,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
             wake.set()
 
         stream = coordinator.attach(node_id, waker, time.time())
-        netmap: NetworkMap | None = None
+        known = _PeerSet()
+        sent_map = False
         try:
             next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
             while True:
@@ -381,27 +478,46 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         yield encoder.encode(mapframe.KEEPALIVE_JSON)
                         next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
                     continue
-                for payload in coordinator.take(stream):
-                    message = parse_server_message(payload)
-                    out: dict[str, Any] | None = None
-                    if isinstance(message, FullMap):
-                        previous = set(netmap.peers) if netmap is not None else set()
-                        netmap = message.netmap
-                        out = full_map(netmap)
-                        # An empty Peers means "unchanged" to Tailscale's clients, so a map sent
-                        # again (the node left the mesh, or came back) removes what it dropped.
-                        gone = sorted(previous - set(netmap.peers))
-                        if gone:
-                            out["PeersRemoved"] = gone
-                    elif isinstance(message, DeltaMessage) and netmap is not None:
-                        netmap = netmap.apply(message.delta)
-                        out = delta(netmap, message.delta.ops) or None
-                    elif isinstance(message, LoggedOut | ErrorMessage):
+                batch = coordinator.take_batch(stream)
+                for payload in batch.messages:
+                    if isinstance(parse_server_message(payload), LoggedOut | ErrorMessage):
                         return
-                    if out is not None:
-                        out["ControlTime"] = tailcfg.format_time(time.time())
-                        yield encoder.encode(json.dumps(out, separators=(",", ":")).encode())
-                        next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+                frame: bytes | None = None
+                if batch.full_map is not None:
+                    frame = encoder.encode(full_map(batch.full_map, known))
+                    sent_map = True
+                elif batch.ops and sent_map:
+                    ops = []
+                    for fragment in batch.ops:
+                        cached = op_cache.get(id(fragment))
+                        ops.append(
+                            cached
+                            if cached is not None and cached.fragment is fragment
+                            else render_op(fragment)
+                        )
+                    if (
+                        len(ops) == 1
+                        and ops[0].kind in _SHARED
+                        and (ops[0].kind != _PATCH or known.has(ops[0].peer_id))
+                    ):
+                        # The common case of a change reaching everyone: one op alone in a message.
+                        # Its frame is the same for every stream (encoders keep no state between
+                        # frames), so it is built and compressed once.
+                        op = ops[0]
+                        frame = op.frames.get(compress)
+                        if frame is None:
+                            body = delta(ops, known)
+                            frame = op.frames[compress] = encoder.encode(body) if body is not None else b""
+                        elif op.kind == _CHANGED:
+                            known.add(op.peer_id)
+                        elif op.kind == _REMOVED:
+                            known.discard(op.peer_id)
+                    else:
+                        body = delta(ops, known)
+                        frame = encoder.encode(body) if body is not None else None
+                if frame:
+                    yield frame
+                    next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
                 if stream.closing:
                     return
         finally:
@@ -423,6 +539,70 @@ class _ClientTooOld(Exception):
     pass
 
 
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+#: PeerChange fields that Tailscale's PeersChangedPatch/OnlineChange carry (others: the whole node).
+_PATCHABLE = frozenset({"endpoints", "online", "last_seen", "home_derp"})
+_SKIP, _CHANGED, _PATCH, _REMOVED, _SELF, _DNS = range(6)
+#: Kinds whose rendering is the same for every stream that gets the op.
+_SHARED = frozenset({_CHANGED, _PATCH, _REMOVED, _DNS})
+#: Rendered ops kept (the coordinator's change log holds them until every stream took them).
+_OP_CACHE_SIZE = 65536
+
+
+class _RenderedOp:
+    """One delta op in Tailscale's terms, rendered once for every stream that gets it."""
+
+    __slots__ = ("body", "fragment", "frames", "kind", "online", "owner", "peer_id")
+
+    def __init__(self, fragment: bytes) -> None:
+        self.fragment = fragment
+        self.kind = _SKIP
+        self.peer_id = 0
+        #: The node's JSON (changed, self), the patch (patch), the DNS config (dns).
+        self.body: bytes | None = None
+        self.online: bool | None = None
+        #: The changed node's profile key (its user, "" for tagged nodes).
+        self.owner = ""
+        #: This op alone as a framed message, by whether it is compressed.
+        self.frames: dict[bool, bytes] = {}
+
+
+class _PeerSet:
+    """The peer ids a stream's client holds (a bitmap: 10,000 peers in 1.25 KiB), to skip patches
+    of peers it does not know and to remove everything it knew when a new full map is empty."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def add(self, peer_id: int) -> None:
+        index = peer_id >> 3
+        if index >= len(self._bits):
+            self._bits.extend(bytes(index + 1 - len(self._bits)))
+        self._bits[index] |= 1 << (peer_id & 7)
+
+    def discard(self, peer_id: int) -> None:
+        index = peer_id >> 3
+        if index < len(self._bits):
+            self._bits[index] &= ~(1 << (peer_id & 7)) & 0xFF
+
+    def has(self, peer_id: int) -> bool:
+        index = peer_id >> 3
+        return index < len(self._bits) and bool(self._bits[index] >> (peer_id & 7) & 1)
+
+    def ids(self) -> list[int]:
+        return [
+            i * 8 + bit for i, byte in enumerate(self._bits) if byte for bit in range(8) if byte >> bit & 1
+        ]
+
+    def clear(self) -> None:
+        self._bits = bytearray(len(self._bits))
+
+
 def _is_endpoint(text: str) -> bool:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -432,4 +612,3 @@ def _is_endpoint(text: str) -> bool:
     except ValueError:
         return False
     return True
-
