@@ -24,7 +24,13 @@ from embedmesh.control.errors import (
     HandshakeRejectedError,
     NotFoundError,
 )
-from embedmesh.control.messages import DeltaMessage, FullMap, RegisterRequest, parse_server_message
+from embedmesh.control.messages import (
+    DeltaMessage,
+    FullMap,
+    RegisterRequest,
+    RegisterResponse,
+    parse_server_message,
+)
 from embedmesh.control.netmap import NetworkMap, NodeState
 from embedmesh.control.store import Store
 
@@ -184,6 +190,32 @@ def test_endpoint_change_costs_one_op_per_viewer() -> None:
     assert c.counters["ops_sent"] - before["ops_sent"] == 19 + 1
     assert len({p[0] for p in payloads[1:]}) == 1 and all(len(p) == 1 for p in payloads)
     assert c.counters["full_maps"] == before["full_maps"]
+
+
+def test_take_batch_shares_each_op_and_a_changed_node_drops_its_rendering() -> None:
+    """A map API that renders its own format gets the same op bytes object on every stream (so it
+    can render an op once), a full map as the node to render, and a node's cached rendering is
+    dropped as soon as the node changes."""
+    c = _coordinator()
+    _, key = c.create_auth_key(reusable=True, now=T0)
+    nodes = [c.register(bytes([i]) * 32, _request(i, f"n{i}", key), T0) for i in range(1, 6)]
+    streams = [c.attach(n.id, lambda: None, T0) for n in nodes]
+    first = [c.take_batch(s) for s in streams]
+    assert [b.full_map for b in first] == nodes and all(not b.ops for b in first)
+    assert all(isinstance(parse_server_message(b.messages[0]), RegisterResponse) for b in first)
+    peers = sorted(p.id for p in c.visible_peers(nodes[0]))
+    assert peers == [n.id for n in nodes[1:]]
+    nodes[0].rendered = b"cached"
+    nodes[1].rendered = b"cached"
+    c.update_endpoints(streams[0], ("1.2.3.4:5",), T0)
+    assert nodes[0].rendered is None and nodes[1].rendered == b"cached"
+    batches = [c.take_batch(s) for s in streams[1:]]
+    assert all(b.full_map is None and len(b.ops) == 1 for b in batches)
+    assert len({id(b.ops[0]) for b in batches}) == 1
+    # take() is the same batch in the coordinator's own encoding.
+    c.update_endpoints(streams[0], ("1.2.3.4:6",), T0)
+    delta = parse_server_message(c.take(streams[1])[0])
+    assert isinstance(delta, DeltaMessage) and len(delta.delta.ops) == 1
 
 
 def test_parked_writers_are_woken_once_and_busy_ones_batch() -> None:

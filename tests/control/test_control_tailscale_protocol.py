@@ -280,3 +280,22 @@ def test_any_request_json_gets_an_answer_never_a_crash(
         document["Stream"] = False  # a streaming map would not end
     status = anyio.run(target.call, path, json.dumps(document).encode())
     assert status in (200, 400, 404)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "clear"]), st.integers(0, 3000)), max_size=200))
+def test_the_streams_peer_bitmap_is_a_set_of_ids(steps: list[tuple[str, int]]) -> None:
+    from embedmesh.control.tsapi import _PeerSet
+
+    bitmap, model = _PeerSet(), set[int]()
+    for action, peer_id in steps:
+        if action == "add":
+            bitmap.add(peer_id)
+            model.add(peer_id)
+        elif action == "discard":
+            bitmap.discard(peer_id)
+            model.discard(peer_id)
+        else:
+            bitmap.clear()
+            model.clear()
+        assert bitmap.has(peer_id) == (peer_id in model)
+    assert bitmap.ids() == sorted(model)

@@ -17,6 +17,7 @@ it; a frame cut short is an error (the ``zstandard`` package's streaming reader 
 from __future__ import annotations
 
 import struct
+import threading
 
 import zstandard
 
@@ -138,7 +139,9 @@ def decompress(
             continue
         budget = max_decoded_size - len(out)
         if content_size is not None and content_size > budget:
-            raise MapFrameError(f"zstd frame declares {content_size} bytes, over the {max_decoded_size}-byte limit")
+            raise MapFrameError(
+                f"zstd frame declares {content_size} bytes, over the {max_decoded_size}-byte limit"
+            )
         if content_size is not None and content_size > most:
             # Checked before zstandard allocates the declared size for blocks that can't fill it.
             raise MapFrameError("zstd frame declares more content than its blocks hold")
@@ -149,31 +152,51 @@ def decompress(
                 # Without a declared size, zstandard grows its output only up to this bound.
                 chunk = decoder.decompress(frame, max_output_size=budget + 1)
         except zstandard.ZstdError as exc:
-            raise MapFrameError(f"zstd data is broken or decodes to over {max_decoded_size} bytes: {exc}") from None
+            raise MapFrameError(
+                f"zstd data is broken or decodes to over {max_decoded_size} bytes: {exc}"
+            ) from None
         if len(chunk) > budget or (content_size is not None and len(chunk) != content_size):
             raise MapFrameError(f"zstd data decodes to over {max_decoded_size} bytes")
         out += chunk
     return bytes(out)
 
 
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``. A compression context keeps its buffers (hundreds
+    of KiB after a large map), and every frame is independent, so one per thread serves every
+    map stream instead of one per stream (10,000 streams would hold gigabytes)."""
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_compressors, "by_level", None)
+    if by_level is None:
+        by_level = _compressors.by_level = {}
+    compressor = by_level.get(level)
+    if compressor is None:
+        compressor = by_level[level] = zstandard.ZstdCompressor(
+            level=level, write_checksum=True, write_content_size=True
+        )
+    return compressor
+
+
 class MapFrameEncoder:
     """Writes map stream messages: ``encode(json_body)`` returns the framed (maybe compressed) bytes.
 
     ``compress`` follows the request's ``Compress`` field (``"zstd"``: True). Frames carry their
-    content size and a checksum, as Go's ``zstdframe.AppendEncode`` writes them.
+    content size and a checksum, as Go's ``zstdframe.AppendEncode`` writes them. Frames are
+    independent (no state carries from one to the next), so the same body always encodes to the
+    same bytes.
     """
 
-    __slots__ = ("_compressor", "compress")
+    __slots__ = ("compress", "level")
 
     def __init__(self, compress: bool = True, level: int = DEFAULT_LEVEL) -> None:
         self.compress = compress
-        self._compressor = (
-            zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True) if compress else None
-        )
+        self.level = level
 
     def encode(self, body: bytes | bytearray | memoryview) -> bytes:
         """One message: the u32 little-endian length, then the body (zstd-compressed if asked)."""
-        payload = self._compressor.compress(bytes(body)) if self._compressor is not None else bytes(body)
+        payload = _compressor(self.level).compress(bytes(body)) if self.compress else bytes(body)
         if len(payload) > 0xFFFFFFFF:
             raise ValueError("a map message body is at most 4 GiB")
         return _LENGTH.pack(len(payload)) + payload
