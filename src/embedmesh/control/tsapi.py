@@ -17,6 +17,7 @@ Everything else answers 501, as headscale does.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import json
@@ -236,8 +237,9 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 # this op takes the later ones too, so its copy of the peer ends where ours is.
                 rendered.kind = _CHANGED
                 rendered.peer_id = live.id
-                rendered.body = peer_json(live, user_ids())
-                rendered.owner = profile_key(live)
+                ids = user_ids()
+                rendered.body = peer_json(live, ids)
+                rendered.profile = b",".join(_dumps(p) for p in profiles({profile_key(live)}, ids))
         elif isinstance(op, PeerRemoved):
             rendered.kind = _REMOVED
             rendered.peer_id = op.id
@@ -259,7 +261,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
     def delta(ops: list[_RenderedOp], known: _PeerSet) -> bytes | None:
         """One MapResponse for a batch of ops (the fields Go's mapSession reads, in its order)."""
         changed: dict[int, bytes] = {}
-        owners: set[str] = set()
+        owners: dict[bytes, None] = {}
         patches: list[bytes] = []
         removed: list[int] = []
         online: dict[str, bool] = {}
@@ -270,7 +272,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
             if kind == _CHANGED:
                 assert op.body is not None
                 changed[op.peer_id] = op.body
-                owners.add(op.owner)
+                if op.profile:
+                    owners[op.profile] = None
                 known.add(op.peer_id)
             elif kind == _PATCH:
                 if not known.has(op.peer_id):
@@ -294,7 +297,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             parts.append(b'"DNSConfig":' + dns)
         if changed:
             parts.append(b'"PeersChanged":[' + b",".join(changed.values()) + b"]")
-            parts.append(b'"UserProfiles":' + _dumps(profiles(owners, user_ids())))
+            parts.append(b'"UserProfiles":[' + b",".join(owners) + b"]")
         if removed:
             parts.append(b'"PeersRemoved":' + _dumps(removed))
         if patches:
@@ -346,12 +349,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 expiry = tailcfg.parse_time(expiry_text, "Expiry")
             except TailscaleProtocolError:
                 expiry = None
-            if (
-                expiry is not None
-                and expiry <= now
-                and existing is not None
-                and existing.rec.node_key == node_key.raw
-            ):
+            if expiry is not None and expiry <= now and existing is not None and existing.rec.node_key == node_key.raw:
                 coordinator.logout_node(existing.id, now)
                 return JSONResponse({"NodeKeyExpired": True, "MachineAuthorized": False})
         tags = hostinfo.get("RequestTags") if hostinfo is not None else None
@@ -416,9 +414,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             login = server.logins.start(machine, wanted, now, source)
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         if login.machine_key != machine:
-            return JSONResponse(
-                {"Error": "this login belongs to another machine", "MachineAuthorized": False}
-            )
+            return JSONResponse({"Error": "this login belongs to another machine", "MachineAuthorized": False})
         with anyio.move_on_after(FOLLOWUP_WAIT):
             await login.done.wait()
         if login.node_id is None:
@@ -459,24 +455,32 @@ def tsapi_app(server: ControlServer) -> Starlette:
 
     async def _map_stream(node_id: int, compress: bool) -> Any:
         encoder = mapframe.MapFrameEncoder(compress=compress)
-        wake = anyio.Event()
+        # The control server runs on asyncio (noiseserver is an asyncio protocol). One event per
+        # stream, and one keep-alive timer armed only when the writer parks without one: a message
+        # just moves the deadline, so a change reaching 10,000 streams creates no timers.
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        timer: asyncio.TimerHandle | None = None
 
-        def waker() -> None:
+        def keepalive_due() -> None:
+            nonlocal timer
+            timer = None
             wake.set()
 
-        stream = coordinator.attach(node_id, waker, time.time())
+        stream = coordinator.attach(node_id, wake.set, time.time())
         known = _PeerSet()
         sent_map = False
         try:
-            next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+            next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
             while True:
                 if coordinator.park(stream):
-                    with anyio.move_on_after(max(0.0, next_keepalive - time.monotonic())):
-                        await wake.wait()
-                    wake = anyio.Event()
-                    if time.monotonic() >= next_keepalive:
+                    if timer is None:
+                        timer = loop.call_at(next_keepalive, keepalive_due)
+                    await wake.wait()
+                    wake.clear()
+                    if loop.time() >= next_keepalive:
                         yield encoder.encode(mapframe.KEEPALIVE_JSON)
-                        next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+                        next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
                     continue
                 batch = coordinator.take_batch(stream)
                 for payload in batch.messages:
@@ -517,10 +521,12 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         frame = encoder.encode(body) if body is not None else None
                 if frame:
                     yield frame
-                    next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
+                    next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
                 if stream.closing:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             coordinator.detach(stream, time.time())
 
     async def not_implemented(request: Request) -> Response:
@@ -555,7 +561,7 @@ _OP_CACHE_SIZE = 65536
 class _RenderedOp:
     """One delta op in Tailscale's terms, rendered once for every stream that gets it."""
 
-    __slots__ = ("body", "fragment", "frames", "kind", "online", "owner", "peer_id")
+    __slots__ = ("body", "fragment", "frames", "kind", "online", "peer_id", "profile")
 
     def __init__(self, fragment: bytes) -> None:
         self.fragment = fragment
@@ -564,8 +570,8 @@ class _RenderedOp:
         #: The node's JSON (changed, self), the patch (patch), the DNS config (dns).
         self.body: bytes | None = None
         self.online: bool | None = None
-        #: The changed node's profile key (its user, "" for tagged nodes).
-        self.owner = ""
+        #: The changed node's UserProfile (JSON), which Tailscale's clients upsert.
+        self.profile = b""
         #: This op alone as a framed message, by whether it is compressed.
         self.frames: dict[bool, bytes] = {}
 
@@ -612,3 +618,4 @@ def _is_endpoint(text: str) -> bool:
     except ValueError:
         return False
     return True
+

@@ -351,13 +351,19 @@ class Ts2021Protocol(asyncio.Protocol):
                     self._h2.end_stream(stream_id)
                     self._flush()
                 return
-            window = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+            window = self._h2.local_flow_control_window(stream_id)
             if window <= 0:
                 request.window_open.clear()
                 await request.window_open.wait()
                 continue
-            chunk, view = view[:window], view[window:]
-            self._h2.send_data(stream_id, bytes(chunk), end_stream=end and not view)
+            # Every frame the window allows, then one flush: a large map is one socket write per
+            # window, not one per 16 KiB frame.
+            frame_size = self._h2.max_outbound_frame_size
+            while view and window > 0:
+                size = min(window, frame_size)
+                chunk, view = view[:size], view[size:]
+                self._h2.send_data(stream_id, bytes(chunk), end_stream=end and not view)
+                window -= size
             self._flush()
             await self._writable.wait()
             if not view:
