@@ -1,22 +1,24 @@
 """Tailscale-protocol control plane, same run: embedmesh's server against headscale.
 
-N control-only clients speak Tailscale's protocol (ts2021 Noise, HTTP/2, register with a pre-auth
-key, the zstd map long poll) to each server in turn, all in this process on one asyncio loop
-(embedmesh's :class:`TailscaleControlClient`, the same code a Node uses to join headscale). Each
-server runs in a subprocess on loopback with its state in a temporary folder. Printed per server
-and N:
+N control-only Tailscale clients (``tsload.py``: per client a ts2021 Noise + HTTP/2 connection,
+``/machine/register`` with a pre-auth key, then the streaming zstd ``/machine/map``) in one or more
+load processes, against each server in turn. Each server runs in a subprocess on loopback with its
+state in a temporary folder. Printed per server and N:
 
 * ``register``: seconds until all N clients are registered and hold their first map;
+* ``all peers known``: seconds until every client knows all N - 1 peers;
 * ``change``: seconds from one client sending new endpoints (a "lite" map request) until every
-  other client's map shows them, median of ``--changes`` changes;
-* the server process's CPU seconds over the whole run and its RSS at the end (from /proc);
+  other client has them, median of ``--changes`` changes;
+* the server process's CPU seconds for the join and per change, its RSS at the end and its peak
+  (from /proc), and the load processes' CPU;
 
 and the ratio headscale / embedmesh for each figure (above 1: embedmesh is ahead).
 
-The clients share two cores with the server, so absolute figures include client cost; the ratio
-is what to compare. headscale is tests/interop/gopeers.py's build (v0.29.2), built on first use.
+The clients share the machine's cores with the server, so absolute figures include their cost;
+the ratio is what to compare. headscale is tests/interop/gopeers.py's build (v0.29.2), built on
+first use. This is a benchmark, not a test: it asserts nothing about speed.
 
-Run: ``python benchmarks/bench_control_tailscale.py [--nodes 50 200] [--changes 5]``.
+Run: ``python benchmarks/bench_control_tailscale.py [--nodes 100 1000] [--changes 5] [--profile DIR]``.
 """
 
 from __future__ import annotations
