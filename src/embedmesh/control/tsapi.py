@@ -62,6 +62,8 @@ logger = logging.getLogger("embedmesh.control.server")
 #: The oldest client served: Tailscale 1.80 (capability version 113), as headscale's floor.
 MIN_CAPABILITY_VERSION = 113
 KEEPALIVE_INTERVAL = 50.0
+#: The shortest time between two delta messages on one map stream (bursts of changes coalesce).
+BATCH_INTERVAL = 0.1
 #: How long a Followup register waits for the admin before answering "not yet" (Go's client asks
 #: again at once).
 FOLLOWUP_WAIT = 60.0
@@ -470,6 +472,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
         stream = coordinator.attach(node_id, wake.set, time.time())
         known = _PeerSet()
         sent_map = False
+        last_sent = 0.0
         try:
             next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
             while True:
@@ -482,6 +485,14 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         yield encoder.encode(mapframe.KEEPALIVE_JSON)
                         next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
                     continue
+                if sent_map:
+                    # At most one delta per BATCH_INTERVAL per stream: when nodes join or change
+                    # in a burst, each stream takes the burst's ops in a few messages instead of
+                    # one per op (ten per second instead of three per joining node). A change
+                    # after a quiet spell goes out at once.
+                    gap = last_sent + BATCH_INTERVAL - loop.time()
+                    if gap > 0:
+                        await asyncio.sleep(gap)
                 batch = coordinator.take_batch(stream)
                 for payload in batch.messages:
                     if isinstance(parse_server_message(payload), LoggedOut | ErrorMessage):
@@ -521,7 +532,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         frame = encoder.encode(body) if body is not None else None
                 if frame:
                     yield frame
-                    next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
+                    last_sent = loop.time()
+                    next_keepalive = last_sent + KEEPALIVE_INTERVAL + rng.random() * 9
                 if stream.closing:
                     return
         finally:
