@@ -16,10 +16,10 @@ from control_harness import Admin, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedmesh.control.errors import AuthKeyRequiredError
+from embedmesh.control.errors import AuthKeyInvalidError, TagNotPermittedError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.tailscale import tailcfg
-from embedmesh.tailscale.client import TailscaleControlClient, speaks_tailscale
+from embedmesh.tailscale.client import TailscaleControlClient
 from embedmesh.tailscale.keys import DiscoPrivate, MachinePrivate, NodePrivate
 from embedmesh.tailscale.noiseclient import connect_control
 
@@ -58,7 +58,6 @@ def _view(peers: dict[int, PeerInfo]) -> dict[int, tuple[object, ...]]:
 
 async def test_register_map_deltas_and_logout(tmp_path: Path) -> None:
     with start_server(tmp_path / "server") as running:
-        assert not await speaks_tailscale(running.url)  # embedmesh's nodes keep their own protocol
         admin = Admin(running)
         key = admin.key(reusable=True)
         async with _client(running.url, "a", key) as a, _client(running.url, "b", key) as b:
@@ -88,10 +87,11 @@ async def test_approval_tags_and_refusals(tmp_path: Path) -> None:
         ci_key = admin.key(preapproved=True, tags=["tag:ci"])
         async with _client(running.url, "ci", ci_key, tags=["tag:ci"]) as tagged:
             assert tagged.netmap is not None and tagged.netmap.self_node.tags == ("tag:ci",)
-        with pytest.raises(AuthKeyRequiredError, match="tag:prod"):
+        # Refusals raise the class the server's EmbedmeshError code names.
+        with pytest.raises(TagNotPermittedError, match="tag:prod"):
             async with _client(running.url, "x", admin.key(preapproved=True), tags=["tag:prod"]):
                 pass
-        with pytest.raises(AuthKeyRequiredError, match="not recognised"):
+        with pytest.raises(AuthKeyInvalidError, match="not recognised"):
             async with _client(running.url, "y", "emk-000000000000-" + "0" * 48):
                 pass
 

@@ -120,7 +120,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
             "Hostinfo": {"Hostname": peer.hostname, "OS": peer.os},
             "Created": tailcfg.format_time(live.rec.created),
             "MachineAuthorized": peer.authorized and not peer.key_expired,
-            "CapMap": {},
+            # Only the node itself learns it is ephemeral (its peers have no use for it).
+            "CapMap": {tailcfg.EPHEMERAL_CAP: None} if is_self and peer.ephemeral else {},
         }
         if peer.key_expiry is not None:
             node["KeyExpiry"] = tailcfg.format_time(peer.key_expiry)
@@ -281,16 +282,22 @@ def tsapi_app(server: ControlServer) -> Starlette:
             node = coordinator.register(machine.raw, wanted, now, source)
         except AuthKeyRequiredError as exc:
             if auth_key is not None:
-                return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+                return refusal(exc)
             # No key and none needed for a restart: Tailscale's interactive login. The client
             # shows the AuthURL and asks again with Followup, which waits for an admin.
             login = server.logins.start(machine.raw, wanted, now, source)
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         except ControlError as exc:
             logger.info("refused a Tailscale-protocol registration: %s", exc)
-            return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+            return refusal(exc)
         _registered_connection(request)
         return registered(node)
+
+    def refusal(exc: ControlError) -> JSONResponse:
+        # Tailscale's clients show Error; embedmesh's raise the error class its code names.
+        return JSONResponse(
+            {"Error": str(exc), "MachineAuthorized": False, tailcfg.EMBEDMESH_ERROR: error_json(exc.code, str(exc))}
+        )
 
     def registered(node: Any) -> JSONResponse:
         ids = user_ids()
@@ -396,7 +403,14 @@ def tsapi_app(server: ControlServer) -> Starlette:
                     elif isinstance(message, DeltaMessage) and netmap is not None:
                         netmap = netmap.apply(message.delta)
                         out = delta(netmap, message.delta.ops) or None
-                    elif isinstance(message, LoggedOut | ErrorMessage):
+                    elif isinstance(message, ErrorMessage):
+                        # Why the stream ends (deleted, refused, replaced): embedmesh's clients
+                        # stop with that error; Tailscale's ignore the field and re-register.
+                        yield encoder.encode(
+                            json.dumps({tailcfg.EMBEDMESH_ERROR: error_json(message.code, message.message)}).encode()
+                        )
+                        return
+                    elif isinstance(message, LoggedOut):
                         return
                     if out is not None:
                         out["ControlTime"] = tailcfg.format_time(time.time())
@@ -417,6 +431,11 @@ def tsapi_app(server: ControlServer) -> Starlette:
             Route("/{path:path}", not_implemented, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
     )
+
+
+def error_json(code: str, message: str) -> dict[str, str]:
+    """The EmbedmeshError field's value."""
+    return {"Code": code, "Message": message}
 
 
 class _ClientTooOld(Exception):
