@@ -28,12 +28,16 @@ def _rows(state: Path, table: str) -> int:
 
 async def _keyless_handshake(url: str, *, register: bool) -> tailcfg.RegisterResponse | None:
     """One stranger: a fresh machine key, a complete ts2021 handshake, optionally a keyless register."""
-    async with connect_control(url, MachinePrivate.generate(os.urandom(32)), tailcfg.CAPABILITY_VERSION) as conn:
+    async with connect_control(
+        url, MachinePrivate.generate(os.urandom(32)), tailcfg.CAPABILITY_VERSION
+    ) as conn:
         if not register:
             return None
         node = NodePrivate(os.urandom(32)).public()
         hostinfo = tailcfg.hostinfo("stranger", "linux", version="test")
-        reply = await conn.request("POST", "/machine/register", tailcfg.register_request(node, hostinfo=hostinfo))
+        reply = await conn.request(
+            "POST", "/machine/register", tailcfg.register_request(node, hostinfo=hostinfo)
+        )
         return tailcfg.parse_register_response(reply.body)
 
 

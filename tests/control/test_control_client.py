@@ -147,3 +147,19 @@ async def test_server_restart_clients_reconnect(tmp_path: Path) -> None:
             )
         finally:
             running.stop()
+
+
+async def test_a_server_replaced_while_the_node_runs_ends_it_with_server_key_changed(tmp_path: Path) -> None:
+    with start_server(tmp_path / "server") as running:
+        url, port = running.url, running.port
+        key = Admin(running).key(reusable=True)
+        client = Identity.new(tmp_path / "node").client(url, "web", auth_key=key)
+        await client.start()
+    try:
+        # Another server (another key) comes up where the node's server was.
+        with start_server(tmp_path / "impostor", port=port):
+            with pytest.raises(ServerKeyChangedError, match="changed from"):
+                await client.wait_for_netmap(lambda m: False, timeout=15)
+            assert client.error is not None and not client.connected
+    finally:
+        await client.close()

@@ -59,7 +59,9 @@ def _old_server_state(state: Path, web: Identity, db_node: Identity) -> bytes:
             "default",
         ),
     )
-    db.execute("INSERT INTO handshakes(machine_key, last_timestamp) VALUES (?, 12345)", (public_key(web.machine),))
+    db.execute(
+        "INSERT INTO handshakes(machine_key, last_timestamp) VALUES (?, 12345)", (public_key(web.machine),)
+    )
     db.execute(
         "INSERT INTO meta(key, value) VALUES ('dns', ?)",
         (json.dumps({"extra_records": [["printer", "A", "192.0.2.9"]]}),),

@@ -224,7 +224,7 @@ class ControlServer:
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app uvicorn runs: a request that reaches it has met its first-request deadline."""
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] == "http":
             self.limiter.started(_client_key(scope))
         await self.app(scope, receive, send)
 

@@ -21,7 +21,9 @@ def split_url(url: str) -> tuple[str, str, int, bool]:
         )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"control URL {url!r}: the scheme must be http or https, e.g. http://127.0.0.1:8080")
+        raise ConfigError(
+            f"control URL {url!r}: the scheme must be http or https, e.g. http://127.0.0.1:8080"
+        )
     try:
         port = parts.port
     except ValueError:

@@ -48,9 +48,11 @@ from embedmesh.control.errors import (
     AuthKeyRequiredError,
     ControlError,
     ControlUnreachableError,
+    ProtocolVersionError,
     ServerKeyChangedError,
     error_from_code,
 )
+from embedmesh.control.messages import parse_endpoint
 from embedmesh.control.netmap import NetworkMap, NodeState
 from embedmesh.control.store import create_private_file
 from embedmesh.control.url import split_url
@@ -59,7 +61,12 @@ from embedmesh.tailscale import mapframe, tailcfg
 from embedmesh.tailscale.errors import TailscaleProtocolError
 from embedmesh.tailscale.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePrivate
 from embedmesh.tailscale.mapsession import MapSession
-from embedmesh.tailscale.noiseclient import ControlConnection, connect_control, fetch_server_key
+from embedmesh.tailscale.noiseclient import (
+    ControlConnection,
+    ControlKeyStatusError,
+    connect_control,
+    fetch_server_key,
+)
 
 logger = logging.getLogger("embedmesh.control.client")
 
@@ -103,6 +110,8 @@ class TailscaleControlClient:
         for key, name in ((machine_key, "machine_key"), (node_key, "node_key"), (disco_key, "disco_key")):
             if len(key) != 32:
                 raise ValueError(f"{name} must be 32 bytes")
+        for endpoint in endpoints:
+            parse_endpoint(endpoint)
         self.control_url = control_url.rstrip("/")
         #: Trust for an https:// control URL (None: the system's CAs).
         self.ssl_context = ssl_context
@@ -213,6 +222,8 @@ class TailscaleControlClient:
 
     async def update_endpoints(self, endpoints: Sequence[str]) -> None:
         """Report new underlay endpoints (``"ip:port"``): a "lite" map request, no stream."""
+        for endpoint in endpoints:
+            parse_endpoint(endpoint)
         new = tuple(endpoints)
         if new == self.endpoints:
             return
@@ -235,9 +246,7 @@ class TailscaleControlClient:
             self._node.public(), hostinfo=self._hostinfo(), expiry=LOGOUT_EXPIRY, ephemeral=self.ephemeral
         )
         with anyio.fail_after(timeout):
-            reply = await conn.request("POST", "/machine/register", body)
-        if reply.status != 200:
-            raise ControlError(f"the control server refused the logout: HTTP {reply.status}")
+            await self._register_once(conn, body)
         self.logged_out = True
         await self.close()
 
@@ -323,8 +332,10 @@ class TailscaleControlClient:
                 remaining = deadline - time.monotonic()
                 # A server that answers but not with a key will not start to; a proxy in front
                 # of one that is still starting answers 502/503/504.
-                retry = isinstance(exc, ControlUnreachableError) and not exc.args[0].startswith("the control")
-                retry = retry or " HTTP 5" in str(exc)
+                if isinstance(exc, ControlKeyStatusError):
+                    retry = exc.status >= 500
+                else:
+                    retry = isinstance(exc, ControlUnreachableError)
                 if not retry or remaining <= 0:
                     waited = f" for {self.start_timeout:g} s" if self.start_timeout > 0 and retry else ""
                     raise ControlUnreachableError(
@@ -348,14 +359,18 @@ class TailscaleControlClient:
         new = base64.b64encode(key.raw).decode()
         if self.server_key is not None and self.server_key != key:
             old = base64.b64encode(self.server_key.raw).decode()
-            raise ServerKeyChangedError(f"control server key changed from {old} to {new} while this node was running")
+            raise ServerKeyChangedError(
+                f"control server key changed from {old} to {new} while this node was running"
+            )
         if self.state_dir is not None:
             path = self.state_dir / PIN_FILE
             if path.exists():
                 try:
                     pinned = json.loads(path.read_text())["public_key"]
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ServerKeyChangedError(f"{path} is damaged: delete it to pin the server key again") from exc
+                    raise ServerKeyChangedError(
+                        f"{path} is damaged: delete it to pin the server key again"
+                    ) from exc
                 if pinned != new:
                     raise ServerKeyChangedError(
                         f"control server key changed from {pinned} to {new}; if you rotated it on purpose, "
@@ -420,8 +435,18 @@ class TailscaleControlClient:
         return True
 
     async def _connection(self) -> None:
-        # The server's key, once fetched and pinned, is kept for reconnects; connect_control
-        # bounds its own connect and handshake.
+        if self.reconnects:
+            # The server may have been replaced while we were away: a different key fails the
+            # pin (ServerKeyChangedError) instead of failing Noise handshakes forever.
+            self._pin(
+                await fetch_server_key(
+                    self.control_url,
+                    tailcfg.CAPABILITY_VERSION,
+                    ssl_context=self.ssl_context,
+                    timeout=self.connect_timeout,
+                )
+            )
+        # connect_control bounds its own connect and handshake.
         async with connect_control(
             self.control_url,
             self._machine,
@@ -437,10 +462,10 @@ class TailscaleControlClient:
     async def _register_once(self, conn: ControlConnection, body: bytes) -> tailcfg.RegisterResponse:
         reply = await conn.request("POST", "/machine/register", body)
         if reply.status != 200:
-            raise AuthKeyRequiredError(
-                f"the control server refused the registration: HTTP {reply.status}: "
-                f"{reply.body.decode('utf-8', 'replace').strip()[:300]}"
-            )
+            text = reply.body.decode("utf-8", "replace").strip()[:300]
+            if reply.status == 400 and "version" in text:
+                raise ProtocolVersionError(f"the control server refused this client's version: {text}")
+            raise ControlError(f"the control server refused the registration: HTTP {reply.status}: {text}")
         answer = tailcfg.parse_register_response(reply.body)
         if answer.error:
             if answer.error_code:
@@ -452,7 +477,9 @@ class TailscaleControlClient:
         # A known node (the server knows its node key) registers without a key; a new one, or an
         # expired one, uses the auth key. The server's answer says which case it is.
         if self._registered or self._registered_before() or self._auth_key is None:
-            keyless = tailcfg.register_request(self._node.public(), hostinfo=self._hostinfo(), ephemeral=self.ephemeral)
+            keyless = tailcfg.register_request(
+                self._node.public(), hostinfo=self._hostinfo(), ephemeral=self.ephemeral
+            )
             with anyio.fail_after(self.connect_timeout):
                 answer = await self._register_once(conn, keyless)
             wants_auth = answer.node_key_expired or (bool(answer.auth_url) and not answer.machine_authorized)
@@ -472,13 +499,22 @@ class TailscaleControlClient:
         if answer.auth_url and not answer.machine_authorized:
             answer = await self._wait_for_login(conn, answer.auth_url)
         # Registered (maybe waiting for approval, maybe expired: the map says which).
+        if answer.machine_authorized:
+            state = "authorized"
+        else:
+            state = "key expired" if answer.node_key_expired else "waiting for approval"
+        logger.info(
+            "registered with %s as %s (%s)", self.control_url, answer.login_name or "a tagged node", state
+        )
         self._registered = True
         self._remember_registration()
         self.auth_url = ""
 
     async def _wait_for_login(self, conn: ControlConnection, auth_url: str) -> tailcfg.RegisterResponse:
         self.auth_url = auth_url
-        logger.warning("to log this node in, open %s", auth_url, extra={"embedmesh_event": "login", "url": auth_url})
+        logger.warning(
+            "to log this node in, open %s", auth_url, extra={"embedmesh_event": "login", "url": auth_url}
+        )
         self._notify()
         while True:
             # Go's client re-registers with Followup, which the server holds until the login is
@@ -527,7 +563,9 @@ class TailscaleControlClient:
         reader = mapframe.MapStreamReader(compressed=True)
         async with conn.stream("POST", "/machine/map", self._map_request(stream=True)) as response:
             if response.status != 200:
-                raise TailscaleProtocolError(f"the control server refused the map request: HTTP {response.status}")
+                raise TailscaleProtocolError(
+                    f"the control server refused the map request: HTTP {response.status}"
+                )
             chunks = response.__aiter__()
             while True:
                 with anyio.fail_after(MAP_WATCHDOG):
