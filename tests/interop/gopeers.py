@@ -9,8 +9,10 @@ The one Go build helper of the test suite.  Two general entry points:
   ``tool`` named in its go.mod instead of its main package.
 
 Both return the folder that holds the binaries.  On top of them: ``tailscaled()``,
-``tailscale_cli()``, ``derper()`` (tailscale.com v1.102.5), ``headscale()`` (HEADSCALE_VERSION) and
-``go_program(name)`` (``tests/interop/go/<name>/``) return a binary's path.
+``tailscale_cli()``, ``derper()`` (tailscale.com v1.102.5), ``oldest_tailscaled()`` and
+``oldest_tailscale_cli()`` (OLDEST_TAILSCALE_VERSION, the oldest client the server serves),
+``headscale()`` (HEADSCALE_VERSION) and ``go_program(name)`` (``tests/interop/go/<name>/``) return a
+binary's path.
 
 Nothing is committed and nothing lands in the repository: binaries, the module cache (GOMODCACHE)
 and the build cache (GOCACHE) all live in one folder, ``$EMBEDMESH_GO_CACHE`` (default
@@ -63,6 +65,9 @@ GO_ENV = "EMBEDMESH_GO"  # a go binary to use instead of the one on PATH / /usr/
 REQUIRE_ENV = "EMBEDMESH_REQUIRE_INTEROP"
 
 TAILSCALE_VERSION = "v1.102.5"  # newer tags need a newer Go than the machines have (1.26)
+# The oldest client release the control server serves (Tailscale 1.80, capability version 113):
+# its newest patch, built beside TAILSCALE_VERSION to prove the server against an old client.
+OLDEST_TAILSCALE_VERSION = "v1.80.3"
 HEADSCALE_VERSION = "v0.29.2"  # the newest release (go.mod: go 1.26.4); pinned in go/headscale/go.mod
 BUILD_TIMEOUT = 1800.0  # seconds for one build, cold, on a loaded 2-core machine
 DEFAULT_LDFLAGS = "-s -w"  # no symbol tables: smaller binaries, a faster link
@@ -112,6 +117,13 @@ class GoBuild:
         }
 
 
+def _tailscale_ldflags(version: str) -> str:
+    # What Tailscale's build_dist.sh stamps; without it `tailscale version` says
+    # "1.102.5-ERR-BuildInfo" (a module build has no git commit to read).
+    v = version.removeprefix("v")
+    return f"{DEFAULT_LDFLAGS} -X tailscale.com/version.longStamp={v} -X tailscale.com/version.shortStamp={v}"
+
+
 # The bundles `gopeers.py build` (and so .ci/run) builds; tests may build others with go_install()
 # and go_build() directly.
 BUNDLES: dict[str, GoBuild] = {
@@ -123,11 +135,18 @@ BUNDLES: dict[str, GoBuild] = {
         packages=tuple(
             f"tailscale.com/cmd/{cmd}@{TAILSCALE_VERSION}" for cmd in ("tailscaled", "tailscale", "derper")
         ),
-        # What Tailscale's build_dist.sh stamps; without it `tailscale version` says
-        # "1.102.5-ERR-BuildInfo" (a module build has no git commit to read).
-        ldflags="{base} -X tailscale.com/version.longStamp={v} -X tailscale.com/version.shortStamp={v}".format(
-            base=DEFAULT_LDFLAGS, v=TAILSCALE_VERSION.removeprefix("v")
+        ldflags=_tailscale_ldflags(TAILSCALE_VERSION),
+    ),
+    # The oldest client served, in a folder of its own (bin/tailscale-oldest-<key>/); it shares the
+    # module and build caches with the bundle above, so only what differs is compiled. No derper:
+    # the tests run the current one.
+    "tailscale-oldest": GoBuild(
+        "tailscale-oldest",
+        ("tailscaled", "tailscale"),
+        packages=tuple(
+            f"tailscale.com/cmd/{cmd}@{OLDEST_TAILSCALE_VERSION}" for cmd in ("tailscaled", "tailscale")
         ),
+        ldflags=_tailscale_ldflags(OLDEST_TAILSCALE_VERSION),
     ),
     # `go install github.com/juanfont/headscale/cmd/headscale@v0.29.2` fails here: the module proxy
     # refuses headscale's version list, which `go install` reads for the deprecation check.  So a
@@ -344,6 +363,16 @@ def tailscaled() -> Path:
 def tailscale_cli() -> Path:
     """The `tailscale` CLI from tailscale.com v1.102.5."""
     return bundle("tailscale") / "tailscale"
+
+
+def oldest_tailscaled() -> Path:
+    """tailscaled from tailscale.com OLDEST_TAILSCALE_VERSION (the oldest client served)."""
+    return bundle("tailscale-oldest") / "tailscaled"
+
+
+def oldest_tailscale_cli() -> Path:
+    """The `tailscale` CLI from tailscale.com OLDEST_TAILSCALE_VERSION."""
+    return bundle("tailscale-oldest") / "tailscale"
 
 
 def derper() -> Path:

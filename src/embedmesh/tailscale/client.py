@@ -73,8 +73,12 @@ class TailscaleControlClient:
         reconnect_max: float = 30.0,
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        capability_version: int = tailcfg.CAPABILITY_VERSION,
     ) -> None:
         self.control_url = control_url.rstrip("/")
+        #: The capability version announced (Noise prologue, /key, every request): the Tailscale
+        #: release this client claims to be; tests lower it to play an older client.
+        self.capability_version = capability_version
         #: Trust for an https:// control URL (None: the system's CAs).
         self.ssl_context = ssl_context
         self._machine = MachinePrivate(machine_key)
@@ -173,7 +177,11 @@ class TailscaleControlClient:
         if conn is None:
             raise NodeError("not connected to the control server: cannot log out now")
         body = tailcfg.register_request(
-            self._node.public(), hostinfo=self._hostinfo(), expiry=LOGOUT_EXPIRY, ephemeral=self.ephemeral
+            self._node.public(),
+            hostinfo=self._hostinfo(),
+            expiry=LOGOUT_EXPIRY,
+            ephemeral=self.ephemeral,
+            version=self.capability_version,
         )
         with anyio.fail_after(timeout):
             await conn.request("POST", "/machine/register", body)
@@ -217,6 +225,7 @@ class TailscaleControlClient:
             endpoints=self.endpoints,
             stream=stream,
             omit_peers=not stream,
+            version=self.capability_version,
         )
 
     async def _wait_for_server(self) -> None:
@@ -226,7 +235,7 @@ class TailscaleControlClient:
         while True:
             try:
                 self._server_key = await fetch_server_key(
-                    self.control_url, tailcfg.CAPABILITY_VERSION, ssl_context=self.ssl_context, timeout=10
+                    self.control_url, self.capability_version, ssl_context=self.ssl_context, timeout=10
                 )
                 return
             except ControlUnreachableError as exc:
@@ -245,7 +254,7 @@ class TailscaleControlClient:
                 async with connect_control(
                     self.control_url,
                     self._machine,
-                    tailcfg.CAPABILITY_VERSION,
+                    self.capability_version,
                     server_key=self._server_key,
                     ssl_context=self.ssl_context,
                 ) as conn:
@@ -280,7 +289,11 @@ class TailscaleControlClient:
             attempts = [None]
         for auth_key in attempts:
             body = tailcfg.register_request(
-                self._node.public(), hostinfo=self._hostinfo(), auth_key=auth_key, ephemeral=self.ephemeral
+                self._node.public(),
+                hostinfo=self._hostinfo(),
+                auth_key=auth_key,
+                ephemeral=self.ephemeral,
+                version=self.capability_version,
             )
             reply = await conn.request("POST", "/machine/register", body)
             if reply.status != 200:
@@ -302,7 +315,11 @@ class TailscaleControlClient:
             self._notify()
             # Wait for the login: Go's client re-registers with Followup, which blocks until then.
             body = tailcfg.register_request(
-                self._node.public(), hostinfo=self._hostinfo(), followup=self.auth_url, ephemeral=self.ephemeral
+                self._node.public(),
+                hostinfo=self._hostinfo(),
+                followup=self.auth_url,
+                ephemeral=self.ephemeral,
+                version=self.capability_version,
             )
             reply = await conn.request("POST", "/machine/register", body)
             answer = tailcfg.parse_register_response(reply.body)
@@ -330,7 +347,9 @@ class TailscaleControlClient:
         reader = mapframe.MapStreamReader(compressed=True)
         async with conn.stream("POST", "/machine/map", self._map_request(stream=True)) as response:
             if response.status != 200:
-                raise TailscaleProtocolError(f"the control server refused the map request: HTTP {response.status}")
+                raise TailscaleProtocolError(
+                    f"the control server refused the map request: HTTP {response.status}"
+                )
             chunks = response.__aiter__()
             while True:
                 with anyio.fail_after(MAP_WATCHDOG):
