@@ -16,6 +16,7 @@ from control_harness import Admin, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from embedmesh.control import tsapi
 from embedmesh.control.errors import AuthKeyRequiredError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.tailscale import mapframe, tailcfg
@@ -392,3 +393,21 @@ async def test_the_keyless_rate_limit_is_a_429_from_version_137_and_an_error_bef
         newer = await register(137)
         assert newer.status == 429 and 1 <= int(newer.headers["retry-after"]) <= 60
         assert b"too many registrations without an auth key" in newer.body
+
+
+def test_release_names_and_map_adaptation_of_odd_input() -> None:
+    assert tsapi.tailscale_release(113) == "Tailscale 1.80"
+    assert tsapi.tailscale_release(112) == "a development build after Tailscale 1.78"
+    assert tsapi.tailscale_release(142) == "Tailscale 1.102"
+    assert tsapi.tailscale_release(145) == "newer than Tailscale 1.102"
+    assert tsapi.tailscale_release(28) == "older than Tailscale 1.64"
+    # A DERP map from the admin's file with odd entries: kept as they are, never a crash.
+    odd = {"Regions": {"1": None, "2": [], "3": {"NoMeasureNoHome": "yes"}, "4": {"NoMeasureNoHome": True}}}
+    out = tsapi.adapt_map_response({"DERPMap": odd}, 113)
+    assert out["DERPMap"]["Regions"] == {**odd["Regions"], "4": {"NoMeasureNoHome": True, "Avoid": True}}
+    assert "Avoid" not in odd["Regions"]["4"]
+    assert tsapi.adapt_map_response({"DERPMap": {"Regions": []}}, 113) == {"DERPMap": {"Regions": []}}
+    # Deltas without a Node or DERPMap are left alone, whatever the version.
+    assert tsapi.adapt_map_response({"PeersRemoved": [3]}, 113, max_key_duration=86400.0) == {
+        "PeersRemoved": [3]
+    }

@@ -89,6 +89,7 @@ class GoBuild:
     source: Path | None = None  # a program folder (with go.mod, go.sum) for `go build`
     target: str = "."  # what `go build` builds in source: its main package, or a go.mod `tool`
     ldflags: str = DEFAULT_LDFLAGS
+    tags: tuple[str, ...] = ()  # Go build tags (-tags=a,b)
 
     def __post_init__(self) -> None:
         if (self.source is None) == (not self.packages):
@@ -101,8 +102,10 @@ class GoBuild:
 
     def inputs(self) -> dict[str, object]:
         """Everything the binaries depend on besides the Go version (hashed into the cache key)."""
+        # Tags only when there are some, so the keys (cache folders) of tagless builds stay as they were.
+        tags: dict[str, object] = {"tags": list(self.tags)} if self.tags else {}
         if self.source is None:
-            return {"packages": list(self.packages), "ldflags": self.ldflags}
+            return {"packages": list(self.packages), "ldflags": self.ldflags, **tags}
         if not (self.source / "go.mod").is_file() or not (self.source / "go.sum").is_file():
             raise GoBuildError(f"{self.source} needs a committed go.mod and go.sum")
         digest = hashlib.sha256()
@@ -114,6 +117,7 @@ class GoBuild:
             "target": self.target,
             "ldflags": self.ldflags,
             "sha256": digest.hexdigest(),
+            **tags,
         }
 
 
@@ -138,8 +142,10 @@ BUNDLES: dict[str, GoBuild] = {
         ldflags=_tailscale_ldflags(TAILSCALE_VERSION),
     ),
     # The oldest client served, in a folder of its own (bin/tailscale-oldest-<key>/); it shares the
-    # module and build caches with the bundle above, so only what differs is compiled. No derper:
-    # the tests run the current one.
+    # module and build caches with the bundle above. No derper: the tests run the current one.
+    # The tags are build_dist.sh's --extra-small set of that release (no AWS/Kubernetes state
+    # stores, SSH server, TAP, BIRD, packet capture, wake-on-LAN, shell completion): what the
+    # tests use stays, and the cold build of this second Tailscale costs less.
     "tailscale-oldest": GoBuild(
         "tailscale-oldest",
         ("tailscaled", "tailscale"),
@@ -147,6 +153,10 @@ BUNDLES: dict[str, GoBuild] = {
             f"tailscale.com/cmd/{cmd}@{OLDEST_TAILSCALE_VERSION}" for cmd in ("tailscaled", "tailscale")
         ),
         ldflags=_tailscale_ldflags(OLDEST_TAILSCALE_VERSION),
+        tags=tuple(
+            f"ts_omit_{feature}"
+            for feature in ("aws", "bird", "tap", "kube", "completion", "ssh", "wakeonlan", "capture")
+        ),
     ),
     # `go install github.com/juanfont/headscale/cmd/headscale@v0.29.2` fails here: the module proxy
     # refuses headscale's version list, which `go install` reads for the deprecation check.  So a
@@ -303,15 +313,15 @@ def _build_locked(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root / "bin"))
     try:
         env = go_env(go)
-        ldflags = f"-ldflags={spec.ldflags}"
+        flags = [f"-ldflags={spec.ldflags}", *([f"-tags={','.join(spec.tags)}"] if spec.tags else [])]
         if spec.source is None:
             env["GOBIN"] = str(staging)
-            argv = [go, "install", ldflags, *spec.packages]
+            argv = [go, "install", *flags, *spec.packages]
             cwd = str(root)
         else:
             # -mod=readonly: the committed go.mod/go.sum are the truth; never rewrite the repo's files
             out = str(staging / spec.binaries[0])
-            argv = [go, "build", "-mod=readonly", ldflags, "-o", out, spec.target]
+            argv = [go, "build", "-mod=readonly", *flags, "-o", out, spec.target]
             cwd = str(spec.source)
         if shutil.which("nice"):
             argv = ["nice", "-n", "19", *argv]  # the machines have 2 cores, shared with the tests
