@@ -104,9 +104,13 @@ async def test_old_clients_bad_requests_and_other_endpoints(tmp_path: Path) -> N
             assert conn.early_payload is not None  # a node-key challenge, as headscale sends
             old = tailcfg.register_request(node.public(), hostinfo={}, version=100)
             reply = await conn.request("POST", "/machine/register", old)
+            assert reply.status == 200  # the Error is what `tailscale up` prints
+            assert "Tailscale 1.80" in tailcfg.parse_register_response(reply.body).error
+            disco = DiscoPrivate.generate(bytes(32)).public()
+            old_map = tailcfg.map_request(node.public(), disco, hostinfo={}, version=100)
+            reply = await conn.request("POST", "/machine/map", old_map)
             assert reply.status == 400 and b"Tailscale 1.80" in reply.body
             assert (await conn.request("POST", "/machine/register", b"{")).status == 400
-            disco = DiscoPrivate.generate(bytes(32)).public()
             unknown = tailcfg.map_request(node.public(), disco, hostinfo={})
             assert (await conn.request("POST", "/machine/map", unknown)).status == 404
             assert (await conn.request("POST", "/machine/set-dns", b"{}")).status == 501
@@ -315,7 +319,7 @@ async def test_capability_version_112_is_refused_and_113_is_served(tmp_path: Pat
         key = Admin(running).key(reusable=True)
         with pytest.raises(
             AuthKeyRequiredError,
-            match=r"HTTP 400: unsupported client version 112 \(a development build after Tailscale 1\.78\): "
+            match=r"registration: unsupported client version 112 \(a development build after Tailscale 1\.78\): "
             r"this server serves Tailscale 1\.80 \(capability version 113\) and newer; upgrade the client",
         ):
             async with _client(running.url, "too-old", key, capability_version=112):

@@ -15,7 +15,7 @@ handshake has authenticated the caller's machine key:
 Everything else answers 501, as headscale does.
 
 Capability versions: clients older than Tailscale 1.80 (capability version 113, headscale's floor
-too) are refused with a 400 that names their release. Each map stream remembers its client's
+too) are refused with a message that names their release (the register's Error, a map's 400). Each map stream remembers its client's
 version, and :func:`adapt_map_response` gives every message the form that version reads (see the
 "Capability versions" table of docs/tailscale-compat.md); a register that the keyless rate limit
 refuses is a 429 with Retry-After for clients that handle one (137 on) and an ``Error`` for older.
@@ -329,11 +329,16 @@ def tsapi_app(server: ControlServer) -> Starlette:
         return obj
 
     async def read_request(request: Request, what: str) -> tuple[gojson.GoObject, NodePublic] | Response:
-        """The request's JSON and its NodeKey, or the 400 that says what is wrong."""
+        """The request's JSON and its NodeKey, or the answer that says what is wrong: a 400, but a
+        too-old client's register gets a RegisterResponse whose Error `tailscale up` prints and
+        exits on ("backend error: ..."); after a 400 it only waits out its --timeout, the reason in
+        tailscaled's log (seen with tailscaled 1.78.3)."""
         try:
             obj = await read_json(request, what)
             return obj, _node_key(obj, "NodeKey")
         except _ClientTooOld as exc:
+            if what == "RegisterRequest":
+                return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
             return Response(str(exc), status_code=400)
         except TailscaleProtocolError as exc:
             return Response(f"bad {what}: {exc}", status_code=400)
