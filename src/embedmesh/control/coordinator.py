@@ -726,9 +726,11 @@ class Coordinator:
         tokens = min(float(burst), tokens + max(0.0, now - stamp) / interval)
         if tokens < 1.0:
             self._keyless_buckets[bucket] = (tokens, now)
+            wait = (1.0 - tokens) * interval
             raise RegistrationLimitError(
                 f"too many registrations without an auth key from {source}: try again in "
-                f"{(1.0 - tokens) * interval:.0f} s, or join with an auth key"
+                f"{wait:.0f} s, or join with an auth key",
+                retry_after=wait,
             )
         self._keyless_buckets[bucket] = (tokens - 1.0, now)
         while len(self._keyless_buckets) > _MAX_BUCKETS:  # oldest first: bounded memory

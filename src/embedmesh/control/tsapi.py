@@ -13,6 +13,12 @@ handshake has authenticated the caller's machine key:
   node's endpoints and disco key ("lite" update).
 
 Everything else answers 501, as headscale does.
+
+Capability versions: clients older than Tailscale 1.80 (capability version 113, headscale's floor
+too) are refused with a message that names their release (the register's Error, a map's 400). Each map stream remembers its client's
+version, and :func:`adapt_map_response` gives every message the form that version reads (see the
+"Capability versions" table of docs/tailscale-compat.md); a register that the keyless rate limit
+refuses is a 429 with Retry-After for clients that handle one (137 on) and an ``Error`` for older.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,7 +37,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from embedmesh.control.errors import AuthKeyRequiredError, ControlError
+from embedmesh.control.coordinator import DEFAULT_KEY_EXPIRY
+from embedmesh.control.errors import (
+    AuthKeyRequiredError,
+    ControlError,
+    ProtocolVersionError,
+    RegistrationLimitError,
+)
 from embedmesh.control.messages import (
     DeltaMessage,
     ErrorMessage,
@@ -59,6 +72,36 @@ logger = logging.getLogger("embedmesh.control.server")
 
 #: The oldest client served: Tailscale 1.80 (capability version 113), as headscale's floor.
 MIN_CAPABILITY_VERSION = 113
+#: From this version on the self node's CapMap carries the tailnet's key lifetime
+#: ("tailnet.maxKeyDuration"); older clients read MapResponse.MaxKeyDuration, which 1.102 dropped.
+CAPVER_MAX_KEY_DURATION_ATTR = 114
+#: From this version clients understand DERPRegion.NoMeasureNoHome; older ones get Avoid instead.
+CAPVER_NO_MEASURE_NO_HOME = 115
+#: From this version clients wait out a 429 (with Retry-After) to /machine/register.
+CAPVER_REGISTER_429 = 137
+#: (first capability version, release) of Tailscale's releases (tailcfg.go at each tag), newest
+#: first: names a client's release in logs and in the refusal of too-old clients.
+TAILSCALE_RELEASES: tuple[tuple[int, str], ...] = (
+    (142, "1.102"),
+    (141, "1.100"),
+    (138, "1.98"),
+    (133, "1.96"),
+    (131, "1.92"),
+    (130, "1.90"),
+    (125, "1.88"),
+    (123, "1.86.2"),
+    (122, "1.86"),
+    (116, "1.84"),
+    (115, "1.82"),
+    (113, "1.80"),
+    (109, "1.78"),
+    (106, "1.74"),
+    (104, "1.72"),
+    (102, "1.70"),
+    (97, "1.68"),
+    (95, "1.66"),
+    (90, "1.64"),
+)
 KEEPALIVE_INTERVAL = 50.0
 #: How long a Followup register waits for the admin before answering "not yet" (Go's client asks
 #: again at once).
@@ -93,6 +136,66 @@ def _node_key(obj: gojson.GoObject, name: str) -> NodePublic:
     if not isinstance(value, str):
         raise TailscaleProtocolError(f"{name} missing")
     return NodePublic.from_text(value)
+
+
+def tailscale_release(capver: int) -> str:
+    """Which Tailscale a capability version is: "Tailscale 1.80" for a release's own version, "a
+    development build after Tailscale 1.78" between two releases, "older than Tailscale 1.64" and
+    "newer than Tailscale 1.102" outside the table."""
+    newest, name = TAILSCALE_RELEASES[0]
+    if capver > newest:
+        return f"newer than Tailscale {name}"
+    for first, release in TAILSCALE_RELEASES:
+        if capver == first:
+            return f"Tailscale {release}"
+        if capver > first:
+            return f"a development build after Tailscale {release}"
+    return f"older than Tailscale {TAILSCALE_RELEASES[-1][1]}"
+
+
+def adapt_map_response(
+    message: dict[str, Any], capver: int, *, max_key_duration: float | None = None
+) -> dict[str, Any]:
+    """A MapResponse in the form a client of capability version ``capver`` reads.
+
+    The maps are built once for every client; what differs between the versions served
+    (113 to 142) is put in here. ``message`` is changed in place, the DERP map (shared by every
+    stream) is copied before it changes; returns ``message``.
+
+    * the self node carries its client's version in ``Cap``, as Tailscale's server sets it;
+    * the tailnet's key lifetime (``max_key_duration`` in seconds, None when it is the default of
+      180 days or keys do not expire, which Tailscale's server also leaves out) goes in the self
+      node's CapMap from 114 on and in ``MaxKeyDuration`` (Go nanoseconds) before;
+    * a DERP region marked ``NoMeasureNoHome`` (understood from 115) is also marked ``Avoid`` for
+      older clients, the field they know with that meaning (never home, used to reach a peer).
+    """
+    node = message.get("Node")
+    if isinstance(node, dict):
+        node["Cap"] = capver
+        if max_key_duration is not None:
+            if capver >= CAPVER_MAX_KEY_DURATION_ATTR:
+                node["CapMap"] = {
+                    **node.get("CapMap", {}),
+                    "tailnet.maxKeyDuration": [float(max_key_duration)],
+                }
+            else:
+                message["MaxKeyDuration"] = int(max_key_duration * 1e9)
+    derp_map = message.get("DERPMap")
+    if capver < CAPVER_NO_MEASURE_NO_HOME and isinstance(derp_map, dict):
+        regions = derp_map.get("Regions")
+        if isinstance(regions, dict) and any(
+            isinstance(r, dict) and r.get("NoMeasureNoHome") is True for r in regions.values()
+        ):
+            message["DERPMap"] = {
+                **derp_map,
+                "Regions": {
+                    rid: {**r, "Avoid": True}
+                    if isinstance(r, dict) and r.get("NoMeasureNoHome") is True
+                    else r
+                    for rid, r in regions.items()
+                },
+            }
+    return message
 
 
 def tsapi_app(server: ControlServer) -> Starlette:
@@ -223,19 +326,25 @@ def tsapi_app(server: ControlServer) -> Starlette:
         obj = gojson.load_object(body, what)
         assert obj is not None
         version = obj.get("Version")
-        if not isinstance(version, int) or version < MIN_CAPABILITY_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < MIN_CAPABILITY_VERSION:
+            release = f" ({tailscale_release(version)})" if isinstance(version, int) else ""
             raise _ClientTooOld(
-                f"unsupported client version {version}: this server serves Tailscale 1.80 "
+                f"unsupported client version {version}{release}: this server serves Tailscale 1.80 "
                 f"(capability version {MIN_CAPABILITY_VERSION}) and newer; upgrade the client"
             )
         return obj
 
     async def read_request(request: Request, what: str) -> tuple[gojson.GoObject, NodePublic] | Response:
-        """The request's JSON and its NodeKey, or the 400 that says what is wrong."""
+        """The request's JSON and its NodeKey, or the answer that says what is wrong: a 400, but a
+        too-old client's register gets a RegisterResponse whose Error `tailscale up` prints and
+        exits on ("backend error: ..."); after a 400 it only waits out its --timeout, the reason in
+        tailscaled's log (seen with tailscaled 1.78.3)."""
         try:
             obj = await read_json(request, what)
             return obj, _node_key(obj, "NodeKey")
         except _ClientTooOld as exc:
+            if what == "RegisterRequest":
+                return _refused(ProtocolVersionError(str(exc)), None)
             return Response(str(exc), status_code=400)
         except TailscaleProtocolError as exc:
             return Response(f"bad {what}: {exc}", status_code=400)
@@ -289,15 +398,12 @@ def tsapi_app(server: ControlServer) -> Starlette:
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         except ControlError as exc:
             logger.info("refused a Tailscale-protocol registration: %s", exc)
-            return refusal(exc)
+            return _refused(exc, obj.get("Version"))
         _registered_connection(request)
         return registered(node)
 
-    def refusal(exc: ControlError) -> JSONResponse:
-        # Tailscale's clients show Error; embedmesh's raise the error class its code names.
-        return JSONResponse(
-            {"Error": str(exc), "MachineAuthorized": False, tailcfg.EMBEDMESH_ERROR: error_json(exc.code, str(exc))}
-        )
+    def refusal(exc: ControlError) -> Response:
+        return _refused(exc, None)
 
     def registered(node: Any) -> JSONResponse:
         ids = user_ids()
@@ -366,9 +472,18 @@ def tsapi_app(server: ControlServer) -> Starlette:
         if obj.get("Stream") is not True:
             return Response(b"", status_code=200)
         compress = obj.get("Compress") == "zstd"
-        return StreamingResponse(_map_stream(node.id, compress), media_type="application/octet-stream")
+        capver = obj.get("Version")
+        assert isinstance(capver, int)  # read_request refused anything else
+        return StreamingResponse(
+            _map_stream(node.id, compress, capver), media_type="application/octet-stream"
+        )
 
-    async def _map_stream(node_id: int, compress: bool) -> Any:
+    def max_key_duration() -> float | None:
+        """The tailnet's key lifetime for the map, None when Tailscale's server leaves it out."""
+        lifetime = coordinator.config.key_expiry
+        return None if lifetime is None or lifetime == DEFAULT_KEY_EXPIRY else lifetime
+
+    async def _map_stream(node_id: int, compress: bool, capver: int) -> Any:
         encoder = mapframe.MapFrameEncoder(compress=compress)
         wake = anyio.Event()
 
@@ -413,6 +528,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
                     elif isinstance(message, LoggedOut):
                         return
                     if out is not None:
+                        adapt_map_response(out, capver, max_key_duration=max_key_duration())
                         out["ControlTime"] = tailcfg.format_time(time.time())
                         yield encoder.encode(json.dumps(out, separators=(",", ":")).encode())
                         next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL + rng.random() * 9
@@ -440,6 +556,21 @@ def error_json(code: str, message: str) -> dict[str, str]:
 
 class _ClientTooOld(Exception):
     pass
+
+
+def _refused(exc: ControlError, capver: object) -> Response:
+    """A refused registration as the client's version expects it: the keyless rate limit is a 429
+    with Retry-After for clients that wait it out (137 on); everything else, and every refusal to
+    older clients, is a RegisterResponse whose Error the client shows as it is."""
+    retry_after = exc.retry_after if isinstance(exc, RegistrationLimitError) else None
+    if retry_after is not None and isinstance(capver, int) and capver >= CAPVER_REGISTER_429:
+        return Response(
+            str(exc), status_code=429, headers={"retry-after": str(max(1, math.ceil(retry_after)))}
+        )
+    # Tailscale's clients show Error; embedmesh's raise the error class its code names.
+    return JSONResponse(
+        {"Error": str(exc), "MachineAuthorized": False, tailcfg.EMBEDMESH_ERROR: error_json(exc.code, str(exc))}
+    )
 
 
 def _is_endpoint(text: str) -> bool:

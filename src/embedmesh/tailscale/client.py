@@ -105,6 +105,7 @@ class TailscaleControlClient:
         reconnect_max: float = 30.0,
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        capability_version: int = tailcfg.CAPABILITY_VERSION,
     ) -> None:
         split_url(control_url)  # a ConfigError that says what to write, before anything starts
         for key, name in ((machine_key, "machine_key"), (node_key, "node_key"), (disco_key, "disco_key")):
@@ -113,6 +114,9 @@ class TailscaleControlClient:
         for endpoint in endpoints:
             parse_endpoint(endpoint)
         self.control_url = control_url.rstrip("/")
+        #: The capability version announced (Noise prologue, /key, every request): the Tailscale
+        #: release this client claims to be; tests lower it to play an older client.
+        self.capability_version = capability_version
         #: Trust for an https:// control URL (None: the system's CAs).
         self.ssl_context = ssl_context
         self._machine = MachinePrivate(machine_key)
@@ -243,7 +247,11 @@ class TailscaleControlClient:
         if conn is None:
             raise NodeError("not connected to the control server: cannot log out now")
         body = tailcfg.register_request(
-            self._node.public(), hostinfo=self._hostinfo(), expiry=LOGOUT_EXPIRY, ephemeral=self.ephemeral
+            self._node.public(),
+            hostinfo=self._hostinfo(),
+            expiry=LOGOUT_EXPIRY,
+            ephemeral=self.ephemeral,
+            version=self.capability_version,
         )
         with anyio.fail_after(timeout):
             await self._register_once(conn, body)
@@ -311,6 +319,7 @@ class TailscaleControlClient:
             endpoints=self.endpoints,
             stream=stream,
             omit_peers=not stream,
+            version=self.capability_version,
         )
 
     async def _wait_for_server(self) -> None:
@@ -323,7 +332,7 @@ class TailscaleControlClient:
             try:
                 key = await fetch_server_key(
                     self.control_url,
-                    tailcfg.CAPABILITY_VERSION,
+                    self.capability_version,
                     ssl_context=self.ssl_context,
                     timeout=self.connect_timeout,
                 )
@@ -441,7 +450,7 @@ class TailscaleControlClient:
             self._pin(
                 await fetch_server_key(
                     self.control_url,
-                    tailcfg.CAPABILITY_VERSION,
+                    self.capability_version,
                     ssl_context=self.ssl_context,
                     timeout=self.connect_timeout,
                 )
@@ -450,7 +459,7 @@ class TailscaleControlClient:
         async with connect_control(
             self.control_url,
             self._machine,
-            tailcfg.CAPABILITY_VERSION,
+            self.capability_version,
             server_key=self.server_key,
             ssl_context=self.ssl_context,
             timeout=self.connect_timeout,
@@ -478,7 +487,10 @@ class TailscaleControlClient:
         # expired one, uses the auth key. The server's answer says which case it is.
         if self._registered or self._registered_before() or self._auth_key is None:
             keyless = tailcfg.register_request(
-                self._node.public(), hostinfo=self._hostinfo(), ephemeral=self.ephemeral
+                self._node.public(),
+                hostinfo=self._hostinfo(),
+                ephemeral=self.ephemeral,
+                version=self.capability_version,
             )
             with anyio.fail_after(self.connect_timeout):
                 answer = await self._register_once(conn, keyless)
@@ -487,7 +499,11 @@ class TailscaleControlClient:
                 await self._registered_as(conn, answer)
                 return
         body = tailcfg.register_request(
-            self._node.public(), hostinfo=self._hostinfo(), auth_key=self._auth_key, ephemeral=self.ephemeral
+            self._node.public(),
+            hostinfo=self._hostinfo(),
+            auth_key=self._auth_key,
+            ephemeral=self.ephemeral,
+            version=self.capability_version,
         )
         with anyio.fail_after(self.connect_timeout):
             answer = await self._register_once(conn, body)
@@ -520,7 +536,11 @@ class TailscaleControlClient:
             # Go's client re-registers with Followup, which the server holds until the login is
             # done (or answers with the same URL after a while: then ask again).
             body = tailcfg.register_request(
-                self._node.public(), hostinfo=self._hostinfo(), followup=auth_url, ephemeral=self.ephemeral
+                self._node.public(),
+                hostinfo=self._hostinfo(),
+                followup=auth_url,
+                ephemeral=self.ephemeral,
+                version=self.capability_version,
             )
             answer = await self._register_once(conn, body)
             if answer.machine_authorized:
