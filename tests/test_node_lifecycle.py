@@ -191,3 +191,33 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
         anyio.run(main)
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_local_api_cancelled_while_it_binds_leaves_no_socket(tmp_path: Path, backend: str) -> None:
+    # SIGTERM right after a node joined cancels the local API while its socket is being bound
+    # (anyio binds in a worker thread, which a plain cancel abandons): that used to leave
+    # embedmesh.sock behind now and then. Cancel at each of the first checkpoints, many times.
+    a_text, _ = _configs()
+    node = Node(wireguard_config=a_text.replace("{port_b}", "9"), listen_host="127.0.0.1")
+    folders = [tmp_path / f"n{i}" for i in range(100)]
+
+    async def main() -> None:
+        for i, folder in enumerate(folders):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_local_api, node, folder)
+                for _ in range(i % 6):
+                    await anyio.sleep(0)
+                tg.cancel_scope.cancel()
+        # A bind abandoned by a cancel would finish in its thread shortly after.
+        await anyio.sleep(0.3)
+        # And served to the end, the socket exists while it serves and goes when it stops.
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_local_api, node, tmp_path / "served")
+            assert (tmp_path / "served" / "embedmesh.sock").is_socket()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend)
+    left = [str(f) for f in folders if (f / "embedmesh.sock").exists()]
+    assert left == [], f"{len(left)} of {len(folders)} cancelled local APIs left their socket"
+    assert not (tmp_path / "served" / "embedmesh.sock").exists()
