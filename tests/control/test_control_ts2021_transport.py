@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from embedmesh.control.server import RunningServer
-from embedmesh.tailscale import controlbase, noiseclient
+from embedmesh.tailscale import controlbase, noiseclient, noiseserver
 from embedmesh.tailscale.keys import MachinePrivate
 
 CAPVER = 130
@@ -94,6 +94,18 @@ def transport_app(progress: dict[str, int]) -> Starlette:
     async def written(request: Request) -> JSONResponse:
         return JSONResponse({"written": progress.get(request.query_params["tag"], -1)})
 
+    async def quiet(request: Request) -> StreamingResponse:
+        # A map long poll's shape: a stream that stays open and sends now and then.
+        parts = int(request.query_params["parts"])
+        pause = float(request.query_params["pause"])
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(parts):
+                yield f"part {i}\n".encode()
+                await anyio.sleep(pause)
+
+        return StreamingResponse(body(), media_type="text/plain")
+
     return Starlette(
         routes=[
             Route("/whoami", whoami),
@@ -102,6 +114,7 @@ def transport_app(progress: dict[str, int]) -> Starlette:
             Route("/fail-midway", fail_midway),
             Route("/progress", written),
             Route("/latin1", latin1),
+            Route("/quiet", quiet),
         ]
     )
 
@@ -303,8 +316,9 @@ def test_garbage_instead_of_noise_closes_only_that_connection(server: tuple[Runn
     _still_serving(running)
 
 
-def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
-    running, _ = server
+@contextlib.contextmanager
+def _noise_socket(running: RunningServer) -> Iterator[tuple[socket.socket, controlbase.ClientConnection]]:
+    """A raw connection upgraded to ts2021, the Noise handshake done, nothing else sent yet."""
     port = int(running.url.rsplit(":", 1)[1])
     client = controlbase.ClientConnection(_machine(), running.server.machine_key.public(), CAPVER, os.urandom(32))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -316,6 +330,19 @@ def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningS
         client.receive_data(leftover)
         while not client.established:
             client.receive_data(sock.recv(65536))
+        yield sock, client
+
+
+def _seconds_until_closed(sock: socket.socket, started: float) -> float:
+    """Read (and drop) what the server sends until it closes; seconds since ``started``."""
+    while sock.recv(65536):
+        pass
+    return time.monotonic() - started
+
+
+def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
+    running, _ = server
+    with _noise_socket(running) as (sock, client):
         # Authentic Noise records whose plaintext is not HTTP/2 (no client preface).
         sock.sendall(client.send(b"GET / HTTP/1.1\r\n\r\n" + os.urandom(3000)))
         while sock.recv(65536):
@@ -445,3 +472,121 @@ def test_unregistered_noise_connections_count_against_their_source(tmp_path: Pat
             await settle(0)
 
         _run(body)
+
+
+# ---------------------------------------------------------------------- idle connections
+
+#: The client's connection preface: the magic, then (as every client sends it) an empty SETTINGS.
+H2_MAGIC = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _settle(running: RunningServer, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(running.server.limiter) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(running.server.limiter) == count
+
+
+def test_an_upgraded_connection_that_never_starts_http2_is_closed(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    monkeypatch.setattr(noiseserver, "PREFACE_TIMEOUT", 0.6)
+    # Silent after the handshake.
+    with _noise_socket(running) as (sock, _client):
+        elapsed = _seconds_until_closed(sock, time.monotonic())
+    assert 0.3 <= elapsed < 4, elapsed
+    # The magic in a trickle, and never the SETTINGS that must follow it: the same deadline
+    # from the upgrade, not from the last byte.
+    with _noise_socket(running) as (sock, client):
+        started = time.monotonic()
+        for i in range(0, len(H2_MAGIC), 6):
+            sock.sendall(client.send(H2_MAGIC[i : i + 6]))
+            time.sleep(0.15)
+        elapsed = _seconds_until_closed(sock, started)
+    assert 0.3 <= elapsed < 4, elapsed
+    # A client that does start HTTP/2 in time keeps its connection past that deadline.
+    with _noise_socket(running) as (sock, client):
+        sock.sendall(client.send(H2_MAGIC + EMPTY_SETTINGS))
+        sock.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            _seconds_until_closed(sock, time.monotonic())
+    _settle(running, 0)  # every one of them left the source's cap
+    _still_serving(running)
+
+
+def test_a_connection_with_no_open_stream_is_ended_with_goaway(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.6)
+
+    async def body() -> None:
+        async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
+            # Requests more often than the idle timeout: idle is time with no stream open,
+            # counted from the last one's end, so this connection lives far longer than 0.6 s.
+            started = time.monotonic()
+            while time.monotonic() - started < 1.8:
+                assert (await conn.request("GET", "/whoami")).status == 200
+                await anyio.sleep(0.25)
+            await anyio.sleep(1.5)
+            # The server said goodbye with GOAWAY (no error), not a bare close.
+            with pytest.raises(noiseclient.ControlTransportError, match=r"ended the connection.*NO_ERROR"):
+                await conn.request("GET", "/whoami")
+
+    _run(body)
+    _settle(running, 0)
+
+
+def test_an_open_stream_is_never_cut_however_quiet(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.4)
+    monkeypatch.setattr(noiseserver, "PREFACE_TIMEOUT", 0.4)
+
+    async def body() -> None:
+        async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
+            # Silent twice as long as the idle timeout between parts, for eight times it.
+            async with conn.stream("GET", "/quiet?parts=4&pause=0.8") as response:
+                data = await response.read()
+            assert data == b"".join(f"part {i}\n".encode() for i in range(4))
+            # The connection is still the same, working one.
+            assert (await conn.request("GET", "/whoami")).status == 200
+            assert len(running.server.limiter) == 1
+
+    _run(body)
+
+
+def test_a_nodes_map_poll_outlives_the_idle_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real register and map handlers: a node's long poll is one stream that stays open, so
+    its connection is never ended, while an unused connection beside it is."""
+    from control_harness import Admin
+
+    from embedmesh.tailscale.client import TailscaleControlClient
+
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.5)
+    with start_server(tmp_path / "server") as running:
+        admin = Admin(running)
+        client = TailscaleControlClient(
+            running.url,
+            machine_key=os.urandom(32),
+            node_key=os.urandom(32),
+            disco_key=os.urandom(32),
+            hostname="poller",
+            auth_key=admin.key(preapproved=True),
+        )
+
+        async def body() -> None:
+            async with client:
+                async with noiseclient.connect_control(running.url, _machine(), CAPVER) as unused:
+                    await anyio.sleep(3)
+                    with pytest.raises(noiseclient.ControlTransportError, match="NO_ERROR"):
+                        await unused.request("GET", "/key")
+                assert client.connected and client.reconnects == 0
+                (node,) = await anyio.to_thread.run_sync(admin.nodes)
+                assert node["name"] == "poller" and node["online"]
+
+        _run(body)
+        admin.http.close()
