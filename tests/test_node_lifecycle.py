@@ -58,7 +58,9 @@ def test_a_known_node_waits_for_its_control_server_to_come_up(
 
         async def rejoin() -> float:
             started = time.monotonic()
-            async with tailnet_node(f"http://127.0.0.1:{port}", "svc", None, state, control_timeout=30) as node:
+            async with tailnet_node(
+                f"http://127.0.0.1:{port}", "svc", None, state, control_timeout=30
+            ) as node:
                 await node.up(timeout=10)
                 assert node.status().state == "authorized"
             return time.monotonic() - started
@@ -77,7 +79,9 @@ def test_control_timeout_bounds_the_wait_and_says_so(tmp_path: Path) -> None:
 
     async def main() -> None:
         started = time.monotonic()
-        with pytest.raises(ControlUnreachableError, match=f"cannot reach the control server at {url} for 1 s"):
+        with pytest.raises(
+            ControlUnreachableError, match=f"cannot reach the control server at {url} for 1 s"
+        ):
             async with tailnet_node(url, "a", "key", None, control_timeout=1):
                 pass
         assert 1 <= time.monotonic() - started < 5
@@ -161,9 +165,14 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
 
         async def main() -> None:
             async with tailnet_node(running.url, "web", key, state) as node, anyio.create_task_group() as tg:
-                await tg.start(lambda task_status: serve_local_api(
-                    node, state, waiting_for=lambda: node.waiting_for() or opening[0], task_status=task_status
-                ))
+                await tg.start(
+                    lambda task_status: serve_local_api(
+                        node,
+                        state,
+                        waiting_for=lambda: node.waiting_for() or opening[0],
+                        task_status=task_status,
+                    )
+                )
                 data = await request(state, "GET", "/v1/status")
                 (listed,) = admin.nodes()
                 assert data["ready"] is False and data["pid"] == os.getpid()
@@ -185,7 +194,9 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
                 with pytest.raises(Exception, match="404"):
                     await request(state, "POST", "/v1/down", {})
                 tg.cancel_scope.cancel()
-            with pytest.raises(NodeNotRunningError, match=f"no node is running \\(state dir {state}\\): start one"):
+            with pytest.raises(
+                NodeNotRunningError, match=f"no node is running \\(state dir {state}\\): start one"
+            ):
                 await request(state, "GET", "/v1/status")
 
         anyio.run(main)

@@ -76,7 +76,9 @@ def build_app(
         logout = isinstance(body, dict) and body.get("logout") is True
         assert on_down is not None
         # Stop once the answer is out: stopping closes this very socket.
-        return JSONResponse({"stopping": True, "pid": os.getpid()}, background=BackgroundTask(on_down, logout))
+        return JSONResponse(
+            {"stopping": True, "pid": os.getpid()}, background=BackgroundTask(on_down, logout)
+        )
 
     async def ping(request: Request) -> JSONResponse:
         body: dict[str, Any] = await request.json()

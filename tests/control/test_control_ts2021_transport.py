@@ -149,11 +149,21 @@ def test_our_client_against_our_server(server: tuple[RunningServer, dict[str, in
             assert conn.early_payload is not None
             assert not conn.early_payload.node_key_challenge.is_zero
             whoami = await conn.request("GET", "/whoami")
-            assert json.loads(whoami.body) == {"peer": client.public().to_text(), "version": CAPVER, "proto": "HTTP/2"}
+            assert json.loads(whoami.body) == {
+                "peer": client.public().to_text(),
+                "version": CAPVER,
+                "proto": "HTTP/2",
+            }
             # 1 MiB up (the server's cap, and 16 times HTTP/2's default window) and back.
             upload = os.urandom(1 << 20)
-            echoed = await conn.request("POST", "/echo", upload, headers={"X-Echo": "hi", "Content-Type": "x/y"})
-            assert (echoed.status, echoed.headers["x-echo"], echoed.headers["content-type"]) == (200, "hi", "x/y")
+            echoed = await conn.request(
+                "POST", "/echo", upload, headers={"X-Echo": "hi", "Content-Type": "x/y"}
+            )
+            assert (echoed.status, echoed.headers["x-echo"], echoed.headers["content-type"]) == (
+                200,
+                "hi",
+                "x/y",
+            )
             assert echoed.body == upload
             # One byte more is refused: that stream is reset, the connection goes on.
             with pytest.raises(noiseclient.ControlTransportError, match="reset"):
@@ -165,7 +175,9 @@ def test_our_client_against_our_server(server: tuple[RunningServer, dict[str, in
     _run(body)
 
 
-def test_concurrent_streams_and_multi_megabyte_responses(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_concurrent_streams_and_multi_megabyte_responses(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
     size = 9 << 20
     results: dict[str, object] = {}
@@ -233,7 +245,9 @@ def test_an_app_failing_midway_resets_its_stream(server: tuple[RunningServer, di
     _run(body)
 
 
-def test_a_noise_connection_outlives_the_first_request_timer(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_a_noise_connection_outlives_the_first_request_timer(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
 
     async def body() -> None:
@@ -275,7 +289,10 @@ def _upgrade(initiation: bytes, headers: str = "") -> bytes:
 
 
 def _still_serving(running: RunningServer) -> None:
-    assert httpx.get(running.url + "/key?v=130", timeout=5).json()["publicKey"] == running.server.machine_key.public().to_text()
+    assert (
+        httpx.get(running.url + "/key?v=130", timeout=5).json()["publicKey"]
+        == running.server.machine_key.public().to_text()
+    )
 
     async def body() -> None:
         async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
@@ -287,14 +304,26 @@ def _still_serving(running: RunningServer) -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "text"),
     [
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"Content-Length: 0\r\n\r\n", b"no tailscale handshake header"),
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: %%%\r\nContent-Length: 0\r\n\r\n", b"not valid base64"),
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n", b"wrong length"),
-        (b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n", b"/ts2021"),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            b"no tailscale handshake header",
+        ),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: %%%\r\nContent-Length: 0\r\n\r\n",
+            b"not valid base64",
+        ),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n",
+            b"wrong length",
+        ),
+        (
+            b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n",
+            b"/ts2021",
+        ),
     ],
 )
 def test_bad_upgrade_requests_get_400_and_the_reason(
@@ -307,9 +336,13 @@ def test_bad_upgrade_requests_get_400_and_the_reason(
     _still_serving(running)
 
 
-def test_garbage_instead_of_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_garbage_instead_of_noise_closes_only_that_connection(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
-    client = controlbase.ClientConnection(_machine(), running.server.machine_key.public(), CAPVER, os.urandom(32))
+    client = controlbase.ClientConnection(
+        _machine(), running.server.machine_key.public(), CAPVER, os.urandom(32)
+    )
     # A valid upgrade, then bytes that are no controlbase record.
     answer = _raw(running, _upgrade(client.initiation) + b"\x07garbage" * 50)
     assert answer.startswith(b"HTTP/1.1 101 ")
@@ -320,7 +353,9 @@ def test_garbage_instead_of_noise_closes_only_that_connection(server: tuple[Runn
 def _noise_socket(running: RunningServer) -> Iterator[tuple[socket.socket, controlbase.ClientConnection]]:
     """A raw connection upgraded to ts2021, the Noise handshake done, nothing else sent yet."""
     port = int(running.url.rsplit(":", 1)[1])
-    client = controlbase.ClientConnection(_machine(), running.server.machine_key.public(), CAPVER, os.urandom(32))
+    client = controlbase.ClientConnection(
+        _machine(), running.server.machine_key.public(), CAPVER, os.urandom(32)
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(_upgrade(client.initiation))
         received = b""
@@ -340,7 +375,9 @@ def _seconds_until_closed(sock: socket.socket, started: float) -> float:
     return time.monotonic() - started
 
 
-def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_garbage_inside_noise_closes_only_that_connection(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
     with _noise_socket(running) as (sock, client):
         # Authentic Noise records whose plaintext is not HTTP/2 (no client preface).
@@ -374,7 +411,9 @@ def test_the_transport_over_tls(tmp_path: Path) -> None:
         context = ssl.create_default_context(cafile=str(cert))
 
         async def body() -> None:
-            async with noiseclient.connect_control(running.url, _machine(), CAPVER, ssl_context=context) as conn:
+            async with noiseclient.connect_control(
+                running.url, _machine(), CAPVER, ssl_context=context
+            ) as conn:
                 async with conn.stream("GET", f"/stream?bytes={5 << 20}") as response:
                     data = await response.read()
                 assert data == stream_bytes(0, 5 << 20)
@@ -395,13 +434,20 @@ def test_tailscales_go_client_against_our_server(server: tuple[RunningServer, di
         [
             str(tsvectors()),
             "ts2021-client",
-            "-key", client.raw.hex(),
-            "-server", running.server.machine_key.public().raw.hex(),
-            "-url", running.url,
-            "-version", str(CAPVER),
-            "-echo-bytes", str(1 << 20),
-            "-stream-bytes", str(9 << 20),
-            "-concurrent", "12",
+            "-key",
+            client.raw.hex(),
+            "-server",
+            running.server.machine_key.public().raw.hex(),
+            "-url",
+            running.url,
+            "-version",
+            str(CAPVER),
+            "-echo-bytes",
+            str(1 << 20),
+            "-stream-bytes",
+            str(9 << 20),
+            "-concurrent",
+            "12",
         ],
         capture_output=True,
         text=True,
@@ -411,7 +457,11 @@ def test_tailscales_go_client_against_our_server(server: tuple[RunningServer, di
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["proto"] == "HTTP/2.0"
-    assert json.loads(report["whoami"]) == {"peer": client.public().to_text(), "version": CAPVER, "proto": "HTTP/2"}
+    assert json.loads(report["whoami"]) == {
+        "peer": client.public().to_text(),
+        "version": CAPVER,
+        "proto": "HTTP/2",
+    }
     assert report["echo_bytes"] == 1 << 20 and report["echo_header"] == "tsvectors"
     assert report["stream_bytes"] == 9 << 20
     assert report["concurrent_ok"] == 12
@@ -458,7 +508,9 @@ def test_unregistered_noise_connections_count_against_their_source(tmp_path: Pat
                 async with contextlib.AsyncExitStack() as stack:
                     for _ in range(3):
                         conn = await stack.enter_async_context(
-                            noiseclient.connect_control(running.url, _machine(), CAPVER, server_key=server_key)
+                            noiseclient.connect_control(
+                                running.url, _machine(), CAPVER, server_key=server_key
+                            )
                         )
                         assert conn.early_payload is not None
                     await settle(6)

@@ -57,9 +57,7 @@ PREFACE_TIMEOUT = 10.0
 #: Read when a connection starts, so a test can shorten it.
 IDLE_TIMEOUT = 180.0
 SWITCHING = (
-    b"HTTP/1.1 101 Switching Protocols\r\n"
-    b"Upgrade: tailscale-control-protocol\r\n"
-    b"Connection: upgrade\r\n\r\n"
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n"
 )
 
 
@@ -210,7 +208,9 @@ class Ts2021Protocol(asyncio.Protocol):
             if event.stream_ended is not None:
                 request.ended = True
             headers = [(_text(k), _text(v)) for k, v in event.headers or ()]
-            request.task = asyncio.get_running_loop().create_task(self._run(event.stream_id, headers, request))
+            request.task = asyncio.get_running_loop().create_task(
+                self._run(event.stream_id, headers, request)
+            )
         elif isinstance(event, h2.events.DataReceived):
             pending = self._requests.get(event.stream_id or 0)
             data = event.data or b""
@@ -221,7 +221,9 @@ class Ts2021Protocol(asyncio.Protocol):
                     self._h2.reset_stream(event.stream_id or 0, h2.errors.ErrorCodes.REFUSED_STREAM)
                 # The connection window is shared: give the refused bytes back to it.
                 with contextlib.suppress(h2.exceptions.H2Error):
-                    self._h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id or 0)
+                    self._h2.acknowledge_received_data(
+                        event.flow_controlled_length or 0, event.stream_id or 0
+                    )
                 if pending is not None:
                     # The app sees the client go away instead of waiting for the rest.
                     pending.reset = True
@@ -247,7 +249,11 @@ class Ts2021Protocol(asyncio.Protocol):
                 if gone.task is not None:
                     gone.task.cancel()
         elif isinstance(event, h2.events.WindowUpdated):
-            targets = list(self._requests.values()) if not event.stream_id else [self._requests.get(event.stream_id)]
+            targets = (
+                list(self._requests.values())
+                if not event.stream_id
+                else [self._requests.get(event.stream_id)]
+            )
             for target in targets:
                 if target is not None:
                     target.window_open.set()
@@ -388,7 +394,9 @@ class Ts2021Protocol(asyncio.Protocol):
                 started = True
                 self._flush()
             elif message["type"] == "http.response.body":
-                await self._send_body(stream_id, request, message.get("body", b""), not message.get("more_body", False))
+                await self._send_body(
+                    stream_id, request, message.get("body", b""), not message.get("more_body", False)
+                )
                 if not message.get("more_body", False):
                     finished = True
 
