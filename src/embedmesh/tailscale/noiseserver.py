@@ -51,9 +51,12 @@ MAX_REQUEST_BODY = 1 << 20
 #: Tailscale client sends its preface as soon as the Noise handshake is done, one round trip.
 PREFACE_TIMEOUT = 10.0
 #: Seconds a connection may go without an open stream before it is ended (GOAWAY, then close).
-#: Tailscale's clients redial when they next need the server (older ones drop a connection idle
-#: for a minute themselves); a running node always has its map poll open, so this only ends
-#: connections nobody uses, which would otherwise hold their source's place until it goes away.
+#: A running node always has its map poll open, so this only ends connections nobody uses, which
+#: would otherwise hold their source's place until they go away. It must stay above 2 minutes:
+#: Tailscale's client takes a second Noise dial within 2 minutes of the last one for a sign of a
+#: broken port 80 and dials only HTTPS (443) then (health.LastNoiseDialWasRecent; unless the
+#: URL's host is a private address), which fails against a plain-HTTP server while it retries. Seen with tailscaled v1.102.5:
+#: ended after 1 s idle, every redial failed for the 30 s watched; after 125 s, port 80 at once.
 #: Read when a connection starts, so a test can shorten it.
 IDLE_TIMEOUT = 180.0
 SWITCHING = (
