@@ -22,9 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from tailnet import EmbedmeshControl, TailnetRig, TailscaleBins
-
-import embedmesh
+from tailnet import EmbedmeshControl, TailnetRig, TailscaleBins, serving_node
 
 pytestmark = pytest.mark.interop
 
@@ -71,18 +69,7 @@ def test_tailscale_1_80_joins_an_embedmesh_tailnet(
         app = Starlette(routes=[Route("/hello", _hello)])
 
         async def main() -> None:
-            async with (
-                embedmesh.Node(
-                    control_url=control.url,
-                    hostname="py",
-                    auth_key=key,
-                    state_dir=tmp_path / "py",
-                    listen_host=root_ip,
-                ) as node,
-                anyio.create_task_group() as tg,
-            ):
-                await node.up(timeout=30)
-                tg.start_soon(node.serve_asgi, app, ":8080")
+            async with serving_node(control.url, key, tmp_path / "py", root_ip, app) as node:
                 await anyio.to_thread.run_sync(lambda: old.wait_peers({f"py.{DOMAIN}", f"new.{DOMAIN}"}))
                 peers = {p["DNSName"]: p for p in (old.status().get("Peer") or {}).values()}
                 assert str(node.ips[0]) in peers[f"py.{DOMAIN}."]["TailscaleIPs"]
@@ -93,7 +80,6 @@ def test_tailscale_1_80_joins_an_embedmesh_tailnet(
                 assert body == f"hello, {old.ipv4()}\n"
                 # And the Node reaches the old client back over WireGuard, by name.
                 assert await node.ping(f"old.{DOMAIN}", timeout=10) < 5
-                tg.cancel_scope.cancel()
 
         anyio.run(main)
     finally:
