@@ -58,7 +58,9 @@ def test_a_known_node_waits_for_its_control_server_to_come_up(
 
         async def rejoin() -> float:
             started = time.monotonic()
-            async with tailnet_node(f"http://127.0.0.1:{port}", "svc", None, state, control_timeout=30) as node:
+            async with tailnet_node(
+                f"http://127.0.0.1:{port}", "svc", None, state, control_timeout=30
+            ) as node:
                 await node.up(timeout=10)
                 assert node.status().state == "authorized"
             return time.monotonic() - started
@@ -77,7 +79,9 @@ def test_control_timeout_bounds_the_wait_and_says_so(tmp_path: Path) -> None:
 
     async def main() -> None:
         started = time.monotonic()
-        with pytest.raises(ControlUnreachableError, match=f"cannot reach the control server at {url} for 1 s"):
+        with pytest.raises(
+            ControlUnreachableError, match=f"cannot reach the control server at {url} for 1 s"
+        ):
             async with tailnet_node(url, "a", "key", None, control_timeout=1):
                 pass
         assert 1 <= time.monotonic() - started < 5
@@ -161,9 +165,14 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
 
         async def main() -> None:
             async with tailnet_node(running.url, "web", key, state) as node, anyio.create_task_group() as tg:
-                await tg.start(lambda task_status: serve_local_api(
-                    node, state, waiting_for=lambda: node.waiting_for() or opening[0], task_status=task_status
-                ))
+                await tg.start(
+                    lambda task_status: serve_local_api(
+                        node,
+                        state,
+                        waiting_for=lambda: node.waiting_for() or opening[0],
+                        task_status=task_status,
+                    )
+                )
                 data = await request(state, "GET", "/v1/status")
                 (listed,) = admin.nodes()
                 assert data["ready"] is False and data["pid"] == os.getpid()
@@ -185,9 +194,41 @@ def test_local_api_status_says_whether_the_node_is_ready(tmp_path: Path) -> None
                 with pytest.raises(Exception, match="404"):
                     await request(state, "POST", "/v1/down", {})
                 tg.cancel_scope.cancel()
-            with pytest.raises(NodeNotRunningError, match=f"no node is running \\(state dir {state}\\): start one"):
+            with pytest.raises(
+                NodeNotRunningError, match=f"no node is running \\(state dir {state}\\): start one"
+            ):
                 await request(state, "GET", "/v1/status")
 
         anyio.run(main)
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_local_api_cancelled_while_it_binds_leaves_no_socket(tmp_path: Path, backend: str) -> None:
+    # SIGTERM right after a node joined cancels the local API while its socket is being bound
+    # (anyio binds in a worker thread, which a plain cancel abandons): that used to leave
+    # embedmesh.sock behind now and then. Cancel at each of the first checkpoints, many times.
+    a_text, _ = _configs()
+    node = Node(wireguard_config=a_text.replace("{port_b}", "9"), listen_host="127.0.0.1")
+    folders = [tmp_path / f"n{i}" for i in range(100)]
+
+    async def main() -> None:
+        for i, folder in enumerate(folders):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_local_api, node, folder)
+                for _ in range(i % 6):
+                    await anyio.sleep(0)
+                tg.cancel_scope.cancel()
+        # A bind abandoned by a cancel would finish in its thread shortly after.
+        await anyio.sleep(0.3)
+        # And served to the end, the socket exists while it serves and goes when it stops.
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_local_api, node, tmp_path / "served")
+            assert (tmp_path / "served" / "embedmesh.sock").is_socket()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend)
+    left = [str(f) for f in folders if (f / "embedmesh.sock").exists()]
+    assert left == [], f"{len(left)} of {len(folders)} cancelled local APIs left their socket"
+    assert not (tmp_path / "served" / "embedmesh.sock").exists()

@@ -76,7 +76,9 @@ def build_app(
         logout = isinstance(body, dict) and body.get("logout") is True
         assert on_down is not None
         # Stop once the answer is out: stopping closes this very socket.
-        return JSONResponse({"stopping": True, "pid": os.getpid()}, background=BackgroundTask(on_down, logout))
+        return JSONResponse(
+            {"stopping": True, "pid": os.getpid()}, background=BackgroundTask(on_down, logout)
+        )
 
     async def ping(request: Request) -> JSONResponse:
         body: dict[str, Any] = await request.json()
@@ -112,12 +114,18 @@ async def serve_local_api(
     path = socket_path(state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    old_umask = os.umask(0o177)
     try:
-        listener = await anyio.create_unix_listener(path)
-    finally:
-        os.umask(old_umask)
-    try:
+        # anyio binds the socket in a worker thread that a cancel abandons rather than stops:
+        # a SIGTERM landing during the bind would return here at once and the thread would
+        # create the file after our cleanup, leaving a stale socket (and binding after the
+        # umask was restored). Shielded, the bind (a quick local call) completes, and the
+        # cancel arrives at the next checkpoint, inside this try, whose finally removes it.
+        with anyio.CancelScope(shield=True):
+            old_umask = os.umask(0o177)
+            try:
+                listener = await anyio.create_unix_listener(path)
+            finally:
+                os.umask(old_umask)
         app = build_app(node, waiting_for=waiting_for, on_down=on_down)
         await serve_asgi(app, listener, lifespan=False, task_status=task_status)
     finally:

@@ -23,10 +23,9 @@ import anyio.abc
 
 from embedmesh.asgi import ASGIApp, serve_asgi
 from embedmesh.config import WireGuardConfig, parse_wireguard_config
-from embedmesh.control.client import ControlClient
 from embedmesh.control.errors import ApprovalRefusedError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
-from embedmesh.control.websocket import split_url
+from embedmesh.control.url import split_url
 from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
@@ -42,7 +41,7 @@ from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
-from embedmesh.tailscale.client import TailscaleControlClient, speaks_tailscale
+from embedmesh.tailscale.client import TailscaleControlClient
 from embedmesh.tailscale.discoresponder import DiscoResponder
 from embedmesh.tailscale.keys import DiscoPrivate
 from embedmesh.wireguard.crypto import public_key as derive_public_key
@@ -188,7 +187,7 @@ class Node:
         self._listen_host = listen_host
         self._listen_port = listen_port
         self._config: WireGuardConfig | None = None
-        self._control: ControlClient | TailscaleControlClient | None = None
+        self._control: TailscaleControlClient | None = None
         self._disco_responder: DiscoResponder | None = None
         self._node_key_by_disco: dict[bytes, bytes] = {}
         self._netmap: NetworkMap | None = None
@@ -383,7 +382,7 @@ class Node:
     def _waiting_for_kind(self) -> str:
         """:attr:`UpTimeoutError.waiting_for`: what :meth:`waiting_for` says, as a keyword."""
         netmap = self._netmap
-        if netmap is None and isinstance(self._control, TailscaleControlClient) and self._control.auth_url:
+        if netmap is None and self._control is not None and self._control.auth_url:
             return "login"
         if not self._started.is_set() or netmap is None:
             return "start"
@@ -405,7 +404,7 @@ class Node:
         control, netmap = self._control, self._netmap
         if control is None:
             return ""
-        auth_url = control.auth_url if isinstance(control, TailscaleControlClient) else ""
+        auth_url = control.auth_url
         if auth_url and (netmap is None or netmap.state is not NodeState.AUTHORIZED):
             return f"waiting for a login: open {auth_url}"
         if not control.connected:
@@ -464,17 +463,13 @@ class Node:
         own_hosts = self._advertised_hosts()
         self._peer_sync = PeerSync(self._device, own_hosts)
         endpoints = [join_host_port(host, self._underlay.port) for host in own_hosts]
-        # The same Node joins embedmesh's control server or a Tailscale-protocol one (headscale,
-        # Tailscale's): the server's /key answer tells them apart.
-        client_class: type[ControlClient] | type[TailscaleControlClient] = ControlClient
-        if await speaks_tailscale(self._control_url):
-            client_class = TailscaleControlClient
         # Tailscale's clients in the map (in either server's tailnet) send WireGuard directly
         # only to a node that answered their disco pings.
         responder = DiscoResponder(DiscoPrivate(self._keys.disco_key), on_ping=self._on_disco_ping)
         self._disco_responder = responder
         self._wireguard_link.on_disco = responder.receive
-        control = client_class(
+        # Tailscale's control protocol, to embedmesh's server, headscale or Tailscale's alike.
+        control = TailscaleControlClient(
             self._control_url,
             machine_key=self._keys.machine_key,
             node_key=self._keys.node_key,
@@ -662,7 +657,7 @@ class Node:
             fqdn=self.fqdn,
             state=self._netmap.state.value if self._netmap else "",
             control_connected=control.connected if control is not None else None,
-            auth_url=control.auth_url if isinstance(control, TailscaleControlClient) else "",
+            auth_url=control.auth_url if control is not None else "",
         )
 
     # ------------------------------------------------------------------ names

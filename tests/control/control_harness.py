@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from embedmesh.control.client import ControlClient
 from embedmesh.control.server import ControlServer, RunningServer, ServerConfig
+from embedmesh.tailscale.client import TailscaleControlClient
 from embedmesh.wireguard.crypto import generate_private_key, public_key
 
 
@@ -27,7 +27,8 @@ def start_server(state_dir: Path, port: int = 0, **config: Any) -> RunningServer
 
 @dataclass
 class Identity:
-    """One node's keys (what a Node would keep in its state directory)."""
+    """One node's keys (what a Node would keep in its state directory); its client speaks
+    Tailscale's control protocol, as every node does."""
 
     machine: bytes
     node: bytes
@@ -43,12 +44,12 @@ class Identity:
             state_dir,
         )
 
-    def client(self, url: str, hostname: str, **kw: Any) -> ControlClient:
+    def client(self, url: str, hostname: str, **kw: Any) -> TailscaleControlClient:
         kw.setdefault("state_dir", self.state_dir)
         kw.setdefault("reconnect_min", 0.05)
         kw.setdefault("reconnect_max", 0.3)
         kw.setdefault("connect_timeout", 5.0)
-        return ControlClient(
+        return TailscaleControlClient(
             url, machine_key=self.machine, node_key=self.node, disco_key=self.disco, hostname=hostname, **kw
         )
 

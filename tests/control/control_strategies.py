@@ -8,14 +8,9 @@ from hypothesis import strategies as st
 
 from embedmesh.control.messages import (
     DeltaMessage,
-    EndpointsUpdate,
     ErrorMessage,
     FullMap,
     LoggedOut,
-    LogoutRequest,
-    Ping,
-    Pong,
-    RegisterRequest,
     RegisterResponse,
 )
 from embedmesh.control.netmap import (
@@ -150,32 +145,12 @@ def netmaps(draw: st.DrawFn) -> NetworkMap:
     return NetworkMap(draw(peers()), {p.id: p for p in peer_list}, draw(dns_configs), draw(filters))
 
 
-client_messages = st.one_of(
-    st.builds(
-        RegisterRequest,
-        keys,
-        keys,
-        texts,
-        texts,
-        tags,
-        st.booleans(),
-        st.none()
-        | st.text(max_size=30).filter(
-            lambda s: all(ord(c) >= 0x20 and not 0xD800 <= ord(c) <= 0xDFFF for c in s)
-        ),
-        endpoints,
-    ),
-    st.builds(EndpointsUpdate, endpoints),
-    st.just(LogoutRequest()),
-    st.builds(Ping, st.integers(0, 2**63 - 1)),
-)
 server_messages = st.one_of(
     st.builds(RegisterResponse, st.integers(1, 2**40), st.sampled_from(list(NodeState)), texts),
     netmaps().map(FullMap),
     st.lists(ops, max_size=6).map(lambda o: DeltaMessage(MapDelta(tuple(o)))),
-    st.builds(Pong, st.integers(0, 2**63 - 1)),
     st.just(LoggedOut()),
     st.builds(ErrorMessage, st.from_regex(r"[a-z_]{1,20}", fullmatch=True), texts),
 )
 
-__all__ = ["UNCHANGED", "client_messages", "netmaps", "ops", "peers", "server_messages"]
+__all__ = ["UNCHANGED", "netmaps", "ops", "peers", "server_messages"]

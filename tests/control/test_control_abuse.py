@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from pathlib import Path
 
 import anyio
@@ -13,15 +12,9 @@ import httpx
 import pytest
 from control_harness import Admin, Identity, anyio_backend, start_server
 
-from embedmesh.control.coordinator import Coordinator, CoordinatorConfig
-from embedmesh.control.errors import HandshakeRejectedError
-from embedmesh.control.messages import ErrorMessage, RegisterRequest
-from embedmesh.control.noise import MAX_FRAME_SIZE
-from embedmesh.control.protocol import ClientSession
-from embedmesh.control.server import CONTROL_PATH
-from embedmesh.control.store import Store
-from embedmesh.control.websocket import WebSocket, WebSocketClosed
-from embedmesh.wireguard.crypto import generate_private_key, public_key
+from embedmesh.tailscale import tailcfg
+from embedmesh.tailscale.keys import MachinePrivate, NodePrivate
+from embedmesh.tailscale.noiseclient import connect_control
 
 __all__ = ["anyio_backend"]
 
@@ -33,25 +26,19 @@ def _rows(state: Path, table: str) -> int:
         return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-async def _keyless_handshake(url: str, server_key: bytes, *, register: bool) -> object:
-    """One stranger: a fresh machine key, a complete Noise handshake, optionally a keyless register."""
-    ws = await WebSocket.connect(url, CONTROL_PATH, max_message_size=MAX_FRAME_SIZE)
-    try:
-        session = ClientSession(
-            generate_private_key(os.urandom(32)), server_key, generate_private_key(os.urandom(32))
-        )
-        await ws.send(session.initiation(time.time_ns()))
-        session.receive_response(await ws.receive())
+async def _keyless_handshake(url: str, *, register: bool) -> tailcfg.RegisterResponse | None:
+    """One stranger: a fresh machine key, a complete ts2021 handshake, optionally a keyless register."""
+    async with connect_control(
+        url, MachinePrivate.generate(os.urandom(32)), tailcfg.CAPABILITY_VERSION
+    ) as conn:
         if not register:
             return None
-        request = RegisterRequest(os.urandom(32), os.urandom(32), "stranger", auth_key=None)
-        await ws.send(session.send(request))
-        try:
-            return session.receive(await ws.receive())
-        except WebSocketClosed:
-            return None
-    finally:
-        await ws.aclose()
+        node = NodePrivate(os.urandom(32)).public()
+        hostinfo = tailcfg.hostinfo("stranger", "linux", version="test")
+        reply = await conn.request(
+            "POST", "/machine/register", tailcfg.register_request(node, hostinfo=hostinfo)
+        )
+        return tailcfg.parse_register_response(reply.body)
 
 
 def test_health_says_ok_and_nothing_else(tmp_path: Path) -> None:
@@ -73,49 +60,20 @@ def test_health_says_ok_and_nothing_else(tmp_path: Path) -> None:
 async def test_keyless_handshakes_write_nothing_to_the_store(tmp_path: Path) -> None:
     state = tmp_path / "server"
     with start_server(state) as running:
-        server_key = public_key(running.server._private_key)
-        before = {table: _rows(state, table) for table in ("nodes", "handshakes")}
-        refusals = []
-        for i in range(200):
-            # Half stop after the handshake, half also ask to register without a key (refused).
-            answer = await _keyless_handshake(running.url, server_key, register=bool(i % 2))
+        before = {table: _rows(state, table) for table in ("nodes", "auth_keys", "users")}
+        answers = []
+        for i in range(100):
+            # Half stop after the handshake, half also ask to register without a key: they are
+            # offered an interactive login, kept in memory (bounded) until an admin completes it.
+            answer = await _keyless_handshake(running.url, register=bool(i % 2))
             if answer is not None:
-                refusals.append(answer)
-        assert refusals and all(
-            isinstance(a, ErrorMessage) and a.code == "auth_key_required" for a in refusals
-        )
-        assert {table: _rows(state, table) for table in ("nodes", "handshakes")} == before
-        # A machine that does register has its timestamp persisted (replay protection).
+                answers.append(answer)
+        assert len(answers) == 50
+        assert all(a.auth_url and not a.machine_authorized for a in answers)
+        assert {table: _rows(state, table) for table in ("nodes", "auth_keys", "users")} == before
+        assert running.call(lambda: len(running.server.logins)) == 50
+        # A machine with a key does register.
         key = Admin(running).key()
         async with Identity.new().client(running.url, "real", auth_key=key):
             pass
-        assert _rows(state, "handshakes") == before["handshakes"] + 1
         assert _rows(state, "nodes") == before["nodes"] + 1
-
-
-def test_stray_handshake_rows_are_pruned_and_go_with_their_node() -> None:
-    store = Store(None)
-    c = Coordinator(store, CoordinatorConfig(), now=T0, random_bytes=os.urandom)
-    _, key = c.create_auth_key(reusable=True, now=T0)
-    c.accept_handshake(b"a" * 32, int(T0 * 1e9), T0)
-    node = c.register(b"a" * 32, RegisterRequest(b"n" * 32, b"d" * 32, "a", auth_key=key), T0)
-    assert store.count_rows("handshakes") == 1
-    # What an older server left behind: a row for every stranger's handshake.
-    for i in range(50):
-        store.advance_handshake_timestamp(os.urandom(32), i + 1)
-    again = Coordinator(store, CoordinatorConfig(), now=T0, random_bytes=os.urandom)
-    assert store.count_rows("handshakes") == 1
-    # The registered machine's replay protection survived the restart.
-    with pytest.raises(HandshakeRejectedError, match="replayed"):
-        again.accept_handshake(b"a" * 32, int(T0 * 1e9), T0 + 1)
-    again.delete(node.id)
-    assert store.count_rows("handshakes") == 0
-
-
-def test_unknown_machines_replays_are_refused_from_memory() -> None:
-    c = Coordinator(Store(None), CoordinatorConfig(), now=T0, random_bytes=os.urandom)
-    stamp = int(T0 * 1e9)
-    c.accept_handshake(b"s" * 32, stamp, T0)
-    with pytest.raises(HandshakeRejectedError, match="replayed"):
-        c.accept_handshake(b"s" * 32, stamp, T0 + 1)
-    assert c.store.count_rows("handshakes") == 0

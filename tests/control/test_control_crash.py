@@ -57,6 +57,16 @@ def test_kill_9_during_registrations(tmp_path: Path) -> None:
     state = tmp_path / "server"
     port = _free_port()
     process = _start_process(state, port)
+    try:
+        _burst_and_check(state, port, process)
+    finally:
+        # A failure anywhere above must not leave the server process running.
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _burst_and_check(state: Path, port: int, process: subprocess.Popen[bytes]) -> None:
     url = f"http://127.0.0.1:{port}"
     token = (state / "admin-token").read_text().strip()
     http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"})

@@ -41,7 +41,7 @@ def test_dns_settings_reach_nodes_and_survive_a_restart(tmp_path: Path) -> None:
                 netmap = await client.wait_for_netmap(lambda m: m.dns.extra_records != (), timeout=5)
                 assert netmap.dns.extra_records == (
                     ("printer", "A", "192.0.2.9"),
-                    ("wiki.corp.example.", "CNAME", "web"),
+                    ("wiki.corp.example", "CNAME", "web"),
                 )
                 assert netmap.dns.split_dns == (("corp.example", ("127.0.0.1:5353",)),)
 

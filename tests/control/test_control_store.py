@@ -171,16 +171,6 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
         Store(path)
 
 
-def test_handshake_timestamps_only_advance() -> None:
-    store = Store(None)
-    machine = b"m" * 32
-    assert store.advance_handshake_timestamp(machine, 10)
-    assert not store.advance_handshake_timestamp(machine, 10)
-    assert not store.advance_handshake_timestamp(machine, 9)
-    assert store.advance_handshake_timestamp(machine, 11)
-    assert store.advance_handshake_timestamp(b"n" * 32, 1)
-
-
 def test_schema_1_databases_migrate_and_waiting_nodes_lose_their_address(tmp_path: Path) -> None:
     """A database written before waiting nodes went without an address: approved nodes keep
     theirs, waiting ones give theirs back, and a deleted node's id is still never reused."""

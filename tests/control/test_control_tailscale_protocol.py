@@ -16,12 +16,13 @@ from control_harness import Admin, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedmesh.control.errors import AuthKeyRequiredError
+from embedmesh.control import tsapi
+from embedmesh.control.errors import AuthKeyInvalidError, ProtocolVersionError, TagNotPermittedError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
-from embedmesh.tailscale import tailcfg
-from embedmesh.tailscale.client import TailscaleControlClient, speaks_tailscale
+from embedmesh.tailscale import mapframe, tailcfg
+from embedmesh.tailscale.client import TailscaleControlClient
 from embedmesh.tailscale.keys import DiscoPrivate, MachinePrivate, NodePrivate
-from embedmesh.tailscale.noiseclient import connect_control
+from embedmesh.tailscale.noiseclient import Response, connect_control
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +59,6 @@ def _view(peers: dict[int, PeerInfo]) -> dict[int, tuple[object, ...]]:
 
 async def test_register_map_deltas_and_logout(tmp_path: Path) -> None:
     with start_server(tmp_path / "server") as running:
-        assert not await speaks_tailscale(running.url)  # embedmesh's nodes keep their own protocol
         admin = Admin(running)
         key = admin.key(reusable=True)
         async with _client(running.url, "a", key) as a, _client(running.url, "b", key) as b:
@@ -88,10 +88,11 @@ async def test_approval_tags_and_refusals(tmp_path: Path) -> None:
         ci_key = admin.key(preapproved=True, tags=["tag:ci"])
         async with _client(running.url, "ci", ci_key, tags=["tag:ci"]) as tagged:
             assert tagged.netmap is not None and tagged.netmap.self_node.tags == ("tag:ci",)
-        with pytest.raises(AuthKeyRequiredError, match="tag:prod"):
+        # Refusals raise the class the server's EmbedmeshError code names.
+        with pytest.raises(TagNotPermittedError, match="tag:prod"):
             async with _client(running.url, "x", admin.key(preapproved=True), tags=["tag:prod"]):
                 pass
-        with pytest.raises(AuthKeyRequiredError, match="not recognised"):
+        with pytest.raises(AuthKeyInvalidError, match="not recognised"):
             async with _client(running.url, "y", "emk-000000000000-" + "0" * 48):
                 pass
 
@@ -103,9 +104,13 @@ async def test_old_clients_bad_requests_and_other_endpoints(tmp_path: Path) -> N
             assert conn.early_payload is not None  # a node-key challenge, as headscale sends
             old = tailcfg.register_request(node.public(), hostinfo={}, version=100)
             reply = await conn.request("POST", "/machine/register", old)
+            assert reply.status == 200  # the Error is what `tailscale up` prints
+            assert "Tailscale 1.80" in tailcfg.parse_register_response(reply.body).error
+            disco = DiscoPrivate.generate(bytes(32)).public()
+            old_map = tailcfg.map_request(node.public(), disco, hostinfo={}, version=100)
+            reply = await conn.request("POST", "/machine/map", old_map)
             assert reply.status == 400 and b"Tailscale 1.80" in reply.body
             assert (await conn.request("POST", "/machine/register", b"{")).status == 400
-            disco = DiscoPrivate.generate(bytes(32)).public()
             unknown = tailcfg.map_request(node.public(), disco, hostinfo={})
             assert (await conn.request("POST", "/machine/map", unknown)).status == 404
             assert (await conn.request("POST", "/machine/set-dns", b"{}")).status == 501
@@ -281,6 +286,135 @@ def test_any_request_json_gets_an_answer_never_a_crash(
     status = anyio.run(target.call, path, json.dumps(document).encode())
     assert status in (200, 400, 404)
 
+
+async def _first_map(url: str, version: int, key: str) -> dict[str, object]:
+    """Register a fresh machine announcing capability ``version`` (Noise prologue and requests)
+    and return the first MapResponse of its stream, as JSON."""
+    machine, node = MachinePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+    disco = DiscoPrivate.generate(os.urandom(32)).public()
+    async with connect_control(url, machine, version) as conn:
+        body = tailcfg.register_request(
+            node.public(), hostinfo={"Hostname": f"v{version}"}, auth_key=key, version=version
+        )
+        assert (await conn.request("POST", "/machine/register", body)).status == 200
+        request = tailcfg.map_request(
+            node.public(), disco, hostinfo={"Hostname": f"v{version}"}, version=version
+        )
+        reader = mapframe.MapStreamReader(compressed=True)
+        async with conn.stream("POST", "/machine/map", request) as response:
+            assert response.status == 200
+            with anyio.fail_after(10):
+                async for chunk in response:
+                    for message in reader.receive_data(chunk):
+                        decoded = json.loads(message)
+                        assert isinstance(decoded, dict)
+                        return decoded
+    raise AssertionError("the map stream ended before its first map")
+
+
+async def test_capability_version_112_is_refused_and_113_is_served(tmp_path: Path) -> None:
+    """The floor of the versions served is Tailscale 1.80 (113): one below gets a refusal that
+    says so; 113 registers, gets its map and is in its peers' maps."""
+    with start_server(tmp_path / "server") as running:
+        key = Admin(running).key(reusable=True)
+        with pytest.raises(
+            ProtocolVersionError,
+            match=r"^unsupported client version 112 \(a development build after Tailscale 1\.78\): "
+            r"this server serves Tailscale 1\.80 \(capability version 113\) and newer; upgrade the client",
+        ):
+            async with _client(running.url, "too-old", key, capability_version=112):
+                pass
+        async with (
+            _client(running.url, "oldest", key, capability_version=113) as oldest,
+            _client(running.url, "newest", key, capability_version=142) as newest,
+        ):
+            netmap = await oldest.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=10)
+            assert netmap.state is NodeState.AUTHORIZED and _only(netmap).name == "newest"
+            netmap = await newest.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=10)
+            assert _only(netmap).name == "oldest"
+        assert "too-old" not in {n["name"] for n in Admin(running).nodes()}
+
+
+async def test_each_capability_version_gets_its_form_of_the_map(tmp_path: Path) -> None:
+    """The per-version answers on the wire: the self node's Cap; a non-default key lifetime as
+    MaxKeyDuration (nanoseconds) below 114 and as the tailnet.maxKeyDuration attribute from 114;
+    a NoMeasureNoHome DERP region also marked Avoid below 115."""
+    derp_map = tmp_path / "derp-map.json"
+    regions = {
+        "900": {
+            "RegionID": 900,
+            "RegionCode": "home",
+            "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "a"}],
+        },
+        "901": {
+            "RegionID": 901,
+            "RegionCode": "far",
+            "NoMeasureNoHome": True,
+            "Nodes": [{"Name": "901a", "RegionID": 901, "HostName": "b"}],
+        },
+    }
+    derp_map.write_text(json.dumps({"Regions": regions}))
+    ninety_days = 90 * 86400.0
+    with start_server(tmp_path / "server", key_expiry=ninety_days, derp_map=derp_map) as running:
+        key = Admin(running).key(reusable=True)
+        seen = {v: await _first_map(running.url, v, key) for v in (113, 114, 115, 142)}
+    for version, message in seen.items():
+        node = message["Node"]
+        assert isinstance(node, dict) and node["Cap"] == version
+        caps = node["CapMap"]
+        if version < 114:
+            assert (
+                message["MaxKeyDuration"] == int(ninety_days * 1e9) and "tailnet.maxKeyDuration" not in caps
+            )
+        else:
+            assert caps["tailnet.maxKeyDuration"] == [ninety_days] and "MaxKeyDuration" not in message
+        got = message["DERPMap"]["Regions"]  # type: ignore[index]
+        assert got["901"]["NoMeasureNoHome"] is True and "Avoid" not in got["900"]
+        assert got["901"].get("Avoid", False) is (version < 115)
+    # The server's own DERP map is not changed by what older clients were sent.
+    assert "Avoid" not in running.server.derp_map_json()["Regions"]["901"]
+
+
+async def test_the_keyless_rate_limit_is_a_429_from_version_137_and_an_error_before(tmp_path: Path) -> None:
+    """Clients from 137 on wait out a 429's Retry-After; older ones get the refusal as the
+    RegisterResponse's Error (and back off), as before."""
+    config = {"approval_required": True, "keyless_burst": 1, "keyless_interval": 60.0}
+    with start_server(tmp_path / "server", **config) as running:
+
+        async def register(version: int) -> Response:
+            machine, node = MachinePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+            async with connect_control(running.url, machine, version) as conn:
+                body = tailcfg.register_request(node.public(), hostinfo={"Hostname": "k"}, version=version)
+                return await conn.request("POST", "/machine/register", body)
+
+        waiting = await register(137)  # the burst of one: this node waits for approval
+        assert waiting.status == 200 and not tailcfg.parse_register_response(waiting.body).error
+        older = await register(136)
+        assert older.status == 200
+        assert (
+            "too many registrations without an auth key" in tailcfg.parse_register_response(older.body).error
+        )
+        newer = await register(137)
+        assert newer.status == 429 and 1 <= int(newer.headers["retry-after"]) <= 60
+        assert b"too many registrations without an auth key" in newer.body
+
+
+def test_release_names_and_map_adaptation_of_odd_input() -> None:
+    assert tsapi.tailscale_release(113) == "Tailscale 1.80"
+    assert tsapi.tailscale_release(112) == "a development build after Tailscale 1.78"
+    assert tsapi.tailscale_release(142) == "Tailscale 1.102"
+    assert tsapi.tailscale_release(145) == "newer than Tailscale 1.102"
+    assert tsapi.tailscale_release(28) == "older than Tailscale 1.64"
+    # A DERP map from the admin's file with odd entries: kept as they are, never a crash.
+    odd = {"Regions": {"1": None, "2": [], "3": {"NoMeasureNoHome": "yes"}, "4": {"NoMeasureNoHome": True}}}
+    out = tsapi.adapt_map_response({"DERPMap": odd}, 113)
+    assert out["DERPMap"]["Regions"] == {**odd["Regions"], "4": {"NoMeasureNoHome": True, "Avoid": True}}
+    assert "Avoid" not in odd["Regions"]["4"]
+    assert tsapi.adapt_map_response({"DERPMap": {"Regions": []}}, 113) == {"DERPMap": {"Regions": []}}
+    # Deltas without a Node or DERPMap are left alone, whatever the version.
+    assert tsapi.adapt_map_response({"PeersRemoved": [3]}, 113, max_key_duration=86400.0) == {
+        "PeersRemoved": [3]
+    }
 
 @given(st.lists(st.tuples(st.sampled_from(["add", "discard", "clear"]), st.integers(0, 3000)), max_size=200))
 def test_the_streams_peer_bitmap_is_a_set_of_ids(steps: list[tuple[str, int]]) -> None:

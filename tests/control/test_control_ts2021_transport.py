@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from embedmesh.control.server import RunningServer
-from embedmesh.tailscale import controlbase, noiseclient
+from embedmesh.tailscale import controlbase, noiseclient, noiseserver
 from embedmesh.tailscale.keys import MachinePrivate
 
 CAPVER = 130
@@ -94,6 +94,18 @@ def transport_app(progress: dict[str, int]) -> Starlette:
     async def written(request: Request) -> JSONResponse:
         return JSONResponse({"written": progress.get(request.query_params["tag"], -1)})
 
+    async def quiet(request: Request) -> StreamingResponse:
+        # A map long poll's shape: a stream that stays open and sends now and then.
+        parts = int(request.query_params["parts"])
+        pause = float(request.query_params["pause"])
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(parts):
+                yield f"part {i}\n".encode()
+                await anyio.sleep(pause)
+
+        return StreamingResponse(body(), media_type="text/plain")
+
     return Starlette(
         routes=[
             Route("/whoami", whoami),
@@ -102,6 +114,7 @@ def transport_app(progress: dict[str, int]) -> Starlette:
             Route("/fail-midway", fail_midway),
             Route("/progress", written),
             Route("/latin1", latin1),
+            Route("/quiet", quiet),
         ]
     )
 
@@ -136,11 +149,21 @@ def test_our_client_against_our_server(server: tuple[RunningServer, dict[str, in
             assert conn.early_payload is not None
             assert not conn.early_payload.node_key_challenge.is_zero
             whoami = await conn.request("GET", "/whoami")
-            assert json.loads(whoami.body) == {"peer": client.public().to_text(), "version": CAPVER, "proto": "HTTP/2"}
+            assert json.loads(whoami.body) == {
+                "peer": client.public().to_text(),
+                "version": CAPVER,
+                "proto": "HTTP/2",
+            }
             # 1 MiB up (the server's cap, and 16 times HTTP/2's default window) and back.
             upload = os.urandom(1 << 20)
-            echoed = await conn.request("POST", "/echo", upload, headers={"X-Echo": "hi", "Content-Type": "x/y"})
-            assert (echoed.status, echoed.headers["x-echo"], echoed.headers["content-type"]) == (200, "hi", "x/y")
+            echoed = await conn.request(
+                "POST", "/echo", upload, headers={"X-Echo": "hi", "Content-Type": "x/y"}
+            )
+            assert (echoed.status, echoed.headers["x-echo"], echoed.headers["content-type"]) == (
+                200,
+                "hi",
+                "x/y",
+            )
             assert echoed.body == upload
             # One byte more is refused: that stream is reset, the connection goes on.
             with pytest.raises(noiseclient.ControlTransportError, match="reset"):
@@ -152,7 +175,9 @@ def test_our_client_against_our_server(server: tuple[RunningServer, dict[str, in
     _run(body)
 
 
-def test_concurrent_streams_and_multi_megabyte_responses(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_concurrent_streams_and_multi_megabyte_responses(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
     size = 9 << 20
     results: dict[str, object] = {}
@@ -220,7 +245,9 @@ def test_an_app_failing_midway_resets_its_stream(server: tuple[RunningServer, di
     _run(body)
 
 
-def test_a_noise_connection_outlives_the_first_request_timer(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_a_noise_connection_outlives_the_first_request_timer(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
 
     async def body() -> None:
@@ -262,7 +289,10 @@ def _upgrade(initiation: bytes, headers: str = "") -> bytes:
 
 
 def _still_serving(running: RunningServer) -> None:
-    assert httpx.get(running.url + "/key?v=130", timeout=5).json()["publicKey"] == running.server.machine_key.public().to_text()
+    assert (
+        httpx.get(running.url + "/key?v=130", timeout=5).json()["publicKey"]
+        == running.server.machine_key.public().to_text()
+    )
 
     async def body() -> None:
         async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
@@ -274,14 +304,26 @@ def _still_serving(running: RunningServer) -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "text"),
     [
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"Content-Length: 0\r\n\r\n", b"no tailscale handshake header"),
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: %%%\r\nContent-Length: 0\r\n\r\n", b"not valid base64"),
-        (b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n", b"wrong length"),
-        (b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
-         b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n", b"/ts2021"),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            b"no tailscale handshake header",
+        ),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: %%%\r\nContent-Length: 0\r\n\r\n",
+            b"not valid base64",
+        ),
+        (
+            b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n",
+            b"wrong length",
+        ),
+        (
+            b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n"
+            b"X-Tailscale-Handshake: AAAA\r\nContent-Length: 0\r\n\r\n",
+            b"/ts2021",
+        ),
     ],
 )
 def test_bad_upgrade_requests_get_400_and_the_reason(
@@ -294,19 +336,26 @@ def test_bad_upgrade_requests_get_400_and_the_reason(
     _still_serving(running)
 
 
-def test_garbage_instead_of_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
+def test_garbage_instead_of_noise_closes_only_that_connection(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
     running, _ = server
-    client = controlbase.ClientConnection(_machine(), running.server.machine_key.public(), CAPVER, os.urandom(32))
+    client = controlbase.ClientConnection(
+        _machine(), running.server.machine_key.public(), CAPVER, os.urandom(32)
+    )
     # A valid upgrade, then bytes that are no controlbase record.
     answer = _raw(running, _upgrade(client.initiation) + b"\x07garbage" * 50)
     assert answer.startswith(b"HTTP/1.1 101 ")
     _still_serving(running)
 
 
-def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningServer, dict[str, int]]) -> None:
-    running, _ = server
+@contextlib.contextmanager
+def _noise_socket(running: RunningServer) -> Iterator[tuple[socket.socket, controlbase.ClientConnection]]:
+    """A raw connection upgraded to ts2021, the Noise handshake done, nothing else sent yet."""
     port = int(running.url.rsplit(":", 1)[1])
-    client = controlbase.ClientConnection(_machine(), running.server.machine_key.public(), CAPVER, os.urandom(32))
+    client = controlbase.ClientConnection(
+        _machine(), running.server.machine_key.public(), CAPVER, os.urandom(32)
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(_upgrade(client.initiation))
         received = b""
@@ -316,6 +365,21 @@ def test_garbage_inside_noise_closes_only_that_connection(server: tuple[RunningS
         client.receive_data(leftover)
         while not client.established:
             client.receive_data(sock.recv(65536))
+        yield sock, client
+
+
+def _seconds_until_closed(sock: socket.socket, started: float) -> float:
+    """Read (and drop) what the server sends until it closes; seconds since ``started``."""
+    while sock.recv(65536):
+        pass
+    return time.monotonic() - started
+
+
+def test_garbage_inside_noise_closes_only_that_connection(
+    server: tuple[RunningServer, dict[str, int]],
+) -> None:
+    running, _ = server
+    with _noise_socket(running) as (sock, client):
         # Authentic Noise records whose plaintext is not HTTP/2 (no client preface).
         sock.sendall(client.send(b"GET / HTTP/1.1\r\n\r\n" + os.urandom(3000)))
         while sock.recv(65536):
@@ -347,7 +411,9 @@ def test_the_transport_over_tls(tmp_path: Path) -> None:
         context = ssl.create_default_context(cafile=str(cert))
 
         async def body() -> None:
-            async with noiseclient.connect_control(running.url, _machine(), CAPVER, ssl_context=context) as conn:
+            async with noiseclient.connect_control(
+                running.url, _machine(), CAPVER, ssl_context=context
+            ) as conn:
                 async with conn.stream("GET", f"/stream?bytes={5 << 20}") as response:
                     data = await response.read()
                 assert data == stream_bytes(0, 5 << 20)
@@ -368,13 +434,20 @@ def test_tailscales_go_client_against_our_server(server: tuple[RunningServer, di
         [
             str(tsvectors()),
             "ts2021-client",
-            "-key", client.raw.hex(),
-            "-server", running.server.machine_key.public().raw.hex(),
-            "-url", running.url,
-            "-version", str(CAPVER),
-            "-echo-bytes", str(1 << 20),
-            "-stream-bytes", str(9 << 20),
-            "-concurrent", "12",
+            "-key",
+            client.raw.hex(),
+            "-server",
+            running.server.machine_key.public().raw.hex(),
+            "-url",
+            running.url,
+            "-version",
+            str(CAPVER),
+            "-echo-bytes",
+            str(1 << 20),
+            "-stream-bytes",
+            str(9 << 20),
+            "-concurrent",
+            "12",
         ],
         capture_output=True,
         text=True,
@@ -384,7 +457,11 @@ def test_tailscales_go_client_against_our_server(server: tuple[RunningServer, di
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["proto"] == "HTTP/2.0"
-    assert json.loads(report["whoami"]) == {"peer": client.public().to_text(), "version": CAPVER, "proto": "HTTP/2"}
+    assert json.loads(report["whoami"]) == {
+        "peer": client.public().to_text(),
+        "version": CAPVER,
+        "proto": "HTTP/2",
+    }
     assert report["echo_bytes"] == 1 << 20 and report["echo_header"] == "tsvectors"
     assert report["stream_bytes"] == 9 << 20
     assert report["concurrent_ok"] == 12
@@ -431,7 +508,9 @@ def test_unregistered_noise_connections_count_against_their_source(tmp_path: Pat
                 async with contextlib.AsyncExitStack() as stack:
                     for _ in range(3):
                         conn = await stack.enter_async_context(
-                            noiseclient.connect_control(running.url, _machine(), CAPVER, server_key=server_key)
+                            noiseclient.connect_control(
+                                running.url, _machine(), CAPVER, server_key=server_key
+                            )
                         )
                         assert conn.early_payload is not None
                     await settle(6)
@@ -445,3 +524,124 @@ def test_unregistered_noise_connections_count_against_their_source(tmp_path: Pat
             await settle(0)
 
         _run(body)
+
+
+# ---------------------------------------------------------------------- idle connections
+
+#: The client's connection preface: the magic, then (as every client sends it) an empty SETTINGS.
+H2_MAGIC = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _settle(running: RunningServer, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(running.server.limiter) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(running.server.limiter) == count
+
+
+def test_an_upgraded_connection_that_never_starts_http2_is_closed(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    monkeypatch.setattr(noiseserver, "PREFACE_TIMEOUT", 0.6)
+    # Silent after the handshake.
+    with _noise_socket(running) as (sock, _client):
+        elapsed = _seconds_until_closed(sock, time.monotonic())
+    assert 0.3 <= elapsed < 4, elapsed
+    # The magic in a trickle, and never the SETTINGS that must follow it: the same deadline
+    # from the upgrade, not from the last byte.
+    with _noise_socket(running) as (sock, client):
+        started = time.monotonic()
+        for i in range(0, len(H2_MAGIC), 6):
+            sock.sendall(client.send(H2_MAGIC[i : i + 6]))
+            time.sleep(0.15)
+        elapsed = _seconds_until_closed(sock, started)
+    assert 0.3 <= elapsed < 4, elapsed
+    # A client that does start HTTP/2 in time keeps its connection past that deadline.
+    with _noise_socket(running) as (sock, client):
+        sock.sendall(client.send(H2_MAGIC + EMPTY_SETTINGS))
+        sock.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            _seconds_until_closed(sock, time.monotonic())
+    _settle(running, 0)  # every one of them left the source's cap
+    _still_serving(running)
+
+
+def test_a_connection_with_no_open_stream_is_ended_with_goaway(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    # The default must outlast Tailscale's 2-minute "recent dial" window, or its client redials
+    # only HTTPS:443 after our GOAWAY (see noiseserver.IDLE_TIMEOUT).
+    assert noiseserver.IDLE_TIMEOUT > 120
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.6)
+
+    async def body() -> None:
+        async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
+            # Requests more often than the idle timeout: idle is time with no stream open,
+            # counted from the last one's end, so this connection lives far longer than 0.6 s.
+            started = time.monotonic()
+            while time.monotonic() - started < 1.8:
+                assert (await conn.request("GET", "/whoami")).status == 200
+                await anyio.sleep(0.25)
+            await anyio.sleep(1.5)
+            # The server said goodbye with GOAWAY (no error), not a bare close.
+            with pytest.raises(noiseclient.ControlTransportError, match=r"ended the connection.*NO_ERROR"):
+                await conn.request("GET", "/whoami")
+
+    _run(body)
+    _settle(running, 0)
+
+
+def test_an_open_stream_is_never_cut_however_quiet(
+    server: tuple[RunningServer, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, _ = server
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.4)
+    monkeypatch.setattr(noiseserver, "PREFACE_TIMEOUT", 0.4)
+
+    async def body() -> None:
+        async with noiseclient.connect_control(running.url, _machine(), CAPVER) as conn:
+            # Silent twice as long as the idle timeout between parts, for eight times it.
+            async with conn.stream("GET", "/quiet?parts=4&pause=0.8") as response:
+                data = await response.read()
+            assert data == b"".join(f"part {i}\n".encode() for i in range(4))
+            # The connection is still the same, working one.
+            assert (await conn.request("GET", "/whoami")).status == 200
+            assert len(running.server.limiter) == 1
+
+    _run(body)
+
+
+def test_a_nodes_map_poll_outlives_the_idle_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real register and map handlers: a node's long poll is one stream that stays open, so
+    its connection is never ended, while an unused connection beside it is."""
+    from control_harness import Admin
+
+    from embedmesh.tailscale.client import TailscaleControlClient
+
+    monkeypatch.setattr(noiseserver, "IDLE_TIMEOUT", 0.5)
+    with start_server(tmp_path / "server") as running:
+        admin = Admin(running)
+        client = TailscaleControlClient(
+            running.url,
+            machine_key=os.urandom(32),
+            node_key=os.urandom(32),
+            disco_key=os.urandom(32),
+            hostname="poller",
+            auth_key=admin.key(preapproved=True),
+        )
+
+        async def body() -> None:
+            async with client:
+                async with noiseclient.connect_control(running.url, _machine(), CAPVER) as unused:
+                    await anyio.sleep(3)
+                    with pytest.raises(noiseclient.ControlTransportError, match="NO_ERROR"):
+                        await unused.request("GET", "/key")
+                assert client.connected and client.reconnects == 0
+                (node,) = await anyio.to_thread.run_sync(admin.nodes)
+                assert node["name"] == "poller" and node["online"]
+
+        _run(body)
+        admin.http.close()

@@ -8,6 +8,7 @@ teardown.  ``wg_rig`` additionally needs wireguard-go and wg.  With ``EMBEDMESH_
 
 Real Tailscale software (``gopeers.py`` builds it into a cache outside the repository):
 ``tailscale_bins`` (a ``tailnet.TailscaleBins`` of tailscaled, tailscale, derper paths),
+``oldest_tailscale_bins`` (the same with tailscaled and tailscale of the oldest release served),
 ``headscale_bin`` and ``tsnetpeer_bin`` (paths) are session fixtures; ``tailnet`` is a fresh
 ``tailnet.TailnetRig`` (hosts behind a dead-end namespace) on the ``rig`` fixture.  The binaries a
 session's tests need are built right after collection, outside any test's timeout, once for all
@@ -32,7 +33,12 @@ from netns import NetnsRig, skip_unless_root, skip_unless_wireguard, sweep_stale
 from tailnet import TailnetRig, TailscaleBins  # noqa: E402
 
 # fixture -> the gopeers bundle it needs (built after collection, see pytest_collection_finish)
-_GO_FIXTURES = {"tailscale_bins": "tailscale", "headscale_bin": "headscale", "tsnetpeer_bin": "tsnetpeer"}
+_GO_FIXTURES = {
+    "tailscale_bins": "tailscale",
+    "oldest_tailscale_bins": "tailscale-oldest",
+    "headscale_bin": "headscale",
+    "tsnetpeer_bin": "tsnetpeer",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -101,6 +107,17 @@ def tailscale_bins() -> TailscaleBins:
     """tailscaled, tailscale and derper of tailscale.com v1.102.5 (built on first use)."""
     return gopeers.require(
         lambda: TailscaleBins(gopeers.tailscaled(), gopeers.tailscale_cli(), gopeers.derper())
+    )
+
+
+@pytest.fixture(scope="session")
+def oldest_tailscale_bins(tailscale_bins: TailscaleBins) -> TailscaleBins:
+    """tailscaled and tailscale of gopeers.OLDEST_TAILSCALE_VERSION (the oldest client the control
+    server serves), with the current derper (the tests' DERP server, not a client)."""
+    return gopeers.require(
+        lambda: TailscaleBins(
+            gopeers.oldest_tailscaled(), gopeers.oldest_tailscale_cli(), tailscale_bins.derper
+        )
     )
 
 

@@ -9,8 +9,10 @@ The one Go build helper of the test suite.  Two general entry points:
   ``tool`` named in its go.mod instead of its main package.
 
 Both return the folder that holds the binaries.  On top of them: ``tailscaled()``,
-``tailscale_cli()``, ``derper()`` (tailscale.com v1.102.5), ``headscale()`` (HEADSCALE_VERSION) and
-``go_program(name)`` (``tests/interop/go/<name>/``) return a binary's path.
+``tailscale_cli()``, ``derper()`` (tailscale.com v1.102.5), ``oldest_tailscaled()`` and
+``oldest_tailscale_cli()`` (OLDEST_TAILSCALE_VERSION, the oldest client the server serves),
+``headscale()`` (HEADSCALE_VERSION) and ``go_program(name)`` (``tests/interop/go/<name>/``) return a
+binary's path.
 
 Nothing is committed and nothing lands in the repository: binaries, the module cache (GOMODCACHE)
 and the build cache (GOCACHE) all live in one folder, ``$EMBEDMESH_GO_CACHE`` (default
@@ -63,6 +65,9 @@ GO_ENV = "EMBEDMESH_GO"  # a go binary to use instead of the one on PATH / /usr/
 REQUIRE_ENV = "EMBEDMESH_REQUIRE_INTEROP"
 
 TAILSCALE_VERSION = "v1.102.5"  # newer tags need a newer Go than the machines have (1.26)
+# The oldest client release the control server serves (Tailscale 1.80, capability version 113):
+# its newest patch, built beside TAILSCALE_VERSION to prove the server against an old client.
+OLDEST_TAILSCALE_VERSION = "v1.80.3"
 HEADSCALE_VERSION = "v0.29.2"  # the newest release (go.mod: go 1.26.4); pinned in go/headscale/go.mod
 BUILD_TIMEOUT = 1800.0  # seconds for one build, cold, on a loaded 2-core machine
 DEFAULT_LDFLAGS = "-s -w"  # no symbol tables: smaller binaries, a faster link
@@ -84,6 +89,7 @@ class GoBuild:
     source: Path | None = None  # a program folder (with go.mod, go.sum) for `go build`
     target: str = "."  # what `go build` builds in source: its main package, or a go.mod `tool`
     ldflags: str = DEFAULT_LDFLAGS
+    tags: tuple[str, ...] = ()  # Go build tags (-tags=a,b)
 
     def __post_init__(self) -> None:
         if (self.source is None) == (not self.packages):
@@ -96,8 +102,10 @@ class GoBuild:
 
     def inputs(self) -> dict[str, object]:
         """Everything the binaries depend on besides the Go version (hashed into the cache key)."""
+        # Tags only when there are some, so the keys (cache folders) of tagless builds stay as they were.
+        tags: dict[str, object] = {"tags": list(self.tags)} if self.tags else {}
         if self.source is None:
-            return {"packages": list(self.packages), "ldflags": self.ldflags}
+            return {"packages": list(self.packages), "ldflags": self.ldflags, **tags}
         if not (self.source / "go.mod").is_file() or not (self.source / "go.sum").is_file():
             raise GoBuildError(f"{self.source} needs a committed go.mod and go.sum")
         digest = hashlib.sha256()
@@ -109,7 +117,15 @@ class GoBuild:
             "target": self.target,
             "ldflags": self.ldflags,
             "sha256": digest.hexdigest(),
+            **tags,
         }
+
+
+def _tailscale_ldflags(version: str) -> str:
+    # What Tailscale's build_dist.sh stamps; without it `tailscale version` says
+    # "1.102.5-ERR-BuildInfo" (a module build has no git commit to read).
+    v = version.removeprefix("v")
+    return f"{DEFAULT_LDFLAGS} -X tailscale.com/version.longStamp={v} -X tailscale.com/version.shortStamp={v}"
 
 
 # The bundles `gopeers.py build` (and so .ci/run) builds; tests may build others with go_install()
@@ -123,10 +139,23 @@ BUNDLES: dict[str, GoBuild] = {
         packages=tuple(
             f"tailscale.com/cmd/{cmd}@{TAILSCALE_VERSION}" for cmd in ("tailscaled", "tailscale", "derper")
         ),
-        # What Tailscale's build_dist.sh stamps; without it `tailscale version` says
-        # "1.102.5-ERR-BuildInfo" (a module build has no git commit to read).
-        ldflags="{base} -X tailscale.com/version.longStamp={v} -X tailscale.com/version.shortStamp={v}".format(
-            base=DEFAULT_LDFLAGS, v=TAILSCALE_VERSION.removeprefix("v")
+        ldflags=_tailscale_ldflags(TAILSCALE_VERSION),
+    ),
+    # The oldest client served, in a folder of its own (bin/tailscale-oldest-<key>/); it shares the
+    # module and build caches with the bundle above. No derper: the tests run the current one.
+    # The tags are build_dist.sh's --extra-small set of that release (no AWS/Kubernetes state
+    # stores, SSH server, TAP, BIRD, packet capture, wake-on-LAN, shell completion): what the
+    # tests use stays, and the cold build of this second Tailscale costs less.
+    "tailscale-oldest": GoBuild(
+        "tailscale-oldest",
+        ("tailscaled", "tailscale"),
+        packages=tuple(
+            f"tailscale.com/cmd/{cmd}@{OLDEST_TAILSCALE_VERSION}" for cmd in ("tailscaled", "tailscale")
+        ),
+        ldflags=_tailscale_ldflags(OLDEST_TAILSCALE_VERSION),
+        tags=tuple(
+            f"ts_omit_{feature}"
+            for feature in ("aws", "bird", "tap", "kube", "completion", "ssh", "wakeonlan", "capture")
         ),
     ),
     # `go install github.com/juanfont/headscale/cmd/headscale@v0.29.2` fails here: the module proxy
@@ -284,15 +313,15 @@ def _build_locked(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root / "bin"))
     try:
         env = go_env(go)
-        ldflags = f"-ldflags={spec.ldflags}"
+        flags = [f"-ldflags={spec.ldflags}", *([f"-tags={','.join(spec.tags)}"] if spec.tags else [])]
         if spec.source is None:
             env["GOBIN"] = str(staging)
-            argv = [go, "install", ldflags, *spec.packages]
+            argv = [go, "install", *flags, *spec.packages]
             cwd = str(root)
         else:
             # -mod=readonly: the committed go.mod/go.sum are the truth; never rewrite the repo's files
             out = str(staging / spec.binaries[0])
-            argv = [go, "build", "-mod=readonly", ldflags, "-o", out, spec.target]
+            argv = [go, "build", "-mod=readonly", *flags, "-o", out, spec.target]
             cwd = str(spec.source)
         if shutil.which("nice"):
             argv = ["nice", "-n", "19", *argv]  # the machines have 2 cores, shared with the tests
@@ -344,6 +373,16 @@ def tailscaled() -> Path:
 def tailscale_cli() -> Path:
     """The `tailscale` CLI from tailscale.com v1.102.5."""
     return bundle("tailscale") / "tailscale"
+
+
+def oldest_tailscaled() -> Path:
+    """tailscaled from tailscale.com OLDEST_TAILSCALE_VERSION (the oldest client served)."""
+    return bundle("tailscale-oldest") / "tailscaled"
+
+
+def oldest_tailscale_cli() -> Path:
+    """The `tailscale` CLI from tailscale.com OLDEST_TAILSCALE_VERSION."""
+    return bundle("tailscale-oldest") / "tailscale"
 
 
 def derper() -> Path:

@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -470,6 +470,32 @@ class TsnetPeer:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-6000:]
         return ""
+
+
+@contextlib.asynccontextmanager
+async def serving_node(
+    control_url: str, auth_key: str, state_dir: Path, listen_host: str, app: Any, address: str = ":8080"
+) -> AsyncIterator[Any]:
+    """An embedmesh Node "py" in the tailnet, up, serving ``app`` on ``address`` until the block
+    ends (the node is closed, and logs out if ephemeral, as it leaves)."""
+    import anyio
+
+    import embedmesh
+
+    async with (
+        embedmesh.Node(
+            control_url=control_url,
+            hostname="py",
+            auth_key=auth_key,
+            state_dir=state_dir,
+            listen_host=listen_host,
+        ) as node,
+        anyio.create_task_group() as tg,
+    ):
+        await node.up(timeout=30)
+        tg.start_soon(node.serve_asgi, app, address)
+        yield node
+        tg.cancel_scope.cancel()
 
 
 class EmbedmeshControl:

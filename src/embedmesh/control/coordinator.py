@@ -47,7 +47,6 @@ from embedmesh.control.errors import (
     ConflictError,
     ControlError,
     ControlProtocolError,
-    HandshakeRejectedError,
     NodeDeletedError,
     NotFoundError,
     RegistrationLimitError,
@@ -81,7 +80,6 @@ from embedmesh.control.netmap import (
     PeerRemoved,
     SelfChanged,
 )
-from embedmesh.control.protocol import MAX_CLOCK_SKEW, check_handshake_freshness
 from embedmesh.control.store import NodeRecord, Store, UserRecord
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -95,8 +93,6 @@ DEFAULT_KEY_EXPIRY = 180 * DAY
 #: The longest an auth key may stay valid (admin tools print its expiry as a date).
 MAX_KEY_LIFETIME = 100 * 365 * DAY
 DEFAULT_EPHEMERAL_TIMEOUT = 60.0
-#: Handshake timestamps of machines that have not registered, kept in memory (about 100 bytes each).
-_MAX_RECENT_HANDSHAKES = 65_536
 TAGGED_OWNER = "tagged-devices"
 DEFAULT_OWNER = "default"
 #: User names: what headscale and Tailscale accept as login names (an email address fits).
@@ -180,7 +176,7 @@ class Stream:
 
     node_id: int
     wake: Callable[[], None]
-    #: Complete messages (registered, pong, error, logged_out), sent first and in order.
+    #: Complete messages (registered, error, logged_out), sent first and in order.
     outbox: list[bytes] = field(default_factory=list)
     #: Encoded delta ops for this stream only (its own entry; every peer op under a non-allow-all
     #: policy), shared bytes with the other streams that get the same change.
@@ -231,13 +227,6 @@ def _source_bucket(source: str) -> str:
     return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address)
 
 
-def _replayed() -> HandshakeRejectedError:
-    return HandshakeRejectedError(
-        "handshake timestamp is not newer than the last one from this machine key "
-        "(a replayed handshake, or two processes sharing one state directory)"
-    )
-
-
 def _error_payload(error: ControlError) -> bytes:
     return dumps({"type": "error", "code": error.code, "message": str(error)})
 
@@ -284,8 +273,6 @@ class Coordinator:
         self._streams: dict[int, Stream] = {}
         self._expiries: list[tuple[float, int]] = []
         self._reaps: list[tuple[float, int]] = []
-        #: Unregistered machine key -> its last handshake timestamp, oldest first.
-        self._recent_handshakes: OrderedDict[bytes, int] = OrderedDict()
         #: Keyless registrations per source (address, IPv6 /64): (tokens, when).
         self._keyless_buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.dns = DNSConfig(config.base_domain, True, (config.base_domain,))
@@ -293,9 +280,6 @@ class Coordinator:
         if saved:
             self.dns = self._dns_with(json.loads(saved))
         records = store.load_nodes()
-        pruned = store.prune_handshakes()
-        if pruned:
-            logger.info("dropped %d handshake timestamps of machines that never registered", pruned)
         self._pool = AddressPool(r.ipv4 for r in records if r.ipv4 is not None)
         for rec in records:
             self._drop_ungranted_tags(rec)
@@ -618,29 +602,6 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the stream protocol
 
-    def accept_handshake(self, machine_key: bytes, timestamp_ns: int, now: float) -> None:
-        """Require a fresh timestamp, strictly newer than any this machine key sent before.
-
-        Only a registered machine's timestamp is persisted. Anyone can complete a handshake with
-        a fresh key, so an unknown machine's timestamp stays in memory (bounded, and only for
-        the freshness window, outside which the clock check refuses a replay anyway) until the
-        machine registers: unauthenticated handshakes write nothing to the store.
-        """
-        check_handshake_freshness(timestamp_ns, now)
-        if machine_key in self._by_machine:
-            if not self.store.advance_handshake_timestamp(machine_key, timestamp_ns):
-                raise _replayed()
-            return
-        recent = self._recent_handshakes
-        horizon = int((now - MAX_CLOCK_SKEW) * 1e9)
-        while recent and (len(recent) >= _MAX_RECENT_HANDSHAKES or next(iter(recent.values())) < horizon):
-            recent.popitem(last=False)
-        last = recent.get(machine_key)
-        if last is not None and timestamp_ns <= last:
-            raise _replayed()
-        recent[machine_key] = timestamp_ns
-        recent.move_to_end(machine_key)
-
     def register(
         self, machine_key: bytes, request: RegisterRequest, now: float, source: str | None = None
     ) -> LiveNode:
@@ -785,9 +746,11 @@ class Coordinator:
         tokens = min(float(burst), tokens + max(0.0, now - stamp) / interval)
         if tokens < 1.0:
             self._keyless_buckets[bucket] = (tokens, now)
+            wait = (1.0 - tokens) * interval
             raise RegistrationLimitError(
                 f"too many registrations without an auth key from {source}: try again in "
-                f"{(1.0 - tokens) * interval:.0f} s, or join with an auth key"
+                f"{wait:.0f} s, or join with an auth key",
+                retry_after=wait,
             )
         self._keyless_buckets[bucket] = (tokens - 1.0, now)
         while len(self._keyless_buckets) > _MAX_BUCKETS:  # oldest first: bounded memory
@@ -856,10 +819,6 @@ class Coordinator:
         try:
             with self.store.transaction():
                 self.store.insert_node(rec)
-                # The machine authenticated: from now on its handshake timestamps are persisted.
-                stamp = self._recent_handshakes.pop(machine_key, None)
-                if stamp is not None:
-                    self.store.advance_handshake_timestamp(machine_key, stamp)
                 if key is not None:
                     self.store.use_auth_key(key.id, now)
         except sqlite3.IntegrityError as exc:
@@ -955,9 +914,6 @@ class Coordinator:
         node = self._nodes.get(stream.node_id)
         if node is not None and self._streams.get(node.id) is stream:
             self._update(node, endpoints=endpoints)
-
-    def ping(self, stream: Stream, ping_id: int) -> None:
-        stream._push_message(dumps({"type": "pong", "id": ping_id}))
 
     def logout(self, stream: Stream, now: float) -> None:
         """Ephemeral nodes are deleted; others have their node key expired (re-auth needed)."""

@@ -74,9 +74,17 @@ class TagNotPermittedError(ControlError, _errors.TagNotPermittedError):
 
 
 class RegistrationLimitError(ControlError):
-    """The server takes no more keyless registrations for now (too many pending, or too fast)."""
+    """The server takes no more keyless registrations for now (too many pending, or too fast).
+
+    ``retry_after`` is the seconds until the source may try again, when that is known (the rate
+    limit; Tailscale clients get it as a 429's Retry-After), else None.
+    """
 
     code = "registration_limit"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ApprovalRefusedError(ControlError):

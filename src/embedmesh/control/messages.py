@@ -1,12 +1,14 @@
-"""The control protocol's messages: typed dataclasses and their JSON codec.
+"""The coordinator's messages to a node's stream: typed dataclasses and their JSON codec.
 
-Each message travels as one JSON object (UTF-8) inside one Noise transport frame, with a ``type``
-field naming it. Parsing is strict: unknown types or fields, wrong JSON types, bad keys, addresses
-or names, NaN and oversized lists all raise :class:`ControlProtocolError` (a ``ParseError``), and
-nothing else escapes the parser.
+The sans-IO :class:`~embedmesh.control.coordinator.Coordinator` queues, per node stream, JSON
+objects with a ``type``: ``registered``, ``map`` (full), ``delta``, ``logged_out``, ``error``. A
+delta op is encoded once and its bytes shared by every stream that gets it, which keeps a change's
+fan-out O(affected). :mod:`embedmesh.control.tsapi` parses them back and renders Tailscale's
+MapResponses. (These were embedmesh's own wire format before it spoke Tailscale's protocol.)
+Parsing is strict: unknown types or fields, wrong JSON types, bad keys, addresses or names, NaN and
+oversized lists all raise :class:`ControlProtocolError` (a ``ParseError``).
 
-Node to server: ``register``, ``endpoints``, ``logout``, ``ping``.
-Server to node: ``registered``, ``map`` (full), ``delta``, ``pong``, ``logged_out``, ``error``.
+:class:`RegisterRequest` is what :meth:`Coordinator.register` takes.
 """
 
 from __future__ import annotations
@@ -85,21 +87,6 @@ class RegisterRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointsUpdate:
-    endpoints: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class LogoutRequest:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    id: int
-
-
-@dataclass(frozen=True, slots=True)
 class RegisterResponse:
     node_id: int
     state: NodeState
@@ -118,11 +105,6 @@ class DeltaMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
-    id: int
-
-
-@dataclass(frozen=True, slots=True)
 class LoggedOut:
     pass
 
@@ -133,8 +115,7 @@ class ErrorMessage:
     message: str
 
 
-ClientMessage = RegisterRequest | EndpointsUpdate | LogoutRequest | Ping
-ServerMessage = RegisterResponse | FullMap | DeltaMessage | Pong | LoggedOut | ErrorMessage
+ServerMessage = RegisterResponse | FullMap | DeltaMessage | LoggedOut | ErrorMessage
 
 
 # ---------------------------------------------------------------------------------------- field checks
@@ -566,60 +547,6 @@ def parse_op(value: object, where: str = "op") -> DeltaOp:
 # ---------------------------------------------------------------------------------------- encode / parse
 
 
-def encode_client_message(message: ClientMessage) -> bytes:
-    if isinstance(message, RegisterRequest):
-        return dumps(
-            {
-                "type": "register",
-                "node_key": encode_key(message.node_key),
-                "disco_key": encode_key(message.disco_key),
-                "hostname": message.hostname,
-                "os": message.os,
-                "tags": list(message.tags),
-                "ephemeral": message.ephemeral,
-                "auth_key": message.auth_key,
-                "endpoints": list(message.endpoints),
-            }
-        )
-    if isinstance(message, EndpointsUpdate):
-        return dumps({"type": "endpoints", "endpoints": list(message.endpoints)})
-    if isinstance(message, LogoutRequest):
-        return b'{"type":"logout"}'
-    return dumps({"type": "ping", "id": message.id})
-
-
-def parse_client_message(data: bytes | memoryview) -> ClientMessage:
-    obj = loads(data)
-    kind = obj.get("type")
-    if kind == "register":
-        _fields(
-            obj,
-            "register",
-            ("type", "node_key", "disco_key", "hostname", "os", "tags", "ephemeral", "auth_key", "endpoints"),
-        )
-        auth_key = obj["auth_key"]
-        return RegisterRequest(
-            decode_key(obj["node_key"], "register.node_key"),
-            decode_key(obj["disco_key"], "register.disco_key"),
-            _str(obj["hostname"], "register.hostname", MAX_HOSTNAME),
-            _str(obj["os"], "register.os"),
-            _tags(obj["tags"], "register.tags"),
-            _bool(obj["ephemeral"], "register.ephemeral"),
-            None if auth_key is None else _str(auth_key, "register.auth_key", 200),
-            _endpoints(obj["endpoints"], "register.endpoints"),
-        )
-    if kind == "endpoints":
-        _fields(obj, "endpoints", ("type", "endpoints"))
-        return EndpointsUpdate(_endpoints(obj["endpoints"], "endpoints.endpoints"))
-    if kind == "logout":
-        _fields(obj, "logout", ("type",))
-        return LogoutRequest()
-    if kind == "ping":
-        _fields(obj, "ping", ("type", "id"))
-        return Ping(_int(obj["id"], "ping.id"))
-    raise _fail(f"unknown message type {str(kind)[:40]!r} from a node")
-
-
 def encode_delta_ops(fragments: Iterable[bytes]) -> bytes:
     """A ``delta`` message from ops already encoded with :func:`encode_op` (the server's fan-out
     encodes each op once and shares the bytes among every stream that gets it)."""
@@ -671,8 +598,6 @@ def encode_server_message(message: ServerMessage) -> bytes:
         )
     if isinstance(message, DeltaMessage):
         return encode_delta_ops(encode_op(op) for op in message.delta.ops)
-    if isinstance(message, Pong):
-        return dumps({"type": "pong", "id": message.id})
     if isinstance(message, LoggedOut):
         return b'{"type":"logged_out"}'
     return dumps({"type": "error", "code": message.code, "message": message.message})
@@ -701,9 +626,6 @@ def parse_server_message(data: bytes | memoryview) -> ServerMessage:
     if kind == "delta":
         _fields(obj, "delta", ("type", "ops"))
         return DeltaMessage(MapDelta(_list(obj["ops"], "delta.ops", parse_op)))
-    if kind == "pong":
-        _fields(obj, "pong", ("type", "id"))
-        return Pong(_int(obj["id"], "pong.id"))
     if kind == "logged_out":
         _fields(obj, "logged_out", ("type",))
         return LoggedOut()
@@ -719,21 +641,15 @@ def parse_server_message(data: bytes | memoryview) -> ServerMessage:
 # Re-exported for the server and tests.
 __all__ = [
     "UNCHANGED",
-    "ClientMessage",
     "DeltaMessage",
-    "EndpointsUpdate",
     "ErrorMessage",
     "FullMap",
     "IPv4Address",
     "LoggedOut",
-    "LogoutRequest",
-    "Ping",
-    "Pong",
     "RegisterRequest",
     "RegisterResponse",
     "ServerMessage",
     "decode_key",
-    "encode_client_message",
     "encode_delta_ops",
     "encode_full_map",
     "encode_key",
@@ -741,7 +657,6 @@ __all__ = [
     "encode_peer",
     "encode_server_message",
     "format_endpoint",
-    "parse_client_message",
     "parse_endpoint",
     "parse_netmap",
     "parse_op",

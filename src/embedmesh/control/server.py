@@ -2,8 +2,12 @@
 
 Routes:
 
-* ``GET /key``: the server's static public key and protocol version (nodes pin it on first contact);
-* ``WS /control/v1``: one node's control stream (Noise_IK handshake, then encrypted messages);
+* ``GET /key``: the server's Noise public key (Tailscale's ``/key`` answer; nodes pin it on first
+  contact);
+* ``POST /ts2021``: Tailscale's control protocol, the only one (the Noise IK upgrade, then HTTP/2
+  inside it to :mod:`embedmesh.control.tsapi`); tailscaled, tsnet programs and embedmesh's own
+  nodes all come here;
+* ``/register/<id>``: where an interactive login's URL points;
 * ``/admin/v1/...``: the admin API (bearer token from ``<state-dir>/admin-token``), see
   :mod:`embedmesh.control.admin`;
 * ``GET /health``.
@@ -43,21 +47,18 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 
 from embedmesh.control.coordinator import (
     DEFAULT_EPHEMERAL_TIMEOUT,
     DEFAULT_KEY_EXPIRY,
     Coordinator,
     CoordinatorConfig,
-    Stream,
 )
-from embedmesh.control.errors import ControlError, ControlProtocolError, HandshakeRejectedError, StoreError
+from embedmesh.control.errors import ControlError, StoreError
 from embedmesh.control.limits import (
     DEFAULT_FIRST_REQUEST_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
@@ -66,15 +67,6 @@ from embedmesh.control.limits import (
     default_max_connections,
 )
 from embedmesh.control.logins import PendingLogins
-from embedmesh.control.messages import (
-    EndpointsUpdate,
-    LogoutRequest,
-    Ping,
-    RegisterRequest,
-    dumps,
-)
-from embedmesh.control.noise import MAX_FRAME_SIZE, PROTOCOL_VERSION
-from embedmesh.control.protocol import ServerSession
 from embedmesh.control.store import Store, create_private_file, prepare_state_dir
 from embedmesh.errors import ConfigError
 from embedmesh.tailscale.controlhttp import (
@@ -88,12 +80,9 @@ from embedmesh.wireguard.crypto import generate_private_key, public_key
 
 logger = logging.getLogger("embedmesh.control.server")
 
-CONTROL_PATH = "/control/v1"
-#: A node that sends nothing (it pings every 15 s) for this long is considered gone.
-IDLE_TIMEOUT = 60.0
-HANDSHAKE_TIMEOUT = 10.0
-#: Messages from nodes are small; maps only flow the other way.
-MAX_CLIENT_MESSAGE = 256 * 1024
+#: Where embedmesh's own protocol (before it spoke Tailscale's) had its WebSocket: a node that
+#: still asks there is told to upgrade.
+OLD_CONTROL_PATH = "/control/v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +92,6 @@ class ServerConfig:
     approval_required: bool = False
     key_expiry: float | None = DEFAULT_KEY_EXPIRY
     ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
-    idle_timeout: float = IDLE_TIMEOUT
     #: With approval required: the most nodes that may wait for an admin at once, and how many
     #: keyless registrations one source address (an IPv6 /64) may make in a burst / per interval.
     max_pending: int = 100
@@ -178,7 +166,7 @@ class ControlServer:
                 Route("/key", self._key, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
                 Route("/register/{login_id}", self._login_page, methods=["GET"]),
-                WebSocketRoute(CONTROL_PATH, self._control),
+                Route(OLD_CONTROL_PATH, self._old_protocol, methods=["GET"]),
                 *admin_routes(self),
             ],
             lifespan=self._lifespan,
@@ -192,6 +180,8 @@ class ControlServer:
         )
         self.url: str | None = None
         self._uvicorn: uvicorn.Server | None = None
+        #: Upgraded ts2021 connections: uvicorn no longer tracks them, so stopping closes them.
+        self.upgraded: set[asyncio.BaseTransport] = set()
         # Tailscale's clients speak ts2021 with the same static key (the server's machine key).
         from embedmesh.control.tsapi import tsapi_app
         from embedmesh.tailscale.keys import MachinePrivate
@@ -234,22 +224,24 @@ class ControlServer:
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app uvicorn runs: a request that reaches it has met its first-request deadline."""
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] == "http":
             self.limiter.started(_client_key(scope))
         await self.app(scope, receive, send)
 
     # ------------------------------------------------------------------ HTTP
 
     async def _key(self, request: Request) -> JSONResponse:
-        # embedmesh's own fields, and Tailscale's (`publicKey`, the ts2021 key; the legacy key is
-        # zero, as for every modern client) so tailscaled and tsnet can use this server too.
+        # Tailscale's answer: `publicKey` is the ts2021 key; the legacy (pre-Noise) key is zero,
+        # as for every modern client.
         return JSONResponse(
-            {
-                "protocol_version": PROTOCOL_VERSION,
-                "public_key": self.public_key_b64,
-                "legacyPublicKey": "mkey:" + "0" * 64,
-                "publicKey": self.machine_key.public().to_text(),
-            }
+            {"legacyPublicKey": "mkey:" + "0" * 64, "publicKey": self.machine_key.public().to_text()}
+        )
+
+    async def _old_protocol(self, request: Request) -> PlainTextResponse:
+        return PlainTextResponse(
+            "this control server speaks Tailscale's control protocol (POST /ts2021) only: upgrade the "
+            "node to an embedmesh that does (its state folder carries over)",
+            status_code=426,
         )
 
     async def _login_page(self, request: Request) -> HTMLResponse:
@@ -295,121 +287,14 @@ class ControlServer:
             wait = longest if deadline is None else min(longest, max(0.01, deadline - now))
             await anyio.sleep(wait)
 
-    # ------------------------------------------------------------------ the control stream
-
-    async def _control(self, websocket: WebSocket) -> None:
-        await websocket.accept()
-        session = ServerSession(self._private_key)
-        stream: Stream | None = None
-        coordinator = self.coordinator
-        try:
-            with anyio.fail_after(HANDSHAKE_TIMEOUT):
-                initiation = session.receive_initiation(await _receive_frame(websocket))
-                response = session.respond(generate_private_key(os.urandom(32)))
-                try:
-                    coordinator.accept_handshake(initiation.machine_key, initiation.timestamp_ns, time.time())
-                except HandshakeRejectedError as exc:
-                    # The session is authenticated, so the node learns why (an attacker replaying a
-                    # capture learns nothing: it cannot decrypt this).
-                    logger.warning("refused a control handshake: %s", exc)
-                    await websocket.send_bytes(response)
-                    await websocket.send_bytes(session.send_encoded(_error(exc)))
-                    await websocket.close(1008)
-                    return
-                await websocket.send_bytes(response)
-                request = session.receive(await _receive_frame(websocket))
-            if not isinstance(request, RegisterRequest):
-                raise ControlProtocolError("the first message on a control stream must be register")
-            try:
-                source = websocket.client.host if websocket.client is not None else None
-                node = coordinator.register(initiation.machine_key, request, time.time(), source)
-            except ControlError as exc:
-                logger.info("refused a registration: %s", exc)
-                await websocket.send_bytes(session.send_encoded(_error(exc)))
-                await websocket.close(1008)
-                return
-            # A registered node's stream no longer counts against its source's cap (many nodes
-            # may share one NAT address); it still counts in the total.
-            self.limiter.authenticated(_client_key(websocket.scope))
-            waker = _Waker()
-            stream = coordinator.attach(node.id, waker.wake, time.time())
-            await self._stream(websocket, session, stream, waker)
-        except WebSocketDisconnect:
-            pass
-        except TimeoutError:
-            logger.info("control stream idle for too long: closed")
-            with contextlib.suppress(Exception):
-                await websocket.close(1001)
-        except ControlProtocolError as exc:
-            logger.warning("closing a control stream: %s", exc)
-            with contextlib.suppress(Exception):
-                await websocket.close(1008)
-        except (OSError, RuntimeError) as exc:
-            # The connection went away while we were sending (Starlette/uvicorn report it so).
-            logger.info("control stream lost: %s", exc)
-        finally:
-            if stream is not None:
-                coordinator.detach(stream, time.time())
-
-    async def _stream(
-        self, websocket: WebSocket, session: ServerSession, stream: Stream, waker: _Waker
-    ) -> None:
-        """Run the writer (queued maps and deltas) and the reader (pings, endpoints, logout)."""
-        coordinator = self.coordinator
-        error: Exception | None = None
-
-        async def writer() -> None:
-            nonlocal error
-            try:
-                while True:
-                    if coordinator.park(stream):
-                        await waker.wait()
-                    for payload in coordinator.take(stream):
-                        frame = session.send_encoded(payload)
-                        stream.messages_sent += 1
-                        stream.bytes_sent += len(frame)
-                        await websocket.send_bytes(frame)
-                    if stream.closing:
-                        await websocket.close(1000)
-                        break
-            except Exception as exc:
-                error = exc
-            tg.cancel_scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer)
-            # Errors are carried out of the task group by hand so they are not wrapped in groups.
-            try:
-                while True:
-                    with anyio.fail_after(self.config.idle_timeout):
-                        message = session.receive(await _receive_frame(websocket))
-                    now = time.time()
-                    if isinstance(message, EndpointsUpdate):
-                        coordinator.update_endpoints(stream, message.endpoints, now)
-                    elif isinstance(message, Ping):
-                        coordinator.ping(stream, message.id)
-                    elif isinstance(message, LogoutRequest):
-                        coordinator.logout(stream, now)
-                    else:
-                        raise ControlProtocolError("register sent twice on one control stream")
-            except Exception as exc:
-                error = error or exc
-            finally:
-                tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-
     # ------------------------------------------------------------------ running
 
     def _uvicorn_config(self) -> uvicorn.Config:
-        http, ws = _limited_protocols(self.limiter, self)
         return uvicorn.Config(
             self._asgi,
             interface="asgi3",
-            http=http,
-            ws=ws,
-            ws_max_size=MAX_CLIENT_MESSAGE,
-            ws_ping_interval=None,
+            http=_limited_protocol(self.limiter, self),
+            ws="none",
             lifespan="on",
             log_level="warning",
             access_log=False,
@@ -445,18 +330,29 @@ class ControlServer:
         server = _EmbeddedUvicorn(self._uvicorn_config())
         self._uvicorn = server
         self._write_server_json(self.url)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: server.serve(sockets=[sock]))
-            while not server.started:
-                if server.should_exit:
-                    break
-                await anyio.sleep(0.01)
-            logger.info("control server listening on %s", self.url)
-            task_status.started(self.url)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: server.serve(sockets=[sock]))
+                while not server.started:
+                    if server.should_exit:
+                        break
+                    await anyio.sleep(0.01)
+                logger.info("control server listening on %s", self.url)
+                task_status.started(self.url)
+        finally:
+            self._close_upgraded()
 
     def shutdown(self) -> None:
+        """Stop serving (from the server's event loop): nodes see their connections close."""
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
+        self._close_upgraded()
+
+    def _close_upgraded(self) -> None:
+        # Without this a stopped server's nodes would notice only at their map watchdog (2 min).
+        for transport in list(self.upgraded):
+            transport.close()
+        self.upgraded.clear()
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
         """Run on a private asyncio loop in a daemon thread (for trio programs, tests and demos)."""
@@ -479,14 +375,10 @@ def _client_key(scope: Scope) -> Client | None:
     return (str(client[0]), int(client[1])) if client else None
 
 
-def _limited_protocols(
-    limiter: ConnectionLimiter, server: ControlServer | None = None
-) -> tuple[type[H11Protocol], type[WSProtocol]]:
-    """uvicorn's h11 and wsproto protocols, with the limiter told about every connection.
-
-    A WebSocket upgrade hands the transport from the HTTP protocol to a new WebSocket protocol
-    (only the latter sees connection_lost), so both report the end of a connection.
-    """
+def _limited_protocol(limiter: ConnectionLimiter, server: ControlServer | None = None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with the limiter told about every connection, and Tailscale's
+    ts2021 upgrade (the only upgrade: it hands the socket to :class:`Ts2021Protocol`, which then
+    reports the connection's end)."""
 
     class LimitedH11(H11Protocol):
         _limit_key: Client
@@ -512,14 +404,11 @@ def _limited_protocols(
             super().connection_lost(exc)
 
         def _should_upgrade(self) -> bool:
-            if self._get_upgrade() == UPGRADE_PROTOCOL.encode() and server is not None:
-                return True
-            return bool(super()._should_upgrade())
+            # Any other Upgrade header is served as plain HTTP (no WebSocket here).
+            return self._get_upgrade() == UPGRADE_PROTOCOL.encode() and server is not None
 
         def handle_websocket_upgrade(self, event: h11.Request) -> None:
-            if self._get_upgrade() != UPGRADE_PROTOCOL.encode() or server is None:
-                super().handle_websocket_upgrade(event)
-                return
+            assert server is not None
             # Tailscale's ts2021: from here the socket carries Noise, then HTTP/2 inside it.
             limiter.started(self._limit_key)
             try:
@@ -531,13 +420,20 @@ def _limited_protocols(
                 return
             self.connections.discard(self)
             key = self._limit_key
+            transport = self.transport
+            server.upgraded.add(transport)
+
+            def closed() -> None:
+                server.upgraded.discard(transport)
+                limiter.closed(key)
+
             protocol = Ts2021Protocol(
                 server.tsapi,
                 server.machine_key,
                 upgrade.initiation,
                 client=self.client,
                 server=self.server,
-                on_close=lambda: limiter.closed(key),
+                on_close=closed,
                 # Only a registered node's connection leaves its source's cap (the app says when).
                 on_registered=lambda: limiter.authenticated(key),
             )
@@ -547,12 +443,7 @@ def _limited_protocols(
             if leftover:
                 protocol.data_received(bytes(leftover))
 
-    class LimitedWS(WSProtocol):
-        def connection_lost(self, exc: Exception | None) -> None:
-            limiter.closed(self.client or ("?", id(self)))
-            super().connection_lost(exc)
-
-    return LimitedH11, LimitedWS
+    return LimitedH11
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -566,38 +457,6 @@ class _EmbeddedUvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-class _Waker:
-    """Set by the coordinator when a stream has something to send; the writer waits on it."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def wake(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = anyio.Event()
-
-
-def _error(exc: ControlError) -> bytes:
-    return dumps({"type": "error", "code": exc.code, "message": str(exc)})
-
-
-async def _receive_frame(websocket: WebSocket) -> bytes:
-    message = await websocket.receive()
-    if message["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(message.get("code", 1000))
-    data = message.get("bytes")
-    if data is None:
-        raise ControlProtocolError("control frames are binary WebSocket messages")
-    if len(data) > MAX_FRAME_SIZE:
-        raise ControlProtocolError("control frame too large")
-    return bytes(data)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -114,6 +114,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             SELECT DISTINCT user, user, 0 FROM nodes WHERE user <> 'tagged-devices'""",
         """ALTER TABLE auth_keys ADD COLUMN user TEXT REFERENCES users(name)""",
     ),
+    # 3 -> 4: Tailscale's control protocol replaced embedmesh's own, whose handshakes carried
+    # timestamps the server kept per machine against replays (Noise IK in ts2021 has none: a
+    # replayed initiation gets a response nobody but the machine can read). Nodes, keys, users
+    # and settings stay; a node re-registers once with its node key.
+    ("""DROP TABLE handshakes""",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -373,36 +378,10 @@ class Store:
         )
 
     def delete_node(self, node_id: int) -> None:
-        """Delete the node and its machine's handshake timestamp (nothing outlives a node)."""
-        with self.transaction():
-            self._db.execute(
-                "DELETE FROM handshakes WHERE machine_key = (SELECT machine_key FROM nodes WHERE id = ?)",
-                (node_id,),
-            )
-            self._db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
-
-    # ------------------------------------------------------------------ handshake replay protection
-
-    def advance_handshake_timestamp(self, machine_key: bytes, timestamp: int) -> bool:
-        """Record ``timestamp`` for ``machine_key`` if it is strictly newer; False means a replay."""
-        cursor = self._db.execute(
-            "INSERT INTO handshakes(machine_key, last_timestamp) VALUES (?, ?) "
-            "ON CONFLICT(machine_key) DO UPDATE SET last_timestamp = excluded.last_timestamp "
-            "WHERE excluded.last_timestamp > handshakes.last_timestamp",
-            (machine_key, timestamp),
-        )
-        return cursor.rowcount == 1
-
-    def prune_handshakes(self) -> int:
-        """Drop the timestamps of machine keys that have no node (older servers stored one for
-        every handshake, registered or not); returns how many went."""
-        cursor = self._db.execute(
-            "DELETE FROM handshakes WHERE machine_key NOT IN (SELECT machine_key FROM nodes)"
-        )
-        return cursor.rowcount
+        self._db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
 
     def count_rows(self, table: str) -> int:
-        """Rows in ``table`` (``nodes``, ``auth_keys``, ``handshakes``, ``users``), for tests and diagnostics."""
-        if table not in ("nodes", "auth_keys", "handshakes", "meta", "users"):
+        """Rows in ``table`` (``nodes``, ``auth_keys``, ``users``, ``meta``), for tests and diagnostics."""
+        if table not in ("nodes", "auth_keys", "meta", "users"):
             raise ValueError(f"unknown table {table!r}")
         return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

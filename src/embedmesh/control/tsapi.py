@@ -13,6 +13,12 @@ handshake has authenticated the caller's machine key:
   node's endpoints and disco key ("lite" update).
 
 Everything else answers 501, as headscale does.
+
+Capability versions: clients older than Tailscale 1.80 (capability version 113, headscale's floor
+too) are refused with a message that names their release (the register's Error, a map's 400). Each map stream remembers its client's
+version, and :func:`adapt_map_response` gives every message the form that version reads (see the
+"Capability versions" table of docs/tailscale-compat.md); a register that the keyless rate limit
+refuses is a 429 with Retry-After for clients that handle one (137 on) and an ``Error`` for older.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -32,7 +39,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from embedmesh.control.errors import AuthKeyRequiredError, ControlError
+from embedmesh.control.coordinator import DEFAULT_KEY_EXPIRY
+from embedmesh.control.errors import (
+    AuthKeyRequiredError,
+    ControlError,
+    ProtocolVersionError,
+    RegistrationLimitError,
+)
 from embedmesh.control.messages import (
     ErrorMessage,
     LoggedOut,
@@ -61,6 +74,36 @@ logger = logging.getLogger("embedmesh.control.server")
 
 #: The oldest client served: Tailscale 1.80 (capability version 113), as headscale's floor.
 MIN_CAPABILITY_VERSION = 113
+#: From this version on the self node's CapMap carries the tailnet's key lifetime
+#: ("tailnet.maxKeyDuration"); older clients read MapResponse.MaxKeyDuration, which 1.102 dropped.
+CAPVER_MAX_KEY_DURATION_ATTR = 114
+#: From this version clients understand DERPRegion.NoMeasureNoHome; older ones get Avoid instead.
+CAPVER_NO_MEASURE_NO_HOME = 115
+#: From this version clients wait out a 429 (with Retry-After) to /machine/register.
+CAPVER_REGISTER_429 = 137
+#: (first capability version, release) of Tailscale's releases (tailcfg.go at each tag), newest
+#: first: names a client's release in logs and in the refusal of too-old clients.
+TAILSCALE_RELEASES: tuple[tuple[int, str], ...] = (
+    (142, "1.102"),
+    (141, "1.100"),
+    (138, "1.98"),
+    (133, "1.96"),
+    (131, "1.92"),
+    (130, "1.90"),
+    (125, "1.88"),
+    (123, "1.86.2"),
+    (122, "1.86"),
+    (116, "1.84"),
+    (115, "1.82"),
+    (113, "1.80"),
+    (109, "1.78"),
+    (106, "1.74"),
+    (104, "1.72"),
+    (102, "1.70"),
+    (97, "1.68"),
+    (95, "1.66"),
+    (90, "1.64"),
+)
 KEEPALIVE_INTERVAL = 50.0
 #: The shortest time between two delta messages on one map stream (bursts of changes coalesce).
 BATCH_INTERVAL = 0.1
@@ -99,6 +142,66 @@ def _node_key(obj: gojson.GoObject, name: str) -> NodePublic:
     return NodePublic.from_text(value)
 
 
+def tailscale_release(capver: int) -> str:
+    """Which Tailscale a capability version is: "Tailscale 1.80" for a release's own version, "a
+    development build after Tailscale 1.78" between two releases, "older than Tailscale 1.64" and
+    "newer than Tailscale 1.102" outside the table."""
+    newest, name = TAILSCALE_RELEASES[0]
+    if capver > newest:
+        return f"newer than Tailscale {name}"
+    for first, release in TAILSCALE_RELEASES:
+        if capver == first:
+            return f"Tailscale {release}"
+        if capver > first:
+            return f"a development build after Tailscale {release}"
+    return f"older than Tailscale {TAILSCALE_RELEASES[-1][1]}"
+
+
+def adapt_map_response(
+    message: dict[str, Any], capver: int, *, max_key_duration: float | None = None
+) -> dict[str, Any]:
+    """A MapResponse in the form a client of capability version ``capver`` reads.
+
+    The maps are built once for every client; what differs between the versions served
+    (113 to 142) is put in here. ``message`` is changed in place, the DERP map (shared by every
+    stream) is copied before it changes; returns ``message``.
+
+    * the self node carries its client's version in ``Cap``, as Tailscale's server sets it;
+    * the tailnet's key lifetime (``max_key_duration`` in seconds, None when it is the default of
+      180 days or keys do not expire, which Tailscale's server also leaves out) goes in the self
+      node's CapMap from 114 on and in ``MaxKeyDuration`` (Go nanoseconds) before;
+    * a DERP region marked ``NoMeasureNoHome`` (understood from 115) is also marked ``Avoid`` for
+      older clients, the field they know with that meaning (never home, used to reach a peer).
+    """
+    node = message.get("Node")
+    if isinstance(node, dict):
+        node["Cap"] = capver
+        if max_key_duration is not None:
+            if capver >= CAPVER_MAX_KEY_DURATION_ATTR:
+                node["CapMap"] = {
+                    **node.get("CapMap", {}),
+                    "tailnet.maxKeyDuration": [float(max_key_duration)],
+                }
+            else:
+                message["MaxKeyDuration"] = int(max_key_duration * 1e9)
+    derp_map = message.get("DERPMap")
+    if capver < CAPVER_NO_MEASURE_NO_HOME and isinstance(derp_map, dict):
+        regions = derp_map.get("Regions")
+        if isinstance(regions, dict) and any(
+            isinstance(r, dict) and r.get("NoMeasureNoHome") is True for r in regions.values()
+        ):
+            message["DERPMap"] = {
+                **derp_map,
+                "Regions": {
+                    rid: {**r, "Avoid": True}
+                    if isinstance(r, dict) and r.get("NoMeasureNoHome") is True
+                    else r
+                    for rid, r in regions.items()
+                },
+            }
+    return message
+
+
 def tsapi_app(server: ControlServer) -> Starlette:
     """The Starlette app served inside Noise."""
     coordinator = server.coordinator
@@ -125,7 +228,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
             "Hostinfo": {"Hostname": peer.hostname, "OS": peer.os},
             "Created": tailcfg.format_time(live.rec.created),
             "MachineAuthorized": peer.authorized and not peer.key_expired,
-            "CapMap": {},
+            # Only the node itself learns it is ephemeral (its peers have no use for it).
+            "CapMap": {tailcfg.EPHEMERAL_CAP: None} if is_self and peer.ephemeral else {},
         }
         if peer.key_expiry is not None:
             node["KeyExpiry"] = tailcfg.format_time(peer.key_expiry)
@@ -173,7 +277,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             ],
         }
 
-    def full_map(viewer: LiveNode, known: _PeerSet) -> bytes:
+    def full_map(viewer: LiveNode, known: _PeerSet, capver: int) -> bytes:
         """A full map for ``viewer``: each peer's JSON comes from its shared rendering."""
         ids = user_ids()
         peers = sorted(coordinator.visible_peers(viewer), key=lambda n: n.id)
@@ -197,13 +301,18 @@ def tsapi_app(server: ControlServer) -> Starlette:
         if gone:
             rest["PeersRemoved"] = gone
         rest["ControlTime"] = tailcfg.format_time(time.time())
+        # What differs between client versions is the self node and the DERP map, never a peer:
+        # the peers' shared renderings go in as they are.
+        message = {"Node": node_json(coordinator.peer_info(viewer), viewer, ids, is_self=True), **rest}
+        adapt_map_response(message, capver, max_key_duration=max_key_duration())
+        node = message.pop("Node")
         return (
             b'{"Node":'
-            + _dumps(node_json(coordinator.peer_info(viewer), viewer, ids, is_self=True))
+            + _dumps(node)
             + b',"Peers":['
             + b",".join([peer_json(p, ids) for p in peers])
             + b"],"
-            + _dumps(rest)[1:]
+            + _dumps(message)[1:]
         )
 
     # One rendering per op (the coordinator shares an op's bytes among every stream that gets
@@ -249,7 +358,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             live = coordinator.find_node(op.node.id)
             if live is not None:
                 rendered.kind = _SELF
-                rendered.body = _dumps(node_json(op.node, live, user_ids(), is_self=True))
+                rendered.node = node_json(op.node, live, user_ids(), is_self=True)
             return rendered  # a stream's own op: not shared, not cached
         elif isinstance(op, DNSChanged):
             rendered.kind = _DNS
@@ -260,14 +369,14 @@ def tsapi_app(server: ControlServer) -> Starlette:
         op_cache[id(fragment)] = rendered
         return rendered
 
-    def delta(ops: list[_RenderedOp], known: _PeerSet) -> bytes | None:
+    def delta(ops: list[_RenderedOp], known: _PeerSet, capver: int) -> bytes | None:
         """One MapResponse for a batch of ops (the fields Go's mapSession reads, in its order)."""
         changed: dict[int, bytes] = {}
         owners: dict[bytes, None] = {}
         patches: list[bytes] = []
         removed: list[int] = []
         online: dict[str, bool] = {}
-        self_node: bytes | None = None
+        self_node: dict[str, Any] | None = None
         dns: bytes | None = None
         for op in ops:
             kind = op.kind
@@ -289,12 +398,15 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 changed.pop(op.peer_id, None)
                 known.discard(op.peer_id)
             elif kind == _SELF:
-                self_node = op.body
+                self_node = op.node
             elif kind == _DNS:
                 dns = op.body
         parts: list[bytes] = []
         if self_node is not None:
-            parts.append(b'"Node":' + self_node)
+            # The self node in the form this client's version reads (adapt_map_response may add
+            # top-level fields beside it, MaxKeyDuration).
+            own = adapt_map_response({"Node": dict(self_node)}, capver, max_key_duration=max_key_duration())
+            parts += [_dumps(key) + b":" + _dumps(value) for key, value in own.items()]
         if dns is not None:
             parts.append(b'"DNSConfig":' + dns)
         if changed:
@@ -316,19 +428,25 @@ def tsapi_app(server: ControlServer) -> Starlette:
         obj = gojson.load_object(body, what)
         assert obj is not None
         version = obj.get("Version")
-        if not isinstance(version, int) or version < MIN_CAPABILITY_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < MIN_CAPABILITY_VERSION:
+            release = f" ({tailscale_release(version)})" if isinstance(version, int) else ""
             raise _ClientTooOld(
-                f"unsupported client version {version}: this server serves Tailscale 1.80 "
+                f"unsupported client version {version}{release}: this server serves Tailscale 1.80 "
                 f"(capability version {MIN_CAPABILITY_VERSION}) and newer; upgrade the client"
             )
         return obj
 
     async def read_request(request: Request, what: str) -> tuple[gojson.GoObject, NodePublic] | Response:
-        """The request's JSON and its NodeKey, or the 400 that says what is wrong."""
+        """The request's JSON and its NodeKey, or the answer that says what is wrong: a 400, but a
+        too-old client's register gets a RegisterResponse whose Error `tailscale up` prints and
+        exits on ("backend error: ..."); after a 400 it only waits out its --timeout, the reason in
+        tailscaled's log (seen with tailscaled 1.78.3)."""
         try:
             obj = await read_json(request, what)
             return obj, _node_key(obj, "NodeKey")
         except _ClientTooOld as exc:
+            if what == "RegisterRequest":
+                return _refused(ProtocolVersionError(str(exc)), None)
             return Response(str(exc), status_code=400)
         except TailscaleProtocolError as exc:
             return Response(f"bad {what}: {exc}", status_code=400)
@@ -375,16 +493,19 @@ def tsapi_app(server: ControlServer) -> Starlette:
             node = coordinator.register(machine.raw, wanted, now, source)
         except AuthKeyRequiredError as exc:
             if auth_key is not None:
-                return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+                return refusal(exc)
             # No key and none needed for a restart: Tailscale's interactive login. The client
             # shows the AuthURL and asks again with Followup, which waits for an admin.
             login = server.logins.start(machine.raw, wanted, now, source)
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         except ControlError as exc:
             logger.info("refused a Tailscale-protocol registration: %s", exc)
-            return JSONResponse({"Error": str(exc), "MachineAuthorized": False})
+            return _refused(exc, obj.get("Version"))
         _registered_connection(request)
         return registered(node)
+
+    def refusal(exc: ControlError) -> Response:
+        return _refused(exc, None)
 
     def registered(node: Any) -> JSONResponse:
         ids = user_ids()
@@ -453,9 +574,18 @@ def tsapi_app(server: ControlServer) -> Starlette:
         if obj.get("Stream") is not True:
             return Response(b"", status_code=200)
         compress = obj.get("Compress") == "zstd"
-        return StreamingResponse(_map_stream(node.id, compress), media_type="application/octet-stream")
+        capver = obj.get("Version")
+        assert isinstance(capver, int)  # read_request refused anything else
+        return StreamingResponse(
+            _map_stream(node.id, compress, capver), media_type="application/octet-stream"
+        )
 
-    async def _map_stream(node_id: int, compress: bool) -> Any:
+    def max_key_duration() -> float | None:
+        """The tailnet's key lifetime for the map, None when Tailscale's server leaves it out."""
+        lifetime = coordinator.config.key_expiry
+        return None if lifetime is None or lifetime == DEFAULT_KEY_EXPIRY else lifetime
+
+    async def _map_stream(node_id: int, compress: bool, capver: int) -> Any:
         encoder = mapframe.MapFrameEncoder(compress=compress)
         # The control server runs on asyncio (noiseserver is an asyncio protocol). One event per
         # stream, and one keep-alive timer armed only when the writer parks without one: a message
@@ -486,7 +616,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         next_keepalive = loop.time() + KEEPALIVE_INTERVAL + rng.random() * 9
                     continue
                 if sent_map:
-                    # At most one delta per BATCH_INTERVAL per stream: when nodes join or change
+                    # At most one delta per BATCH_INTERVAL per stream (after a delta): when nodes join or change
                     # in a burst, each stream takes the burst's ops in a few messages instead of
                     # one per op (ten per second instead of three per joining node). A change
                     # after a quiet spell goes out at once.
@@ -495,11 +625,19 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         await asyncio.sleep(gap)
                 batch = coordinator.take_batch(stream)
                 for payload in batch.messages:
-                    if isinstance(parse_server_message(payload), LoggedOut | ErrorMessage):
+                    message = parse_server_message(payload)
+                    if isinstance(message, ErrorMessage):
+                        # Why the stream ends (deleted, refused, replaced): embedmesh's clients
+                        # stop with that error; Tailscale's ignore the field and re-register.
+                        yield encoder.encode(
+                            json.dumps({tailcfg.EMBEDMESH_ERROR: error_json(message.code, message.message)}).encode()
+                        )
+                        return
+                    if isinstance(message, LoggedOut):
                         return
                 frame: bytes | None = None
                 if batch.full_map is not None:
-                    frame = encoder.encode(full_map(batch.full_map, known))
+                    frame = encoder.encode(full_map(batch.full_map, known, capver))
                     sent_map = True
                 elif batch.ops and sent_map:
                     ops = []
@@ -521,19 +659,22 @@ def tsapi_app(server: ControlServer) -> Starlette:
                         op = ops[0]
                         frame = op.frames.get(compress)
                         if frame is None:
-                            body = delta(ops, known)
+                            body = delta(ops, known, capver)
                             frame = op.frames[compress] = encoder.encode(body) if body is not None else b""
                         elif op.kind == _CHANGED:
                             known.add(op.peer_id)
                         elif op.kind == _REMOVED:
                             known.discard(op.peer_id)
                     else:
-                        body = delta(ops, known)
+                        body = delta(ops, known, capver)
                         frame = encoder.encode(body) if body is not None else None
                 if frame:
                     yield frame
-                    last_sent = loop.time()
-                    next_keepalive = last_sent + KEEPALIVE_INTERVAL + rng.random() * 9
+                    now = loop.time()
+                    # Only deltas space the next one: the first delta after a full map (a node
+                    # that just joined learning who joined with it) goes out at once.
+                    last_sent = now if batch.full_map is None else 0.0
+                    next_keepalive = now + KEEPALIVE_INTERVAL + rng.random() * 9
                 if stream.closing:
                     return
         finally:
@@ -551,6 +692,11 @@ def tsapi_app(server: ControlServer) -> Starlette:
             Route("/{path:path}", not_implemented, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
     )
+
+
+def error_json(code: str, message: str) -> dict[str, str]:
+    """The EmbedmeshError field's value."""
+    return {"Code": code, "Message": message}
 
 
 class _ClientTooOld(Exception):
@@ -573,14 +719,16 @@ _OP_CACHE_SIZE = 65536
 class _RenderedOp:
     """One delta op in Tailscale's terms, rendered once for every stream that gets it."""
 
-    __slots__ = ("body", "fragment", "frames", "kind", "online", "peer_id", "profile")
+    __slots__ = ("body", "fragment", "frames", "kind", "node", "online", "peer_id", "profile")
 
     def __init__(self, fragment: bytes) -> None:
         self.fragment = fragment
         self.kind = _SKIP
         self.peer_id = 0
-        #: The node's JSON (changed, self), the patch (patch), the DNS config (dns).
+        #: The node's JSON (changed), the patch (patch), the DNS config (dns).
         self.body: bytes | None = None
+        #: A stream's own node (self), adapted to its client's version when sent.
+        self.node: dict[str, Any] | None = None
         self.online: bool | None = None
         #: The changed node's UserProfile (JSON), which Tailscale's clients upsert.
         self.profile = b""
@@ -619,6 +767,21 @@ class _PeerSet:
 
     def clear(self) -> None:
         self._bits = bytearray(len(self._bits))
+
+
+def _refused(exc: ControlError, capver: object) -> Response:
+    """A refused registration as the client's version expects it: the keyless rate limit is a 429
+    with Retry-After for clients that wait it out (137 on); everything else, and every refusal to
+    older clients, is a RegisterResponse whose Error the client shows as it is."""
+    retry_after = exc.retry_after if isinstance(exc, RegistrationLimitError) else None
+    if retry_after is not None and isinstance(capver, int) and capver >= CAPVER_REGISTER_429:
+        return Response(
+            str(exc), status_code=429, headers={"retry-after": str(max(1, math.ceil(retry_after)))}
+        )
+    # Tailscale's clients show Error; embedmesh's raise the error class its code names.
+    return JSONResponse(
+        {"Error": str(exc), "MachineAuthorized": False, tailcfg.EMBEDMESH_ERROR: error_json(exc.code, str(exc))}
+    )
 
 
 def _is_endpoint(text: str) -> bool:

@@ -131,10 +131,13 @@ class MapSession:
             os=node.hostinfo.os,
             online=bool(node.online),
             last_seen=node.last_seen,
-            authorized=node.machine_authorized,
+            # Servers (headscale, embedmesh) clear MachineAuthorized once the key expires: the
+            # expiry is the reason to show (re-authenticate), not a missing approval.
+            authorized=node.machine_authorized or expired,
             key_expiry=node.key_expiry,
             key_expired=expired,
             home_derp=node.home_derp,
+            ephemeral=tailcfg.EPHEMERAL_CAP in node.capabilities,
         )
 
     def _dns(self, me: PeerInfo) -> DNSConfig:
@@ -146,9 +149,12 @@ class MapSession:
             if resolvers and any(_resolver_address(r) for r in resolvers)
         )
         records = tuple(
-            (name.rstrip("."), kind or _record_type(value), value)
+            (_relative(name.rstrip("."), base), kind or _record_type(value), value)
             for name, kind, value in dns.extra_records
-            if (kind or _record_type(value)) in ("A", "AAAA")
+            # Tailscale's records are A/AAAA by their value (Type ""); embedmesh's server also
+            # sends typed ones (CNAME, TXT, ...), which embedmesh's MagicDNS serves. An untyped
+            # value that is no address is nothing a resolver could answer.
+            if kind or _record_type(value)
         )
         return DNSConfig(
             base_domain=base,
@@ -197,6 +203,13 @@ def _patched(node: tailcfg.Node, patch: tailcfg.PeerChange) -> tailcfg.Node:
 
 def _is_host(prefix: tailcfg.IPNetwork) -> bool:
     return prefix.prefixlen == prefix.max_prefixlen
+
+
+def _relative(name: str, base: str) -> str:
+    """A record of one label under the tailnet's domain, as the short name (MagicDNS answers it
+    by either name, as it does a node's)."""
+    label, _, rest = name.partition(".")
+    return label if base and rest == base else name
 
 
 def _record_type(value: str) -> str:

@@ -49,6 +49,15 @@ STREAM_WINDOW = 4 << 20
 MAX_RESPONSE_BODY = 16 << 20
 
 
+class ControlKeyStatusError(ControlUnreachableError):
+    """``/key`` answered, but not 200: :attr:`status` says whether waiting can help (5xx: a
+    proxy in front of a server that is still starting)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ControlTransportError(TailscaleProtocolError):
     """The Noise/HTTP/2 connection to the control server broke or was used wrongly."""
 
@@ -366,9 +375,10 @@ async def fetch_server_key(
             "and is the URL right?"
         ) from exc
     if reply.status_code != 200:
-        raise ControlUnreachableError(
+        raise ControlKeyStatusError(
             f"the control server at {url} answered /key with HTTP {reply.status_code}: is it a "
-            "Tailscale-protocol control server (headscale, embedmesh, Tailscale)?"
+            "Tailscale-protocol control server (headscale, embedmesh, Tailscale)?",
+            reply.status_code,
         )
     return controlhttp.parse_key_response(reply.content)
 
@@ -455,6 +465,7 @@ async def connect_control(
 __all__ = [
     "MAX_RESPONSE_BODY",
     "ControlConnection",
+    "ControlKeyStatusError",
     "ControlTransportError",
     "Response",
     "StreamingResponse",

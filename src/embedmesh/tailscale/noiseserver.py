@@ -14,6 +14,11 @@ not-yet-registered connections until the app calls ``extensions["tailscale"]["re
 Flow control both ways: a response body is sent as the client's windows allow (the app's
 ``send`` waits for window updates and for the socket to drain); request bodies (at most
 :data:`MAX_REQUEST_BODY`, within 1 MiB windows) are acknowledged as they arrive.
+
+Two timers bound a connection that does nothing: the client must start HTTP/2 (its preface and
+SETTINGS) within :data:`PREFACE_TIMEOUT` of the upgrade, and a connection with no open stream
+for :data:`IDLE_TIMEOUT` is ended with ``GOAWAY`` (``NO_ERROR``). An open stream is never cut,
+however quiet: a node's map long poll is one, kept open for as long as the node runs.
 """
 
 from __future__ import annotations
@@ -41,10 +46,21 @@ logger = logging.getLogger("embedmesh.control.server")
 
 #: A request body larger than this is refused (headscale and Tailscale read at most 1 MiB).
 MAX_REQUEST_BODY = 1 << 20
+#: Seconds from the upgrade until the client's HTTP/2 preface and first SETTINGS must be in.
+#: Go's HTTP/2 server (which headscale and Tailscale's servers run ts2021 on) allows 10 s; a
+#: Tailscale client sends its preface as soon as the Noise handshake is done, one round trip.
+PREFACE_TIMEOUT = 10.0
+#: Seconds a connection may go without an open stream before it is ended (GOAWAY, then close).
+#: A running node always has its map poll open, so this only ends connections nobody uses, which
+#: would otherwise hold their source's place until they go away. It must stay above 2 minutes:
+#: Tailscale's client takes a second Noise dial within 2 minutes of the last one for a sign of a
+#: broken port 80 and dials only HTTPS (443) then (health.LastNoiseDialWasRecent; unless the
+#: URL's host is a private address), which fails against a plain-HTTP server while it retries. Seen with tailscaled v1.102.5:
+#: ended after 1 s idle, every redial failed for the 30 s watched; after 125 s, port 80 at once.
+#: Read when a connection starts, so a test can shorten it.
+IDLE_TIMEOUT = 180.0
 SWITCHING = (
-    b"HTTP/1.1 101 Switching Protocols\r\n"
-    b"Upgrade: tailscale-control-protocol\r\n"
-    b"Connection: upgrade\r\n\r\n"
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n"
 )
 
 
@@ -98,6 +114,12 @@ class Ts2021Protocol(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed = False
+        self._preface_timeout = PREFACE_TIMEOUT
+        self._idle_timeout = IDLE_TIMEOUT
+        #: The client's first SETTINGS arrived: HTTP/2 has started.
+        self._started = False
+        self._preface_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -134,6 +156,9 @@ class Ts2021Protocol(asyncio.Protocol):
             + self._noise.send(controlbase.encode_early_payload(challenge))
             + self._noise.send(self._h2.data_to_send())
         )
+        # A deadline, not an inactivity timer: a client trickling the preface byte by byte
+        # gains nothing.
+        self._preface_timer = asyncio.get_running_loop().call_later(self._preface_timeout, self._preface_due)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -148,9 +173,11 @@ class Ts2021Protocol(asyncio.Protocol):
         for event in events:
             self._dispatch(event)
         self._flush()
+        self._watch_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._cancel_timers()
         for request in self._requests.values():
             request.reset = True
             request.event.set()
@@ -171,14 +198,22 @@ class Ts2021Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ HTTP/2
 
     def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
+        if isinstance(event, h2.events.RemoteSettingsChanged) and not self._started:
+            # h2 has checked the preface magic, and the client's first frame is its SETTINGS.
+            self._started = True
+            if self._preface_timer is not None:
+                self._preface_timer.cancel()
+                self._preface_timer = None
+        elif isinstance(event, h2.events.RequestReceived):
             request = _Request()
             assert event.stream_id is not None
             self._requests[event.stream_id] = request
             if event.stream_ended is not None:
                 request.ended = True
             headers = [(_text(k), _text(v)) for k, v in event.headers or ()]
-            request.task = asyncio.get_running_loop().create_task(self._run(event.stream_id, headers, request))
+            request.task = asyncio.get_running_loop().create_task(
+                self._run(event.stream_id, headers, request)
+            )
         elif isinstance(event, h2.events.DataReceived):
             pending = self._requests.get(event.stream_id or 0)
             data = event.data or b""
@@ -189,7 +224,9 @@ class Ts2021Protocol(asyncio.Protocol):
                     self._h2.reset_stream(event.stream_id or 0, h2.errors.ErrorCodes.REFUSED_STREAM)
                 # The connection window is shared: give the refused bytes back to it.
                 with contextlib.suppress(h2.exceptions.H2Error):
-                    self._h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id or 0)
+                    self._h2.acknowledge_received_data(
+                        event.flow_controlled_length or 0, event.stream_id or 0
+                    )
                 if pending is not None:
                     # The app sees the client go away instead of waiting for the rest.
                     pending.reset = True
@@ -215,7 +252,11 @@ class Ts2021Protocol(asyncio.Protocol):
                 if gone.task is not None:
                     gone.task.cancel()
         elif isinstance(event, h2.events.WindowUpdated):
-            targets = list(self._requests.values()) if not event.stream_id else [self._requests.get(event.stream_id)]
+            targets = (
+                list(self._requests.values())
+                if not event.stream_id
+                else [self._requests.get(event.stream_id)]
+            )
             for target in targets:
                 if target is not None:
                     target.window_open.set()
@@ -235,7 +276,56 @@ class Ts2021Protocol(asyncio.Protocol):
     def _close(self) -> None:
         if not self._closed and self._transport is not None:
             self._closed = True
+            self._cancel_timers()
             self._transport.close()
+
+    # ------------------------------------------------------------------ timeouts
+
+    def _watch_idle(self) -> None:
+        """Run the idle timer while HTTP/2 is up and no stream is open, and only then.
+
+        Called after each batch of frames and as each request ends. The timer counts from the
+        moment the last stream ended: frames without a stream (PING, SETTINGS, WINDOW_UPDATE)
+        do not hold a connection open, as with Go's server.
+        """
+        if self._closed or not self._started:
+            return
+        if self._requests:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+        elif self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_due)
+
+    def _preface_due(self) -> None:
+        self._preface_timer = None
+        if not self._closed and not self._started:
+            logger.info(
+                "closing a ts2021 connection from %s: no HTTP/2 within %g s of the upgrade",
+                self._client,
+                self._preface_timeout,
+            )
+            self._close()
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        if self._closed or self._requests:
+            return
+        logger.info(
+            "closing a ts2021 connection from %s: no request for %g s", self._client, self._idle_timeout
+        )
+        # GOAWAY first, as Go's server does on its idle timeout: the client knows no request
+        # of its was lost (a request sent meanwhile has a higher stream ID, safe to retry).
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+        self._flush()
+        self._close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._preface_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._preface_timer = self._idle_timer = None
 
     async def _run(self, stream_id: int, headers: list[tuple[str, str]], request: _Request) -> None:
         fields = {k: v for k, v in headers}
@@ -307,7 +397,9 @@ class Ts2021Protocol(asyncio.Protocol):
                 started = True
                 self._flush()
             elif message["type"] == "http.response.body":
-                await self._send_body(stream_id, request, message.get("body", b""), not message.get("more_body", False))
+                await self._send_body(
+                    stream_id, request, message.get("body", b""), not message.get("more_body", False)
+                )
                 if not message.get("more_body", False):
                     finished = True
 
@@ -335,6 +427,7 @@ class Ts2021Protocol(asyncio.Protocol):
                 self._reset(stream_id)
         finally:
             self._requests.pop(stream_id, None)
+            self._watch_idle()
 
     def _reset(self, stream_id: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):

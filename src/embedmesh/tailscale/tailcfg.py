@@ -27,6 +27,14 @@ from embedmesh.tailscale.keys import DiscoPublic, MachinePublic, NodePublic
 CAPABILITY_VERSION = 130
 #: Go's zero ``time.Time``, which Tailscale writes for "no expiry".
 ZERO_TIME = "0001-01-01T00:00:00Z"
+#: A capability embedmesh's server puts in an ephemeral node's own CapMap, so the node knows an
+#: ephemeral auth key made it ephemeral (and logs out when it closes). Other clients ignore it.
+EPHEMERAL_CAP = "https://embedmesh.dev/cap/ephemeral"
+#: The field of a RegisterResponse or MapResponse in which embedmesh's server names the reason of
+#: a refusal or of a stream's end ``{"Code": ..., "Message": ...}`` (the codes of
+#: :mod:`embedmesh.control.errors`); Go's decoder ignores unknown fields, so Tailscale's clients
+#: read only the standard ``Error`` beside it.
+EMBEDMESH_ERROR = "EmbedmeshError"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -191,6 +199,8 @@ class Node:
     primary_routes: tuple[IPNetwork, ...]
     expired: bool
     cap: int
+    #: The names in the node's ``CapMap``, case-folded (their values are not read).
+    capabilities: frozenset[str] = frozenset()
 
     @property
     def routed(self) -> tuple[IPNetwork, ...]:
@@ -236,7 +246,12 @@ def parse_node(value: Any, what: str = "Node") -> Node:
         primary_routes=_prefixes(obj, "PrimaryRoutes", what),
         expired=_bool(obj, "Expired", what),
         cap=_int(obj, "Cap", what),
+        capabilities=_capabilities(_object(obj, "CapMap", what)),
     )
+
+
+def _capabilities(cap_map: gojson.GoObject | None) -> frozenset[str]:
+    return frozenset() if cap_map is None else frozenset(name for name, _ in cap_map.items())
 
 
 def _parse_hostinfo(obj: gojson.GoObject | None, what: str) -> Hostinfo:
@@ -357,6 +372,8 @@ class MapResponse:
     packet_filters: gojson.GoObject | None = None
     user_profiles: tuple[UserProfile, ...] = ()
     control_time: float | None = None
+    #: embedmesh's server: why it ends this stream, as ``(code, message)`` (see EMBEDMESH_ERROR).
+    embedmesh_error: tuple[str, str] | None = None
 
 
 def _id_bools(obj: gojson.GoObject, name: str, what: str) -> dict[int, bool]:
@@ -412,7 +429,15 @@ def parse_map_response(data: bytes) -> MapResponse:
         packet_filters=_object(obj, "PacketFilters", what),
         user_profiles=tuple(profiles),
         control_time=None if control_time is None else parse_time(control_time, f"{what}.ControlTime"),
+        embedmesh_error=_embedmesh_error(obj, what),
     )
+
+
+def _embedmesh_error(obj: gojson.GoObject, what: str) -> tuple[str, str] | None:
+    error = _object(obj, EMBEDMESH_ERROR, what)
+    if error is None:
+        return None
+    return _str(error, "Code", f"{what}.{EMBEDMESH_ERROR}"), _str(error, "Message", f"{what}.{EMBEDMESH_ERROR}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +450,8 @@ class RegisterResponse:
     machine_authorized: bool
     auth_url: str
     error: str
+    #: embedmesh's server: the refusal's error code (see EMBEDMESH_ERROR); "" from other servers.
+    error_code: str = ""
 
 
 def parse_register_response(data: bytes) -> RegisterResponse:
@@ -440,6 +467,7 @@ def parse_register_response(data: bytes) -> RegisterResponse:
         machine_authorized=_bool(obj, "MachineAuthorized", what),
         auth_url=_str(obj, "AuthURL", what),
         error=_str(obj, "Error", what),
+        error_code=code[0] if (code := _embedmesh_error(obj, what)) is not None else "",
     )
 
 
@@ -518,6 +546,8 @@ def map_request(
 
 __all__: Sequence[str] = [
     "CAPABILITY_VERSION",
+    "EMBEDMESH_ERROR",
+    "EPHEMERAL_CAP",
     "DNSConfig",
     "Hostinfo",
     "MapResponse",
