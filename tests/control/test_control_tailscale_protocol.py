@@ -62,7 +62,9 @@ async def test_register_map_deltas_and_logout(tmp_path: Path) -> None:
         admin = Admin(running)
         key = admin.key(reusable=True)
         async with _client(running.url, "a", key) as a, _client(running.url, "b", key) as b:
-            netmap = await a.wait_for_netmap(lambda m: len(m.peers) == 1, timeout=10)
+            # b's endpoints come in its first map request, after its registration added it: the
+            # server may send them as a later delta (deltas to a stream are spaced 100 ms apart).
+            netmap = await a.wait_for_netmap(lambda m: len(m.peers) == 1 and _only(m).endpoints != (), timeout=10)
             assert netmap.self_node.fqdn == "a.mesh.internal" and netmap.state is NodeState.AUTHORIZED
             peer = _only(netmap)
             assert (peer.name, peer.endpoints, peer.user) == ("b", ("192.0.2.1:41641",), "default")
