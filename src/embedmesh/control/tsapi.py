@@ -338,6 +338,10 @@ def tsapi_app(server: ControlServer) -> Starlette:
                 derp = fields.get("home_derp")
                 if isinstance(derp, int) and derp:
                     patch["DERPRegion"] = derp
+                # Offline since when (Tailscale's clients read a LastSeen only for offline peers).
+                last_seen = fields.get("last_seen")
+                if fields.get("online") is False and isinstance(last_seen, float | int):
+                    patch["LastSeen"] = tailcfg.format_time(last_seen)
                 if len(patch) > 1:
                     rendered.body = _dumps(patch)
                 online = fields.get("online")
