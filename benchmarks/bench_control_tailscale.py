@@ -134,47 +134,17 @@ def headscale_server(folder: Path) -> Iterator[tuple[str, str, subprocess.Popen[
     d = folder / "headscale"
     d.mkdir()
     url = f"http://127.0.0.1:{port}"
-    config = {
-        "server_url": url,
-        "listen_addr": f"127.0.0.1:{port}",
-        "metrics_listen_addr": f"127.0.0.1:{metrics}",
-        "grpc_listen_addr": f"127.0.0.1:{grpc}",
-        "grpc_allow_insecure": False,
-        "noise": {"private_key_path": str(d / "noise.key")},
-        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
-        "derp": {
-            "server": {
-                "enabled": True,
-                "region_id": 999,
-                "region_code": "b",
-                "region_name": "b",
-                "verify_clients": True,
-                "stun_listen_addr": f"127.0.0.1:{stun}",
-                "private_key_path": str(d / "derp.key"),
-                "automatically_add_embedded_derp_region": True,
-                "ipv4": "127.0.0.1",
-            },
-            "urls": [],
-            "paths": [],
-            "auto_update_enabled": False,
-        },
-        "disable_check_updates": True,
-        "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True}},
-        "log": {"level": "warn", "format": "text"},
-        "policy": {"mode": "file", "path": ""},
-        "dns": {
-            "magic_dns": True,
-            "base_domain": "bench.test",
-            "override_local_dns": False,
-            "nameservers": {"global": [], "split": {}},
-            "search_domains": [],
-            "extra_records": [],
-        },
-        "unix_socket": str(d / "hs.sock"),
-        "unix_socket_permission": "0770",
-        "logtail": {"enabled": False},
-        "taildrop": {"enabled": False},
-    }
+    config = gopeers.headscale_config(
+        d,
+        server_url=url,
+        listen=f"127.0.0.1:{port}",
+        ip="127.0.0.1",
+        metrics=f"127.0.0.1:{metrics}",
+        grpc=f"127.0.0.1:{grpc}",
+        stun=f"127.0.0.1:{stun}",
+        base_domain="bench.test",
+        log_level="warn",
+    )
     (d / "config.yaml").write_text(json.dumps(config))
     env = {**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"}
     process = subprocess.Popen(
@@ -187,7 +157,7 @@ def headscale_server(folder: Path) -> Iterator[tuple[str, str, subprocess.Popen[
         wait_http(f"{url}/key?v=130", process)
         cli = [str(binary), "--config", str(d / "config.yaml")]
         deadline = time.monotonic() + 20
-        while not (d / "hs.sock").exists() and time.monotonic() < deadline:
+        while not (d / "headscale.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         user = json.loads(
             subprocess.run(

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 GO_SOURCES = HERE / "go"  # our own Go programs, one folder each, with go.mod and go.sum committed
@@ -388,6 +388,64 @@ def oldest_tailscale_cli() -> Path:
 def derper() -> Path:
     """derper (Tailscale's DERP relay server) from tailscale.com v1.102.5."""
     return bundle("tailscale") / "derper"
+
+
+def headscale_config(
+    folder: Path,
+    *,
+    server_url: str,
+    listen: str,
+    ip: str,
+    metrics: str,
+    grpc: str,
+    stun: str,
+    base_domain: str,
+    log_level: str = "info",
+) -> dict[str, Any]:
+    """A headscale config for tests and benchmarks (JSON is YAML): SQLite, keys and socket in
+    ``folder``, its embedded DERP on ``ip`` (STUN at ``stun``), MagicDNS under ``base_domain``; no
+    DERP map or update check is fetched from the internet."""
+    return {
+        "server_url": server_url,
+        "listen_addr": listen,
+        "metrics_listen_addr": metrics,
+        "grpc_listen_addr": grpc,
+        "grpc_allow_insecure": False,
+        "noise": {"private_key_path": str(folder / "noise_private.key")},
+        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
+        "derp": {
+            "server": {
+                "enabled": True,
+                "region_id": 999,
+                "region_code": "test",
+                "region_name": "embedded DERP of the test",
+                "verify_clients": True,
+                "stun_listen_addr": stun,
+                "private_key_path": str(folder / "derp_server_private.key"),
+                "automatically_add_embedded_derp_region": True,
+                "ipv4": ip,
+            },
+            "urls": [],
+            "paths": [],
+            "auto_update_enabled": False,
+        },
+        "disable_check_updates": True,
+        "database": {"type": "sqlite", "sqlite": {"path": str(folder / "db.sqlite"), "write_ahead_log": True}},
+        "log": {"level": log_level, "format": "text"},
+        "policy": {"mode": "file", "path": ""},
+        "dns": {
+            "magic_dns": True,
+            "base_domain": base_domain,
+            "override_local_dns": False,
+            "nameservers": {"global": [], "split": {}},
+            "search_domains": [],
+            "extra_records": [],
+        },
+        "unix_socket": str(folder / "headscale.sock"),
+        "unix_socket_permission": "0770",
+        "logtail": {"enabled": False},
+        "taildrop": {"enabled": False},
+    }
 
 
 def headscale() -> Path:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gopeers
 import httpx
 from netns import Namespace, NetnsRig, RigError, VethLink, wait_for
 
@@ -174,49 +175,17 @@ class Headscale:
 
     def _write_config(self) -> None:
         d, ip = self.dir, self.host.ip
-        # JSON is YAML: no YAML library needed.  Everything listens on the host's address or on its
-        # namespace's loopback; no DERP map or update check is fetched from the internet.
-        config = {
-            "server_url": self.url,
-            "listen_addr": f"{ip}:{self.port}",
-            "metrics_listen_addr": "127.0.0.1:9090",
-            "grpc_listen_addr": "127.0.0.1:50443",
-            "grpc_allow_insecure": False,
-            "noise": {"private_key_path": str(d / "noise_private.key")},
-            "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
-            "derp": {
-                "server": {
-                    "enabled": True,
-                    "region_id": 999,
-                    "region_code": "test",
-                    "region_name": "embedded DERP of the test",
-                    "verify_clients": True,
-                    "stun_listen_addr": f"{ip}:3478",
-                    "private_key_path": str(d / "derp_server_private.key"),
-                    "automatically_add_embedded_derp_region": True,
-                    "ipv4": ip,
-                },
-                "urls": [],
-                "paths": [],
-                "auto_update_enabled": False,
-            },
-            "disable_check_updates": True,
-            "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True}},
-            "log": {"level": "info", "format": "text"},
-            "policy": {"mode": "file", "path": ""},
-            "dns": {
-                "magic_dns": True,
-                "base_domain": self.base_domain,
-                "override_local_dns": False,
-                "nameservers": {"global": [], "split": {}},
-                "search_domains": [],
-                "extra_records": [],
-            },
-            "unix_socket": str(d / "headscale.sock"),
-            "unix_socket_permission": "0770",
-            "logtail": {"enabled": False},
-            "taildrop": {"enabled": False},
-        }
+        # Everything listens on the host's address or on its namespace's loopback.
+        config = gopeers.headscale_config(
+            d,
+            server_url=self.url,
+            listen=f"{ip}:{self.port}",
+            ip=ip,
+            metrics="127.0.0.1:9090",
+            grpc="127.0.0.1:50443",
+            stun=f"{ip}:3478",
+            base_domain=self.base_domain,
+        )
         self.config.write_text(json.dumps(config, indent=1))
 
     def start(self, timeout: float = 30.0) -> None:

@@ -21,7 +21,6 @@ from embedmesh.control.errors import (
     ControlError,
     ControlProtocolError,
     ControlUnreachableError,
-    HandshakeRejectedError,
     NodeDeletedError,
     ServerKeyChangedError,
 )
@@ -58,7 +57,6 @@ __all__ = [
     "ControlServer",
     "ControlUnreachableError",
     "DNSConfig",
-    "HandshakeRejectedError",
     "MapDelta",
     "NetworkMap",
     "NodeDeletedError",

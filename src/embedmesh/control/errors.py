@@ -1,8 +1,9 @@
 """Errors of the control plane, all under :class:`embedmesh.errors.EmbedmeshError`.
 
-Every error a node can receive from the coordination server has a stable wire ``code``; the client
-turns an ``error`` message back into the same class with :func:`error_from_code`, so the node's owner
-catches ``AuthKeyUsedError`` rather than parsing text.
+Every error a node can receive from the coordination server has a stable wire ``code`` (sent in a
+RegisterResponse's or MapResponse's ``EmbedmeshError`` field); the client turns it back into the
+same class with :func:`error_from_code`, so the node's owner catches ``AuthKeyUsedError`` rather
+than parsing text.
 """
 
 from __future__ import annotations
@@ -32,12 +33,6 @@ class NetmapDesyncError(ControlProtocolError):
     """A delta does not fit the map it is applied to (the client fetches a full map again)."""
 
     code = "netmap_desync"
-
-
-class HandshakeRejectedError(ControlError):
-    """The server refused the Noise handshake: a replayed or stale timestamp, or a clock off by minutes."""
-
-    code = "handshake_rejected"
 
 
 class AuthKeyError(ControlError):
@@ -169,7 +164,6 @@ _BY_CODE: dict[str, type[ControlError]] = {
         ControlError,
         ControlProtocolError,
         NetmapDesyncError,
-        HandshakeRejectedError,
         AuthKeyError,
         AuthKeyInvalidError,
         AuthKeyUsedError,
@@ -215,7 +209,6 @@ __all__ = [
     "ControlError",
     "ControlProtocolError",
     "ControlUnreachableError",
-    "HandshakeRejectedError",
     "NetmapDesyncError",
     "NodeDeletedError",
     "NotFoundError",

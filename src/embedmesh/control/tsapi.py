@@ -497,7 +497,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
             node = coordinator.register(machine.raw, wanted, now, source)
         except AuthKeyRequiredError as exc:
             if auth_key is not None:
-                return refusal(exc)
+                return _refused(exc, obj.get("Version"))
             # No key and none needed for a restart: Tailscale's interactive login. The client
             # shows the AuthURL and asks again with Followup, which waits for an admin.
             login = server.logins.start(machine.raw, wanted, now, source)
@@ -507,9 +507,6 @@ def tsapi_app(server: ControlServer) -> Starlette:
             return _refused(exc, obj.get("Version"))
         _registered_connection(request)
         return registered(node)
-
-    def refusal(exc: ControlError) -> Response:
-        return _refused(exc, None)
 
     def registered(node: Any) -> JSONResponse:
         ids = user_ids()
@@ -633,9 +630,7 @@ def tsapi_app(server: ControlServer) -> Starlette:
                     if isinstance(message, ErrorMessage):
                         # Why the stream ends (deleted, refused, replaced): embedmesh's clients
                         # stop with that error; Tailscale's ignore the field and re-register.
-                        yield encoder.encode(
-                            json.dumps({tailcfg.EMBEDMESH_ERROR: error_json(message.code, message.message)}).encode()
-                        )
+                        yield encoder.encode(_dumps({tailcfg.EMBEDMESH_ERROR: error_json(message.code, message.message)}))
                         return
                     if isinstance(message, LoggedOut):
                         return

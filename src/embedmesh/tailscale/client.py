@@ -330,12 +330,7 @@ class TailscaleControlClient:
         announced = False
         while True:
             try:
-                key = await fetch_server_key(
-                    self.control_url,
-                    self.capability_version,
-                    ssl_context=self.ssl_context,
-                    timeout=self.connect_timeout,
-                )
+                key = await self._fetch_key()
                 break
             except (ControlUnreachableError, TailscaleProtocolError) as exc:
                 remaining = deadline - time.monotonic()
@@ -362,6 +357,11 @@ class TailscaleControlClient:
                 await anyio.sleep(min(backoff * (0.5 + self._rng.random() / 2), remaining))
                 backoff = min(backoff * 2, self.reconnect_max)
         self._pin(key)
+
+    async def _fetch_key(self) -> MachinePublic:
+        return await fetch_server_key(
+            self.control_url, self.capability_version, ssl_context=self.ssl_context, timeout=self.connect_timeout
+        )
 
     def _pin(self, key: MachinePublic) -> None:
         """Trust on first use: remember the key; refuse a different one later."""
@@ -447,14 +447,7 @@ class TailscaleControlClient:
         if self.reconnects:
             # The server may have been replaced while we were away: a different key fails the
             # pin (ServerKeyChangedError) instead of failing Noise handshakes forever.
-            self._pin(
-                await fetch_server_key(
-                    self.control_url,
-                    self.capability_version,
-                    ssl_context=self.ssl_context,
-                    timeout=self.connect_timeout,
-                )
-            )
+            self._pin(await self._fetch_key())
         # connect_control bounds its own connect and handshake.
         async with connect_control(
             self.control_url,
