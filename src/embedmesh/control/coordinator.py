@@ -205,7 +205,7 @@ class Stream:
 class Batch:
     """One :meth:`Coordinator.take_batch`: what a stream's writer sends next."""
 
-    #: Complete messages (registered, pong, error, logged_out), in order.
+    #: Complete messages (registered, error, logged_out), in order.
     messages: list[bytes]
     #: The node whose full map goes next (after the messages), or None.
     full_map: LiveNode | None = None
@@ -942,7 +942,7 @@ class Coordinator:
         first, then either a full map for :attr:`Batch.full_map` (render it with
         :meth:`visible_peers`) or the encoded delta ops, shared with every other stream that gets
         them. A map API that renders its own format takes this instead of :meth:`take`, so that it
-        never parses the coordinator's encoding back."""
+        renders each shared op once for all streams instead of parsing a delta per stream."""
         out = stream.outbox
         stream.outbox = []
         if stream.closing:
