@@ -208,6 +208,28 @@ async def test_interactive_login_is_completed_by_an_admin(tmp_path: Path) -> Non
             finished.set()
 
 
+async def test_a_login_completed_before_the_followup_arrives_still_registers_the_device(
+    tmp_path: Path,
+) -> None:
+    # The device shows its AuthURL before it sends the Followup; an admin quick enough (or a
+    # device slow enough) completes the login first. The Followup must then get the registration.
+    with start_server(tmp_path / "server") as running:
+        admin = Admin(running)
+        machine, node = MachinePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+        async with connect_control(running.url, machine, 130) as conn:
+            body = tailcfg.register_request(node.public(), hostinfo={"Hostname": "slow"})
+            first = tailcfg.parse_register_response((await conn.request("POST", "/machine/register", body)).body)
+            assert first.auth_url and not first.machine_authorized
+            done = admin.http.post(f"/admin/v1/logins/{first.auth_url.rsplit('/', 1)[1]}/register", json={})
+            assert done.status_code == 200, done.text
+            followup = tailcfg.register_request(node.public(), hostinfo={"Hostname": "slow"}, followup=first.auth_url)
+            with anyio.fail_after(10):
+                reply = await conn.request("POST", "/machine/register", followup)
+            answer = tailcfg.parse_register_response(reply.body)
+            assert answer.machine_authorized and not answer.auth_url
+            assert [n["name"] for n in admin.nodes()] == ["slow"]
+
+
 async def test_a_clients_preferred_derp_region_is_its_peers_home_derp(tmp_path: Path) -> None:
     with start_server(tmp_path / "server") as running:
         key = Admin(running).key(reusable=True)

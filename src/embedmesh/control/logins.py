@@ -43,6 +43,11 @@ class PendingLogins:
         self.max_pending = max_pending
         self._by_id: OrderedDict[str, Login] = OrderedDict()
         self._by_machine: dict[bytes, str] = {}
+        # Logins an admin completed, kept for their lifetime for the device's Followup only: the
+        # admin may act before the device's Followup request reaches the server (the AuthURL is
+        # shown before that request is sent), and that request must then get the registration,
+        # not a fresh login.
+        self._finished: OrderedDict[str, Login] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -75,10 +80,19 @@ class PendingLogins:
             )
         return login
 
+    def follow(self, login_id: str, now: float) -> Login | None:
+        """The login a device's Followup names: waiting, or completed by an admin (None if unknown)."""
+        self.expire(now)
+        key = _id_of(login_id)
+        return self._by_id.get(key) or self._finished.get(key)
+
     def finish(self, login: Login, node_id: int) -> None:
         login.node_id = node_id
         self._by_id.pop(login.id, None)
         self._by_machine.pop(login.machine_key, None)
+        self._finished[login.id] = login
+        while len(self._finished) > self.max_pending:
+            self._finished.popitem(last=False)
         login.done.set()
 
     def waiting(self, now: float) -> list[Login]:
@@ -92,6 +106,11 @@ class PendingLogins:
                 break
             self._by_id.popitem(last=False)
             self._by_machine.pop(login.machine_key, None)
+        while self._finished:
+            login = next(iter(self._finished.values()))
+            if login.created + self.lifetime > now:
+                break
+            self._finished.popitem(last=False)
 
 
 def _id_of(text: str) -> str:

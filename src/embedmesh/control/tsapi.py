@@ -532,9 +532,8 @@ def tsapi_app(server: ControlServer) -> Starlette:
         request: Request, machine: bytes, wanted: RegisterRequest, followup: str, source: str | None
     ) -> Response:
         now = time.time()
-        try:
-            login = server.logins.get(followup, now)
-        except ControlError:
+        login = server.logins.follow(followup, now)
+        if login is None:
             login = server.logins.start(machine, wanted, now, source)
             return JSONResponse({"AuthURL": _login_url(request, login.id), "MachineAuthorized": False})
         if login.machine_key != machine:
