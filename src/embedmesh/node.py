@@ -26,6 +26,7 @@ from embedmesh.config import WireGuardConfig, parse_wireguard_config
 from embedmesh.control.errors import ApprovalRefusedError
 from embedmesh.control.netmap import NetworkMap, NodeState, PeerInfo
 from embedmesh.control.url import split_url
+from embedmesh.devicepaths import DevicePaths
 from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
@@ -34,7 +35,8 @@ from embedmesh.errors import ConfigError, ListenError, NameResolutionError, Node
 from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
-from embedmesh.peers import PeerSync
+from embedmesh.paths import NO_PATH, Path, PathCore, PathKind
+from embedmesh.peers import rank_endpoints
 from embedmesh.runtime.dataplane import DataPlane
 from embedmesh.runtime.links import Link, WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
@@ -42,8 +44,7 @@ from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
 from embedmesh.tailscale.client import TailscaleControlClient
-from embedmesh.tailscale.discoresponder import DiscoResponder
-from embedmesh.tailscale.keys import DiscoPrivate
+from embedmesh.tailscale.keys import DiscoPrivate, NodePublic
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -85,10 +86,27 @@ class PeerStatus:
     #: The handshake for people: ``"no handshake yet"`` (the peer never answered: wrong key or
     #: endpoint, or it is down) or how long ago the last one completed, e.g. ``"12 s ago"``.
     handshake: str = "no handshake yet"
+    #: How packets to the peer travel: ``"direct"`` (UDP to :attr:`path_address`), ``"derp"``
+    #: (through a DERP relay; :attr:`path_address` is the region's code) or ``"none"`` (no way
+    #: yet: packets wait). A static-mode peer with an endpoint is ``"direct"``.
+    path: str = "none"
+    path_address: tuple[str, int] | str | None = None
+    #: The last disco round trip on that path, in seconds (None: not measured).
+    latency: float | None = None
 
     def __str__(self) -> str:
         who = self.name or self.public_key
         return f"{who} ({', '.join(self.allowed_ips) or 'no AllowedIPs'}): {self.handshake}"
+
+    @property
+    def path_text(self) -> str:
+        """The path as ``tailscale status`` words it: ``direct 203.0.113.7:41641``,
+        ``relay "nyc"`` or ``-``."""
+        if self.path == "direct" and isinstance(self.path_address, tuple):
+            return f"direct {join_host_port(*self.path_address)}"
+        if self.path == "derp":
+            return f'relay "{self.path_address}"'
+        return "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +206,10 @@ class Node:
         self._listen_port = listen_port
         self._config: WireGuardConfig | None = None
         self._control: TailscaleControlClient | None = None
-        self._disco_responder: DiscoResponder | None = None
-        self._node_key_by_disco: dict[bytes, bytes] = {}
         self._netmap: NetworkMap | None = None
-        self._peer_sync: PeerSync | None = None
+        #: The path layer (tailnet mode): which way each peer's packets go.
+        self._paths: DevicePaths | None = None
+        self._own_hosts: set[str] = set()
         self._state_dir = state_dir
         #: One running node per state folder (taken in start(), released in close()).
         self._lock = StateDirLock(state_dir) if state_dir is not None else None
@@ -247,7 +265,11 @@ class Node:
             wall_clock_offset=time.time() - time.monotonic(),
         )
         self._underlay = UdpUnderlay()
-        self._wireguard_link = WireGuardLink(self._device, self._underlay)
+        if wireguard_config is None:
+            core = PathCore(DiscoPrivate(self._keys.disco_key))
+            core.node_key = NodePublic(derive_public_key(private_key))
+            self._paths = DevicePaths(self._device, core)
+        self._wireguard_link = WireGuardLink(self._device, self._underlay, paths=self._paths)
         self._link: Link = self._wireguard_link
         if pcap is not None:
             from embedmesh.pcap import PcapLink, PcapWriter
@@ -460,14 +482,10 @@ class Node:
 
     async def _join_tailnet(self) -> None:
         assert self._control_url is not None and self._task_group is not None
-        own_hosts = self._advertised_hosts()
-        self._peer_sync = PeerSync(self._device, own_hosts)
+        own_hosts = self._own_hosts = self._advertised_hosts()
         endpoints = [join_host_port(host, self._underlay.port) for host in own_hosts]
-        # Tailscale's clients in the map (in either server's tailnet) send WireGuard directly
-        # only to a node that answered their disco pings.
-        responder = DiscoResponder(DiscoPrivate(self._keys.disco_key), on_ping=self._on_disco_ping)
-        self._disco_responder = responder
-        self._wireguard_link.on_disco = responder.receive
+        assert self._paths is not None
+        self._paths.paths.own_endpoints = tuple((host, self._underlay.port) for host in own_hosts)
         # Tailscale's control protocol, to embedmesh's server, headscale or Tailscale's alike.
         control = TailscaleControlClient(
             self._control_url,
@@ -488,15 +506,6 @@ class Node:
         self._control = control
         if control.netmap is not None:
             self._apply_netmap(control.netmap)
-        self._task_group.start_soon(self._path_checker)
-
-    def _on_disco_ping(self, disco_key: bytes, source: tuple[str, int], now: float) -> None:
-        """A peer's disco ping: it is looking for a path to us, most likely because it could not
-        answer our handshake; resend ours now rather than at the 5 s retransmit."""
-        node_key = self._node_key_by_disco.get(disco_key)
-        peer = self._device.peers.get(node_key) if node_key is not None else None
-        if peer is not None:
-            self._device.hurry_handshake(peer, now)
 
     def _advertised_hosts(self) -> set[str]:
         if self._listen_host is not None:
@@ -509,21 +518,30 @@ class Node:
         me = netmap.self_node
         # (The control client warns once when the node key expires, saying what to do.)
         self._interface.set_addresses([a.packed for a in me.addresses])
-        assert self._peer_sync is not None
-        self._peer_sync.apply(netmap, time.monotonic())
-        if self._disco_responder is not None:
-            self._disco_responder.set_peers(peer.disco_key for peer in netmap.peers.values())
-            self._node_key_by_disco = {p.disco_key: p.node_key for p in netmap.peers.values() if any(p.disco_key)}
+        self._sync_peers(netmap, time.monotonic())
         self._zone_serial += 1
         self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
         self._dataplane.kick()
 
-    async def _path_checker(self) -> None:
-        while True:
-            await anyio.sleep(1.0)
-            if self._peer_sync is not None:
-                self._peer_sync.check_paths(time.monotonic())
-                self._dataplane.kick()
+    def _sync_peers(self, netmap: NetworkMap, now: float) -> None:
+        """Make the device's peers and the path layer's those of ``netmap``: its authorized peers
+        with live keys (none while this node itself is not authorized)."""
+        paths = self._paths
+        assert paths is not None
+        wanted: dict[bytes, PeerInfo] = {}
+        if netmap.state is NodeState.AUTHORIZED:
+            wanted = {p.node_key: p for p in netmap.peers.values() if p.authorized and not p.key_expired}
+        for node_key in [k for k in self._device.peers if k not in wanted]:
+            paths.remove_peer(node_key)
+        for node_key, info in wanted.items():
+            paths.set_peer(
+                node_key,
+                info.disco_key,
+                rank_endpoints(info.endpoints, self._own_hosts),
+                info.allowed_ips,
+                now,
+                home_derp=info.home_derp,
+            )
 
     async def _add_configured_peers(self) -> None:
         assert self._config is not None
@@ -623,6 +641,10 @@ class Node:
         for peer in self._device.peers.values():
             last = peer.stats.last_handshake
             info = infos.get(peer.public_key)
+            path = self._path_of(peer.public_key, peer.endpoint, now)
+            address: tuple[str, int] | str | None = path.address
+            if path.kind is PathKind.DERP:
+                address = self._derp_region_code(path.region)
             peers.append(
                 PeerStatus(
                     public_key=base64.b64encode(peer.public_key).decode(),
@@ -638,6 +660,9 @@ class Node:
                     rx_bytes=peer.stats.rx_bytes,
                     tx_bytes=peer.stats.tx_bytes,
                     handshake="no handshake yet" if last is None else f"{now - last:.0f} s ago",
+                    path=path.kind.value,
+                    path_address=address,
+                    latency=path.latency,
                 )
             )
         counters = dict(self._device.counters)
@@ -645,6 +670,9 @@ class Node:
         counters.update({f"tcp_{k}": v for k, v in self._stack.tcp.counters.items()})
         counters.update({f"udp_{k}": v for k, v in self._stack.udp.counters.items()})
         counters.update({f"underlay_{k}": v for k, v in self._underlay.counters.items()})
+        if self._paths is not None:
+            counters.update({f"path_{k}": v for k, v in self._paths.paths.counters.items()})
+            counters.update({f"link_{k}": v for k, v in self._wireguard_link.counters.items()})
         counters.update({f"dns_{k}": v for k, v in self._dns.resolver.counters.items()})
         control = self._control
         return NodeStatus(
@@ -659,6 +687,15 @@ class Node:
             control_connected=control.connected if control is not None else None,
             auth_url=control.auth_url if control is not None else "",
         )
+
+    def _path_of(self, node_key: bytes, endpoint: tuple[str, int] | None, now: float) -> Path:
+        if self._paths is not None:
+            return self._paths.paths.path(node_key, now)
+        return NO_PATH if endpoint is None else Path(PathKind.DIRECT, endpoint)
+
+    def _derp_region_code(self, region: int) -> str:
+        """A DERP region's code for people (its number when the map has no code)."""
+        return str(region)
 
     # ------------------------------------------------------------------ names
 

@@ -9,9 +9,12 @@ with its trust time, and the decision to move.
 The rules are Go's, with its numbers:
 
 - A direct path exists only once a pong answered a ping this core sent to that very address
-  (:data:`TRUST_UDP_ADDR_DURATION` of trust per pong). Until then the peer's path is "none"
-  (:meth:`PathCore.send_path` is None): Tailscale sends through DERP meanwhile; the DERP path
-  (issue 10) is :attr:`PathKind.DERP`, which nothing produces yet.
+  (:data:`TRUST_UDP_ADDR_DURATION` of trust per pong). Until then the peer's packets go through
+  its home DERP region (:attr:`PathKind.DERP`) when this node has DERP (:attr:`PathCore.derp_enabled`)
+  and the peer has a home region, else they wait (:attr:`PathKind.NONE`).
+- A DERP path is named, for WireGuard, by a per-peer address on :data:`DERP_HOST` (the address
+  Tailscale's magicsock uses for DERP too): :meth:`PathCore.derp_route` turns it back into the
+  peer's node key and region, for the runtime that holds the DERP connections.
 - A path whose trust ran out is still used (Go keeps sending to it, and to DERP) while new pings
   look for a better one; a ping to it that times out while it is untrusted drops it.
 - While the peer has traffic (:meth:`PathCore.note_send` within :data:`SESSION_ACTIVE_TIMEOUT`), the
@@ -21,7 +24,10 @@ The rules are Go's, with its numbers:
 - A pong moves the best path only to a better address (:func:`better_addr`: latency points, with a
   1-point hysteresis so two equal paths do not flap, and bonuses for loopback, link-local,
   private and IPv6 addresses), or to any proven address once the current one is untrusted.
-- CallMeMaybe counts only when it came through DERP (``via_derp=True``), as in Go.
+- CallMeMaybe counts only when it came through DERP (``via_derp=True``), as in Go. While a peer
+  with traffic has no trusted direct path, each round of discovery pings also sends it a
+  CallMeMaybe through DERP with this node's endpoints (:attr:`PathCore.own_endpoints`) and a disco
+  ping through DERP (its pong is the DERP path's latency), so both sides punch at once.
 
 Peers without a disco key (plain WireGuard peers, e.g. wireguard-go in a static mesh) have no
 disco: for them the path is WireGuard's own rule, the source of the last authenticated packet
@@ -36,8 +42,8 @@ nonces); nothing here reads a clock or touches a socket. Outputs: the datagrams 
 :meth:`PathCore.next_event` for path changes, :meth:`PathCore.next_deadline` for the timer.
 Hostile datagrams never raise: they are dropped and counted in :attr:`PathCore.counters`.
 
-STUN (issue 10) plugs in beside this: its own endpoints are what the node advertises, and a
-STUN-discovered address of a peer is one more candidate (:meth:`PathCore.set_peer`).
+STUN plugs in beside this: its own endpoints are what the node advertises (and sends in
+CallMeMaybe), and a STUN-discovered address of a peer is one more candidate (:meth:`PathCore.set_peer`).
 """
 
 from __future__ import annotations
@@ -73,10 +79,18 @@ GOOD_ENOUGH_LATENCY = 0.005
 PING_TIMEOUT = 5.0
 #: The least time between two discovery pings to one endpoint (a CallMeMaybe resets it).
 DISCO_PING_INTERVAL = 5.0
+#: The ping interval instead, while a peer with traffic has no path at all (no direct path and no
+#: DERP): its packets wait, and a first ping may have reached the peer before the peer knew us.
+NO_PATH_PING_INTERVAL = 1.0
 #: Candidates kept per peer beyond the network map's (Go prunes above 100).
 MAX_CANDIDATES = 100
 #: Pings in flight per peer (several per candidate at most; a bound for hostile maps).
 MAX_PINGS_IN_FLIGHT = 256
+#: The host of the per-peer DERP addresses WireGuard sends to (Tailscale's magic DERP IP; never a
+#: real destination: the runtime routes these datagrams into DERP connections).
+DERP_HOST = "127.3.3.40"
+#: Endpoints sent in one CallMeMaybe (18 bytes each; Go sends a handful).
+MAX_CALL_ME_MAYBE_ENDPOINTS = 32
 
 _ZERO_KEY = bytes(32)
 _NODE_KEY_ZERO = NodePublic.zero()
@@ -87,7 +101,7 @@ class PathKind(enum.Enum):
 
     #: UDP to an address a pong proved.
     DIRECT = "direct"
-    #: Through a DERP relay (issue 10): no code produces it yet.
+    #: Through a DERP relay (the peer's home region).
     DERP = "derp"
     #: No path yet: WireGuard packets to the peer wait.
     NONE = "none"
@@ -139,6 +153,8 @@ PathEvent: TypeAlias = PathChanged | PingReceived
 class PingPurpose(enum.Enum):
     DISCOVERY = "discovery"
     HEARTBEAT = "heartbeat"
+    #: Through DERP: measures the relay's round trip.
+    DERP = "derp"
 
 
 @dataclass(slots=True)
@@ -185,6 +201,12 @@ class _Peer:
     roamed: Endpoint | None = None
     #: The path the last :class:`PathChanged` announced (events only when it moves).
     announced: Endpoint | None = None
+    #: The peer's home DERP region (0: none known) and its DERP address for WireGuard.
+    home_derp: int = 0
+    derp_address: Endpoint = (DERP_HOST, 0)
+    #: The last round trip of a disco ping through DERP, and when discovery last went via DERP.
+    derp_latency: float | None = None
+    last_derp_discovery: float | None = None
 
     @property
     def has_disco(self) -> bool:
@@ -265,17 +287,37 @@ class PathCore:
         self._events: deque[PathEvent] = deque()
         #: The node key sent in our pings (Tailscale's peers use it to find us): set by the owner.
         self.node_key: NodePublic = _NODE_KEY_ZERO
+        #: Whether this node can reach DERP (it has a DERP map): peers without a direct path then
+        #: go through their home region. Set with :meth:`set_derp_enabled`.
+        self.derp_enabled = False
+        #: This node's own endpoints (LAN and STUN-discovered), sent in CallMeMaybe.
+        self.own_endpoints: tuple[Endpoint, ...] = ()
+        # DERP addresses: (DERP_HOST, slot), one slot per peer for as long as it is known.
+        self._by_slot: dict[int, _Peer] = {}
+        self._next_slot = 1
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ peers
 
-    def set_peer(self, node_key: bytes, disco_key: bytes, endpoints: Iterable[Endpoint], now: float) -> None:
-        """Add a peer or update it from a new network map: its disco key (all zero: no disco) and
-        advertised endpoints, in the map's order. Endpoints the map dropped are forgotten (and a
-        best path among them is given up) unless a CallMeMaybe or a recent ping vouches for them."""
+    def set_peer(
+        self,
+        node_key: bytes,
+        disco_key: bytes,
+        endpoints: Iterable[Endpoint],
+        now: float,
+        *,
+        home_derp: int = 0,
+    ) -> None:
+        """Add a peer or update it from a new network map: its disco key (all zero: no disco),
+        advertised endpoints, in the map's order, and home DERP region (0: none). Endpoints the
+        map dropped are forgotten (and a best path among them is given up) unless a CallMeMaybe or
+        a recent ping vouches for them."""
         peer = self._peers.get(node_key)
+        last_send: float | None = None
         if peer is not None and peer.disco_key != disco_key:
-            # A new disco key is a new disco session (the node restarted): start over.
+            # A new disco key is a new disco session (the node restarted, or its key arrived
+            # after the peer did): start over, but traffic that waits keeps waiting for a path.
+            last_send = peer.last_send
             self.remove_peer(node_key)
             peer = None
         if peer is None:
@@ -289,6 +331,16 @@ class PathCore:
             self._peers[node_key] = peer
             if box is not None:
                 self._by_disco.setdefault(disco_key, []).append(peer)
+                slot = self._next_slot
+                while slot in self._by_slot:
+                    slot = slot % 65535 + 1
+                self._next_slot = slot % 65535 + 1
+                self._by_slot[slot] = peer
+                peer.derp_address = (DERP_HOST, slot)
+        peer.home_derp = home_derp if 0 <= home_derp <= 0xFFFFFFFF else 0
+        if last_send is not None and peer.has_disco and now - last_send <= SESSION_ACTIVE_TIMEOUT:
+            peer.last_send = last_send
+            peer.heartbeat_at = now  # discovery at the next handle_timeout
         order: list[Endpoint] = []
         for endpoint in endpoints:
             if endpoint not in order:
@@ -311,7 +363,34 @@ class PathCore:
             sharing[:] = [p for p in sharing if p is not peer]
             if not sharing:
                 del self._by_disco[peer.disco_key]
+        slot = peer.derp_address[1]
+        if self._by_slot.get(slot) is peer:
+            del self._by_slot[slot]
 
+    def set_derp_enabled(self, enabled: bool) -> None:
+        """Whether DERP can carry packets now (the node has a DERP map with regions)."""
+        if enabled == self.derp_enabled:
+            return
+        self.derp_enabled = enabled
+        for peer in self._peers.values():
+            self._announce(peer)
+
+    def derp_route(self, endpoint: Endpoint) -> tuple[bytes, int] | None:
+        """The (node key, home region) a DERP address of :meth:`send_path` stands for, or None."""
+        if endpoint[0] != DERP_HOST:
+            return None
+        peer = self._by_slot.get(endpoint[1])
+        if peer is None:
+            return None
+        return peer.node_key, peer.home_derp
+
+    def derp_address(self, node_key: bytes) -> Endpoint | None:
+        """The source address to hand WireGuard and :meth:`receive_disco` for a packet the peer
+        sent through DERP (None: not a disco peer of ours)."""
+        peer = self._peers.get(node_key)
+        if peer is None or peer.box is None:
+            return None
+        return peer.derp_address
     def __contains__(self, node_key: object) -> bool:
         return node_key in self._peers
 
@@ -325,7 +404,14 @@ class PathCore:
             return None
         if not peer.has_disco:
             return self._wg_only_path(peer)
-        return peer.best
+        return self._send_address(peer)
+
+    def _send_address(self, peer: _Peer) -> Endpoint | None:
+        if peer.best is not None:
+            return peer.best
+        if self.derp_enabled and peer.home_derp:
+            return peer.derp_address
+        return None
 
     def path(self, node_key: bytes, now: float) -> Path:
         """The peer's path for the status: kind, address and last round trip."""
@@ -336,6 +422,8 @@ class PathCore:
             endpoint = self._wg_only_path(peer)
             return NO_PATH if endpoint is None else Path(PathKind.DIRECT, endpoint)
         if peer.best is None:
+            if self.derp_enabled and peer.home_derp:
+                return Path(PathKind.DERP, None, peer.derp_latency, peer.home_derp)
             return NO_PATH
         return Path(PathKind.DIRECT, peer.best, peer.best_latency)
 
@@ -354,11 +442,13 @@ class PathCore:
         """WireGuard has traffic for the peer: keep its path alive (heartbeats) and, with no
         trusted path, look for one at once. Returns the pings to send."""
         peer = self._peers.get(node_key)
-        if peer is None or not peer.has_disco:
+        if peer is None:
             return []
         peer.last_send = now
+        if not peer.has_disco:
+            return []
         if peer.heartbeat_at is None:
-            peer.heartbeat_at = now + HEARTBEAT_INTERVAL
+            peer.heartbeat_at = now + self._heartbeat_interval(peer)
         out: list[Datagram] = []
         if peer.best is None or now > peer.trust_until:
             self._ping_all(peer, now, out)
@@ -375,6 +465,8 @@ class PathCore:
             peer.roamed = source
             self._announce(peer)
             return []
+        if source[0] == DERP_HOST:
+            return []  # through DERP: not an address to try
         out: list[Datagram] = []
         candidate = self._learn(peer, source, now)
         if candidate is not None and (peer.best is None or now > peer.trust_until):
@@ -424,7 +516,17 @@ class PathCore:
     ) -> None:
         self.counters["rx_ping"] += 1
         if via_derp:
-            return  # a DERP reply goes back through DERP (issue 10): no direct candidate here
+            # Answered through DERP, where it came from; the observed source is the DERP region
+            # (what Go's pong carries then), and nothing is learnt about direct paths.
+            box = sharing[0].box
+            assert box is not None
+            observed_derp = (ipaddress.ip_address(DERP_HOST), sharing[0].home_derp & 0xFFFF)
+            pong = box.seal(disco.Pong(ping.tx_id, observed_derp), self._random(disco.NONCE_SIZE))
+            out.append((pong, source))
+            self.counters["tx_pong_derp"] += 1
+            for peer in sharing:
+                self._events.append(PingReceived(peer.node_key, source))
+            return
         try:
             observed = (_ip(source[0]), source[1])
         except ValueError:
@@ -458,6 +560,9 @@ class PathCore:
             self.counters["drop_unknown_pong"] += 1
             return
         self.counters["rx_pong"] += 1
+        if sent.purpose is PingPurpose.DERP:
+            peer.derp_latency = max(now - sent.at, 0.0)
+            return
         if via_derp:
             return
         candidate = peer.candidates.get(sent.to)
@@ -535,10 +640,13 @@ class PathCore:
                     self._send_ping(peer, peer.best, candidate, now, PingPurpose.HEARTBEAT, out)
             if self._want_full_ping(peer, now):
                 self._ping_all(peer, now, out)
-            peer.heartbeat_at = now + HEARTBEAT_INTERVAL
+            peer.heartbeat_at = now + self._heartbeat_interval(peer)
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _heartbeat_interval(self, peer: _Peer) -> float:
+        return HEARTBEAT_INTERVAL if self._send_address(peer) is not None else NO_PATH_PING_INTERVAL
 
     def _want_full_ping(self, peer: _Peer, now: float) -> bool:
         if peer.best is None or peer.last_full_ping is None or now > peer.trust_until:
@@ -552,16 +660,47 @@ class PathCore:
         peer.last_full_ping = now
         for endpoint, candidate in list(peer.candidates.items()):
             self._maybe_ping(peer, endpoint, candidate, now, PingPurpose.DISCOVERY, out)
+        self._discover_via_derp(peer, now, out)
+
+    def _discover_via_derp(self, peer: _Peer, now: float, out: list[Datagram]) -> None:
+        """CallMeMaybe (our endpoints: the peer pings them, opening our NAT's way in while ours
+        open its) and a latency ping, through the peer's DERP region, once per ping interval."""
+        if not (self.derp_enabled and peer.home_derp) or peer.box is None:
+            return
+        if peer.best is not None and now <= peer.trust_until:
+            return
+        last = peer.last_derp_discovery
+        if last is not None and now - last < DISCO_PING_INTERVAL:
+            return
+        peer.last_derp_discovery = now
+        if self.own_endpoints:
+            endpoints = []
+            for host, port in self.own_endpoints[: MAX_CALL_ME_MAYBE_ENDPOINTS]:
+                try:
+                    endpoints.append((_ip(host), port))
+                except ValueError:
+                    continue
+            message = disco.CallMeMaybe(tuple(endpoints))
+            out.append((peer.box.seal(message, self._random(disco.NONCE_SIZE)), peer.derp_address))
+            self.counters["tx_call_me_maybe"] += 1
+        self._send_ping(peer, peer.derp_address, None, now, PingPurpose.DERP, out)
 
     def _maybe_ping(
         self, peer: _Peer, endpoint: Endpoint, candidate: _Candidate, now: float, purpose: PingPurpose, out: list[Datagram]
     ) -> None:
-        if candidate.last_ping is not None and now - candidate.last_ping < DISCO_PING_INTERVAL:
+        interval = DISCO_PING_INTERVAL if self._send_address(peer) is not None else NO_PATH_PING_INTERVAL
+        if candidate.last_ping is not None and now - candidate.last_ping < interval:
             return
         self._send_ping(peer, endpoint, candidate, now, purpose, out)
 
     def _send_ping(
-        self, peer: _Peer, endpoint: Endpoint, candidate: _Candidate, now: float, purpose: PingPurpose, out: list[Datagram]
+        self,
+        peer: _Peer,
+        endpoint: Endpoint,
+        candidate: _Candidate | None,
+        now: float,
+        purpose: PingPurpose,
+        out: list[Datagram],
     ) -> None:
         box = peer.box
         if box is None:
@@ -572,7 +711,8 @@ class PathCore:
         tx_id = self._random(disco.TX_ID_SIZE)
         while tx_id in peer.pings:
             tx_id = self._random(disco.TX_ID_SIZE)
-        candidate.last_ping = now
+        if candidate is not None:
+            candidate.last_ping = now
         peer.pings[tx_id] = _SentPing(endpoint, now, purpose)
         out.append((box.seal(disco.Ping(tx_id, self.node_key), self._random(disco.NONCE_SIZE)), endpoint))
         self.counters["tx_ping"] += 1
@@ -611,18 +751,21 @@ class PathCore:
         return peer.netmap_order[0] if peer.netmap_order else None
 
     def _announce(self, peer: _Peer) -> None:
-        endpoint = peer.best if peer.has_disco else self._wg_only_path(peer)
+        endpoint = self._send_address(peer) if peer.has_disco else self._wg_only_path(peer)
         if endpoint == peer.announced:
             return
         peer.announced = endpoint
         if endpoint is None:
             self._events.append(PathChanged(peer.node_key, NO_PATH))
+        elif endpoint[0] == DERP_HOST and peer.has_disco:
+            self._events.append(PathChanged(peer.node_key, Path(PathKind.DERP, None, peer.derp_latency, peer.home_derp)))
         else:
             latency = peer.best_latency if peer.has_disco else None
             self._events.append(PathChanged(peer.node_key, Path(PathKind.DIRECT, endpoint, latency)))
 
 
 __all__ = [
+    "DERP_HOST",
     "DISCO_PING_INTERVAL",
     "GOOD_ENOUGH_LATENCY",
     "HEARTBEAT_INTERVAL",

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
+from embedmesh.devicepaths import DevicePaths
+from embedmesh.paths import DERP_HOST
 from embedmesh.runtime.underlay import Endpoint, UdpUnderlay
+from embedmesh.tailscale import disco
 from embedmesh.wireguard.device import WireGuardDevice
 
 Deliver = Callable[[bytes | memoryview, float], None]
@@ -39,7 +43,12 @@ READ_BATCH = 64
 
 
 class WireGuardLink:
-    """The WireGuard device over the node's UDP underlay."""
+    """The WireGuard device over the node's UDP underlay.
+
+    With ``paths`` (a tailnet node) the path layer chooses each peer's endpoint: disco datagrams
+    go to it, STUN answers to :attr:`on_stun`, and datagrams for DERP addresses to
+    :attr:`derp_send`. Without it (static mode) the device is plain WireGuard.
+    """
 
     def __init__(
         self,
@@ -48,14 +57,18 @@ class WireGuardLink:
         clock: Callable[[], float] = time.monotonic,
         *,
         read_batch: int = READ_BATCH,
+        paths: DevicePaths | None = None,
     ) -> None:
         self.device = device
         self.underlay = underlay
         self.clock = clock
         self.read_batch = read_batch
-        #: Disco packets (Tailscale's path discovery) go here instead of to WireGuard, when set:
-        #: it returns the replies to send.
-        self.on_disco: Callable[[bytes | memoryview, Endpoint, float], list[tuple[bytes, Endpoint]]] | None = None
+        self.paths = paths
+        #: STUN messages from the socket (answers to the node's binding requests).
+        self.on_stun: Callable[[bytes, Endpoint, float], None] | None = None
+        #: Takes the datagrams for DERP addresses (the node's DERP connections).
+        self.derp_send: Callable[[list[tuple[bytes, Endpoint]]], None] | None = None
+        self.counters: Counter[str] = Counter()
 
     def readables(self) -> list[socket.socket | int]:
         return list(self.underlay.sockets)
@@ -63,31 +76,63 @@ class WireGuardLink:
     def read(self, readable: socket.socket | int, deliver: Deliver, now: float) -> None:
         assert isinstance(readable, socket.socket)
         receive_datagram = self.device.receive_datagram
-        on_disco = self.on_disco
+        paths = self.paths
         for data, source in self.underlay.drain(readable, max_datagrams=self.read_batch):
-            # One byte tells them apart: WireGuard messages start with 1-4, disco with "T" (0x54).
-            if on_disco is not None and data and data[0] == 0x54:
-                replies = on_disco(data, source, now)
-                if replies:
-                    self.underlay.send(replies)
+            # WireGuard messages start with a type of 1-4 and three zero bytes; disco starts with
+            # "T" and a STUN message's second byte is its class (1 for binding messages).
+            if paths is not None and (len(data) < 4 or data[0] > 4 or data[1]):
+                self._demux(paths, data, source, now)
                 continue
             packet = receive_datagram(data, source, now)
             if packet is not None:
                 deliver(packet, now)
 
+    def _demux(self, paths: DevicePaths, data: bytes | memoryview, source: Endpoint, now: float) -> None:
+        kind = disco.classify(data)
+        if kind is disco.PacketKind.DISCO:
+            paths.receive_disco(data, source, now)
+        elif kind is disco.PacketKind.STUN:
+            if self.on_stun is not None:
+                self.on_stun(bytes(data), source, now)
+            else:
+                self.counters["drop_stun_unexpected"] += 1
+        else:
+            # Geneve (Tailscale's UDP peer relays) is not spoken here; anything else is not
+            # WireGuard either, which the device would drop and count the same way.
+            self.counters["drop_" + kind.value.replace("-", "_")] += 1
+
     def send(self, packet: bytes) -> None:
         self.device.send_packet(packet, self.clock())
 
     def flush(self) -> None:
-        datagrams = self.device.datagrams_to_send()
+        paths = self.paths
+        if paths is None:
+            datagrams = self.device.datagrams_to_send()
+            if datagrams:
+                self.underlay.send(datagrams)
+            return
+        datagrams = paths.datagrams_to_send()
+        if not datagrams:
+            return
+        if paths.paths.derp_enabled:
+            via_derp = [d for d in datagrams if d[1][0] == DERP_HOST]
+            if via_derp:
+                datagrams = [d for d in datagrams if d[1][0] != DERP_HOST]
+                if self.derp_send is not None:
+                    self.derp_send(via_derp)
         if datagrams:
             self.underlay.send(datagrams)
 
     def next_deadline(self) -> float | None:
+        if self.paths is not None:
+            return self.paths.next_deadline()
         return self.device.next_deadline()
 
     def handle_timeout(self, now: float) -> None:
-        self.device.handle_timeout(now)
+        if self.paths is not None:
+            self.paths.handle_timeout(now)
+        else:
+            self.device.handle_timeout(now)
 
     def close(self) -> None:
         self.underlay.close()

@@ -67,6 +67,8 @@ _LAST_MINUTE_REKEY = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 Network = IPv4Network | IPv6Network
 
+#: How often the device tells its path layer that a peer has traffic (see ``on_send``).
+NOTE_SEND_INTERVAL = 1.0
 #: Handshake messages per second above which the device counts as under load and demands mac2.
 DEFAULT_UNDER_LOAD_THRESHOLD = 64
 #: How long the device stays under load after the rate last exceeded the threshold (wireguard-go).
@@ -121,6 +123,13 @@ class WireGuardDevice:
         self._load_count = 0
         self._under_load_until = float("-inf")
         self._rate_buckets: dict[str, tuple[float, float]] = {}
+        #: The path layer, when one decides where each peer's packets go (a tailnet node's
+        #: :class:`~embedmesh.paths.PathCore`): ``on_source(peer, source, now)`` hears of every
+        #: authenticated packet from a source other than the peer's endpoint, instead of the device
+        #: moving the endpoint itself (WireGuard's roaming, the default when None), and
+        #: ``on_send(peer, now)`` of traffic to a peer, at most once per :data:`NOTE_SEND_INTERVAL`.
+        self.on_source: Callable[[Peer, Endpoint, float], None] | None = None
+        self.on_send: Callable[[Peer, float], None] | None = None
 
     @property
     def counters(self) -> Counter[str]:
@@ -265,7 +274,8 @@ class WireGuardDevice:
             self._counts["drop_replay"] += 1
             return None
         peer = keypair.peer
-        peer.endpoint = source
+        if peer.endpoint != source:
+            self._roam(peer, source, now)
         peer.stats.rx_bytes += len(data)
         if keypair is peer.next:
             self._confirm_next_keypair(peer, now)
@@ -401,9 +411,14 @@ class WireGuardDevice:
         peer.previous = None
         peer.next = keypair
         self._indices[local_index] = keypair
-        peer.endpoint = source
+        if peer.endpoint != source:
+            self._roam(peer, source, now)
         self._session_derived(peer, now)
-        self._send_handshake_message(peer, response.to_bytes(), RESPONSE_MAC1_OFFSET, now)
+        # The answer goes where the peer's packets go; with no path chosen yet (the path layer
+        # has not proven one), back to where the initiation came from.
+        self._send_handshake_message(
+            peer, response.to_bytes(), RESPONSE_MAC1_OFFSET, now, to=peer.endpoint or source
+        )
         self._counts["rx_initiation"] += 1
 
     def _receive_response(self, data: bytes, source: Endpoint, now: float) -> None:
@@ -445,7 +460,8 @@ class WireGuardDevice:
             self._release(peer.previous)
             peer.previous = peer.current
         peer.current = keypair
-        peer.endpoint = source
+        if peer.endpoint != source:
+            self._roam(peer, source, now)
         self._session_derived(peer, now)
         self._handshake_complete(peer, now)
         self._touch_persistent_keepalive(peer, now)
@@ -495,6 +511,9 @@ class WireGuardDevice:
 
     def send_to_peer(self, peer: Peer, packet: bytes | memoryview, now: float) -> None:
         """Send ``packet`` to ``peer`` (an empty packet is a keepalive)."""
+        if now >= peer.note_send_at and self.on_send is not None:
+            peer.note_send_at = now + NOTE_SEND_INTERVAL
+            self.on_send(peer, now)
         keypair = peer.current
         if (
             keypair is not None
@@ -515,6 +534,30 @@ class WireGuardDevice:
         peer.staged.append(packet)
         self._send_staged(peer, now)
 
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None, now: float) -> None:
+        """Send the peer's packets to ``endpoint`` from now on (the path layer's decision).
+
+        Packets that waited for a path go out at once, and a handshake that had nowhere to go is
+        sent now rather than at its retransmit timer.
+        """
+        had_none = peer.endpoint is None
+        peer.endpoint = endpoint
+        if endpoint is None:
+            return
+        if peer.handshake is not None or (had_none and peer.retransmit_handshake_at is not None):
+            # The initiation in flight went elsewhere (or nowhere): send one the new way.
+            self.hurry_handshake(peer, now)
+        elif peer.staged:
+            self._send_staged(peer, now)
+
+    def _roam(self, peer: Peer, source: Endpoint, now: float) -> None:
+        """An authenticated packet of ``peer`` came from ``source``, not its endpoint."""
+        on_source = self.on_source
+        if on_source is None:
+            peer.endpoint = source  # WireGuard's roaming
+        else:
+            on_source(peer, source, now)
+
     def send_keepalive(self, peer: Peer, now: float) -> None:
         """Send an empty transport message (only if nothing else is waiting to carry the same news)."""
         if not peer.staged:
@@ -530,10 +573,18 @@ class WireGuardDevice:
         For a peer that just proved it can reach us (a Tailscale client's disco ping): its answer
         to our last initiation was likely lost for want of a path, and now it has one.
         """
-        if peer.handshake is not None and peer.handshake_attempts < MAX_HANDSHAKE_ATTEMPTS:
-            peer.handshake_attempts += 1
-            self._counts["handshake_hurried"] += 1
-            self._initiate(peer, now, retry=True)
+        if peer.handshake_attempts >= MAX_HANDSHAKE_ATTEMPTS:
+            return
+        if peer.handshake is None and peer.retransmit_handshake_at is None:
+            return
+        if now - peer.last_initiation_sent < INITIATION_MIN_INTERVAL:
+            # Two initiations within the timestamp's 16-ms whitening would make the peer drop the
+            # second as a replay: send it a moment later, from the retransmit timer.
+            peer.retransmit_handshake_at = peer.last_initiation_sent + INITIATION_MIN_INTERVAL
+            return
+        peer.handshake_attempts += 1
+        self._counts["handshake_hurried"] += 1
+        self._initiate(peer, now, retry=True)
 
     # ------------------------------------------------------------------ time
 
@@ -707,9 +758,11 @@ class WireGuardDevice:
         peer.retransmit_handshake_at = now + REKEY_TIMEOUT + self._jitter()
         self._counts["tx_initiation"] += 1
 
-    def _send_handshake_message(self, peer: Peer, message: bytes, mac1_offset: int, now: float) -> None:
+    def _send_handshake_message(
+        self, peer: Peer, message: bytes, mac1_offset: int, now: float, *, to: Endpoint | None = None
+    ) -> None:
         sealed = peer.cookies.seal(message[: mac1_offset + 32], mac1_offset, now)
-        self._outbox.append((sealed, peer.endpoint))  # type: ignore[arg-type]
+        self._outbox.append((sealed, to or peer.endpoint))  # type: ignore[arg-type]
         peer.stats.tx_bytes += len(sealed)
         peer.send_keepalive_at = None
         if peer.persistent_keepalive:

@@ -41,6 +41,7 @@ class Peer:
         "need_another_keepalive",
         "new_handshake_at",
         "next",
+        "note_send_at",
         "persistent_keepalive",
         "persistent_keepalive_at",
         "previous",
@@ -78,6 +79,9 @@ class Peer:
         self.last_initiation_consumed = float("-inf")
         self.last_timestamp = b""
         self.sent_last_minute_handshake = False
+        #: When the device next tells its path layer that this peer has traffic (at most once a
+        #: second, so the per-packet path pays one comparison).
+        self.note_send_at = float("-inf")
         self.staged: deque[bytes | memoryview] = deque(maxlen=max_staged)
         self.retransmit_handshake_at: float | None = None
         self.send_keepalive_at: float | None = None
