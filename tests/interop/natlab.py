@@ -1,0 +1,464 @@
+"""A NAT lab in network namespaces: an "internet", NAT routers of every kind, hosts behind them.
+
+The Python form of the lab measured in ``/work/shared/natlab`` (its RESULTS.md is the matrix the
+tests compare against). Built on :class:`netns.NetnsRig`, so every namespace and process the lab
+makes is recorded in the rig's manifest and removed by ``close()`` (or, after a SIGKILLed run, by
+``netns.sweep_stale``); namespace names carry the rig's random run id (``em-<runid>-<hint>``), so
+parallel runs never collide. Nothing touches the root namespace: every veth is created directly
+inside lab namespaces, and the lab's traffic stays on lab bridges::
+
+    with NatLab() as lab:
+        a = lab.host_behind("eim-apdf", "a")          # a router of that kind, a host on its LAN
+        b = lab.host_behind("symmetric", "b")
+        lab.inet.popen(["python3", "server.py", "203.0.113.1:3478"])
+        a.run(["ping", "-c1", "203.0.113.1"])
+        a.router.flush_conntrack()                    # the NAT forgets every mapping
+        a.router.set_kind("udp-blocked")              # and now drops UDP
+
+Address plan (TEST-NET-3 for the internet, 10.240.0.0/16 for LANs; none of it leaves the lab):
+
+=====================  =========================================================================
+internet               namespace ``inet``, bridge ``br0``, 203.0.113.0/24; 203.0.113.1 and .2 are
+                       the servers' addresses (control, DERP, STUN)
+router n (1, 2, ...)   WAN ``wan`` 203.0.113.(10+n) on the internet, or an address on its upstream
+                       router's LAN (double NAT); LAN bridge ``lan`` 10.240.n.1/24
+host on LAN n          ``eth0`` 10.240.n.10, .11, ...; default route via 10.240.n.1
+public host (``none``) ``eth0`` 203.0.113.100, .101, ... directly on the internet
+=====================  =========================================================================
+
+NAT kinds (an nftables table ``ip natlab`` in the router's namespace; :data:`KINDS` adds the host
+kinds ``none`` and ``double``):
+
+``eim``
+    endpoint-independent mapping (masquerade keeps the source port while the tuple is free) and
+    endpoint-independent filtering ("full cone"): the router remembers every UDP mapping it made
+    (external port -> internal address and port, in a dynamic nftables map filled after SNAT) and
+    forwards unsolicited inbound UDP to a mapped port to its owner.
+``eim-apdf``
+    endpoint-independent mapping, address-and-port-dependent filtering: plain conntrack
+    masquerade, the usual home router.
+``symmetric``
+    endpoint-dependent mapping (``masquerade fully-random``: a random external port for every
+    new 5-tuple) with address-and-port-dependent filtering.
+``udp-blocked``
+    only TCP to ports 80 and 443 (and ICMP) leaves the LAN; all UDP is dropped.
+
+Every kind drops forwarded traffic by default (``ct state established,related`` comes back) and
+drops unsolicited packets from the WAN to the router itself. The latter matters: an accepted
+unsolicited UDP packet gets a *confirmed* conntrack entry, which then takes the tuple a later
+outbound flow would have used, and masquerade picks another port; an "easy" NAT would turn hard
+during a simultaneous open. Real home routers drop such packets, so the lab does too.
+
+Kernel facts the lab depends on (measured in the shared lab): ``/proc/sys/net/*`` is per
+namespace (ip_forward, rp_filter, the conntrack UDP timeouts, bridge-nf-call-iptables); with
+``br_netfilter`` loaded, new namespaces start with ``bridge-nf-call-iptables=1``, which would send
+bridged LAN traffic through the router's forward chain, so the lab turns it off everywhere. A UDP
+flow keeps ``nf_conntrack_udp_timeout`` (30 s by default) until it has seen replies and stays
+active for more than about 2 s; only then does it get ``nf_conntrack_udp_timeout_stream`` (120 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netns import Namespace, NetnsRig, RigError, _skip_or_fail, rig_unavailable_reason
+
+#: Router kinds (an nftables ruleset each).
+ROUTER_KINDS = ("eim", "eim-apdf", "symmetric", "udp-blocked")
+#: Host kinds of the matrix: a public host, one behind each router kind, one behind two NATs.
+KINDS = ("none", "eim", "eim-apdf", "symmetric", "udp-blocked", "double")
+#: What a "double" host sits behind: (outer router kind, inner router kind).
+DOUBLE_NAT = ("eim-apdf", "eim-apdf")
+
+INET_PREFIX = "203.0.113"
+INET_NET = ipaddress.IPv4Network(f"{INET_PREFIX}.0/24")
+LAN_PREFIX = "10.240"
+#: The servers' addresses on the internet bridge.
+SERVER_IPS = (f"{INET_PREFIX}.1", f"{INET_PREFIX}.2")
+FIRST_PUBLIC_HOST = 100
+
+
+def natlab_unavailable_reason() -> str | None:
+    """Why the lab cannot run here (not root, tools missing), or None."""
+    reason = rig_unavailable_reason()
+    if reason:
+        return reason
+    for tool, package in (("nft", "nftables"), ("conntrack", "conntrack")):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed: apt-get install {package}"
+    return None
+
+
+def skip_unless_natlab() -> None:
+    """pytest.skip (or fail, under EMBEDMESH_REQUIRE_INTEROP=1) unless the lab can be built."""
+    _skip_or_fail(natlab_unavailable_reason())
+
+
+def ruleset(kind: str) -> str:
+    """The nftables table ``ip natlab`` that makes a router of this kind (see the module doc)."""
+    if kind not in ROUTER_KINDS:
+        raise ValueError(f"unknown NAT kind {kind!r} (one of {', '.join(ROUTER_KINDS)})")
+    lines = ["table ip natlab {"]
+    if kind == "eim":
+        # Endpoint-independent filtering. conntrack alone filters by address and port, so the
+        # router keeps its own record of each UDP mapping, keyed by the external port (one owner
+        # per port is enough for a lab). It is written after SNAT (priority srcnat + 10), when
+        # the packet's source port is the external one, from the flow's original source.
+        lines += [
+            "  map eif_owner {",
+            "    type inet_service : ipv4_addr . inet_service",
+            "    flags dynamic, timeout",
+            "    timeout 120s",
+            "  }",
+            "  chain learn_mapping {",
+            "    type filter hook postrouting priority srcnat + 10; policy accept;",
+            '    oifname "wan" meta l4proto udp update @eif_owner'
+            " { udp sport timeout 120s : ct original ip saddr . ct original proto-src }",
+            "  }",
+            "  chain inbound_to_owner {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            '    iifname "wan" meta l4proto udp dnat ip to udp dport map @eif_owner',
+            "  }",
+        ]
+    masquerade = "masquerade fully-random" if kind == "symmetric" else "masquerade"
+    lines += [
+        "  chain outbound_nat {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "wan" {masquerade}',
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy drop;",
+        "    ct state established,related accept",
+    ]
+    if kind == "udp-blocked":
+        lines += [
+            '    iifname "lan" oifname "wan" tcp dport { 80, 443 } accept',
+            '    iifname "lan" oifname "wan" meta l4proto icmp accept',
+        ]
+    else:
+        lines.append('    iifname "lan" oifname "wan" accept')
+    if kind == "eim":
+        lines.append('    iifname "wan" ct status dnat accept')  # what inbound_to_owner let in
+    lines += [
+        "  }",
+        "  chain to_router {",
+        "    type filter hook input priority filter; policy accept;",
+        '    iifname "wan" ct state established,related accept',
+        '    iifname "wan" icmp type echo-request accept',
+        # No ICMP answer and, above all, no confirmed conntrack entry (see the module doc).
+        '    iifname "wan" drop',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ConntrackEntry:
+    """One line of ``conntrack -L``: the original and reply tuples, seconds left, flags."""
+
+    proto: str
+    timeout: int
+    original: tuple[str, int, str, int]  # src, sport, dst, dport
+    reply: tuple[str, int, str, int]
+    assured: bool
+    line: str
+
+
+_TUPLE = re.compile(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)")
+
+
+def parse_conntrack(text: str) -> list[ConntrackEntry]:
+    """Parse ``conntrack -L`` output (lines like ``udp 17 28 src=... dst=... sport=...``)."""
+    out: list[ConntrackEntry] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[2].isdigit():
+            continue
+        tuples = _TUPLE.findall(line)
+        if len(tuples) < 2:
+            continue
+        (s1, d1, sp1, dp1), (s2, d2, sp2, dp2) = tuples[0], tuples[1]
+        out.append(
+            ConntrackEntry(
+                parts[0],
+                int(parts[2]),
+                (s1, int(sp1), d1, int(dp1)),
+                (s2, int(sp2), d2, int(dp2)),
+                "[ASSURED]" in line,
+                line,
+            )
+        )
+    return out
+
+
+class Router:
+    """A NAT router of the lab: namespace, WAN address, LAN subnet, and its current kind."""
+
+    def __init__(
+        self, lab: NatLab, name: str, ns: Namespace, index: int, wan_ip: str, upstream: Router | None
+    ) -> None:
+        self.lab = lab
+        self.name = name
+        self.ns = ns
+        self.index = index
+        self.wan_ip = wan_ip
+        self.upstream = upstream
+        self.lan = ipaddress.IPv4Network(f"{LAN_PREFIX}.{index}.0/24")
+        self.lan_ip = f"{LAN_PREFIX}.{index}.1"
+        self.kind = ""
+        self._next_host = 10
+        self._next_port = 0
+
+    def __repr__(self) -> str:
+        return f"Router({self.name}, {self.kind}, wan {self.wan_ip}, lan {self.lan})"
+
+    @property
+    def public_ip(self) -> str:
+        """The address the internet sees this router's hosts from (the outermost WAN)."""
+        router: Router = self
+        while router.upstream is not None:
+            router = router.upstream
+        return router.wan_ip
+
+    def _take_lan_address(self) -> str:
+        ip = f"{LAN_PREFIX}.{self.index}.{self._next_host}"
+        self._next_host += 1
+        return ip
+
+    def _lan_port_name(self) -> str:
+        self._next_port += 1
+        return f"h{self._next_port}"
+
+    def set_kind(self, kind: str) -> None:
+        """Load this kind's ruleset in place of the current one and flush conntrack: every
+        mapping is forgotten, as after a router reboot."""
+        text = ruleset(kind)
+        path = self.lab.tmpdir / f"nft-{self.name}-{kind}.conf"
+        path.write_text(text)
+        self.ns.run(["nft", "delete", "table", "ip", "natlab"], check=False)
+        self.ns.run(["nft", "-f", str(path)])
+        self.flush_conntrack()
+        self.kind = kind
+
+    def flush_conntrack(self) -> None:
+        """``conntrack -F``: drop every connection (and so every NAT mapping) the router tracks."""
+        # Exit 1 with "0 flow entries" on an empty table is fine.
+        self.ns.run(["conntrack", "-F"], check=False)
+
+    def conntrack(self, proto: str = "udp") -> list[ConntrackEntry]:
+        """The router's tracked connections of one protocol."""
+        out = self.ns.run(["conntrack", "-L", "-p", proto], check=False).stdout
+        return parse_conntrack(out)
+
+    def set_udp_timeouts(self, udp: int, stream: int) -> None:
+        """The conntrack UDP timeouts of this router (per namespace): ``udp`` for a flow that has
+        not (yet) been bidirectional for a while, ``stream`` for one that has."""
+        self.ns.run(
+            [
+                "sysctl",
+                "-q",
+                "-w",
+                f"net.netfilter.nf_conntrack_udp_timeout={int(udp)}",
+                f"net.netfilter.nf_conntrack_udp_timeout_stream={int(stream)}",
+            ]
+        )
+
+    def udp_timeouts(self) -> tuple[int, int]:
+        def read(name: str) -> int:
+            return int(self.ns.run(["sysctl", "-n", f"net.netfilter.{name}"]).stdout.strip())
+
+        return read("nf_conntrack_udp_timeout"), read("nf_conntrack_udp_timeout_stream")
+
+
+@dataclass
+class LabHost:
+    """A host of the lab: its namespace, its address, the router it sits behind (None: public)."""
+
+    lab: NatLab
+    name: str
+    ns: Namespace
+    ip: str
+    router: Router | None
+    kind: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"LabHost({self.name}, {self.kind}, {self.ip})"
+
+    @property
+    def public_ip(self) -> str:
+        return self.router.public_ip if self.router is not None else self.ip
+
+    @property
+    def routers(self) -> list[Router]:
+        """The routers between this host and the internet, nearest first."""
+        out: list[Router] = []
+        router = self.router
+        while router is not None:
+            out.append(router)
+            router = router.upstream
+        return out
+
+    def run(self, cmd: str | Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.ns.run(cmd, **kwargs)
+
+    def popen(self, cmd: str | Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        return self.ns.popen(cmd, **kwargs)
+
+
+class NatLab:
+    """The internet namespace, and the routers and hosts added to it; close() removes them all.
+
+    Pass a :class:`NetnsRig` to share one (the lab then leaves closing it to the owner), or let
+    the lab make and close its own.
+    """
+
+    def __init__(self, rig: NetnsRig | None = None) -> None:
+        reason = natlab_unavailable_reason()
+        if reason:
+            raise RigError(reason)
+        self._owns_rig = rig is None
+        self.rig = rig or NetnsRig()
+        self.routers: dict[str, Router] = {}
+        self.hosts: dict[str, LabHost] = {}
+        self._next_router = 1
+        self._next_public = FIRST_PUBLIC_HOST
+        self._next_inet_port = 0
+        try:
+            self.inet = self._namespace("inet")
+            self.inet.ip("link", "add", "br0", "type", "bridge")
+            for ip in SERVER_IPS:
+                self.inet.ip("addr", "add", f"{ip}/24", "dev", "br0")
+            self.inet.ip("link", "set", "br0", "up")
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
+
+    # context manager --------------------------------------------------------------------------
+    def __enter__(self) -> NatLab:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(raise_errors=exc_type is None)
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Remove everything (when the lab made its rig; otherwise the rig's owner does)."""
+        if self._owns_rig:
+            self.rig.close(raise_errors=raise_errors)
+
+    @property
+    def tmpdir(self) -> Path:
+        return self.rig.tmpdir
+
+    # building ---------------------------------------------------------------------------------
+    def _namespace(self, hint: str) -> Namespace:
+        ns = self.rig.add_namespace(hint)
+        settings = [
+            "net.ipv4.conf.all.rp_filter=0",  # asymmetric paths through NATs must not be dropped
+            "net.ipv4.conf.default.rp_filter=0",
+            # no IPv6: no router advertisements, no link-local candidates for the peers to chase
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]
+        ns.run(["sysctl", "-q", "-w", *settings])
+        # Only present when br_netfilter is loaded; then it defaults to 1 in a new namespace.
+        ns.run(["sh", "-c", "f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 > $f"])
+        return ns
+
+    def _plug_into_internet(self, ns: Namespace, ifname: str) -> None:
+        self._next_inet_port += 1
+        port = f"p{self._next_inet_port}"
+        # Both ends are created where they live: nothing ever appears in the root namespace.
+        ns.ip("link", "add", ifname, "type", "veth", "peer", "name", port, "netns", self.inet.name or "")
+        self.inet.ip("link", "set", port, "master", "br0", "up")
+
+    def _plug_into_lan(self, ns: Namespace, ifname: str, router: Router) -> str:
+        port = router._lan_port_name()
+        ns.ip("link", "add", ifname, "type", "veth", "peer", "name", port, "netns", router.ns.name or "")
+        router.ns.ip("link", "set", port, "master", "lan", "up")
+        return router._take_lan_address()
+
+    def add_router(self, name: str, kind: str, upstream: Router | None = None) -> Router:
+        """A NAT router of ``kind``: WAN on the internet, or on ``upstream``'s LAN (double NAT)."""
+        if name in self.routers or name in self.hosts:
+            raise ValueError(f"the lab already has {name!r}")
+        index = self._next_router
+        if index > 80:
+            raise RigError("the lab's address plan has room for 80 routers")
+        self._next_router += 1
+        ns = self._namespace(f"r{name}")
+        if upstream is None:
+            wan_ip = f"{INET_PREFIX}.{10 + index}"
+            self._plug_into_internet(ns, "wan")
+            gateway = SERVER_IPS[0]
+        else:
+            wan_ip = self._plug_into_lan(ns, "wan", upstream)
+            gateway = upstream.lan_ip
+        ns.ip("addr", "add", f"{wan_ip}/24", "dev", "wan")
+        ns.ip("link", "set", "wan", "up")
+        ns.ip("route", "add", "default", "via", gateway, "dev", "wan")
+        ns.ip("link", "add", "lan", "type", "bridge")
+        ns.ip("addr", "add", f"{LAN_PREFIX}.{index}.1/24", "dev", "lan")
+        ns.ip("link", "set", "lan", "up")
+        ns.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        router = Router(self, name, ns, index, wan_ip, upstream)
+        router.set_kind(kind)
+        self.routers[name] = router
+        return router
+
+    def add_host(self, name: str, router: Router | None, kind: str | None = None) -> LabHost:
+        """A host on ``router``'s LAN, or (None) a public host directly on the internet."""
+        if name in self.routers or name in self.hosts:
+            raise ValueError(f"the lab already has {name!r}")
+        ns = self._namespace(name)
+        if router is None:
+            ip = f"{INET_PREFIX}.{self._next_public}"
+            self._next_public += 1
+            self._plug_into_internet(ns, "eth0")
+            gateway = SERVER_IPS[0]
+        else:
+            ip = self._plug_into_lan(ns, "eth0", router)
+            gateway = router.lan_ip
+        ns.ip("addr", "add", f"{ip}/24", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("route", "add", "default", "via", gateway, "dev", "eth0")
+        host = LabHost(self, name, ns, ip, router, kind or (router.kind if router else "none"))
+        self.hosts[name] = host
+        return host
+
+    def host_behind(self, kind: str, name: str) -> LabHost:
+        """A host of a matrix kind (:data:`KINDS`) with routers of its own: ``none`` is public,
+        ``double`` sits behind :data:`DOUBLE_NAT`, the others behind one router of that kind
+        (named ``<name>-r``)."""
+        if kind == "none":
+            return self.add_host(name, None, "none")
+        if kind == "double":
+            outer = self.add_router(f"{name}-o", DOUBLE_NAT[0])
+            inner = self.add_router(f"{name}-i", DOUBLE_NAT[1], upstream=outer)
+            return self.add_host(name, inner, "double")
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown host kind {kind!r} (one of {', '.join(KINDS)})")
+        return self.add_host(name, self.add_router(f"{name}-r", kind), kind)
+
+    # inspection -------------------------------------------------------------------------------
+    def namespace_names(self) -> list[str]:
+        return [n.name or "" for n in self.rig.namespaces]
+
+    @contextlib.contextmanager
+    def capture(self, ns: Namespace, ifname: str, bpf: str = "") -> Iterator[Path]:
+        """tcpdump on ``ifname`` in ``ns`` for the block; yields the pcap path (complete after the
+        block)."""
+        cap = self.rig.capture(ns, ifname, bpf)
+        try:
+            yield cap.path
+        finally:
+            cap.stop()
