@@ -61,15 +61,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netns import Namespace, NetnsRig, RigError, _skip_or_fail, rig_unavailable_reason
+from netns import Namespace, NetnsRig, RigError, _skip_or_fail, rig_unavailable_reason, wait_for
 
 #: Router kinds (an nftables ruleset each).
 ROUTER_KINDS = ("eim", "eim-apdf", "symmetric", "udp-blocked")
@@ -462,3 +465,370 @@ class NatLab:
             yield cap.path
         finally:
             cap.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# a tailnet in the lab: control, DERP and STUN on the internet; tailscaled and embedmesh on hosts
+
+#: Where the servers listen. Control and DERP use ports 80 and 443, the only TCP ports a
+#: "udp-blocked" router lets out (as corporate firewalls do).
+CONTROL_LISTEN = f"{SERVER_IPS[0]}:80"
+EMBEDMESH_DERP_LISTEN = f"{SERVER_IPS[0]}:443"
+DERPER_LISTEN = f"{SERVER_IPS[1]}:80"
+STUN_PORT = 3478
+DERP_REGION = 900
+DERP_REGION_CODE = "lab"
+DERP_SERVERS = ("embedmesh", "derper")
+
+
+def derp_map(derp: str) -> dict[str, Any]:
+    """The lab's DERP map: one region, served by embedmesh's DERP server or by Tailscale's derper.
+
+    derper serves STUN on 203.0.113.2:3478 in both cases; with embedmesh's server (which has no
+    STUN yet) that derper is a STUN-only node of the region, so netcheck finds each node's public
+    address either way.
+    """
+    if derp not in DERP_SERVERS:
+        raise ValueError(f"derp must be one of {DERP_SERVERS}")
+    stun_ip = SERVER_IPS[1]
+    if derp == "embedmesh":
+        host, port = EMBEDMESH_DERP_LISTEN.split(":")
+        nodes = [
+            {"Name": "900a", "RegionID": DERP_REGION, "HostName": host, "IPv4": host,
+             "DERPPort": int(port), "STUNPort": -1, "InsecureForTests": True},
+            {"Name": "900s", "RegionID": DERP_REGION, "HostName": stun_ip, "IPv4": stun_ip,
+             "STUNPort": STUN_PORT, "STUNOnly": True, "InsecureForTests": True},
+        ]  # fmt: skip
+    else:
+        host, port = DERPER_LISTEN.split(":")
+        nodes = [
+            {"Name": "900a", "RegionID": DERP_REGION, "HostName": host, "IPv4": host,
+             "DERPPort": int(port), "STUNPort": STUN_PORT, "InsecureForTests": True},
+        ]  # fmt: skip
+    region = {
+        "RegionID": DERP_REGION,
+        "RegionCode": DERP_REGION_CODE,
+        "RegionName": "the NAT lab",
+        "Nodes": nodes,
+    }
+    return {"Regions": {str(DERP_REGION): region}}
+
+
+class _StateDirs:
+    """What tailnet.Tailscaled needs of a TailnetRig: fresh 0700 folders in the rig's temp folder."""
+
+    def __init__(self, tmpdir: Path) -> None:
+        self.tmpdir = tmpdir
+        self._n = 0
+
+    def state_dir(self, name: str) -> Path:
+        self._n += 1
+        path = self.tmpdir / f"{name}-{self._n}"
+        path.mkdir(mode=0o700)
+        return path
+
+
+def _log_text(proc: subprocess.Popen[Any]) -> str:
+    path = getattr(proc, "log_path", None)
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+class LabTailnet:
+    """``embedmesh control serve`` on the lab's internet, with a DERP region (embedmesh's DERP
+    server or derper) and STUN; tailscaled and embedmesh nodes on lab hosts join it."""
+
+    def __init__(self, lab: NatLab, bins: Any, derp: str = "embedmesh") -> None:
+        import tailnet as _tailnet
+
+        self._tailnet = _tailnet
+        self.lab = lab
+        self.bins = bins
+        self.derp = derp
+        self.dirs = _StateDirs(lab.tmpdir)
+        state = self.dirs.state_dir("control")
+        self.state = state
+        self.url = f"http://{CONTROL_LISTEN}"
+        env = _tailnet.child_env()
+        self.processes: dict[str, subprocess.Popen[Any]] = {}
+        # derper always runs: the STUN server of the region, and its DERP server when derp="derper".
+        if bins is not None:  # (None: embedmesh nodes only, no STUN; for trying the rig without Go)
+            self.processes["derper"] = lab.inet.popen(
+                [str(bins.derper), "-a", DERPER_LISTEN, "-http-port", "-1", "-stun-port", str(STUN_PORT),
+                 "-c", str(state / "derper.json")],
+                log_name="derper", env=env,
+            )  # fmt: skip
+        if derp == "embedmesh":
+            self.processes["derp"] = lab.inet.popen(
+                [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", EMBEDMESH_DERP_LISTEN,
+                 "--key-file", str(state / "embedmesh-derp.json")],
+                log_name="embedmesh-derp", env=env,
+            )  # fmt: skip
+        map_file = state / "derp-map.json"
+        map_file.write_text(json.dumps(derp_map(derp), indent=1))
+        self.processes["control"] = lab.inet.popen(
+            [sys.executable, "-m", "embedmesh.cli.main", "control", "serve", "--listen", CONTROL_LISTEN,
+             "--state-dir", str(state), "--derp-map", str(map_file)],
+            log_name="embedmesh-control", env=env,
+        )  # fmt: skip
+        self._wait_ready()
+        self._key: str | None = None
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        checks = [("control", CONTROL_LISTEN, "/health")]
+        if self.derp == "embedmesh":
+            checks.append(("derp", EMBEDMESH_DERP_LISTEN, "/derp/probe"))
+        else:
+            checks.append(("derper", DERPER_LISTEN, "/derp/probe"))
+
+        def ready() -> bool:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RigError(f"{name} exited with {proc.returncode}:\n{_log_text(proc)[-3000:]}")
+            for _name, listen, path in checks:
+                probe = [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "2",
+                    "-w",
+                    "%{http_code}",
+                    f"http://{listen}{path}",
+                ]
+                if self.lab.inet.run(probe, check=False).stdout.strip() != "200":
+                    return False
+            return True
+
+        wait_for(ready, timeout=timeout, interval=0.1, what="control and DERP in the lab")
+
+    def cli(self, *args: str) -> str:
+        """`embedmesh control ARGS --state-dir S` in the internet namespace; its stdout."""
+        argv = [sys.executable, "-m", "embedmesh.cli.main", "control", *args, "--state-dir", str(self.state)]
+        return self.lab.inet.run(argv, env=self._tailnet.child_env()).stdout
+
+    def authkey(self) -> str:
+        """One reusable, pre-approved auth key for every node of the lab (made once)."""
+        if self._key is None:
+            out = self.cli("authkey", "create", "--reusable", "--preapproved", "--expiry", "2h", "--json")
+            self._key = str(json.loads(out)["key"])
+        return self._key
+
+    def tailscaled(self, host: LabHost, name: str | None = None) -> LabTailscaled:
+        """tailscaled (userspace networking) on host, started and `tailscale up` (not waited for:
+        call ``wait_up()``)."""
+        return LabTailscaled(self, host, name or host.name)
+
+    def embedmesh(self, host: LabHost, name: str | None = None) -> LabEmbedmesh:
+        """`embedmesh up` on host, with a SOCKS5 proxy and the lab's service ports served."""
+        return LabEmbedmesh(self, host, name or f"em-{host.name}")
+
+    def logs(self, tail: int = 40) -> str:
+        parts = []
+        for name, proc in self.processes.items():
+            lines = _log_text(proc).splitlines()[-tail:]
+            parts.append(f"----- {name} (exit {proc.poll()}) -----\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+#: The TCP services every lab host runs on its loopback, and serves to the tailnet: tailscaled's
+#: userspace netstack forwards tailnet TCP to 127.0.0.1 of its namespace, `embedmesh up --serve`
+#: does the same.
+ECHO_PORT = 7000
+SINK_PORT = 7001
+TOOLS = Path(__file__).resolve().parent / "natlab_tools.py"
+
+
+@dataclass
+class PeerPath:
+    """How a node reaches one peer right now."""
+
+    kind: str  # "direct", "derp" or "none"
+    address: str  # "ip:port" when direct, the DERP region code when relayed, "" otherwise
+
+
+class LabPeer:
+    """What the matrix needs of any node in the lab (tailscaled or embedmesh)."""
+
+    host: LabHost
+    name: str
+    socks: str  # the node's SOCKS5 proxy, on its namespace's loopback
+
+    def start_services(self) -> None:
+        """The echo and sink servers on the host's loopback (once per host)."""
+        if self.host.extra.get("services"):
+            return
+        for command, port in (("echo", ECHO_PORT), ("sink", SINK_PORT)):
+            proc = self.host.popen(
+                [sys.executable, str(TOOLS), command, f"127.0.0.1:{port}"],
+                log_name=f"{command}-{self.host.name}",
+            )
+            self.host.extra[command] = proc
+            wait_for(lambda p=proc: "listening" in _log_text(p), 10, 0.05, f"{command} on {self.host.name}")  # type: ignore[misc]
+        self.host.extra["services"] = True
+
+    def ipv4(self) -> str:
+        raise NotImplementedError
+
+    def path_to(self, peer: LabPeer) -> PeerPath:
+        raise NotImplementedError
+
+    def echo(self, peer: LabPeer, payload: str = "natlab hello", timeout: float = 20.0) -> dict[str, Any]:
+        """One TCP round trip to the peer's echo service through this node's SOCKS5 proxy:
+        ``{"connect_s", "ttfb_s", "echo", "started"}`` (started: wall-clock time of the connect)."""
+        started = time.time()
+        out = self.host.run(
+            [sys.executable, str(TOOLS), "echo-client", f"{peer.ipv4()}:{ECHO_PORT}", "--socks", self.socks,
+             "--payload", payload, "--timeout", str(timeout)],
+            timeout=timeout + 10, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RigError(f"echo from {self.name} to {peer.name} failed: {out.stdout} {out.stderr}")
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        result["started"] = started
+        return result
+
+
+class LabTailscaled(LabPeer):
+    """A tailscaled in a lab host, joined to the lab's tailnet."""
+
+    def __init__(self, net: LabTailnet, host: LabHost, name: str) -> None:
+        tailnet = net._tailnet
+        self.net = net
+        self.host = host
+        self.name = name
+        self.socks = f"127.0.0.1:{tailnet.Tailscaled.socks5_port}"
+        self.ts = tailnet.Tailscaled(net.dirs, net.bins, name, tailnet.Host(host.ns, host.ip, name))  # type: ignore[arg-type]
+        self.ts.start()
+        self._wait_up = self.ts.up_async(net.url, net.authkey(), timeout=60)
+        self._ip: str | None = None
+        self._api: Any = None
+
+    def wait_up(self) -> None:
+        self._wait_up()
+
+    def status(self) -> dict[str, Any]:
+        """tailscaled's status (`tailscale status --json`), read from its LocalAPI socket: a poll
+        costs no process."""
+        import httpx
+
+        if self._api is None:
+            self._api = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.ts.socket)), timeout=5)
+        reply = self._api.get("http://local-tailscaled.sock/localapi/v0/status")
+        reply.raise_for_status()
+        return reply.json()  # type: ignore[no-any-return]
+
+    def ipv4(self) -> str:
+        if self._ip is None:
+            self._ip = self.ts.ipv4()
+        return self._ip
+
+    def _peer_status(self, peer: LabPeer) -> dict[str, Any] | None:
+        want = peer.ipv4()
+        for p in (self.status().get("Peer") or {}).values():
+            if want in (p.get("TailscaleIPs") or []):
+                return p  # type: ignore[no-any-return]
+        return None
+
+    def path_to(self, peer: LabPeer) -> PeerPath:
+        p = self._peer_status(peer)
+        if p is None:
+            return PeerPath("none", "")
+        if p.get("CurAddr"):
+            return PeerPath("direct", str(p["CurAddr"]))
+        if p.get("Relay") and (p.get("RxBytes") or 0) > 0:
+            return PeerPath("derp", str(p["Relay"]))
+        return PeerPath("none", "")
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()
+
+
+class LabEmbedmesh(LabPeer):
+    """`embedmesh up` in a lab host: a node of the lab's tailnet, with a SOCKS5 proxy into it and
+    the host's echo and sink services served on the same ports."""
+
+    socks_port = 1080
+
+    def __init__(self, net: LabTailnet, host: LabHost, name: str) -> None:
+        from embedmesh.localapi import SOCKET_NAME
+
+        self.net = net
+        self.host = host
+        self.name = name
+        self.socks = f"127.0.0.1:{self.socks_port}"
+        self.state = net.dirs.state_dir(f"embedmesh-{name}")
+        key_file = self.state / "authkey"
+        key_file.write_text(net.authkey())
+        key_file.chmod(0o600)
+        self.socket = self.state / SOCKET_NAME
+        env = net._tailnet.child_env()
+        argv = [
+            sys.executable, "-m", "embedmesh.cli.main", "up", "--control-url", net.url,
+            "--auth-key", f"file:{key_file}", "--hostname", name, "--state-dir", str(self.state),
+            "--socks5", self.socks,
+            "--serve", f"{ECHO_PORT}=127.0.0.1:{ECHO_PORT}", "--serve", f"{SINK_PORT}=127.0.0.1:{SINK_PORT}",
+        ]  # fmt: skip
+        self.process = host.popen(argv, log_name=f"embedmesh-{name}", env=env)
+        self._ip: str | None = None
+        self._api: Any = None
+
+    def status(self) -> dict[str, Any]:
+        """The node's status from its local API (what `embedmesh status --json` prints)."""
+        import httpx
+
+        if self.process.poll() is not None:
+            raise RigError(
+                f"embedmesh up {self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+            )
+        if self._api is None:
+            self._api = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=5)
+        reply = self._api.get("http://embedmesh/v1/status")
+        reply.raise_for_status()
+        return reply.json()  # type: ignore[no-any-return]
+
+    def wait_up(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if not self.socket.exists():
+                if self.process.poll() is not None:
+                    self.status()  # raises with the log
+                return False
+            try:
+                return bool(self.status().get("ready"))
+            except (OSError, RigError) as exc:
+                if isinstance(exc, RigError):
+                    raise
+                return False
+            except Exception:  # the local API is still starting
+                return False
+
+        wait_for(ready, timeout=timeout, interval=0.1, what=f"embedmesh node {self.name} to be up")
+
+    def ipv4(self) -> str:
+        if self._ip is None:
+            self._ip = next(a.split("/")[0] for a in self.status()["addresses"] if ":" not in a)
+        return self._ip
+
+    def path_to(self, peer: LabPeer) -> PeerPath:
+        want = peer.ipv4()
+        for p in self.status()["peers"]:
+            if want in [a.split("/")[0] for a in p.get("addresses") or []]:
+                kind = str(p.get("path") or "none")
+                address = p.get("path_address")
+                if isinstance(address, list):
+                    address = f"{address[0]}:{address[1]}"
+                return PeerPath(kind, str(address or ""))
+        return PeerPath("none", "")
+
+    def log(self) -> str:
+        return _log_text(self.process)
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()

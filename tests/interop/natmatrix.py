@@ -1,0 +1,162 @@
+"""The NAT matrix: which pairs of NAT kinds get a direct path, and how a pair is measured.
+
+``expected_path`` is the matrix the shared lab measured with its prototype
+(``/work/shared/natlab/RESULTS.md``):
+
+* easy <-> easy (``none``, ``eim``, ``eim-apdf``, ``double``: every mapping endpoint-independent):
+  direct;
+* an easy side with endpoint-independent *filtering* (``none``, ``eim``) <-> ``symmetric``:
+  direct, because the easy side answers the symmetric side's probe at the address it came from
+  (a peer-reflexive candidate);
+* an address-and-port-dependent easy side (``eim-apdf``, ``double``) <-> ``symmetric``, and
+  ``symmetric`` <-> ``symmetric``: no direct path, DERP;
+* ``udp-blocked`` <-> anything: DERP (over TCP, the only way out);
+* two hosts behind one NAT (hairpin): direct, over their LAN addresses.
+
+``measure`` runs one pair: a TCP echo through the first node's SOCKS5 proxy to the second
+node's echo service (the time to first byte, which usually travels through DERP), then it
+watches the first node's view of the path until it turns direct or the pair's time is up, with a
+second echo after discovery's 5-s retry interval so a late hole punch still gets its chance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from natlab import LabPeer, PeerPath
+
+EASY = frozenset({"none", "eim", "eim-apdf", "double"})
+ENDPOINT_INDEPENDENT_FILTERING = frozenset({"none", "eim"})
+
+
+def expected_path(kind_a: str, kind_b: str) -> str:
+    """ "direct" or "derp": what RESULTS.md says two hosts of these kinds get."""
+    kinds = {kind_a, kind_b}
+    if "udp-blocked" in kinds:
+        return "derp"
+    if kinds <= EASY:
+        return "direct"
+    if "symmetric" in kinds and (kinds - {"symmetric"}) & ENDPOINT_INDEPENDENT_FILTERING:
+        return "direct"
+    return "derp"
+
+
+@dataclass
+class Measurement:
+    """One pair of the matrix, as measured."""
+
+    pair: str
+    expected: str
+    got: str
+    ttfb: float  # seconds from the first connect to the first echoed byte
+    to_direct: float | None  # seconds from the first connect to a direct path (None: never)
+    path_a: PeerPath
+    path_b: PeerPath
+
+    def row(self) -> str:
+        direct = f"{self.to_direct * 1000:.0f}" if self.to_direct is not None else "-"
+        where = self.path_a.address if self.got == "direct" else f'DERP "{self.path_a.address}"'
+        ok = "yes" if self.got == self.expected else "**no**"
+        return f"| {self.pair} | {self.expected} | {self.got} | {ok} | {self.ttfb * 1000:.0f} | {direct} | {where} |"
+
+
+TABLE_HEADER = (
+    "| pair (A / B) | expected | measured | match | time to first byte (ms) | time to direct (ms) | A's path to B |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def measure(
+    a: LabPeer,
+    b: LabPeer,
+    pair: str,
+    expected: str,
+    *,
+    direct_timeout: float = 8.0,
+    derp_watch: float = 6.5,
+    retry_after: float = 5.2,
+) -> Measurement:
+    """Measure one pair (see the module doc). ``direct_timeout``: how long a pair expected to go
+    direct may take; ``derp_watch``: how long a pair expected to stay on DERP is watched."""
+    first = a.echo(b)
+    t0 = float(first["started"])
+    deadline = t0 + (direct_timeout if expected == "direct" else derp_watch)
+    to_direct: float | None = None
+    retried = False
+    while True:
+        now = time.time()
+        if a.path_to(b).kind == "direct":
+            to_direct = now - t0
+            break
+        if now >= deadline:
+            break
+        if not retried and now - t0 >= retry_after:
+            retried = True
+            a.echo(b)
+        time.sleep(0.05)
+    if to_direct is not None:
+        # The other side's view follows within a round trip or two.
+        end = time.time() + 3
+        while b.path_to(a).kind != "direct" and time.time() < end:
+            time.sleep(0.05)
+    else:
+        a.echo(b)  # still connected, over the relay
+    path_a, path_b = a.path_to(b), b.path_to(a)
+    if path_a.kind == "direct" and path_b.kind == "direct":
+        got = "direct"
+    elif path_a.kind == "direct" or path_b.kind == "direct":
+        got = "one-sided"
+    elif path_a.kind == "derp" and path_b.kind == "derp":
+        got = "derp"
+    else:
+        got = f"{path_a.kind}/{path_b.kind}"
+    return Measurement(pair, expected, got, float(first["ttfb_s"]), to_direct, path_a, path_b)
+
+
+RESULTS_SECTION = "## NAT lab results"
+#: Set to a Markdown file (docs/nat-traversal.md) to have the matrix tests write their tables
+#: into its "NAT lab results" section; unset, they only print them.
+DOC_ENV = "EMBEDMESH_NATLAB_DOC"
+
+
+def table(measurements: list[Measurement]) -> str:
+    return "\n".join([TABLE_HEADER, *(m.row() for m in measurements)])
+
+
+def write_results(doc: Path, title: str, intro: str, measurements: list[Measurement]) -> None:
+    """Put ``### title`` (intro, then the table) into the doc's "NAT lab results" section,
+    replacing an older subsection of that title; every other part of the file stays."""
+    text = doc.read_text() if doc.exists() else "# NAT traversal\n"
+    block = f"### {title}\n\n{intro.strip()}\n\n{table(measurements)}\n"
+    if RESULTS_SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{RESULTS_SECTION}\n\n{RESULTS_INTRO}\n\n{block}"
+        doc.write_text(text)
+        return
+    start = text.index(RESULTS_SECTION)
+    after = text.find("\n## ", start + len(RESULTS_SECTION))
+    section_end = len(text) if after < 0 else after + 1
+    section = text[start:section_end]
+    heading = f"### {title}\n"
+    if heading in section:
+        s = section.index(heading)
+        nxt = section.find("\n### ", s + len(heading))
+        e = len(section) if nxt < 0 else nxt + 1
+        section = section[:s] + block + ("\n" if nxt >= 0 else "") + section[e:]
+    else:
+        section = section.rstrip("\n") + "\n\n" + block
+    if after >= 0 and not section.endswith("\n\n"):
+        section = section.rstrip("\n") + "\n\n"
+    doc.write_text(text[:start] + section + text[section_end:])
+
+
+RESULTS_INTRO = """\
+Measured by `tests/interop/test_natlab_matrix.py` in the NAT lab of `tests/interop/natlab.py`
+(network namespaces, nftables NATs; control, DERP and STUN on the lab's "internet"). Expected
+paths are the matrix the shared lab measured with its prototype (`natmatrix.expected_path`).
+Time to first byte: from the first TCP connect through A's SOCKS5 proxy to the first byte of
+B's echo (the connection starts on DERP whenever there is no proven direct path yet). Time to
+direct: from that same connect until A's status shows a direct path to B. Numbers are from one
+run on a 2-core VM: read them as orders of magnitude. Regenerate with
+`EMBEDMESH_NATLAB_DOC=docs/nat-traversal.md` set."""

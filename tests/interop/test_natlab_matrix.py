@@ -1,0 +1,146 @@
+"""Issue 10, "The NAT lab, with real peers": every pair of NAT kinds connects, directly exactly where
+the shared lab's measurements say a direct path exists, through DERP elsewhere.
+
+One lab for the module (tests/interop/natlab.py): `embedmesh control serve` on the lab's internet
+with a DERP region (embedmesh's `derp serve`, plain HTTP on port 443, clients with
+TS_DEBUG_USE_DERP_HTTP=1) and derper's STUN; hosts ``a-<kind>`` and ``b-<kind>`` behind a NAT of
+each kind, ``c-<kind>`` beside ``a-<kind>`` behind the same NAT (hairpin). Each host runs
+tailscaled (v1.102.5, userspace networking) and, for the embedmesh cases, `embedmesh up`; both
+serve a TCP echo on port 7000 and a sink on 7001 of the host's loopback to the tailnet.
+
+Pairs run one after the other with short timeouts (natmatrix.measure); the time to first byte
+and time to direct of each pair are printed, and written into docs/nat-traversal.md when
+EMBEDMESH_NATLAB_DOC names it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import natmatrix
+import pytest
+from natlab import KINDS, LabEmbedmesh, LabHost, LabTailnet, LabTailscaled, NatLab, skip_unless_natlab
+from natmatrix import Measurement, expected_path, measure
+
+pytestmark = pytest.mark.interop
+
+PAIRS = [(ka, kb) for i, ka in enumerate(KINDS) for kb in KINDS[i:]]
+HAIRPIN_KINDS = ("eim-apdf", "symmetric")
+
+RESULTS: dict[str, list[Measurement]] = {}
+
+
+class Lab:
+    """The module's lab: the NAT lab, its tailnet, and the nodes on each host (made on demand)."""
+
+    def __init__(self, lab: NatLab, net: LabTailnet) -> None:
+        self.lab = lab
+        self.net = net
+        self.tailscaled: dict[str, LabTailscaled] = {}
+        self.embedmesh: dict[str, LabEmbedmesh] = {}
+
+    def host(self, name: str) -> LabHost:
+        return self.lab.hosts[name]
+
+    def start_embedmesh(self) -> None:
+        if self.embedmesh:
+            return
+        for name, host in self.lab.hosts.items():
+            self.embedmesh[name] = self.net.embedmesh(host)
+        for node in self.embedmesh.values():
+            node.wait_up()
+            node.start_services()
+
+    def logs(self, *names: str) -> str:
+        parts = [self.net.logs()]
+        for name in names:
+            for nodes in (self.tailscaled, self.embedmesh):
+                node = nodes.get(name)
+                if isinstance(node, LabTailscaled):
+                    parts.append(
+                        f"----- tailscaled {name} -----\n" + "\n".join(node.ts.log().splitlines()[-60:])
+                    )
+                elif isinstance(node, LabEmbedmesh):
+                    parts.append(f"----- embedmesh {name} -----\n" + "\n".join(node.log().splitlines()[-60:]))
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def natnet(tailscale_bins: Any) -> Iterator[Lab]:
+    skip_unless_natlab()
+    with NatLab() as lab:
+        net = LabTailnet(lab, tailscale_bins, derp="embedmesh")
+        for kind in KINDS:
+            lab.host_behind(kind, f"a-{kind}")
+            lab.host_behind(kind, f"b-{kind}")
+        for kind in HAIRPIN_KINDS:
+            lab.add_host(f"c-{kind}", lab.routers[f"a-{kind}-r"], kind)
+        state = Lab(lab, net)
+        for name, host in lab.hosts.items():
+            state.tailscaled[name] = net.tailscaled(host)
+        for node in state.tailscaled.values():
+            node.wait_up()
+            node.start_services()
+        try:
+            yield state
+        finally:
+            for node in [*state.tailscaled.values(), *state.embedmesh.values()]:
+                node.close()
+            report()
+
+
+def report() -> None:
+    doc = os.environ.get(natmatrix.DOC_ENV)
+    for title, measurements in RESULTS.items():
+        print(f"\n{title}\n{natmatrix.table(measurements)}")
+        if doc and measurements:
+            natmatrix.write_results(Path(doc), title, INTROS.get(title, ""), measurements)
+
+
+TITLE_TS = "tailscaled ↔ tailscaled (DERP: embedmesh derp serve)"
+INTROS = {
+    TITLE_TS: "tailscaled v1.102.5 on both sides, userspace networking, joined to `embedmesh control "
+    "serve`; the relay is `embedmesh derp serve`, STUN is derper's.",
+}
+
+
+def _record(title: str, m: Measurement) -> None:
+    RESULTS.setdefault(title, []).append(m)
+    direct = f"{m.to_direct * 1000:.0f} ms" if m.to_direct is not None else "never"
+    print(
+        f"{m.pair}: expected {m.expected}, got {m.got}; time to first byte {m.ttfb * 1000:.0f} ms, "
+        f"to direct {direct}; A->B {m.path_a}, B->A {m.path_b}"
+    )
+
+
+def _check_over_tcp(natnet: Lab, host_name: str) -> None:
+    """Behind "udp-blocked": no UDP flow through the router, and a TCP connection to the relay."""
+    router = natnet.host(host_name).router
+    assert router is not None
+    assert router.conntrack("udp") == [], router.conntrack("udp")
+    tcp = [e.original for e in router.conntrack("tcp")]
+    assert any(dport == 443 for _src, _sport, _dst, dport in tcp), tcp
+
+
+@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
+def test_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
+    a, b = natnet.tailscaled[f"a-{kind_a}"], natnet.tailscaled[f"b-{kind_b}"]
+    expected = expected_path(kind_a, kind_b)
+    m = measure(a, b, f"{kind_a} / {kind_b}", expected)
+    _record(TITLE_TS, m)
+    assert m.got == expected, natnet.logs(a.name, b.name)
+    if "udp-blocked" in (kind_a, kind_b):
+        _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
+
+
+@pytest.mark.parametrize("kind", HAIRPIN_KINDS)
+def test_tailscaled_hairpin(natnet: Lab, kind: str) -> None:
+    a, c = natnet.tailscaled[f"a-{kind}"], natnet.tailscaled[f"c-{kind}"]
+    m = measure(a, c, f"hairpin {kind} (LAN)", "direct")
+    _record(TITLE_TS, m)
+    assert m.got == "direct", natnet.logs(a.name, c.name)
+    # over the LAN: the two hosts' own addresses, not the NAT's
+    assert m.path_a.address.startswith(c.host.ip + ":"), m
