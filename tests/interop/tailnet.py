@@ -447,6 +447,25 @@ async def serving_node(
 ) -> AsyncIterator[Any]:
     """An embedmesh Node "py" in the tailnet, up, serving ``app`` on ``address`` until the block
     ends (the node is closed, and logs out if ephemeral, as it leaves)."""
+
+
+    # The rig's DERP servers speak plain HTTP: the node follows Tailscale's knob, as tailscaled does.
+    saved = os.environ.get("TS_DEBUG_USE_DERP_HTTP")
+    os.environ["TS_DEBUG_USE_DERP_HTTP"] = "1"
+    try:
+        async with _serving_node(control_url, auth_key, state_dir, listen_host, app, address) as node:
+            yield node
+    finally:
+        if saved is None:
+            os.environ.pop("TS_DEBUG_USE_DERP_HTTP", None)
+        else:
+            os.environ["TS_DEBUG_USE_DERP_HTTP"] = saved
+
+
+@contextlib.asynccontextmanager
+async def _serving_node(
+    control_url: str, auth_key: str, state_dir: Path, listen_host: str, app: Any, address: str
+) -> AsyncIterator[Any]:
     import anyio
 
     import embedmesh
@@ -530,6 +549,9 @@ class EmbedmeshControl:
                 str(state),
                 "--derp-map",
                 str(derp_map),
+                # The embedded relay (region 999) beside the derper, which has 3340.
+                "--derp-port",
+                "3341",
                 *flags,
             ],
             log_name="embedmesh-control",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 from pathlib import Path
 
@@ -11,30 +9,11 @@ import click
 
 from embedmesh.errors import ConfigError
 from embedmesh.hostport import join_host_port, split_host_port
-from embedmesh.tailscale.keys import KeyFormatError, NodePrivate
 
 
 @click.group()
 def derp() -> None:
     """DERP relays: Tailscale's relay protocol for nodes that cannot reach each other directly."""
-
-
-def _load_or_create_key(path: Path | None) -> NodePrivate:
-    if path is None:
-        return NodePrivate.generate(os.urandom(32))
-    if path.exists():
-        # derper's config file format ({"PrivateKey": "privkey:..."}), so one file serves both.
-        try:
-            doc = json.loads(path.read_text())
-            return NodePrivate.from_text(doc["PrivateKey"])
-        except (OSError, ValueError, KeyError, TypeError, KeyFormatError) as exc:
-            raise ConfigError(f"cannot read the DERP key file {path}: {exc}; delete it to make a new key") from None
-    key = NodePrivate.generate(os.urandom(32))
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        json.dump({"PrivateKey": key.to_text()}, file)
-    return key
 
 
 @derp.command("serve")
@@ -50,7 +29,7 @@ def serve(listen: str, tls_cert: Path | None, tls_key: Path | None, key_file: Pa
     """Run a DERP relay server until interrupted (Ctrl-C or SIGTERM)."""
     import anyio
 
-    from embedmesh.tailscale.derpserver import DerpServer, tls_context
+    from embedmesh.tailscale.derpserver import DerpServer, load_or_create_server_key, tls_context
 
     try:
         host, port = split_host_port(listen)
@@ -59,7 +38,7 @@ def serve(listen: str, tls_cert: Path | None, tls_key: Path | None, key_file: Pa
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     context = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
-    server = DerpServer(_load_or_create_key(key_file), ssl_context=context)
+    server = DerpServer(load_or_create_server_key(key_file), ssl_context=context)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
