@@ -666,9 +666,9 @@ class LabPeer:
         """The echo and sink servers on the host's loopback (once per host)."""
         if self.host.extra.get("services"):
             return
-        for command, port in (("echo", ECHO_PORT), ("sink", SINK_PORT)):
+        for command, port, extra in (("echo", ECHO_PORT, []), ("sink", SINK_PORT, ["--every", "0.25"])):
             proc = self.host.popen(
-                [sys.executable, str(TOOLS), command, f"127.0.0.1:{port}"],
+                [sys.executable, str(TOOLS), command, f"127.0.0.1:{port}", *extra],
                 log_name=f"{command}-{self.host.name}",
             )
             self.host.extra[command] = proc
