@@ -51,19 +51,22 @@ class Measurement:
     expected: str
     got: str
     ttfb: float  # seconds from the first connect to the first echoed byte
-    to_direct: float | None  # seconds from the first connect to a direct path (None: never)
+    to_direct: float | None  # seconds from the first connect to A's direct path to B (None: never)
+    to_direct_b: float | None  # the same for B's path to A
     path_a: PeerPath
     path_b: PeerPath
 
     def row(self) -> str:
-        direct = f"{self.to_direct * 1000:.0f}" if self.to_direct is not None else "-"
+        direct = " / ".join(
+            f"{t * 1000:.0f}" if t is not None else "-" for t in (self.to_direct, self.to_direct_b)
+        )
         where = self.path_a.address if self.got == "direct" else f'DERP "{self.path_a.address}"'
         ok = "yes" if self.got == self.expected else "**no**"
         return f"| {self.pair} | {self.expected} | {self.got} | {ok} | {self.ttfb * 1000:.0f} | {direct} | {where} |"
 
 
 TABLE_HEADER = (
-    "| pair (A / B) | expected | measured | match | time to first byte (ms) | time to direct (ms) | A's path to B |\n"
+    "| pair (A / B) | expected | measured | match | time to first byte (ms) | time to direct A→B / B→A (ms) | A's path to B |\n"
     "|---|---|---|---|---|---|---|"
 )
 
@@ -84,24 +87,23 @@ def measure(
     t0 = float(first["started"])
     deadline = t0 + (direct_timeout if expected == "direct" else derp_watch)
     to_direct: float | None = None
+    to_direct_b: float | None = None
     retried = False
     while True:
         now = time.time()
-        if a.path_to(b).kind == "direct":
+        if to_direct is None and a.path_to(b).kind == "direct":
             to_direct = now - t0
+        if to_direct_b is None and b.path_to(a).kind == "direct":
+            to_direct_b = now - t0
+        if to_direct is not None and to_direct_b is not None:
             break
-        if now >= deadline:
-            break
+        if now >= deadline and (to_direct is None or now >= deadline + 3):
+            break  # (once A is direct, B's view gets 3 s more to follow)
         if not retried and now - t0 >= retry_after:
             retried = True
             a.echo(b)
         time.sleep(0.05)
-    if to_direct is not None:
-        # The other side's view follows within a round trip or two.
-        end = time.time() + 3
-        while b.path_to(a).kind != "direct" and time.time() < end:
-            time.sleep(0.05)
-    else:
+    if to_direct is None:
         a.echo(b)  # still connected, over the relay
     path_a, path_b = a.path_to(b), b.path_to(a)
     if path_a.kind == "direct" and path_b.kind == "direct":
@@ -112,7 +114,7 @@ def measure(
         got = "derp"
     else:
         got = f"{path_a.kind}/{path_b.kind}"
-    return Measurement(pair, expected, got, float(first["ttfb_s"]), to_direct, path_a, path_b)
+    return Measurement(pair, expected, got, float(first["ttfb_s"]), to_direct, to_direct_b, path_a, path_b)
 
 
 RESULTS_SECTION = "## NAT lab results"
