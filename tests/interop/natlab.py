@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -639,6 +640,8 @@ class LabTailnet:
         return "\n".join(parts)
 
 
+#: Set to 1: embedmesh nodes log at debug level (``embedmesh -vv up``).
+DEBUG_ENV = "EMBEDMESH_NATLAB_DEBUG"
 #: The TCP services every lab host runs on its loopback, and serves to the tailnet: tailscaled's
 #: userspace netstack forwards tailnet TCP to 127.0.0.1 of its namespace, `embedmesh up --serve`
 #: does the same.
@@ -773,7 +776,8 @@ class LabEmbedmesh(LabPeer):
         self.socket = self.state / SOCKET_NAME
         env = net._tailnet.child_env()
         argv = [
-            sys.executable, "-m", "embedmesh.cli.main", "up", "--control-url", net.url,
+            sys.executable, "-m", "embedmesh.cli.main", *(["-vv"] if os.environ.get(DEBUG_ENV) else []),
+            "up", "--control-url", net.url,
             "--auth-key", f"file:{key_file}", "--hostname", name, "--state-dir", str(self.state),
             "--socks5", self.socks,
             "--serve", f"{ECHO_PORT}=127.0.0.1:{ECHO_PORT}", "--serve", f"{SINK_PORT}=127.0.0.1:{SINK_PORT}",

@@ -108,8 +108,11 @@ INTROS = {
 }
 
 
-def _record(title: str, m: Measurement) -> None:
+def _record(title: str, m: Measurement, natnet: Lab | None = None, *hosts: str) -> None:
     RESULTS.setdefault(title, []).append(m)
+    if m.ttfb > 2 and natnet is not None:
+        # a first byte that took a retransmission or more: show what the nodes were doing
+        print(f"slow first byte ({m.ttfb:.1f} s) in {m.pair}:\n{natnet.logs(*hosts)}")
     direct = [f"{t * 1000:.0f} ms" if t is not None else "never" for t in (m.to_direct, m.to_direct_b)]
     print(
         f"{m.pair}: expected {m.expected}, got {m.got}; time to first byte {m.ttfb * 1000:.0f} ms, "
@@ -185,7 +188,7 @@ def test_embedmesh_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> Non
     a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.tailscaled[f"b-{kind_b}"]
     expected = expected_path(kind_a, kind_b)
     m = measure(a, b, f"{kind_a} / {kind_b}", expected)
-    _record(TITLE_EM_TS, m)
+    _record(TITLE_EM_TS, m, natnet, a.host.name, b.name)
     assert m.got == expected, natnet.logs(a.host.name, b.name)
     if "udp-blocked" in (kind_a, kind_b):
         _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
@@ -197,7 +200,7 @@ def test_embedmesh_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
     a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.embedmesh[f"b-{kind_b}"]
     expected = expected_path(kind_a, kind_b)
     m = measure(a, b, f"{kind_a} / {kind_b}", expected)
-    _record(TITLE_EM_EM, m)
+    _record(TITLE_EM_EM, m, natnet, a.host.name, b.host.name)
     assert m.got == expected, natnet.logs(a.host.name, b.host.name)
     if "udp-blocked" in (kind_a, kind_b):
         _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
