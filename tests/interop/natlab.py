@@ -253,6 +253,21 @@ class Router:
         self.flush_conntrack()
         self.kind = kind
 
+    def block_udp_with(self, ip: str) -> None:
+        """A firewall rule on top of the NAT: drop UDP to and from ``ip`` (both directions, and
+        flows already open too); everything else (STUN, DERP over TCP) still passes. Lifted by
+        :meth:`unblock_udp` or by the next :meth:`set_kind`."""
+        self.ns.run(["nft", "add", "chain", "ip", "natlab", "peer_block",
+                     "{ type filter hook forward priority filter - 10; policy accept; }"])  # fmt: skip
+        for direction in ("daddr", "saddr"):
+            self.ns.run(["nft", "add", "rule", "ip", "natlab", "peer_block", "ip", direction, ip,
+                         "meta", "l4proto", "udp", "drop"])  # fmt: skip
+
+    def unblock_udp(self) -> None:
+        """Remove every :meth:`block_udp_with` rule."""
+        self.ns.run(["nft", "flush", "chain", "ip", "natlab", "peer_block"], check=False)
+        self.ns.run(["nft", "delete", "chain", "ip", "natlab", "peer_block"], check=False)
+
     def flush_conntrack(self) -> None:
         """``conntrack -F``: drop every connection (and so every NAT mapping) the router tracks."""
         # Exit 1 with "0 flow entries" on an empty table is fine.

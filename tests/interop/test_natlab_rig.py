@@ -121,6 +121,21 @@ def test_set_kind_changes_behaviour_in_place(lab: NatLab) -> None:
     assert ports == {40302}
 
 
+def test_block_udp_with_one_address_leaves_the_rest(lab: NatLab) -> None:
+    host = lab.hosts["h-eim-apdf"]
+    router = host.router
+    assert router is not None
+    router.block_udp_with(S2)
+    try:
+        mapped = probe(host, 40500, other=False)["mapped"]
+        assert isinstance(mapped, dict)
+        assert mapped[f"{S2}:3478"] is None and mapped[f"{S1}:3478"] and mapped[f"{S1}:3479"], mapped
+    finally:
+        router.unblock_udp()
+    mapped = probe(host, 40501, other=False)["mapped"]
+    assert isinstance(mapped, dict) and all(mapped.values()), mapped
+
+
 def test_udp_timeout_is_per_router(lab: NatLab) -> None:
     router = lab.hosts["h-eim"].router
     other = lab.hosts["h-symmetric"].router
