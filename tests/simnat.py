@@ -185,9 +185,12 @@ class Transfer:
     """A one-way TCP bulk transfer from ``world.a`` to ``world.b`` over the overlay, stepped by
     the caller (so it can flush NATs or change their kind mid-stream)."""
 
-    def __init__(self, world: World, payload: bytes, port: int = 80) -> None:
+    def __init__(self, world: World, payload: bytes, port: int = 80, *, chunk: int | None = None) -> None:
         self.world = world
         self.payload = payload
+        #: The most the application writes per step (None: as much as TCP takes): a paced sender
+        #: keeps the stream going across path changes.
+        self.chunk = chunk
         self.listener = world.b.stack.tcp.listen(None, port)
         a_ip, b_ip = bytes(world.a.interface.addresses[0]), bytes(world.b.interface.addresses[0])
         self.client = world.a.stack.tcp.connect(a_ip, b_ip, port, world.net.now)
@@ -206,7 +209,8 @@ class Transfer:
         if self.server is None:
             self.server = self.listener.accept()
         if client.established and self.offset < len(self.payload):
-            self.offset += client.send(memoryview(self.payload)[self.offset :], net.now)
+            end = len(self.payload) if self.chunk is None else self.offset + self.chunk
+            self.offset += client.send(memoryview(self.payload)[self.offset : end], net.now)
             if self.offset == len(self.payload):
                 client.shutdown(net.now)
         server = self.server

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -121,6 +121,8 @@ class NatBox:
         self._mappings: dict[tuple[object, ...], _Mapping] = {}
         self._by_port: dict[int, _Mapping] = {}
         self.counters: Counter[str] = Counter()
+        #: The latest inbound drops, (time, reason, source, destination), for tests and debugging.
+        self.drops: deque[tuple[float, str, Endpoint, Endpoint]] = deque(maxlen=256)
         #: Set by :meth:`~embedmesh.sim.network.SimNetwork.add_nat`: the segment behind this NAT
         #: and the one its public IP is on.
         self.lan: Segment | None = None
@@ -197,12 +199,14 @@ class NatBox:
             mapping = None
         if mapping is None:
             self.counters["drop_no_mapping"] += 1
+            self.drops.append((now, "no_mapping", source, destination))
             return None
         permit = self._permit_key(source)
         if not hairpin and kind.filtering is not Filtering.ENDPOINT_INDEPENDENT:
             at = mapping.permits.get(permit)
             if at is None or now - at > kind.timeout:
                 self.counters["drop_filtered"] += 1
+                self.drops.append((now, "filtered", source, destination))
                 return None
         mapping.last_used = now
         mapping.permits[permit] = now
