@@ -115,47 +115,54 @@ class World:
 
 
 def _place(
-    net: SimNetwork, kind_name: str, n: int, timeout: float, nats: dict[str, NatBox], label: str
+    net: SimNetwork, kind: str | NatKind, n: int, timeout: float, nats: dict[str, NatBox], label: str
 ) -> tuple[tuple[str, int], NatBox | None]:
-    kind = KINDS[kind_name]
-    if kind is None:
+    box_kind = KINDS[kind] if isinstance(kind, str) else kind
+    if box_kind is None:
         return (f"203.0.113.{100 + n}", PORT), None
-    kind = replace(kind, timeout=timeout)
-    if kind_name == "double":
-        outer = net.add_nat(kind, f"203.0.113.{10 + n}", name=f"{label}-outer")
-        inner = net.add_nat(kind, f"10.240.{n}.2", behind=outer, name=f"{label}-inner")
+    box_kind = replace(box_kind, timeout=timeout)
+    if kind == "double":
+        outer = net.add_nat(box_kind, f"203.0.113.{10 + n}", name=f"{label}-outer")
+        inner = net.add_nat(box_kind, f"10.240.{n}.2", behind=outer, name=f"{label}-inner")
         nats[f"{label}-outer"], nats[f"{label}-inner"] = outer, inner
         return (f"10.241.{n}.10", PORT), inner
-    box = net.add_nat(kind, f"203.0.113.{10 + n}", name=label)
+    box = net.add_nat(box_kind, f"203.0.113.{10 + n}", name=label)
     nats[label] = box
     return (f"10.240.{n}.10", PORT), box
 
 
 def make_world(
     seed: int,
-    kind_a: str,
-    kind_b: str,
+    kind_a: str | NatKind,
+    kind_b: str | NatKind,
     *,
     conditions: LinkConditions | None = None,
     timeout: float = simnat.DEFAULT_TIMEOUT,
     derp_latency: float = 0.02,
     derp_bandwidth: float | None = None,
     advertise_lan: bool = True,
+    control_delay: float = 0.05,
+    join_delay: float = 0.0,
     start: bool = True,
 ) -> World:
-    """Nodes ``a`` (behind ``kind_a``) and ``b`` (behind ``kind_b``) in one tailnet with one DERP
-    region; with ``start`` the network first runs 2 s (STUN answered, network maps exchanged)."""
+    """Nodes ``a`` (behind ``kind_a``: a name of :data:`KINDS` or any NatKind) and ``b`` (behind
+    ``kind_b``, joining ``join_delay`` seconds after ``a``) in one tailnet with one DERP region;
+    with ``start`` the network then runs 2 s (STUN answered, network maps exchanged)."""
     rng = random.Random(seed)
     net = SimNetwork(rng, conditions or LinkConditions(delay=0.01))
-    tailnet = SimTailnet(net, regions=[Region(1, latency=derp_latency, bandwidth=derp_bandwidth)])
+    tailnet = SimTailnet(
+        net, regions=[Region(1, latency=derp_latency, bandwidth=derp_bandwidth)], control_delay=control_delay
+    )
     nats: dict[str, NatBox] = {}
     ep_a, behind_a = _place(net, kind_a, 1, timeout, nats, "a")
     ep_b, behind_b = _place(net, kind_b, 2, timeout, nats, "b")
     a = tailnet.add_node(ep_a, behind=behind_a, name="a", advertise_lan=advertise_lan)
+    if join_delay:
+        net.run(join_delay)
     b = tailnet.add_node(ep_b, behind=behind_b, name="b", advertise_lan=advertise_lan)
-    world = World(seed, net, tailnet, a, b, nats, (kind_a, kind_b))
+    world = World(seed, net, tailnet, a, b, nats, (str(kind_a), str(kind_b)))
     if start:
-        net.run(2.0)
+        net.run(net.now + 2.0)
     return world
 
 

@@ -155,6 +155,9 @@ def test_stream_survives_upgrade_to_direct_and_fallback_to_derp_and_back(seed: i
     assert world.path(a).kind is world.path(b).kind is PathKind.DIRECT, world.describe()
     back = world.net.now
     assert b.counters["rx_derp_wireguard"] > on_derp_before, "nothing went through DERP during the fallback"
+    # The blackout lasts until the dead path's trust runs out (at most 6.5 s), then the copies
+    # through DERP carry the stream (and TCP's backed-off timer resends).
+    assert longest_stall(transfer) < 10.0, world.describe()
 
     assert transfer.run_until(back + 200.0), world.describe()
     assert bytes(transfer.received) == payload, world.describe()
@@ -216,15 +219,16 @@ def test_heartbeats_hold_a_direct_path_through_a_30_second_nat_timeout(kinds: tu
 
 
 def test_after_a_long_silence_the_expired_path_comes_back() -> None:
-    """Silent for 90 s: heartbeats stop at 45 s, the 30-s mappings expire, the old direct path is
-    dead on both sides. The next traffic is answered within seconds (through DERP while disco
-    punches again) and the path is direct again."""
+    """Silent for 90 s: heartbeats stop at 45 s, the 30-s pinholes close, the old direct path is
+    dead on both sides. The very next packet is answered (its copy through DERP: the path is no
+    longer trusted) while disco punches again, and the path is direct again."""
     world = make_world(5, "eim-apdf", "eim-apdf", timeout=30.0)
     exchange_pings(world, 3.0)
     assert world.path(world.a).kind is PathKind.DIRECT
     ends = {world.path(world.a).address, world.path(world.b).address}
     world.net.run(world.net.now + 90.0)
     start = world.net.now
+    relayed = world.b.counters["rx_derp_wireguard"]
     for seq in range(1000, 1030):  # a ping a second until one is answered
         world.ping(world.a, seq)
         if world.net.run(
@@ -232,7 +236,8 @@ def test_after_a_long_silence_the_expired_path_comes_back() -> None:
         ):
             break
     answered = world.net.now - start
-    assert answered < 8.0, world.describe()
+    assert answered < 0.5, world.describe()  # the first ping
+    assert world.b.counters["rx_derp_wireguard"] > relayed, world.describe()
     # The old path was dead indeed: a NAT dropped the peer's packets after the silence.
     assert any(d[0] > start and d[2] in ends for box in world.nats.values() for d in box.drops), (
         world.describe()
