@@ -114,11 +114,17 @@ class PeerStatus:
     def path_text(self) -> str:
         """The path as ``tailscale status`` words it: ``direct 203.0.113.7:41641``,
         ``relay "nyc"`` or ``-``."""
-        if self.path == "direct" and isinstance(self.path_address, tuple):
-            return f"direct {join_host_port(*self.path_address)}"
-        if self.path == "derp":
-            return f'relay "{self.path_address}"'
-        return "-"
+        return describe_path(self.path, self.path_address)
+
+
+def describe_path(path: str, address: Sequence[object] | str | None) -> str:
+    """:attr:`PeerStatus.path_text` from its parts (also as they come back from JSON, where the
+    address is a list)."""
+    if path == "direct" and isinstance(address, list | tuple) and len(address) == 2:
+        return f"direct {join_host_port(str(address[0]), int(str(address[1])))}"
+    if path == "derp":
+        return f'relay "{address}"'
+    return "-"
 
 
 @dataclass(frozen=True, slots=True)
