@@ -19,10 +19,11 @@ from embedmesh.hostport import join_host_port, split_host_port
 
 
 class _Commands(click.Group):
-    """The top-level group; `control` and `derp` are imported only when used, so other commands start fast."""
+    """The top-level group; `control`, `derp` and `netcheck` are imported only when used, so other
+    commands start fast."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "control", "derp"])
+        return sorted([*super().list_commands(ctx), "control", "derp", "netcheck"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "control":
@@ -33,6 +34,10 @@ class _Commands(click.Group):
             from embedmesh.cli.derp import derp
 
             return derp
+        if cmd_name == "netcheck":
+            from embedmesh.cli.netcheck import netcheck
+
+            return netcheck
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
