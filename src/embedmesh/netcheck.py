@@ -86,8 +86,9 @@ ENOUGH_REGIONS = 3
 INCREMENTAL_REGIONS = 3
 #: How often a check is a full one.
 FULL_REPORT_INTERVAL = 300.0
-#: How long reports count for the preferred region's best recent latency.
-HISTORY_MAX_AGE = 300.0
+#: How long reports count for the preferred region's best recent latency (v1.102.5: the full
+#: report interval plus a report's timeout, so at least one full report is always kept).
+HISTORY_MAX_AGE = FULL_REPORT_INTERVAL + REPORT_TIMEOUT
 #: A new preferred region must be at least this much faster than the old one...
 PREFERRED_DERP_ABSOLUTE_DIFF = 0.010
 #: ...or the old region counts as still there when its DERP connection was heard within this.
