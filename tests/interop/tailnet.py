@@ -376,12 +376,12 @@ class Tailscaled:
         """`tailscale ping TARGET` (disco, stops at the first direct pong); its output."""
         return self.cli("ping", "--timeout=5s", "--c=20", *args, target, timeout=timeout).stdout
 
-    def ping_when_known(self, target: str, attempts: int = 40) -> str:
+    def ping_when_known(self, target: str, *args: str, attempts: int = 40) -> str:
         """`tailscale ping TARGET`, retried while tailscaled says "unknown peer": it puts a new
         peer into its engine a moment after its map has it."""
         for attempt in range(attempts):
             try:
-                return self.ping(target)
+                return self.ping(target, *args)
             except RigError as exc:
                 if "unknown peer" not in str(exc) or attempt == attempts - 1:
                     raise

@@ -74,7 +74,7 @@ def test_tailscaled_and_a_node_talk_only_through_a_relay(
             await node.up(timeout=30)
             tg.start_soon(node.serve_asgi, app, ":8080")
             await anyio.to_thread.run_sync(lambda: ts.wait_peers({"py.mesh.internal"}))
-            out = await anyio.to_thread.run_sync(lambda: ts.ping_when_known(str(node.ips[0])))
+            out = await anyio.to_thread.run_sync(lambda: ts.ping_when_known(str(node.ips[0]), "--until-direct=false"))
             assert re.search(rf"pong from py \(100\.\S+\) via DERP\({region}\)", out), out
             first_byte = time.monotonic()
             body = await anyio.to_thread.run_sync(lambda: ts.curl("http://py.mesh.internal:8080/secret"))

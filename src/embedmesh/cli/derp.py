@@ -57,23 +57,29 @@ def serve(
     server = DerpServer(load_or_create_server_key(key_file), ssl_context=context)
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            bound = await tg.start(server.serve, host, port)
-            scheme = "https" if context is not None else "http"
-            click.echo(f"DERP server on {scheme}://{join_host_port(host, bound)}/derp, key {server.public_key.to_text()}", err=False)
-            if stun:
-                stun_server = StunServer()
-                try:
-                    stun_bound = await tg.start(stun_server.serve, host, DEFAULT_PORT if stun_port is None else stun_port)
-                    click.echo(f"STUN server on udp {join_host_port(host, stun_bound)}")
-                except AddressInUseError as exc:
-                    if stun_port is not None:
-                        raise
-                    # The default port is a convenience: a second relay on one host still runs.
-                    click.echo(f"warning: no STUN server: {exc} (give --stun-port to choose one)", err=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Signals first: a SIGTERM right after the banner must stop the server cleanly (exit 0).
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                bound = await tg.start(server.serve, host, port)
+                scheme = "https" if context is not None else "http"
+                click.echo(
+                    f"DERP server on {scheme}://{join_host_port(host, bound)}/derp, key {server.public_key.to_text()}",
+                    err=False,
+                )
+                if stun:
+                    stun_server = StunServer()
+                    try:
+                        stun_bound = await tg.start(
+                            stun_server.serve, host, DEFAULT_PORT if stun_port is None else stun_port
+                        )
+                        click.echo(f"STUN server on udp {join_host_port(host, stun_bound)}")
+                    except AddressInUseError as exc:
+                        if stun_port is not None:
+                            raise
+                        # The default port is a convenience: a second relay on one host still runs.
+                        click.echo(f"warning: no STUN server: {exc} (give --stun-port to choose one)", err=True)
                 async for _ in signals:
                     break
-            tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
 
     anyio.run(main)

@@ -18,7 +18,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import anyio
@@ -26,7 +26,15 @@ import anyio.abc
 import h11
 from anyio.streams.tls import TLSAttribute, TLSStream
 
-from embedmesh.netcheck import ENOUGH_REGIONS, NetcheckCore, NetcheckReport, hostnames_to_resolve, stun_target
+from embedmesh.netcheck import (
+    ENOUGH_REGIONS,
+    Datagram,
+    Endpoint,
+    NetcheckCore,
+    NetcheckReport,
+    hostnames_to_resolve,
+    stun_target,
+)
 from embedmesh.tailscale import stun
 from embedmesh.tailscale.derpmap import DerpMap, DerpNode, DerpRegion
 
@@ -227,7 +235,19 @@ async def run_netcheck(
         enough_regions=enough_regions,
         os_has_ipv6=_binds_ipv6_loopback(),
     )
-    wake = anyio.Event()
+
+    async def send(datagrams: list[Datagram]) -> None:
+        for data, (host, dst_port) in datagrams:
+            sock = sockets.get(6 if ":" in host else 4)
+            if sock is None:
+                continue
+            try:
+                await sock.sendto(data, host, dst_port)
+            except OSError as exc:  # no route for that family: the probe is lost, as UDP may be
+                core.counters["send_error"] += 1
+                logger.debug("netcheck: sending to %s: %s", host, exc)
+
+    driver = NetcheckDriver(core, send, clock=clock, https_timeout=https_timeout)
 
     async def reader(sock: anyio.abc.UDPSocket) -> None:
         while True:
@@ -238,38 +258,73 @@ async def run_netcheck(
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 return
             if stun.is_stun(data):
-                core.receive(data, (str(host), int(source_port)), clock())
-                wake.set()
-
-    async def send() -> None:
-        for data, (host, dst_port) in core.datagrams_to_send():
-            sock = sockets.get(6 if ":" in host else 4)
-            if sock is None:
-                continue
-            try:
-                await sock.sendto(data, host, dst_port)
-            except OSError as exc:  # no route for that family: the probe is lost, as UDP may be
-                core.counters["send_error"] += 1
-                logger.debug("netcheck: sending to %s: %s", host, exc)
-
-    async def https_phase(regions: list[DerpRegion]) -> None:
-        async with anyio.create_task_group() as tg:
-            for region in regions:
-                tg.start_soon(_measure_region, core, region, clock, https_timeout)
-        core.finish(clock())
-        wake.set()
+                driver.on_stun(data, (str(host), int(source_port)), clock())
 
     try:
         async with anyio.create_task_group() as tg:
             for sock in sockets.values():
                 tg.start_soon(reader, sock)
-            core.start(clock(), previous_report, resolved=resolved)
+            report = await driver.check(previous_report, resolved=resolved)
+            tg.cancel_scope.cancel()
+    finally:
+        for sock in sockets.values():
+            await sock.aclose()
+    return report
+
+
+class NetcheckDriver:
+    """Runs checks of a :class:`NetcheckCore` whose STUN traffic goes through someone else's
+    socket: ``send`` sends the core's requests (``[(bytes, ("ip", port))]``), and the socket's
+    owner hands STUN answers to :meth:`on_stun`. The node drives its checks this way from its
+    WireGuard socket, so the endpoints STUN sees are the ones peers must use."""
+
+    def __init__(
+        self,
+        core: NetcheckCore,
+        send: Callable[[list[Datagram]], Awaitable[None]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        https_timeout: float = HTTPS_TIMEOUT,
+    ) -> None:
+        self.core = core
+        self._send = send
+        self._clock = clock
+        self._https_timeout = https_timeout
+        self._wake = anyio.Event()
+
+    def on_stun(self, data: bytes | bytearray | memoryview, source: Endpoint, now: float) -> bool:
+        """A STUN message from the socket; True when it answered one of the core's requests."""
+        if self.core.receive(data, source, now):
+            self._wake.set()
+            return True
+        return False
+
+    async def check(
+        self,
+        previous_report: NetcheckReport | None = None,
+        *,
+        resolved: Mapping[str, Sequence[str]] | None = None,
+        derp_activity: Mapping[int, float] | None = None,
+    ) -> NetcheckReport:
+        """One check, start to report (STUN, then HTTPS latencies when UDP got no answer and the
+        core has ``https_fallback``)."""
+        core, clock = self.core, self._clock
+
+        async def https_phase(regions: list[DerpRegion]) -> None:
+            async with anyio.create_task_group() as tg:
+                for region in regions:
+                    tg.start_soon(_measure_region, core, region, clock, self._https_timeout)
+            core.finish(clock())
+            self._wake.set()
+
+        async with anyio.create_task_group() as tg:
+            core.start(clock(), previous_report, resolved=resolved, derp_activity=derp_activity)
             https_started = False
             while core.running:
                 # A new event before the first await of the round: an answer read from here on
                 # wakes the wait below, and one read before is already in the core.
-                wake = anyio.Event()
-                await send()
+                self._wake = anyio.Event()
+                await self._send(core.datagrams_to_send())
                 regions = core.https_regions
                 if regions and not https_started:
                     https_started = True
@@ -278,14 +333,11 @@ async def run_netcheck(
                 if deadline is None:
                     break
                 with anyio.move_on_after(max(deadline - clock(), 0.0)):
-                    await wake.wait()
+                    await self._wake.wait()
                 core.handle_timeout(clock())
             tg.cancel_scope.cancel()
-    finally:
-        for sock in sockets.values():
-            await sock.aclose()
-    assert core.report is not None
-    return core.report
+        assert core.report is not None
+        return core.report
 
 
-__all__ = ["HTTPS_TIMEOUT", "measure_https_latency", "run_netcheck"]
+__all__ = ["HTTPS_TIMEOUT", "NetcheckDriver", "measure_https_latency", "run_netcheck"]
