@@ -550,7 +550,7 @@ class EmbedmeshControl:
             relay_flags.append("--no-derp")
         else:
             # The embedded relay (region 999) beside the derper, which has 3340.
-            relay_flags += ["--derp-port", "3341"]
+            relay_flags += ["--derp-port", "3341", "--stun-port", "3479"]
         server = host.ns.popen(
             [
                 sys.executable,

@@ -1,6 +1,7 @@
 """The coordination server's own DERP region, on by default (as headscale's embedded DERP).
 
-A tailnet needs at least one relay for nodes that cannot reach each other directly, and a
+A STUN server runs beside it (UDP, the map's ``STUNPort``), so nodes learn their public
+addresses from the same host. A tailnet needs at least one relay for nodes that cannot reach each other directly, and a
 self-hosted tailnet should not depend on anyone else's. So ``embedmesh control serve`` runs a DERP
 server in the same process and publishes it in every DERP map as region :data:`REGION_ID`
 (code ``embedmesh``), beside the regions of ``--derp-map``.
@@ -33,6 +34,7 @@ from cryptography.x509.oid import NameOID
 from embedmesh.control.store import create_private_file
 from embedmesh.errors import ConfigError
 from embedmesh.tailscale.derpserver import DerpServer, load_or_create_server_key, tls_context
+from embedmesh.tailscale.stunserver import StunServer
 
 #: The region id and code of the embedded relay (headscale uses 999 for its own, too).
 REGION_ID = 999
@@ -116,8 +118,9 @@ class EmbeddedDerp:
     #: The pinned certificate's hash; None when the relay serves a CA-verifiable certificate.
     cert_sha256: str | None
     port: int = 0
-    #: The STUN port the map advertises (-1: none).
+    #: The STUN port the map advertises (-1: none) and its server.
     stun_port: int = -1
+    stun_server: StunServer | None = None
 
     @classmethod
     def create(

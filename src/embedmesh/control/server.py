@@ -69,7 +69,7 @@ from embedmesh.control.limits import (
 )
 from embedmesh.control.logins import PendingLogins
 from embedmesh.control.store import Store, create_private_file, prepare_state_dir
-from embedmesh.errors import ConfigError
+from embedmesh.errors import AddressInUseError, ConfigError
 from embedmesh.tailscale.controlhttp import (
     UPGRADE_PATH,
     UPGRADE_PROTOCOL,
@@ -77,6 +77,7 @@ from embedmesh.tailscale.controlhttp import (
     check_upgrade_request,
 )
 from embedmesh.tailscale.noiseserver import Ts2021Protocol
+from embedmesh.tailscale.stunserver import StunServer
 from embedmesh.wireguard.crypto import generate_private_key, public_key
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -114,6 +115,11 @@ class ServerConfig:
     #: (None: the listen address, or this machine's name when that is a wildcard).
     derp_port: int = 0
     derp_host: str | None = None
+    #: A STUN server beside the embedded relay, on this UDP port (0: any free port; None: none),
+    #: published as the region's STUNPort so nodes learn their public addresses.
+    stun_port: int | None = 0
+    #: When the STUN port is taken: warn and run without STUN (True) or fail (False).
+    stun_optional: bool = False
     #: Serve HTTPS with this certificate chain and key (PEM files); both or neither. Some clients
     #: always speak TLS to control (Noise protects the API over plain HTTP too).
     tls_cert: Path | None = None
@@ -361,6 +367,15 @@ class ControlServer:
                         tls_key=self.config.tls_key,
                     )
                     derp.port = await tg.start(derp.server.serve, bound_host, self.config.derp_port)
+                    if self.config.stun_port is not None:
+                        stun_server = StunServer()
+                        try:
+                            derp.stun_port = await tg.start(stun_server.serve, bound_host, self.config.stun_port)
+                            derp.stun_server = stun_server
+                        except AddressInUseError as exc:
+                            if not self.config.stun_optional:
+                                raise
+                            logger.warning("no STUN server beside the embedded DERP relay: %s", exc)
                     self.embedded_derp = derp
                     logger.info("embedded DERP server on %s port %d (region %d)", derp.host, derp.port, REGION_ID)
 

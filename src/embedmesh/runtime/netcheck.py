@@ -47,7 +47,9 @@ RESOLVE_TIMEOUT = 2.0
 _MAX_RESPONSE = 8 << 10
 
 
-async def _resolve(names: list[str]) -> dict[str, list[str]]:
+async def resolve_derp_hosts(names: list[str]) -> dict[str, list[str]]:
+    """Addresses of DERP/STUN host names (:func:`~embedmesh.netcheck.hostnames_to_resolve`), looked
+    up at once with a short timeout each; names that fail are left out."""
     resolved: dict[str, list[str]] = {}
 
     async def one(name: str) -> None:
@@ -207,7 +209,7 @@ async def run_netcheck(
     keeps the preferred region from flapping between two runs.
     """
     names = hostnames_to_resolve(derp_map)
-    resolved = await _resolve(names) if names else {}
+    resolved = await resolve_derp_hosts(names) if names else {}
     sockets: dict[int, anyio.abc.UDPSocket] = {}
     hosts = [(4, "0.0.0.0"), (6, "::")]
     if bind_host is not None:
@@ -340,4 +342,4 @@ class NetcheckDriver:
         return core.report
 
 
-__all__ = ["HTTPS_TIMEOUT", "NetcheckDriver", "measure_https_latency", "run_netcheck"]
+__all__ = ["HTTPS_TIMEOUT", "NetcheckDriver", "measure_https_latency", "resolve_derp_hosts", "run_netcheck"]
