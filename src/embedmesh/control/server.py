@@ -10,6 +10,8 @@ Routes:
 * ``/register/<id>``: where an interactive login's URL points;
 * ``/admin/v1/...``: the admin API (bearer token from ``<state-dir>/admin-token``), see
   :mod:`embedmesh.control.admin`;
+* ``POST /derp/admit``: the DERP admission controller (``--verify-client-url``) for this tailnet's
+  nodes, see :mod:`embedmesh.control.derpadmit`;
 * ``GET /health``.
 
 Connections are limited before any of that (see :mod:`embedmesh.control.limits`): a first request
@@ -47,7 +49,7 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -58,6 +60,7 @@ from embedmesh.control.coordinator import (
     Coordinator,
     CoordinatorConfig,
 )
+from embedmesh.control.derpadmit import ADMIT_PATH, admit_endpoint
 from embedmesh.control.errors import ControlError, StoreError
 from embedmesh.control.limits import (
     DEFAULT_FIRST_REQUEST_TIMEOUT,
@@ -167,6 +170,7 @@ class ControlServer:
                 Route("/health", self._health, methods=["GET"]),
                 Route("/register/{login_id}", self._login_page, methods=["GET"]),
                 Route(OLD_CONTROL_PATH, self._old_protocol, methods=["GET"]),
+                Route(ADMIT_PATH, self._derp_admit, methods=["POST"]),
                 *admin_routes(self),
             ],
             lifespan=self._lifespan,
@@ -263,6 +267,9 @@ class ControlServer:
             "<p>and the device joins at once.</p>"
         )
         return HTMLResponse(_page(f"Join the tailnet: {name}", body))
+
+    async def _derp_admit(self, request: Request) -> Response:
+        return await admit_endpoint(self.coordinator, request, time.time())
 
     async def _health(self, request: Request) -> JSONResponse:
         # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
