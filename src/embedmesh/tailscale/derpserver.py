@@ -139,7 +139,10 @@ class DerpServer:
         self._wake: dict[derp.RelayClient, anyio.Event] = {}
         self._streams: dict[derp.RelayClient, anyio.abc.ByteStream] = {}
         self._buckets: dict[derp.RelayClient, derp.TokenBucket] = {}
-        self._sending: set[derp.RelayClient] = set()
+        #: Clients whose writer is in a write, and since when (for the write timeout).
+        self._sending: dict[derp.RelayClient, float] = {}
+        self._keepalive_due: dict[derp.RelayClient, float] = {}
+        self._scopes: dict[derp.RelayClient, anyio.CancelScope] = {}
         self.rate_limit = 0.0
         self.rate_burst = 0.0
         self.update_rate_limits(rate_limit, rate_burst)
@@ -170,6 +173,7 @@ class DerpServer:
             raise ListenError.from_os_error(exc, host, port) from None
         self._stop = anyio.Event()
         async with anyio.create_task_group() as connections:
+            connections.start_soon(self._ticker)
             with anyio.CancelScope() as accepting:
                 self._accepting = accepting
                 async with tcp:
@@ -339,9 +343,11 @@ class DerpServer:
         self._streams[client] = stream
         if self.rate_limit and not self._is_mesh_peer(auth.info):
             self._buckets[client] = derp.TokenBucket(self.rate_limit, self.rate_burst)
+        self._keepalive_due[client] = anyio.current_time() + _keepalive_interval()
         try:
             await stream.send(conn.data_to_send())  # ServerInfo
             async with anyio.create_task_group() as tg:
+                self._scopes[client] = tg.cancel_scope
                 tg.start_soon(self._writer, client, stream, tg.cancel_scope)
                 while True:
                     try:
@@ -351,7 +357,8 @@ class DerpServer:
                         break
                     try:
                         data = await stream.receive()
-                        await self._rate_limit(client, len(data))
+                        if self._buckets:
+                            await self._rate_limit(client, len(data))
                         events = conn.receive_data(data)
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
                         break
@@ -364,6 +371,8 @@ class DerpServer:
             self._wake.pop(client, None)
             self._streams.pop(client, None)
             self._buckets.pop(client, None)
+            self._keepalive_due.pop(client, None)
+            self._scopes.pop(client, None)
             for woken in self.core.unregister(client):
                 self._notify(woken)
 
@@ -434,31 +443,47 @@ class DerpServer:
             event.set()
 
     async def _writer(self, client: derp.RelayClient, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
-        interval = derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
-        deadline = anyio.current_time() + interval
+        # No timers here: keepalives and the write timeout come from _ticker, one task for all.
         try:
             while True:
                 wake = self._wake[client]
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                if not client.pending():
                     await wake.wait()
+                self._wake[client] = anyio.Event()
                 frames = client.take_frames()
-                if wake.is_set():
-                    self._wake[client] = anyio.Event()
-                if anyio.current_time() >= deadline:
-                    frames.append(derp.KeepAlive())
-                    deadline = anyio.current_time() + interval
                 if not frames:
                     continue
                 data = b"".join(derp.encode_frame(frame) for frame in frames)
-                self._sending.add(client)
+                self._sending[client] = anyio.current_time()
                 try:
-                    with anyio.fail_after(self.write_timeout):
-                        await stream.send(data)
+                    await stream.send(data)
                 finally:
-                    self._sending.discard(client)
-        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
+                    self._sending.pop(client, None)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             self.core.drops[derp.DropReason.WRITE_ERROR] += 1
         scope.cancel()
+
+    async def _ticker(self) -> None:
+        """Every connection's KeepAlive (every 60 s plus jitter, as Go) and write timeout, checked
+        by one task: a timer per connection and per write would cost more than the writes."""
+        period = min(1.0, self.write_timeout / 4) if self.write_timeout > 0 else 1.0
+        while True:
+            await anyio.sleep(period)
+            now = anyio.current_time()
+            if self.write_timeout > 0:
+                for client, started in list(self._sending.items()):
+                    if now - started > self.write_timeout:
+                        # derper's --tcp-write-timeout: a client this slow loses its connection.
+                        self.core.drops[derp.DropReason.WRITE_ERROR] += 1
+                        self._sending.pop(client, None)
+                        scope = self._scopes.get(client)
+                        if scope is not None:
+                            scope.cancel()
+            for client, due in list(self._keepalive_due.items()):
+                if now >= due:
+                    client.control.append(derp.KeepAlive())
+                    self._keepalive_due[client] = now + _keepalive_interval()
+                    self._notify(client)
 
     async def restart_notice(self, reconnect_in_ms: int = 0, try_for_ms: int = 5000, smear_ms: int = 0) -> list[derp.RelayClient]:
         """Queue a Restarting frame for every client: reconnect after ``reconnect_in_ms`` plus a
@@ -494,6 +519,10 @@ class DerpServer:
         for client in list(self._wake):
             client.control.append(derp.Health(problem))
             self._notify(client)
+
+
+def _keepalive_interval() -> float:
+    return derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
