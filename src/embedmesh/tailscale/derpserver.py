@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds one write to a client may take before the connection is dropped (derper's default).
 WRITE_TIMEOUT = 2.0
+#: Up to this many seconds are added to each connection's keepalive interval (as Go), so that the
+#: keepalives of clients that connected together spread out.
+KEEPALIVE_JITTER = 5.0
 #: The largest HTTP request head read before the upgrade.
 MAX_REQUEST_HEAD = 16 << 10
 _CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + ".-_:")
@@ -522,7 +525,7 @@ class DerpServer:
 
 
 def _keepalive_interval() -> float:
-    return derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
+    return derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER)  # jitter, not a secret
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
