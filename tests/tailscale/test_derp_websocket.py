@@ -243,3 +243,23 @@ def test_a_websocket_server_that_does_not_agree_to_derp_is_one_line() -> None:
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def test_frames_that_came_with_the_handshake_are_read_at_once() -> None:
+    # A server's first WebSocket frame often shares a TCP segment with its 101: the stream must
+    # return its bytes without waiting for more from a peer that now waits for us.
+    server_side = derpws.WebSocketFraming(client=False)
+    server_side.send(b"greeting")
+    early = server_side.data_to_send()
+
+    async def main() -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, lambda stream: anyio.sleep_forever())
+            transport = await anyio.connect_tcp("127.0.0.1", listener.extra(anyio.abc.SocketAttribute.local_port))
+            async with derpws.WebSocketStream(transport, derpws.WebSocketFraming(client=True), early) as ws:
+                with anyio.fail_after(2):
+                    assert await ws.receive() == b"greeting"
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

@@ -243,7 +243,7 @@ async def connect_derp(
             websocket_key = os.urandom(16) if websocket else None
             rest = await _upgrade(stream, host_header, path, url, websocket_key)
             if websocket:
-                stream = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=True, trailing=rest))
+                stream = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=True), rest)
                 rest = b""
             conn = derp.ClientConnection(private, os.urandom(derp.NONCE_LEN), info=info)
             client = DerpClient(stream, conn, url)

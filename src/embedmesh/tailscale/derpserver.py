@@ -223,7 +223,7 @@ class DerpServer:
             return
         if isinstance(upgrade, derpws.WebSocketAccept):
             await stream.send(upgrade.response)
-            websocket = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=False, trailing=rest))
+            websocket = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=False), rest)
             try:
                 if not upgrade.derp:
                     websocket.framing.close(derpws.CloseReason.POLICY_VIOLATION, "client must speak the derp subprotocol")

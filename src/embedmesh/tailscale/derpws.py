@@ -150,23 +150,19 @@ class WebSocketFraming:
     it broke the protocol, or sent text), after which no more DERP bytes come.
     """
 
-    def __init__(self, *, client: bool, trailing: bytes = b"") -> None:
+    def __init__(self, *, client: bool) -> None:
         kind = wsproto.connection.ConnectionType.CLIENT if client else wsproto.connection.ConnectionType.SERVER
         self._ws = wsproto.connection.Connection(kind)
         self._out = bytearray()
         #: The close code (ours or the peer's) once reading is over, else None.
         self.closed: int | None = None
-        # What came behind the handshake is WebSocket already; its DERP bytes wait for the first read.
-        self._early = b""
-        self._early = self.receive_data(trailing) if trailing else b""
 
     def receive_data(self, data: bytes | bytearray | memoryview | None) -> bytes:
         """Feed wire bytes (None: the transport ended); returns the DERP bytes they carried."""
-        early, self._early = self._early, b""
         if self.closed is not None:
-            return early
+            return b""
         self._ws.receive_data(None if data is None else bytes(data))
-        payload = bytearray(early)
+        payload = bytearray()
         for event in self._ws.events():
             if self.closed is not None:
                 break
@@ -201,6 +197,11 @@ class WebSocketFraming:
         if self._ws.state in (wsproto.connection.ConnectionState.OPEN, wsproto.connection.ConnectionState.REMOTE_CLOSING):
             self._out += self._ws.send(wsproto.events.CloseConnection(code, reason or None))
 
+    @property
+    def data_to_send_pending(self) -> bool:
+        """Whether :meth:`data_to_send` has bytes."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Wire bytes to write (and forget)."""
         out = bytes(self._out)
@@ -211,17 +212,21 @@ class WebSocketFraming:
 class WebSocketStream(anyio.abc.ByteStream):
     """An anyio byte stream of DERP bytes over a WebSocket on ``transport`` (TCP or TLS).
 
-    Reads and writes may happen from two tasks at once (a reader and a writer), as on a socket;
-    writes are serialized (the reader writes Pongs and the close reply too).
+    ``trailing`` is what the transport already delivered behind the handshake (WebSocket frames
+    the peer sent at once). Reads and writes may happen from two tasks at once (a reader and a
+    writer), as on a socket; writes are serialized (the reader writes Pongs and the close reply too).
     """
 
-    def __init__(self, transport: anyio.abc.ByteStream, framing: WebSocketFraming) -> None:
+    def __init__(self, transport: anyio.abc.ByteStream, framing: WebSocketFraming, trailing: bytes = b"") -> None:
         self.transport = transport
         self.framing = framing
-        self._buffer = bytearray()
+        # Read now, so that the first receive() returns it without waiting for more from the wire.
+        self._buffer = bytearray(framing.receive_data(trailing) if trailing else b"")
         self._send_lock = anyio.Lock()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._buffer and self.framing.data_to_send_pending:
+            await self._flush()  # answers to what came with the handshake
         while not self._buffer:
             if self.framing.closed is not None:
                 await self._flush()
