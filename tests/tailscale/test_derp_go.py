@@ -157,6 +157,9 @@ def test_a_go_client_over_websocket_and_one_over_plain_derp() -> None:
                 big = os.urandom(64 << 10)
                 await alice.send(bob.key, big)
                 assert bytes.fromhex((await bob.event("packet"))["data"]) == big
+                # Go reads at most 32 KiB in one WebSocket message: a full packet comes in three.
+                await bob.send(alice.key, big[::-1])
+                assert bytes.fromhex((await alice.event("packet"))["data"]) == big[::-1]
                 await bob.send(alice.key, b"back over the websocket")
                 got = await alice.event("packet")
                 assert (NodePublic.from_text(got["src"]), bytes.fromhex(got["data"])) == (bob.key, b"back over the websocket")

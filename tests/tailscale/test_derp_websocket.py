@@ -50,6 +50,14 @@ def test_any_split_of_the_wire_carries_the_same_stream(messages: list[bytes], cu
     assert client.receive_data(server.data_to_send()) == b"back"
 
 
+def test_no_message_is_over_go_s_read_limit() -> None:
+    client, reader = derpws.WebSocketFraming(client=True), wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    client.send(bytes(70_000))
+    reader.receive_data(client.data_to_send())
+    sizes = [len(e.data) for e in reader.events() if isinstance(e, wsproto.events.BytesMessage)]
+    assert sizes == [32768, 32768, 70_000 - 65536] and max(sizes) <= derpws.MAX_MESSAGE
+
+
 def test_text_protocol_errors_and_close() -> None:
     server = derpws.WebSocketFraming(client=False)
     text = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT).send(wsproto.events.TextMessage("hi"))

@@ -1,7 +1,8 @@
 """DERP over WebSocket (RFC 6455), as Tailscale's ``derpserver.AddWebSocketSupport`` and derphttp's
 WebSocket dialer speak it: ``GET /derp`` with ``Upgrade: websocket`` and the subprotocol ``derp``;
 then the DERP byte stream travels in binary messages (message boundaries mean nothing: a frame may
-span messages and one message may carry several frames). No compression: WireGuard does not
+span messages and one message may carry several frames; we send at most 32 KiB in one, the most
+Go's side reads). No compression: WireGuard does not
 compress, and Go's server disables it.
 
 The WebSocket framing is `wsproto <https://python-hyper.org/projects/wsproto/>`_'s, sans-IO;
@@ -32,6 +33,9 @@ from embedmesh.tailscale.errors import TailscaleProtocolError
 #: The WebSocket subprotocol a DERP client offers (and the only one served).
 SUBPROTOCOL = "derp"
 WEBSOCKET_VERSION = b"13"
+#: The largest message sent. Go's WebSocket library (coder/websocket, as Tailscale's wsconn uses it)
+#: refuses a message over 32 KiB and closes the socket, so a full-size DERP frame goes in three.
+MAX_MESSAGE = 32 << 10
 #: Seconds :meth:`WebSocketStream.aclose` spends sending the close frame before it drops the socket.
 CLOSE_TIMEOUT = 1.0
 
@@ -181,9 +185,13 @@ class WebSocketFraming:
         return bytes(payload)
 
     def send(self, payload: bytes) -> None:
-        """Queue DERP bytes as one binary message (nothing once the connection is closing)."""
-        if payload and self._ws.state is wsproto.connection.ConnectionState.OPEN:
-            self._out += self._ws.send(wsproto.events.BytesMessage(payload))
+        """Queue DERP bytes as binary messages of at most :data:`MAX_MESSAGE` bytes (nothing once
+        the connection is closing)."""
+        if self._ws.state is not wsproto.connection.ConnectionState.OPEN:
+            return
+        view = memoryview(payload)
+        for start in range(0, len(view), MAX_MESSAGE):
+            self._out += self._ws.send(wsproto.events.BytesMessage(bytes(view[start : start + MAX_MESSAGE])))
 
     @property
     def open(self) -> bool:
@@ -273,6 +281,7 @@ class WebSocketStream(anyio.abc.ByteStream):
 
 
 __all__ = [
+    "MAX_MESSAGE",
     "SUBPROTOCOL",
     "WebSocketAccept",
     "WebSocketFraming",
