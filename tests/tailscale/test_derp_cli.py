@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import anyio
+import pytest
 
 from embedmesh.tailscale import derp
-from embedmesh.tailscale.derpclient import DerpConnectionClosed, connect_derp
+from embedmesh.tailscale.derpclient import DerpConnectError, DerpConnectionClosed, connect_derp
 from embedmesh.tailscale.keys import NodePrivate
 
 
@@ -60,14 +61,49 @@ def test_derp_serve_relays_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_derp_serve_bad_flags_are_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", "127.0.0.1:1", "--tls-cert", str(tmp_path / "c.pem")],
-        capture_output=True,
+    for flags, message in [
+        (["--tls-cert", str(tmp_path / "c.pem")], "TLS needs both"),
+        (["--verify-client-url", "ftp://x/admit"], "give an http:// or https:// URL"),
+        (["--verify-client-url-fail-open"], "needs --verify-client-url"),
+        (["--per-client-rate-limit", "-5"], "per-client-rate-limit"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", "127.0.0.1:1", *flags],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_derp_serve_verify_client_url_fails_closed(tmp_path: Path) -> None:
+    # Nothing listens at the admission URL: every client is refused (derper's default is open).
+    dead, port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", f"127.0.0.1:{port}",
+            "--verify-client-url", f"http://127.0.0.1:{dead}/derp/admit",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=30,
     )
-    assert result.returncode != 0
-    assert "TLS needs both" in result.stderr and "Traceback" not in result.stderr
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("DERP server on ")
+
+        async def main() -> None:
+            with pytest.raises(DerpConnectError, match="login"):
+                async with connect_derp(f"http://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), timeout=8):
+                    pass
+
+        anyio.run(main)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_sigterm_tells_every_client_restarting_then_exits_cleanly(tmp_path: Path) -> None:
