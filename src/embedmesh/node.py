@@ -10,7 +10,9 @@ import logging
 import os
 import random
 import socket
+import ssl
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,20 +33,30 @@ from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
 from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
-from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError, UpTimeoutError
+from embedmesh.errors import (
+    ConfigError,
+    ListenError,
+    NameResolutionError,
+    NodeError,
+    ParseError,
+    UpTimeoutError,
+)
 from embedmesh.hostport import join_host_port, split_host_port
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.paths import NO_PATH, Path, PathCore, PathKind
 from embedmesh.peers import rank_endpoints
 from embedmesh.runtime.dataplane import DataPlane
+from embedmesh.runtime.derplinks import DerpLinks, DerpServerAddress
 from embedmesh.runtime.links import Link, WireGuardLink
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
+from embedmesh.tailscale import disco
 from embedmesh.tailscale.client import TailscaleControlClient
-from embedmesh.tailscale.keys import DiscoPrivate, NodePublic
+from embedmesh.tailscale.derpmap import DerpMap, parse_derp_map
+from embedmesh.tailscale.keys import DiscoPrivate, NodePrivate, NodePublic
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -102,11 +114,17 @@ class PeerStatus:
     def path_text(self) -> str:
         """The path as ``tailscale status`` words it: ``direct 203.0.113.7:41641``,
         ``relay "nyc"`` or ``-``."""
-        if self.path == "direct" and isinstance(self.path_address, tuple):
-            return f"direct {join_host_port(*self.path_address)}"
-        if self.path == "derp":
-            return f'relay "{self.path_address}"'
-        return "-"
+        return describe_path(self.path, self.path_address)
+
+
+def describe_path(path: str, address: Sequence[object] | str | None) -> str:
+    """:attr:`PeerStatus.path_text` from its parts (also as they come back from JSON, where the
+    address is a list)."""
+    if path == "direct" and isinstance(address, list | tuple) and len(address) == 2:
+        return f"direct {join_host_port(str(address[0]), int(str(address[1])))}"
+    if path == "derp":
+        return f'relay "{address}"'
+    return "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +228,11 @@ class Node:
         #: The path layer (tailnet mode): which way each peer's packets go.
         self._paths: DevicePaths | None = None
         self._own_hosts: set[str] = set()
+        #: DERP (tailnet mode): the node's relay connections and the map they follow.
+        self._derp: DerpLinks | None = None
+        self._derp_map: DerpMap | None = None
+        self._derp_map_document: object | None = None
+        self._derp_counters: Counter[str] = Counter()
         self._state_dir = state_dir
         #: One running node per state folder (taken in start(), released in close()).
         self._lock = StateDirLock(state_dir) if state_dir is not None else None
@@ -502,10 +525,101 @@ class Node:
             on_netmap=self._apply_netmap,
             start_timeout=self._control_timeout,
         )
+        # DERP: the relays of the tailnet's DERP map, for peers without a direct path.
+        derp_links = DerpLinks(NodePrivate(self._keys.node_key), self._on_derp_packet)
+        self._derp = derp_links
+        self._wireguard_link.derp_send = self._send_via_derp
+        await self._task_group.start(derp_links.run)
         await control.start()
         self._control = control
         if control.netmap is not None:
             self._apply_netmap(control.netmap)
+
+    # ------------------------------------------------------------------ DERP
+
+    def _apply_derp_map(self, document: object | None) -> None:
+        """Follow the DERP map: its regions' servers, and a home region among them."""
+        if document is None or document is self._derp_map_document:
+            return
+        self._derp_map_document = document
+        try:
+            derp_map = parse_derp_map(document)
+        except ParseError as exc:
+            logger.warning("ignoring the control server's DERP map: %s", exc)
+            return
+        self._derp_map = derp_map
+        regions: dict[int, list[DerpServerAddress]] = {}
+        for region_id, region in derp_map.regions.items():
+            servers = [
+                DerpServerAddress(
+                    node.derp_url(),
+                    _insecure_tls() if node.insecure_for_tests else None,
+                    dial_host=node.dial_host() if node.dial_host() != node.host_name else None,
+                    pinned_cert_sha256=node.pinned_cert_sha256,
+                )
+                for node in region.nodes
+                if not node.stun_only
+            ]
+            if servers:
+                regions[region_id] = servers
+        derp = self._derp
+        assert derp is not None and self._paths is not None
+        derp.set_regions(regions)
+        self._paths.set_derp_enabled(bool(regions), time.monotonic())
+        if derp.home not in regions and regions:
+            # Until netcheck measures the regions, the first one the map lists that may be a home.
+            candidates = [r for r, reg in derp_map.regions.items() if r in regions and not reg.no_measure_no_home]
+            self._set_home_derp(min(candidates or regions))
+        self._dataplane.kick()
+
+    def _set_home_derp(self, region_id: int) -> None:
+        derp = self._derp
+        if derp is None or region_id == derp.home:
+            return
+        derp.set_home(region_id)
+        logger.info("home DERP region: %s", self._derp_region_code(region_id))
+        self._report_endpoints()
+
+    def _report_endpoints(self) -> None:
+        """Tell the control server this node's endpoints and home region (peers reach it there)."""
+        control, derp = self._control, self._derp
+        if control is None or derp is None or self._task_group is None:
+            return
+        endpoints = [join_host_port(h, p) for h, p in self._paths.paths.own_endpoints] if self._paths else []
+        self._task_group.start_soon(partial(control.update_endpoints, endpoints, preferred_derp=derp.home))
+
+    def _send_via_derp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        """The data plane's datagrams for DERP addresses: into the peers' home regions."""
+        derp, paths = self._derp, self._paths
+        assert derp is not None and paths is not None
+        for data, address in datagrams:
+            route = paths.paths.derp_route(address)
+            if route is None or not route[1]:
+                self._derp_counters["drop_no_region"] += 1
+                continue
+            derp.send(route[1], route[0], data)
+
+    def _on_derp_packet(self, src: bytes, payload: bytes, region: int) -> None:
+        """A packet a DERP server relayed from the node ``src``: disco, or WireGuard."""
+        paths = self._paths
+        assert paths is not None
+        source = paths.paths.derp_address(src)
+        if source is None:
+            self._derp_counters["drop_unknown_sender"] += 1
+            return
+        now = time.monotonic()
+        stack = self._stack
+        stack.begin_batch()
+        try:
+            if disco.classify(payload) is disco.PacketKind.DISCO:
+                paths.receive_disco(payload, source, now, via_derp=True)
+            else:
+                packet = self._device.receive_datagram(payload, source, now)
+                if packet is not None:
+                    stack.receive(packet, now)
+        finally:
+            stack.end_batch(now)
+        self._dataplane.kick()
 
     def _advertised_hosts(self) -> set[str]:
         if self._listen_host is not None:
@@ -518,6 +632,8 @@ class Node:
         me = netmap.self_node
         # (The control client warns once when the node key expires, saying what to do.)
         self._interface.set_addresses([a.packed for a in me.addresses])
+        if self._control is not None:
+            self._apply_derp_map(self._control.derp_map)
         self._sync_peers(netmap, time.monotonic())
         self._zone_serial += 1
         self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
@@ -673,6 +789,9 @@ class Node:
         if self._paths is not None:
             counters.update({f"path_{k}": v for k, v in self._paths.paths.counters.items()})
             counters.update({f"link_{k}": v for k, v in self._wireguard_link.counters.items()})
+        if self._derp is not None:
+            counters.update({f"derp_{k}": v for k, v in self._derp.counters.items()})
+            counters.update({f"derp_{k}": v for k, v in self._derp_counters.items()})
         counters.update({f"dns_{k}": v for k, v in self._dns.resolver.counters.items()})
         control = self._control
         return NodeStatus(
@@ -695,7 +814,8 @@ class Node:
 
     def _derp_region_code(self, region: int) -> str:
         """A DERP region's code for people (its number when the map has no code)."""
-        return str(region)
+        known = self._derp_map.regions.get(region) if self._derp_map is not None else None
+        return known.region_code if known is not None and known.region_code else str(region)
 
     # ------------------------------------------------------------------ names
 
@@ -949,6 +1069,14 @@ class Node:
             event = waiter[0]
             assert isinstance(event, anyio.Event)
             event.set()
+
+
+def _insecure_tls() -> ssl.SSLContext:
+    """TLS that does not verify the server: for DERP nodes the map marks InsecureForTests."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:

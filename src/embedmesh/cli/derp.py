@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,30 +11,11 @@ import click
 
 from embedmesh.errors import ConfigError
 from embedmesh.hostport import join_host_port, split_host_port
-from embedmesh.tailscale.keys import KeyFormatError, NodePrivate
 
 
 @click.group()
 def derp() -> None:
     """DERP relays: Tailscale's relay protocol for nodes that cannot reach each other directly."""
-
-
-def _load_or_create_key(path: Path | None) -> NodePrivate:
-    if path is None:
-        return NodePrivate.generate(os.urandom(32))
-    if path.exists():
-        # derper's config file format ({"PrivateKey": "privkey:..."}), so one file serves both.
-        try:
-            doc = json.loads(path.read_text())
-            return NodePrivate.from_text(doc["PrivateKey"])
-        except (OSError, ValueError, KeyError, TypeError, KeyFormatError) as exc:
-            raise ConfigError(f"cannot read the DERP key file {path}: {exc}; delete it to make a new key") from None
-    key = NodePrivate.generate(os.urandom(32))
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        json.dump({"PrivateKey": key.to_text()}, file)
-    return key
 
 
 @derp.command("serve")
@@ -123,7 +102,7 @@ def serve(
     import anyio
 
     from embedmesh.tailscale.derpadmit import url_admitter
-    from embedmesh.tailscale.derpserver import DerpServer, tls_context
+    from embedmesh.tailscale.derpserver import DerpServer, load_or_create_server_key, tls_context
 
     try:
         host, port = split_host_port(listen)
@@ -139,7 +118,7 @@ def serve(
         raise ConfigError("--verify-client-url-fail-open needs --verify-client-url")
     context = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     server = DerpServer(
-        _load_or_create_key(key_file),
+        load_or_create_server_key(key_file),
         ssl_context=context,
         admit=url_admitter(verify_client_url, fail_open=verify_client_url_fail_open) if verify_client_url else None,
         rate_limit=per_client_rate_limit,

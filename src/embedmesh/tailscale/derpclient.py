@@ -22,6 +22,7 @@ raises :class:`DerpConnectionClosed`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import time
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 import h11
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from embedmesh.errors import EmbedmeshError
 from embedmesh.tailscale import derp, derpws
@@ -84,6 +85,12 @@ class DerpClient:
         64 KiB and :class:`DerpConnectionClosed` when the connection is gone.
         """
         self._conn.send_packet(dst, packet)
+        await self._flush()
+
+    async def send_many(self, packets: list[tuple[NodePublic, bytes]]) -> None:
+        """Relay several packets with one write (as :meth:`send` each)."""
+        for dst, packet in packets:
+            self._conn.send_packet(dst, packet)
         await self._flush()
 
     async def note_preferred(self, preferred: bool = True) -> None:
@@ -208,13 +215,19 @@ async def connect_derp(
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 10.0,
     info: derp.ClientInfo | None = None,
+    dial_host: str | None = None,
+    pinned_cert_sha256: str | None = None,
     websocket: bool = False,
 ) -> AsyncIterator[DerpClient]:
     """Connect to the DERP server at ``url`` (``http://`` or ``https://``, path default ``/derp``)
     and log in with ``private``; the connection closes when the block ends.
 
-    ``ssl_context`` verifies an https server (default: the system's CAs). ``websocket`` carries
-    DERP in a WebSocket (implied by a ``ws://`` or ``wss://`` URL). Raises
+    ``ssl_context`` verifies an https server (default: the system's CAs). ``dial_host`` connects
+    to that address instead of the URL's host (a DERP map's pinned IPv4/IPv6), while TLS and the
+    Host header still name the URL's host. ``pinned_cert_sha256`` (hex) accepts exactly the server
+    certificate with that SHA-256 instead of a CA-signed one (a DERP map's
+    ``CertName: "sha256-raw:<hex>"`` for a self-signed certificate, as Tailscale's client).
+    ``websocket`` carries DERP in a WebSocket (implied by a ``ws://`` or ``wss://`` URL). Raises
     :class:`DerpConnectError` (one line saying why) when the server cannot be reached, refuses
     the upgrade, or the login fails within ``timeout`` seconds.
     """
@@ -232,14 +245,27 @@ async def connect_derp(
     host_header = parts.netloc.rpartition("@")[2]
     try:
         with anyio.fail_after(timeout):
-            stream: anyio.abc.ByteStream = await anyio.connect_tcp(host, port)
+            stream: anyio.abc.ByteStream = await anyio.connect_tcp(dial_host or host, port)
     except (OSError, TimeoutError) as exc:
         raise DerpConnectError(f"cannot reach the DERP server {url}: {exc or 'timed out'}") from None
     try:
         with anyio.fail_after(timeout):
             if secure:
-                context = ssl_context if ssl_context is not None else ssl.create_default_context()
+                if pinned_cert_sha256 is not None:
+                    # The hash is the trust anchor: no CA chain or name to check.
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                else:
+                    context = ssl_context if ssl_context is not None else ssl.create_default_context()
                 stream = await TLSStream.wrap(stream, hostname=host, ssl_context=context, standard_compatible=False)
+                if pinned_cert_sha256 is not None:
+                    der = stream.extra(TLSAttribute.peer_certificate_binary, None)
+                    if der is None or hashlib.sha256(der).hexdigest() != pinned_cert_sha256.lower():
+                        raise DerpConnectError(
+                            f"the DERP server {url} presented a certificate that is not the one the DERP "
+                            "map pins (CertName sha256-raw): refusing it"
+                        )
             websocket_key = os.urandom(16) if websocket else None
             rest = await _upgrade(stream, host_header, path, url, websocket_key)
             if websocket:
@@ -254,6 +280,9 @@ async def connect_derp(
             # The login is done when the server's box opens; wait for it so a refusal is an error here.
             while not conn.logged_in:
                 events += conn.receive_data(await stream.receive())
+    except DerpConnectError:
+        await stream.aclose()
+        raise
     except TimeoutError:
         await stream.aclose()
         raise DerpConnectError(f"the DERP server {url} did not finish the login in {timeout:g} s") from None

@@ -46,13 +46,17 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import ssl
 import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -62,7 +66,7 @@ from anyio.streams.tls import TLSStream
 from embedmesh.errors import ConfigError, ListenError
 from embedmesh.tailscale import derp, derpws
 from embedmesh.tailscale.derpadmit import Admit
-from embedmesh.tailscale.keys import NodePrivate, NodePublic
+from embedmesh.tailscale.keys import KeyFormatError, NodePrivate, NodePublic
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +112,33 @@ def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ss
     return context
 
 
+def load_or_create_server_key(path: str | os.PathLike[str] | None) -> NodePrivate:
+    """A DERP server's key from ``path``, in derper's config file format (``{"PrivateKey":
+    "privkey:..."}``, so one file serves both), created with mode 0600 when missing; None: a new
+    key (clients then see a new server key after every restart)."""
+    if path is None:
+        return NodePrivate.generate(os.urandom(32))
+    path = Path(path)
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+            return NodePrivate.from_text(doc["PrivateKey"])
+        except (OSError, ValueError, KeyError, TypeError, KeyFormatError) as exc:
+            raise ConfigError(f"cannot read the DERP key file {path}: {exc}; delete it to make a new key") from None
+    key = NodePrivate.generate(os.urandom(32))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump({"PrivateKey": key.to_text()}, file)
+    return key
+
+
 class DerpServer:
     """A DERP relay. ``private`` is its node key (clients see the public half); ``ssl_context``
-    makes it serve HTTPS; ``queue_depth`` packets per client and class are buffered before head drop.
+    makes it serve HTTPS, and with ``plain_http_too`` plain HTTP as well on the same port (told
+    apart by the first byte: a TLS handshake record starts with 0x16, an HTTP request with a
+    letter), for clients run with ``TS_DEBUG_USE_DERP_HTTP``; ``queue_depth`` packets per client
+    and class are buffered before head drop.
 
     ``admit`` decides which logged-in clients may stay (default: all); ``rate_limit`` bytes per
     second (0: none) with a burst of ``rate_burst`` bytes (at least one full packet) limits what
@@ -123,6 +151,7 @@ class DerpServer:
         private: NodePrivate,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        plain_http_too: bool = False,
         queue_depth: int = derp.PER_CLIENT_SEND_QUEUE_DEPTH,
         write_timeout: float = WRITE_TIMEOUT,
         admit: Admit | None = None,
@@ -134,6 +163,7 @@ class DerpServer:
         self.private = private
         self.public_key: NodePublic = private.public()
         self.ssl_context = ssl_context
+        self.plain_http_too = plain_http_too
         self.core = derp.RelayCore(queue_depth=queue_depth)
         self.stats = DerpStats()
         self.write_timeout = write_timeout
@@ -204,14 +234,29 @@ class DerpServer:
                     # The TLS handshake counts towards the client's 10 s: a client that stalls in
                     # it holds nothing for long.
                     with anyio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                        stream = await TLSStream.wrap(tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False)
+                        if self.plain_http_too:
+                            stream = await self._sniff_tls(tcp)
+                        else:
+                            stream = await TLSStream.wrap(tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False)
                     if scope.cancelled_caught:
                         return
                 await self._serve_connection(stream)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ssl.SSLError):
+        except (OSError, TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ssl.SSLError):
             pass  # the client went away (or its TLS failed): nothing to answer
         except Exception:  # one bad connection must never take the listener down
             log.exception("DERP connection failed")
+
+    async def _sniff_tls(self, stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+        """HTTPS or plain HTTP on one port: look at the first bytes, then hand them back."""
+        assert self.ssl_context is not None
+        with anyio.fail_after(HANDSHAKE_TIMEOUT):
+            first = await stream.receive()
+            prefixed = _Prefixed(stream, first)
+            if first[:1] != b"\x16":
+                return prefixed
+            return await TLSStream.wrap(
+                prefixed, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
+            )
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
         with anyio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
@@ -526,6 +571,34 @@ class DerpServer:
 
 def _keepalive_interval() -> float:
     return derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER)  # jitter, not a secret
+
+
+class _Prefixed(anyio.abc.ByteStream):
+    """A stream whose first received bytes were already read (to tell TLS from plain HTTP)."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, first: bytes) -> None:
+        self._stream = stream
+        self._first: bytes | None = first
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
