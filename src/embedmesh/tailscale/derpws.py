@@ -233,7 +233,7 @@ class WebSocketStream(anyio.abc.ByteStream):
         self._send_lock = anyio.Lock()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._buffer and self.framing.data_to_send_pending:
+        if self._buffer:
             await self._flush()  # answers to what came with the handshake
         while not self._buffer:
             if self.framing.closed is not None:
@@ -256,6 +256,8 @@ class WebSocketStream(anyio.abc.ByteStream):
         await self._flush()
 
     async def _flush(self) -> None:
+        if not self.framing.data_to_send_pending:
+            return  # the common case on a read: nothing to answer, no lock to take
         async with self._send_lock:
             data = self.framing.data_to_send()
             if data:
