@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 
+from embedmesh.control.embeddedderp import certificate_sha256, self_signed_certificate
 from embedmesh.tailscale import derp, derpserver
-from embedmesh.tailscale.derpserver import DerpServer
+from embedmesh.tailscale.derpclient import connect_derp
+from embedmesh.tailscale.derpserver import DerpServer, tls_context
 from embedmesh.tailscale.keys import NodePrivate
 
 
@@ -158,6 +161,32 @@ def test_keepalives_and_the_write_timeout_come_from_one_ticker(monkeypatch: pyte
             assert server.core.is_connected(listener.public)
             for stream in streams:
                 await stream.aclose()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_https_and_wss_and_a_stalled_tls_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = self_signed_certificate(tmp_path, "127.0.0.1")
+    pin = certificate_sha256(cert)
+    monkeypatch.setattr(derpserver, "HANDSHAKE_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), ssl_context=tls_context(cert, key))
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server.serve, "127.0.0.1", 0)
+            with anyio.fail_after(10):
+                async with (
+                    connect_derp(f"https://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), pinned_cert_sha256=pin) as tls,
+                    connect_derp(f"wss://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), pinned_cert_sha256=pin) as wss,
+                ):
+                    await tls.send(wss.public_key, b"tls to wss")
+                    assert await anext(wss.packets()) == (tls.public_key, b"tls to wss")
+                assert server.stats.websocket == 1
+                # A client that opens TCP and never starts TLS is closed after the handshake timeout.
+                async with await anyio.connect_tcp("127.0.0.1", port) as idle:
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await idle.receive()
             tg.cancel_scope.cancel()
 
     anyio.run(main)
