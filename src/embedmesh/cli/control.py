@@ -150,6 +150,12 @@ def control() -> None:
     "this machine's name when that is a wildcard). With --tls-cert it must be a name the certificate holds.",
 )
 @click.option(
+    "--derp-verify-clients/--no-derp-verify-clients",
+    default=True,
+    show_default=True,
+    help="The embedded relay serves only this tailnet's approved nodes (off: anyone who reaches it).",
+)
+@click.option(
     "--stun-port",
     type=click.IntRange(min=0, max=65535),
     default=3478,
@@ -176,6 +182,7 @@ def serve(
     derp_host: str | None,
     stun_port: int,
     no_stun: bool,
+    derp_verify_clients: bool,
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
@@ -210,6 +217,7 @@ def serve(
                 derp_host=derp_host,
                 stun_port=None if no_stun else stun_port,
                 stun_optional=stun_port == 3478,
+                derp_verify_clients=derp_verify_clients,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
             )

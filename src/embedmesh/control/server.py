@@ -10,6 +10,8 @@ Routes:
 * ``/register/<id>``: where an interactive login's URL points;
 * ``/admin/v1/...``: the admin API (bearer token from ``<state-dir>/admin-token``), see
   :mod:`embedmesh.control.admin`;
+* ``POST /derp/admit``: the DERP admission controller (``--verify-client-url``) for this tailnet's
+  nodes, see :mod:`embedmesh.control.derpadmit`;
 * ``GET /health``.
 
 Connections are limited before any of that (see :mod:`embedmesh.control.limits`): a first request
@@ -47,7 +49,7 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -58,6 +60,7 @@ from embedmesh.control.coordinator import (
     Coordinator,
     CoordinatorConfig,
 )
+from embedmesh.control.derpadmit import ADMIT_PATH, admit_endpoint, admits
 from embedmesh.control.embeddedderp import REGION_ID, EmbeddedDerp, map_host
 from embedmesh.control.errors import ControlError, StoreError
 from embedmesh.control.limits import (
@@ -76,6 +79,7 @@ from embedmesh.tailscale.controlhttp import (
     ControlHTTPError,
     check_upgrade_request,
 )
+from embedmesh.tailscale.keys import NodePublic
 from embedmesh.tailscale.noiseserver import Ts2021Protocol
 from embedmesh.tailscale.stunserver import StunServer
 from embedmesh.wireguard.crypto import generate_private_key, public_key
@@ -120,6 +124,9 @@ class ServerConfig:
     stun_port: int | None = 0
     #: When the STUN port is taken: warn and run without STUN (True) or fail (False).
     stun_optional: bool = False
+    #: The embedded relay serves only this tailnet's approved, unexpired node keys ("verify
+    #: clients"); False: anyone who can reach it.
+    derp_verify_clients: bool = True
     #: Serve HTTPS with this certificate chain and key (PEM files); both or neither. Some clients
     #: always speak TLS to control (Noise protects the API over plain HTTP too).
     tls_cert: Path | None = None
@@ -181,6 +188,7 @@ class ControlServer:
                 Route("/health", self._health, methods=["GET"]),
                 Route("/register/{login_id}", self._login_page, methods=["GET"]),
                 Route(OLD_CONTROL_PATH, self._old_protocol, methods=["GET"]),
+                Route(ADMIT_PATH, self._derp_admit, methods=["POST"]),
                 *admin_routes(self),
             ],
             lifespan=self._lifespan,
@@ -291,6 +299,13 @@ class ControlServer:
         )
         return HTMLResponse(_page(f"Join the tailnet: {name}", body))
 
+    async def _derp_admit(self, request: Request) -> Response:
+        return await admit_endpoint(self.coordinator, request, time.time())
+
+    async def _derp_admits(self, node_key: NodePublic, source: tuple[str, int]) -> bool:
+        # The embedded relay runs on this loop, so it asks the coordinator directly.
+        return admits(self.coordinator, node_key.raw, time.time())
+
     async def _health(self, request: Request) -> JSONResponse:
         # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
         # connections an outsider could watch); the admin API has the details.
@@ -365,6 +380,7 @@ class ControlServer:
                         map_host(bound_host, self.config.derp_host),
                         tls_cert=self.config.tls_cert,
                         tls_key=self.config.tls_key,
+                        admit=self._derp_admits if self.config.derp_verify_clients else None,
                     )
                     derp.port = await tg.start(derp.server.serve, bound_host, self.config.derp_port)
                     if self.config.stun_port is not None:
