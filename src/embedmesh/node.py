@@ -10,7 +10,9 @@ import logging
 import os
 import random
 import socket
+import ssl
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,20 +33,32 @@ from embedmesh.dns.records import MagicZone
 from embedmesh.dns.resolver import Recursion, Resolver
 from embedmesh.dns.server import DNS_PORT, SERVICE_V4, SERVICE_V6, DnsService
 from embedmesh.dns.upstream import RESOLV_CONF, HostDnsConfig, ResolvConf, parse_upstream
-from embedmesh.errors import ConfigError, ListenError, NameResolutionError, NodeError, UpTimeoutError
+from embedmesh.errors import (
+    ConfigError,
+    ListenError,
+    NameResolutionError,
+    NodeError,
+    ParseError,
+    UpTimeoutError,
+)
 from embedmesh.hostport import join_host_port, split_host_port
+from embedmesh.netcheck import NetcheckCore, NetcheckReport, hostnames_to_resolve
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.paths import NO_PATH, Path, PathCore, PathKind
 from embedmesh.peers import rank_endpoints
 from embedmesh.runtime.dataplane import DataPlane
+from embedmesh.runtime.derplinks import DerpLinks, DerpServerAddress
 from embedmesh.runtime.links import Link, WireGuardLink
+from embedmesh.runtime.netcheck import NetcheckDriver, resolve_derp_hosts
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
+from embedmesh.tailscale import disco
 from embedmesh.tailscale.client import TailscaleControlClient
-from embedmesh.tailscale.keys import DiscoPrivate, NodePublic
+from embedmesh.tailscale.derpmap import DerpMap, parse_derp_map
+from embedmesh.tailscale.keys import DiscoPrivate, NodePrivate, NodePublic
 from embedmesh.wireguard.crypto import public_key as derive_public_key
 from embedmesh.wireguard.device import WireGuardDevice
 
@@ -62,6 +76,9 @@ TAILNET_MTU = 1280
 #: How long a node keeps trying to reach its coordination server when it starts (a server and a
 #: job started together: the server may need a few seconds).
 DEFAULT_CONTROL_TIMEOUT = 60.0
+#: Seconds between netchecks (plus up to 30 % jitter): magicsock re-STUNs every 20-26 s, which
+#: also keeps the NAT mapping of the WireGuard socket alive.
+NETCHECK_INTERVAL = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +119,17 @@ class PeerStatus:
     def path_text(self) -> str:
         """The path as ``tailscale status`` words it: ``direct 203.0.113.7:41641``,
         ``relay "nyc"`` or ``-``."""
-        if self.path == "direct" and isinstance(self.path_address, tuple):
-            return f"direct {join_host_port(*self.path_address)}"
-        if self.path == "derp":
-            return f'relay "{self.path_address}"'
-        return "-"
+        return describe_path(self.path, self.path_address)
+
+
+def describe_path(path: str, address: Sequence[object] | str | None) -> str:
+    """:attr:`PeerStatus.path_text` from its parts (also as they come back from JSON, where the
+    address is a list)."""
+    if path == "direct" and isinstance(address, list | tuple) and len(address) == 2:
+        return f"direct {join_host_port(str(address[0]), int(str(address[1])))}"
+    if path == "derp":
+        return f'relay "{address}"'
+    return "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +149,12 @@ class NodeStatus:
     control_connected: bool | None = None
     #: The URL to open to log the node in, while a Tailscale-protocol server waits for a login.
     auth_url: str = ""
+    #: In a tailnet: the home DERP region's code ("" before there is one), the endpoints the node
+    #: advertises ("ip:port": what STUN saw, then local addresses), and whether the last
+    #: netcheck got UDP answers (None: none ran yet).
+    home_derp: str = ""
+    endpoints: tuple[str, ...] = ()
+    udp: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +239,15 @@ class Node:
         #: The path layer (tailnet mode): which way each peer's packets go.
         self._paths: DevicePaths | None = None
         self._own_hosts: set[str] = set()
+        #: DERP (tailnet mode): the node's relay connections and the map they follow.
+        self._derp: DerpLinks | None = None
+        self._derp_map: DerpMap | None = None
+        self._derp_map_document: object | None = None
+        self._derp_counters: Counter[str] = Counter()
+        #: Netcheck (tailnet mode): STUN from the WireGuard socket, every 20-26 s.
+        self._netcheck: NetcheckDriver | None = None
+        self._netcheck_report: NetcheckReport | None = None
+        self._netcheck_wake: anyio.Event | None = None
         self._state_dir = state_dir
         #: One running node per state folder (taken in start(), released in close()).
         self._lock = StateDirLock(state_dir) if state_dir is not None else None
@@ -502,10 +540,157 @@ class Node:
             on_netmap=self._apply_netmap,
             start_timeout=self._control_timeout,
         )
+        # DERP: the relays of the tailnet's DERP map, for peers without a direct path.
+        derp_links = DerpLinks(NodePrivate(self._keys.node_key), self._on_derp_packet)
+        self._derp = derp_links
+        self._wireguard_link.derp_send = self._send_via_derp
+        await self._task_group.start(derp_links.run)
+        self._wireguard_link.on_stun = self._on_stun
+        self._task_group.start_soon(self._netcheck_loop)
         await control.start()
         self._control = control
         if control.netmap is not None:
             self._apply_netmap(control.netmap)
+
+    # ------------------------------------------------------------------ DERP
+
+    def _apply_derp_map(self, document: object | None) -> None:
+        """Follow the DERP map: its regions' servers, and a home region among them."""
+        if document is None or document is self._derp_map_document:
+            return
+        self._derp_map_document = document
+        try:
+            derp_map = parse_derp_map(document)
+        except ParseError as exc:
+            logger.warning("ignoring the control server's DERP map: %s", exc)
+            return
+        self._derp_map = derp_map
+        regions: dict[int, list[DerpServerAddress]] = {}
+        for region_id, region in derp_map.regions.items():
+            servers = [
+                DerpServerAddress(
+                    node.derp_url(),
+                    _insecure_tls() if node.insecure_for_tests else None,
+                    dial_host=node.dial_host() if node.dial_host() != node.host_name else None,
+                    pinned_cert_sha256=node.pinned_cert_sha256,
+                )
+                for node in region.nodes
+                if not node.stun_only
+            ]
+            if servers:
+                regions[region_id] = servers
+        derp = self._derp
+        assert derp is not None and self._paths is not None
+        derp.set_regions(regions)
+        self._paths.set_derp_enabled(bool(regions), time.monotonic())
+        if self._netcheck_wake is not None:
+            self._netcheck_wake.set()  # a new map: measure its regions now
+        if derp.home not in regions and regions:
+            # Until netcheck measures the regions, the first one the map lists that may be a home.
+            candidates = [r for r, reg in derp_map.regions.items() if r in regions and not reg.no_measure_no_home]
+            self._set_home_derp(min(candidates or regions))
+        self._dataplane.kick()
+
+    async def _netcheck_loop(self) -> None:
+        """Netcheck from the WireGuard socket, as magicsock re-STUNs: at start, when the DERP map
+        changes, and every 20-26 s; the report gives the node's public endpoints and home region."""
+        core: NetcheckCore | None = None
+        while True:
+            wake = self._netcheck_wake = anyio.Event()
+            derp_map = self._derp_map
+            if derp_map is not None and self._derp is not None:
+                if core is None or core.derp_map is not derp_map:
+                    core = NetcheckCore(
+                        derp_map, ipv4=self._underlay.has_ipv4, ipv6=self._underlay.has_ipv6
+                    )
+                    core.report = self._netcheck_report  # the hysteresis builds on the last one
+
+                async def send(datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+                    self._underlay.send(datagrams)
+
+                driver = self._netcheck = NetcheckDriver(core, send)
+                names = hostnames_to_resolve(derp_map)
+                resolved = await resolve_derp_hosts(names) if names else {}
+                try:
+                    report = await driver.check(
+                        self._netcheck_report, resolved=resolved, derp_activity=self._derp.activity()
+                    )
+                finally:
+                    self._netcheck = None
+                self._apply_netcheck(report)
+            with anyio.move_on_after(NETCHECK_INTERVAL * (1 + 0.3 * random.random())):
+                await wake.wait()
+
+    def _on_stun(self, data: bytes, source: tuple[str, int], now: float) -> None:
+        driver = self._netcheck
+        if driver is None or not driver.on_stun(data, source, now):
+            self._derp_counters["stun_unexpected"] += 1
+
+    def _apply_netcheck(self, report: NetcheckReport) -> None:
+        """Advertise what STUN saw (the public endpoints first, then the local ones, as Tailscale
+        orders them) and move home to the preferred region."""
+        self._netcheck_report = report
+        port = self._underlay.port
+        endpoints = list(dict.fromkeys([*report.endpoints(), *((h, port) for h in sorted(self._own_hosts))]))
+        changed = self._paths is not None and tuple(endpoints) != self._paths.paths.own_endpoints
+        if self._paths is not None:
+            self._paths.paths.own_endpoints = tuple(endpoints)
+        derp = self._derp
+        preferred = report.preferred_derp
+        if derp is not None and preferred and preferred != derp.home and preferred in derp.regions():
+            self._set_home_derp(preferred)  # reports the endpoints too
+            return
+        if changed:
+            self._report_endpoints()
+
+    def _set_home_derp(self, region_id: int) -> None:
+        derp = self._derp
+        if derp is None or region_id == derp.home:
+            return
+        derp.set_home(region_id)
+        logger.info("home DERP region: %s", self._derp_region_code(region_id))
+        self._report_endpoints()
+
+    def _report_endpoints(self) -> None:
+        """Tell the control server this node's endpoints and home region (peers reach it there)."""
+        control, derp = self._control, self._derp
+        if control is None or derp is None or self._task_group is None:
+            return
+        endpoints = [join_host_port(h, p) for h, p in self._paths.paths.own_endpoints] if self._paths else []
+        self._task_group.start_soon(partial(control.update_endpoints, endpoints, preferred_derp=derp.home))
+
+    def _send_via_derp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        """The data plane's datagrams for DERP addresses: into the peers' home regions."""
+        derp, paths = self._derp, self._paths
+        assert derp is not None and paths is not None
+        for data, address in datagrams:
+            route = paths.paths.derp_route(address)
+            if route is None or not route[1]:
+                self._derp_counters["drop_no_region"] += 1
+                continue
+            derp.send(route[1], route[0], data)
+
+    def _on_derp_packet(self, src: bytes, payload: bytes, region: int) -> None:
+        """A packet a DERP server relayed from the node ``src``: disco, or WireGuard."""
+        paths = self._paths
+        assert paths is not None
+        source = paths.paths.derp_address(src)
+        if source is None:
+            self._derp_counters["drop_unknown_sender"] += 1
+            return
+        now = time.monotonic()
+        stack = self._stack
+        stack.begin_batch()
+        try:
+            if disco.classify(payload) is disco.PacketKind.DISCO:
+                paths.receive_disco(payload, source, now, via_derp=True)
+            else:
+                packet = self._device.receive_datagram(payload, source, now)
+                if packet is not None:
+                    stack.receive(packet, now)
+        finally:
+            stack.end_batch(now)
+        self._dataplane.kick()
 
     def _advertised_hosts(self) -> set[str]:
         if self._listen_host is not None:
@@ -518,6 +703,8 @@ class Node:
         me = netmap.self_node
         # (The control client warns once when the node key expires, saying what to do.)
         self._interface.set_addresses([a.packed for a in me.addresses])
+        if self._control is not None:
+            self._apply_derp_map(self._control.derp_map)
         self._sync_peers(netmap, time.monotonic())
         self._zone_serial += 1
         self._dns.set_zone(MagicZone.from_netmap(netmap, serial=self._zone_serial))
@@ -673,6 +860,9 @@ class Node:
         if self._paths is not None:
             counters.update({f"path_{k}": v for k, v in self._paths.paths.counters.items()})
             counters.update({f"link_{k}": v for k, v in self._wireguard_link.counters.items()})
+        if self._derp is not None:
+            counters.update({f"derp_{k}": v for k, v in self._derp.counters.items()})
+            counters.update({f"derp_{k}": v for k, v in self._derp_counters.items()})
         counters.update({f"dns_{k}": v for k, v in self._dns.resolver.counters.items()})
         control = self._control
         return NodeStatus(
@@ -686,6 +876,9 @@ class Node:
             state=self._netmap.state.value if self._netmap else "",
             control_connected=control.connected if control is not None else None,
             auth_url=control.auth_url if control is not None else "",
+            home_derp=self._derp_region_code(self._derp.home) if self._derp is not None and self._derp.home else "",
+            endpoints=tuple(join_host_port(h, p) for h, p in self._paths.paths.own_endpoints) if self._paths else (),
+            udp=self._netcheck_report.udp if self._netcheck_report is not None else None,
         )
 
     def _path_of(self, node_key: bytes, endpoint: tuple[str, int] | None, now: float) -> Path:
@@ -695,7 +888,8 @@ class Node:
 
     def _derp_region_code(self, region: int) -> str:
         """A DERP region's code for people (its number when the map has no code)."""
-        return str(region)
+        known = self._derp_map.regions.get(region) if self._derp_map is not None else None
+        return known.region_code if known is not None and known.region_code else str(region)
 
     # ------------------------------------------------------------------ names
 
@@ -949,6 +1143,14 @@ class Node:
             event = waiter[0]
             assert isinstance(event, anyio.Event)
             event.set()
+
+
+def _insecure_tls() -> ssl.SSLContext:
+    """TLS that does not verify the server: for DERP nodes the map marks InsecureForTests."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from embedmesh.errors import EmbedmeshError
+from embedmesh.hostport import join_host_port
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
@@ -126,8 +127,43 @@ def control() -> None:
     "--derp-map",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="A DERP map (Tailscale's DERPMap JSON) sent to Tailscale clients, e.g. of your derper.",
+    help="More DERP regions (Tailscale's DERPMap JSON) for the nodes, e.g. of your derpers.",
 )
+@click.option(
+    "--derp/--no-derp",
+    "embedded_derp",
+    default=True,
+    show_default=True,
+    help="Run a DERP relay in this process, published as region 999 \"embedmesh\".",
+)
+@click.option(
+    "--derp-port",
+    type=click.IntRange(min=0, max=65535),
+    default=3340,
+    show_default=True,
+    help="TCP port of the embedded DERP relay (HTTPS, and plain HTTP for TS_DEBUG_USE_DERP_HTTP clients); 0: any.",
+)
+@click.option(
+    "--derp-host",
+    default=None,
+    help="The name or address nodes reach the embedded relay at (default: the --listen host, or "
+    "this machine's name when that is a wildcard). With --tls-cert it must be a name the certificate holds.",
+)
+@click.option(
+    "--derp-verify-clients/--no-derp-verify-clients",
+    default=True,
+    show_default=True,
+    help="The embedded relay serves only this tailnet's approved nodes (off: anyone who reaches it).",
+)
+@click.option(
+    "--stun-port",
+    type=click.IntRange(min=0, max=65535),
+    default=3478,
+    show_default=True,
+    help="UDP port of the STUN server beside the embedded relay (0: any); the default port, when "
+    "taken, is skipped with a warning.",
+)
+@click.option("--no-stun", is_flag=True, help="No STUN server beside the embedded relay.")
 def serve(
     listen: str,
     state_dir: Path,
@@ -141,6 +177,12 @@ def serve(
     tls_cert: Path | None,
     tls_key: Path | None,
     derp_map: Path | None,
+    embedded_derp: bool,
+    derp_port: int,
+    derp_host: str | None,
+    stun_port: int,
+    no_stun: bool,
+    derp_verify_clients: bool,
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
@@ -170,6 +212,12 @@ def serve(
                 max_connections=max_connections,
                 max_connections_per_source=max_connections_per_source,
                 derp_map=derp_map,
+                embedded_derp=embedded_derp,
+                derp_port=derp_port,
+                derp_host=derp_host,
+                stun_port=None if no_stun else stun_port,
+                stun_optional=stun_port == 3478,
+                derp_verify_clients=derp_verify_clients,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
             )
@@ -189,6 +237,12 @@ def serve(
 
                 url = await tg.start(serve_until_stopped)
                 click.echo(f"control server on {url} (key {server.public_key_b64})")
+                relay = server.embedded_derp
+                if relay is not None:
+                    stun = f", STUN on udp port {relay.stun_port}" if relay.stun_port > 0 else ", no STUN"
+                    click.echo(
+                        f"DERP relay (region 999 \"embedmesh\") on {join_host_port(relay.host, relay.port)}{stun}"
+                    )
                 click.echo(
                     f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}"
                 )

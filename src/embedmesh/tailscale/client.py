@@ -132,6 +132,8 @@ class TailscaleControlClient:
         self._auth_key = auth_key
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.endpoints = tuple(endpoints)
+        #: The home DERP region reported in Hostinfo.NetInfo (0: none yet).
+        self.preferred_derp = 0
         self.on_netmap = on_netmap
         #: How long :meth:`start` keeps retrying a server it cannot reach (0: fail at once).
         self.start_timeout = start_timeout
@@ -224,14 +226,24 @@ class TailscaleControlClient:
         self.connected = False
         self._notify()
 
-    async def update_endpoints(self, endpoints: Sequence[str]) -> None:
-        """Report new underlay endpoints (``"ip:port"``): a "lite" map request, no stream."""
+    @property
+    def derp_map(self) -> object | None:
+        """The DERP map of the latest network map, as the server sent it (Tailscale's DERPMap
+        JSON, decoded with Go's field matching; :func:`~embedmesh.tailscale.derpmap.parse_derp_map`
+        reads it), or None before one came."""
+        return self._session.derp_map
+
+    async def update_endpoints(self, endpoints: Sequence[str], *, preferred_derp: int | None = None) -> None:
+        """Report new underlay endpoints (``"ip:port"``) and home DERP region: a "lite" map
+        request, no stream (nothing is sent when neither changed)."""
         for endpoint in endpoints:
             parse_endpoint(endpoint)
         new = tuple(endpoints)
-        if new == self.endpoints:
+        derp = self.preferred_derp if preferred_derp is None else preferred_derp
+        if new == self.endpoints and derp == self.preferred_derp:
             return
         self.endpoints = new
+        self.preferred_derp = derp
         conn = self._conn
         if conn is not None:
             try:
@@ -308,7 +320,11 @@ class TailscaleControlClient:
 
     def _hostinfo(self) -> dict[str, object]:
         return tailcfg.hostinfo(
-            self.hostname, self.os_name, version=f"embedmesh-{embedmesh.__version__}", request_tags=self.tags
+            self.hostname,
+            self.os_name,
+            version=f"embedmesh-{embedmesh.__version__}",
+            request_tags=self.tags,
+            preferred_derp=self.preferred_derp,
         )
 
     def _map_request(self, *, stream: bool) -> bytes:

@@ -478,11 +478,21 @@ def _dumps(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def hostinfo(hostname: str, os_name: str, *, version: str, request_tags: Sequence[str] = ()) -> dict[str, Any]:
-    """The Hostinfo a node sends (Go's field names; empty fields left out as Go's omitempty does)."""
+def hostinfo(
+    hostname: str,
+    os_name: str,
+    *,
+    version: str,
+    request_tags: Sequence[str] = (),
+    preferred_derp: int = 0,
+) -> dict[str, Any]:
+    """The Hostinfo a node sends (Go's field names; empty fields left out as Go's omitempty does).
+    ``preferred_derp`` is the node's home DERP region (NetInfo.PreferredDERP; 0: none yet)."""
     info: dict[str, Any] = {"IPNVersion": version, "Hostname": hostname, "OS": os_name}
     if request_tags:
         info["RequestTags"] = list(request_tags)
+    if preferred_derp:
+        info["NetInfo"] = {"PreferredDERP": preferred_derp}
     return info
 
 
