@@ -155,9 +155,10 @@ def test_stream_survives_upgrade_to_direct_and_fallback_to_derp_and_back(seed: i
     assert world.path(a).kind is world.path(b).kind is PathKind.DIRECT, world.describe()
     back = world.net.now
     assert b.counters["rx_derp_wireguard"] > on_derp_before, "nothing went through DERP during the fallback"
-    # The blackout lasts until the dead path's trust runs out (at most 6.5 s), then the copies
-    # through DERP carry the stream (and TCP's backed-off timer resends).
-    assert longest_stall(transfer) < 10.0, world.describe()
+    # The blackout lasts until the dead path's trust runs out on both sides (at most 6.5 s after
+    # the last pong), then the copies through DERP carry the stream from TCP's next (backed-off)
+    # retransmission on: about twice the blackout at worst.
+    assert longest_stall(transfer) < 15.0, world.describe()
 
     assert transfer.run_until(back + 200.0), world.describe()
     assert bytes(transfer.received) == payload, world.describe()

@@ -4,7 +4,7 @@ instead of sockets, so whole meshes run deterministically from a seed.
 
 :class:`SimNode` is a static-mode node (plain WireGuard peers, the device roams by itself);
 :class:`SimTailnetNode` is a tailnet node: the same device behind the real path layer, with DERP
-and STUN."""
+and netcheck."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 from embedmesh.devicepaths import DevicePaths
 from embedmesh.hostport import join_host_port
+from embedmesh.netcheck import NetcheckCore, NetcheckReport
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.paths import DERP_HOST, Path, PathCore
 from embedmesh.peers import rank_endpoints
-from embedmesh.sim import stun
 from embedmesh.tailscale import disco
+from embedmesh.tailscale.derpmap import DerpMap
 from embedmesh.tailscale.keys import DiscoPrivate, NodePublic
 from embedmesh.wireguard import crypto
 from embedmesh.wireguard.device import WireGuardDevice
@@ -120,30 +121,30 @@ def connect(
     )
 
 
-#: Tailscale's periodic re-STUN interval (magicsock's periodicReSTUN: a random 20-26 s).
-RESTUN_INTERVAL = (20.0, 26.0)
-#: A binding request unanswered this long is sent again (at most STUN_TRIES times per round).
-STUN_RETRY = 1.0
-STUN_TRIES = 3
+#: Seconds between netchecks, plus up to 30 % jitter (embedmesh.Node's NETCHECK_INTERVAL:
+#: magicsock re-STUNs every 20-26 s, which also keeps the WireGuard socket's NAT mapping alive).
+NETCHECK_INTERVAL = 20.0
 
 
 class SimTailnetNode(SimNode):
     """A tailnet node: the device behind the real path layer (:class:`~embedmesh.devicepaths.DevicePaths`
-    over :class:`~embedmesh.paths.PathCore`, as :class:`embedmesh.Node` wires them), with a DERP
-    client (:class:`~embedmesh.sim.derp.SimDerp`) and a STUN client on its one UDP socket.
+    over :class:`~embedmesh.paths.PathCore`), with a DERP client (:class:`~embedmesh.sim.derp.SimDerp`)
+    and netcheck (:class:`~embedmesh.netcheck.NetcheckCore`) on its one UDP socket, wired as
+    :class:`embedmesh.Node` wires them:
 
-    What the real node's runtime does around the cores, this class does on virtual time:
-
-    - Datagrams in: WireGuard to the device; disco to the path layer; STUN answers to the STUN
-      client (the demultiplexing of :class:`~embedmesh.runtime.links.WireGuardLink`).
+    - Datagrams in: WireGuard to the device; disco to the path layer; STUN answers to netcheck
+      (the demultiplexing of :class:`~embedmesh.runtime.links.WireGuardLink`).
     - Datagrams out for a DERP address (:data:`~embedmesh.paths.DERP_HOST`) go into DERP to the
-      node key and region :meth:`~embedmesh.paths.PathCore.derp_route` names; the rest leave by UDP.
-    - From DERP: the sender's DERP address (:meth:`~embedmesh.paths.PathCore.derp_address`) is
-      the source; disco goes to the path layer with ``via_derp=True``, WireGuard to the device.
-    - STUN: a binding request to every STUN server at start and every 20-26 s (Tailscale's
-      periodic re-STUN), retried after 1 s; the node's endpoints (its LAN address unless
-      ``advertise_lan`` is False, then the reflexive addresses) go to the path layer (CallMeMaybe)
-      and to :attr:`on_endpoints` (the control server) whenever they change.
+      node key and region :meth:`~embedmesh.paths.PathCore.derp_route` names (the node's
+      ``_send_via_derp``); the rest leave by UDP.
+    - From DERP (the node's ``_on_derp_packet``): the sender's DERP address
+      (:meth:`~embedmesh.paths.PathCore.derp_address`) is the source; disco goes to the path layer
+      with ``via_derp=True``, anything else to the device.
+    - Netcheck (the node's ``_netcheck_loop`` and ``_apply_netcheck``): a check once the DERP map
+      is known and every 20-26 s after the last one ended; the report's public endpoints, then the
+      node's own (unless ``advertise_lan`` is False), become ``PathCore.own_endpoints``
+      (CallMeMaybe) and go to :attr:`on_endpoints` (the control server) when they change, and its
+      preferred region becomes home unless the home region was fixed.
     """
 
     def __init__(
@@ -155,7 +156,6 @@ class SimTailnetNode(SimNode):
         mtu: int = 1420,
         private_key: bytes | None = None,
         wall_clock_offset: float = 1.7e9,
-        stun_servers: Iterable[Endpoint] = (),
         advertise_lan: bool = True,
         name: str = "",
     ) -> None:
@@ -174,22 +174,20 @@ class SimTailnetNode(SimNode):
         core.node_key = NodePublic(self.public_key)
         self.paths = DevicePaths(self.device, core)
         self.core = core
-        #: Set by :meth:`SimDerp.connect <embedmesh.sim.derp.SimDerp.connect>` via :meth:`join_derp`.
+        #: Set by :meth:`join_derp`.
         self.derp: SimDerp | None = None
         self.home_derp = 0
-        self.stun_servers = tuple(stun_servers)
+        self._home_fixed = False
         self.advertise_lan = advertise_lan
-        #: Reflexive addresses learnt by STUN, by server.
-        self.reflexive: dict[Endpoint, Endpoint] = {}
-        #: Called with (node, now) when the endpoints to advertise change (the control server).
+        self.netcheck: NetcheckCore | None = None
+        #: The last netcheck report (None before the first ends).
+        self.report: NetcheckReport | None = None
+        self._netcheck_at: float | None = None
+        #: Region id -> when DERP last delivered from it (netcheck's home hysteresis).
+        self._derp_activity: dict[int, float] = {}
+        #: Called with (node, now) when the endpoints or the home region to advertise change.
         self.on_endpoints: Callable[[SimTailnetNode, float], None] | None = None
         self.endpoints: tuple[Endpoint, ...] = ()
-        self._stun_out: list[tuple[bytes, Endpoint]] = []
-        self._stun_pending: dict[bytes, Endpoint] = {}
-        self._stun_round_at: float | None = 0.0 if self.stun_servers else None
-        self._stun_retry_at: float | None = None
-        self._stun_tries = 0
-        self._stun_answered = False
         #: (time, peer node key, path) whenever a peer's path changes.
         self.path_log: list[tuple[float, bytes, Path]] = []
         self._last_paths: dict[bytes, Path] = {}
@@ -202,12 +200,19 @@ class SimTailnetNode(SimNode):
 
     # -- wiring
 
-    def join_derp(self, derp: SimDerp, home_region: int, now: float) -> None:
-        """Connect to DERP with ``home_region`` as the home region (the node's netcheck choice)."""
+    def join_derp(
+        self, derp: SimDerp, derp_map: DerpMap, now: float, *, home_region: int | None = None
+    ) -> None:
+        """Connect to DERP: ``derp_map`` names its regions and their STUN servers; the home region is
+        ``home_region`` (fixed), or until netcheck prefers another the map's lowest region id, as the
+        node picks one before its first netcheck."""
         self.derp = derp
-        self.home_derp = home_region
-        derp.connect(self.public_key, self.endpoint, home_region, self.receive_derp)
-        self.paths.set_derp_enabled(True, now)
+        self._home_fixed = home_region is not None
+        self.home_derp = home_region if home_region is not None else min(derp_map.regions)
+        derp.connect(self.public_key, self.endpoint, self.home_derp, self.receive_derp)
+        self.paths.set_derp_enabled(bool(derp_map.regions), now)
+        self.netcheck = NetcheckCore(derp_map, random_bytes=self._rng.randbytes)
+        self._netcheck_at = now
         self._note_paths(now)
 
     def set_peer(
@@ -260,21 +265,19 @@ class SimTailnetNode(SimNode):
         self._note_paths(now)
 
     def receive_derp(self, src_key: bytes, payload: bytes, now: float) -> None:
-        """A packet DERP delivered from the node with key ``src_key``."""
+        """A packet DERP delivered from the node with key ``src_key`` (through our home region)."""
         self.now = now
+        self._derp_activity[self.home_derp] = now
         source = self.core.derp_address(src_key)
         if source is None:
             self.counters["drop_derp_unknown_peer"] += 1
             return
         self.counters["rx_derp"] += 1
-        kind = disco.classify(payload)
-        if kind is disco.PacketKind.DISCO:
+        if disco.classify(payload) is disco.PacketKind.DISCO:
             self.paths.receive_disco(payload, source, now, via_derp=True)
-        elif kind is disco.PacketKind.WIREGUARD:
+        else:
             self.counters["rx_derp_wireguard"] += 1
             self._deliver(self.device.receive_datagram(payload, source, now), now)
-        else:
-            self.counters["drop_derp_" + kind.value.replace("-", "_")] += 1
         self._note_paths(now)
 
     def _deliver(self, packet: bytes | None, now: float) -> None:
@@ -284,9 +287,10 @@ class SimTailnetNode(SimNode):
 
     def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
         out = self.paths.datagrams_to_send()
-        if self._stun_out:
-            out += self._stun_out
-            self._stun_out = []
+        if self.netcheck is not None:
+            stun_out = self.netcheck.datagrams_to_send()
+            if stun_out:
+                out += stun_out
         if not any(d[1][0] == DERP_HOST for d in out):
             self.counters["tx_udp"] += len(out)
             return out
@@ -300,7 +304,7 @@ class SimTailnetNode(SimNode):
                 self.counters["drop_derp_no_route"] += 1
                 continue
             self.counters["tx_derp"] += 1
-            if disco.classify(data) is disco.PacketKind.WIREGUARD:
+            if disco.classify(data) is not disco.PacketKind.DISCO:
                 self.counters["tx_derp_wireguard"] += 1
             self.derp.send(route[1], self.public_key, route[0], data, self.now)
         self.counters["tx_udp"] += len(udp)
@@ -309,7 +313,7 @@ class SimTailnetNode(SimNode):
     def next_deadline(self) -> float | None:
         deadlines = [
             d
-            for d in (self.paths.next_deadline(), self.stack.next_deadline(), self._stun_deadline())
+            for d in (self.paths.next_deadline(), self.stack.next_deadline(), self._netcheck_deadline())
             if d is not None
         ]
         return min(deadlines) if deadlines else None
@@ -318,59 +322,59 @@ class SimTailnetNode(SimNode):
         self.now = now
         self.paths.handle_timeout(now)
         self.stack.handle_timeout(now)
-        self._stun_timer(now)
+        self._netcheck_timer(now)
         self._note_paths(now)
 
-    # -- STUN
+    # -- netcheck
 
-    def _stun_deadline(self) -> float | None:
-        a, b = self._stun_round_at, self._stun_retry_at
-        if a is None:
-            return b
-        return a if b is None else min(a, b)
+    def _netcheck_deadline(self) -> float | None:
+        core = self.netcheck
+        if core is None:
+            return None
+        return core.next_deadline() if core.running else self._netcheck_at
 
-    def _stun_timer(self, now: float) -> None:
-        if self._stun_round_at is not None and now >= self._stun_round_at:
-            low, high = RESTUN_INTERVAL
-            self._stun_round_at = now + self._rng.uniform(low, high)
-            self._stun_tries = 0
-            self._stun_answered = False
-            self._stun_pending.clear()
-            self._send_stun(now)
-        elif self._stun_retry_at is not None and now >= self._stun_retry_at:
-            self._send_stun(now)
-
-    def _send_stun(self, now: float) -> None:
-        self._stun_tries += 1
-        self._stun_retry_at = now + STUN_RETRY if self._stun_tries < STUN_TRIES else None
-        for server in self.stun_servers:
-            tx_id = self._rng.randbytes(stun.TX_ID_SIZE)
-            self._stun_pending[tx_id] = server
-            self._stun_out.append((stun.binding_request(tx_id), server))
+    def _netcheck_timer(self, now: float) -> None:
+        core = self.netcheck
+        if core is None:
+            return
+        if core.running:
+            core.handle_timeout(now)
+            self._netcheck_done(now)
+        elif self._netcheck_at is not None and now >= self._netcheck_at:
+            self._netcheck_at = None
+            core.start(now, self.report, derp_activity=self._derp_activity)
+            self._netcheck_done(now)
 
     def _receive_stun(self, data: bytes, source: Endpoint, now: float) -> None:
-        try:
-            message = stun.parse(data)
-        except stun.StunError:
-            self.counters["drop_stun_bad"] += 1
+        core = self.netcheck
+        if core is None or not core.receive(data, source, now):
+            self.counters["stun_unexpected"] += 1
             return
-        server = self._stun_pending.pop(message.tx_id, None)
-        if server is None or message.mapped is None:
-            self.counters["drop_stun_unexpected"] += 1
+        self._netcheck_done(now)
+
+    def _netcheck_done(self, now: float) -> None:
+        core = self.netcheck
+        if core is None or core.running or self._netcheck_at is not None:
             return
-        self._stun_answered = True
-        self._stun_retry_at = None
-        self.reflexive[server] = message.mapped
+        report = core.report
+        self._netcheck_at = now + NETCHECK_INTERVAL * (1 + 0.3 * self._rng.random())
+        if report is None:
+            return
+        self.report = report
+        preferred = report.preferred_derp
+        if not self._home_fixed and preferred and preferred != self.home_derp and self.derp is not None:
+            self.home_derp = preferred
+            self.derp.connect(self.public_key, self.endpoint, preferred, self.receive_derp)
+            self.endpoints = ()  # report the new home with the endpoints
         self._update_endpoints(now)
 
     def _update_endpoints(self, now: float) -> None:
-        endpoints: list[Endpoint] = [self.endpoint] if self.advertise_lan else []
-        for mapped in self.reflexive.values():
-            if mapped not in endpoints:
-                endpoints.append(mapped)
-        if tuple(endpoints) == self.endpoints:
+        public = self.report.endpoints() if self.report is not None else []
+        own = [self.endpoint] if self.advertise_lan else []
+        endpoints = tuple(dict.fromkeys([*public, *own]))
+        if endpoints == self.endpoints:
             return
-        self.endpoints = tuple(endpoints)
-        self.core.own_endpoints = self.endpoints
+        self.endpoints = endpoints
+        self.core.own_endpoints = endpoints
         if self.on_endpoints is not None:
             self.on_endpoints(self, now)
