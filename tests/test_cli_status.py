@@ -46,6 +46,9 @@ def test_status_shows_the_node_and_its_peers_by_name(tmp_path: Path) -> None:
                     while len(laptop.status().peers) < 2:
                         await anyio.sleep(0.05)
                 assert await laptop.ping("web", timeout=10) > 0
+                with anyio.fail_after(10):
+                    while not any(p.name == "web" and p.path == "direct" for p in laptop.status().peers):
+                        await anyio.sleep(0.05)
                 await db.close()
                 with anyio.fail_after(10):
                     while not any(p.name == "db" and p.online is False for p in laptop.status().peers):
@@ -58,6 +61,8 @@ def test_status_shows_the_node_and_its_peers_by_name(tmp_path: Path) -> None:
         rows = {line.split()[1]: line for line in lines if line.startswith("│") and line.split()[1] != "│"}
         assert set(rows) == {"web", "db"}, text
         assert str(web.ips[0]) in rows["web"] and " yes " in rows["web"] and "ago" in rows["web"], text
+        # The path column words it as `tailscale status` does.
+        assert f"direct 127.0.0.1:{web.listen_port}" in rows["web"], text
         assert (
             str(db.ips[0]) in rows["db"]
             and "no, last seen" in rows["db"]

@@ -16,6 +16,7 @@ ENTRY_POINTS = {
     "embedmesh.runtime.tun": "a TUN device for tests and tools that attach a Netstack to the kernel",
     "embedmesh.sim.network": "the simulator, driven by tests and benchmarks",
     "embedmesh.sim.node": "the simulator, driven by tests and benchmarks",
+    "embedmesh.sim.tailnet": "the simulator's tailnet (NATs, DERP, STUN), driven by tests and benchmarks",
     "embedmesh.paths": "issue 9's path layer (disco path choice); the node's wiring imports it next",
     "embedmesh.tailscale.derpclient": "the DERP relay client runtime, a Python API; the node's path layer will use it (issue 10)",
 }

@@ -51,11 +51,21 @@ def tailnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[A
         running.stop()
 
 
-@pytest.fixture
-def embedded(tmp_path: Path) -> Iterator[tuple[Any, Admin]]:
+@pytest.fixture(params=[True, False], ids=["with-stun", "no-stun"])
+def embedded(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Any, Admin]]:
     """A control server with its embedded DERP relay (the default): HTTPS with a pinned
-    self-signed certificate, no environment knob."""
-    running = start_server(tmp_path / "control")
+    self-signed certificate, no environment knob; with its STUN server or without."""
+    running = start_server(tmp_path / "control", stun_port=0 if request.param else None)
+    try:
+        yield running, Admin(running)
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def embedded_no_stun(tmp_path: Path) -> Iterator[tuple[Any, Admin]]:
+    """The embedded relay without STUN: nodes that advertise nothing learn no endpoint."""
+    running = start_server(tmp_path / "control", stun_port=None)
     try:
         yield running, Admin(running)
     finally:
@@ -125,9 +135,9 @@ def test_nodes_without_a_direct_path_talk_through_a_derp_map_relay(
 
 
 def test_nodes_relay_through_the_embedded_derp_server(
-    embedded: tuple[Any, Admin], monkeypatch: pytest.MonkeyPatch
+    embedded_no_stun: tuple[Any, Admin], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running, admin = embedded
+    running, admin = embedded_no_stun
     key = admin.key(reusable=True)
     _no_direct_endpoints(monkeypatch)
     relay = running.server.embedded_derp
@@ -146,6 +156,9 @@ def test_nodes_relay_through_the_embedded_derp_server(
             assert await db.ping("web", timeout=10) > 0
             (peer,) = db.status().peers
             assert peer.path == "derp" and peer.path_address == "embedmesh"
+            # Without STUN the node learns nothing to advertise, but its home region is set.
+            status = db.status()
+            assert status.home_derp == "embedmesh" and status.endpoints == () and not status.udp
             listener = await web.listen_packet("udp", ":9000")
             sender = await db.listen_packet("udp", ":0")
             await sender.sendto(b"through the relay", str(web.ips[0]), 9000)
@@ -158,12 +171,12 @@ def test_nodes_relay_through_the_embedded_derp_server(
 
 
 def test_a_relayed_peer_upgrades_to_a_direct_path(
-    embedded: tuple[Any, Admin], monkeypatch: pytest.MonkeyPatch
+    embedded_no_stun: tuple[Any, Admin], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One node has no endpoint to advertise, the other does: traffic starts on DERP, the
     CallMeMaybe through DERP makes the hidden one ping the other's endpoint, and the pong proves
     a direct path (as two nodes where only one is behind a NAT)."""
-    running, admin = embedded
+    running, admin = embedded_no_stun
     key = admin.key(reusable=True)
     hidden: set[str] = set()
     real = Node._advertised_hosts
@@ -185,5 +198,43 @@ def test_a_relayed_peer_upgrades_to_a_direct_path(
             assert peer.path_address is not None and peer.path_address[0] == "127.0.0.1"
             assert peer.latency is not None and peer.latency < 1.0
             assert await db.ping("web", timeout=10) > 0
+
+    anyio.run(main)
+
+
+def test_stun_from_the_wireguard_socket_finds_a_direct_path(
+    embedded: tuple[Any, Admin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes with no local endpoint to advertise (as behind a NAT) learn their public endpoint
+    from the embedded STUN server through their WireGuard socket, advertise it, and go direct;
+    the measured region is home. Without STUN they stay on the relay."""
+    running, admin = embedded
+    with_stun = running.server.config.stun_port is not None
+    key = admin.key(reusable=True)
+    _no_direct_endpoints(monkeypatch)
+    relay = running.server.embedded_derp
+
+    async def main() -> None:
+        async with (
+            Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
+            Node(hostname="db", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as db,
+        ):
+            await web.up(timeout=10)
+            await db.up(timeout=10)
+            await _wait_for(lambda: db.status().udp is not None and web.status().udp is not None)
+            status = db.status()
+            assert status.udp is with_stun and status.home_derp == "embedmesh"
+            if not with_stun:
+                assert status.endpoints == ()
+                assert await db.ping("web", timeout=10) > 0
+                assert db.status().peers[0].path == "derp"
+                return
+            assert status.endpoints == (f"127.0.0.1:{db.listen_port}",)
+            assert relay.stun_server.counters["success"] > 0
+            # The control server passed the endpoint on: the peer's map has it.
+            await _wait_for(lambda: web.netmap.peer_by_name("db").endpoints)
+            assert await db.ping("web", timeout=10) > 0
+            await _wait_for(lambda: db.status().peers[0].path == "direct", timeout=15)
+            assert db.status().peers[0].path_address == ("127.0.0.1", web.listen_port)
 
     anyio.run(main)

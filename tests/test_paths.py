@@ -374,3 +374,79 @@ def test_best_path_moves_only_to_a_better_address(pongs: list[tuple[Endpoint, fl
         else:
             assert endpoint == before or not better_addr(endpoint, latency, before, before_latency)
         now += latency
+
+
+def _direct_with_derp(seed: int = 1) -> tuple[PathCore, FakePeer, Endpoint, float]:
+    """A peer with a home region, proven direct on A at t=0.02; returns (core, peer, its DERP
+    address, when the trust runs out)."""
+    core, peer = setup(seed, endpoints=(A,))
+    core.set_derp_enabled(True, 0.0)
+    core.set_peer(PEER_KEY, peer.disco_key, (A,), 0.0, home_derp=1)
+    derp = core.derp_address(PEER_KEY)
+    assert derp is not None
+    out = core.note_send(PEER_KEY, 0.0)
+    assert core.send_path(PEER_KEY, 0.0) == derp and core.derp_copies == {}
+    (ping_a,) = pings_to(out, A)
+    core.receive_disco(peer.answer(ping_a, ("192.0.2.1", 1)), A, 0.02)
+    assert core.send_path(PEER_KEY, 0.02) == A and core.derp_copies == {}
+    return core, peer, derp, 0.02 + TRUST_UDP_ADDR_DURATION
+
+
+def run_timers(core: PathCore, until: float) -> list[tuple[bytes, Endpoint]]:
+    """Fire the core's timers up to ``until`` (answering nothing); returns what they sent."""
+    out: list[tuple[bytes, Endpoint]] = []
+    while (at := core.next_deadline()) is not None and at <= until:
+        out += core.handle_timeout(at)
+    return out
+
+
+def test_an_untrusted_best_path_is_copied_to_derp_until_a_pong_proves_it_again() -> None:
+    """Go's addrForSendLocked: once the trust ran out, WireGuard goes to the old path and to DERP
+    (the old path may have died with a NAT mapping: nothing is lost meanwhile). Found by the
+    simulator: a stream whose retransmits, spaced out beyond a 5-s NAT timeout, each found the
+    direct path dead again and never got through."""
+    core, peer, derp, until = _direct_with_derp()
+    # No pongs come back: the heartbeats go unanswered and the trust runs out on time.
+    sent = run_timers(core, until - 0.001)
+    assert core.derp_copies == {}
+    assert core.next_deadline() == until
+    sent += run_timers(core, until)
+    assert core.derp_copies == {A: derp}
+    assert core.send_path(PEER_KEY, until) == A  # still used meanwhile (and still the status)
+    assert core.path(PEER_KEY, until).kind is PathKind.DIRECT
+    # A pong to a ping sent to A (a heartbeat, or the rediscovery once the trust is gone) proves it again.
+    sent += core.note_send(PEER_KEY, until + 0.1)
+    ping = pings_to(sent, A)[-1]
+    core.receive_disco(peer.answer(ping, ("192.0.2.1", 1)), A, until + 0.2)
+    assert core.derp_copies == {}
+    assert core.trusted(PEER_KEY, until + 0.2)
+
+
+def test_copies_end_when_the_dead_path_is_dropped_or_the_peer_removed() -> None:
+    core, _peer, derp, until = _direct_with_derp(2)
+    core.note_send(PEER_KEY, until)
+    run_timers(core, until + PING_TIMEOUT + HEARTBEAT_INTERVAL)
+    # A ping to the untrusted path timed out: it is dropped, DERP is the path, nothing is copied.
+    later = until + PING_TIMEOUT + HEARTBEAT_INTERVAL
+    assert core.path(PEER_KEY, later).kind is PathKind.DERP
+    assert core.send_path(PEER_KEY, later) == derp
+    assert core.derp_copies == {}
+    core, _peer, derp, until = _direct_with_derp(3)
+    run_timers(core, until)
+    assert core.derp_copies == {A: derp}
+    core.remove_peer(PEER_KEY)
+    assert core.derp_copies == {}
+
+
+def test_no_copies_without_derp() -> None:
+    core, peer = setup(endpoints=(A,))
+    (ping_a,) = pings_to(core.note_send(PEER_KEY, 0.0), A)
+    core.receive_disco(peer.answer(ping_a, ("192.0.2.1", 1)), A, 0.02)
+    run_timers(core, 0.02 + TRUST_UDP_ADDR_DURATION + 1.0)
+    assert core.send_path(PEER_KEY, 7.0) == A and core.derp_copies == {}
+    # DERP appears (the node got a DERP map) while the path is untrusted: copies start at once.
+    core.set_peer(PEER_KEY, peer.disco_key, (A,), 7.0, home_derp=5)
+    core.set_derp_enabled(True, 7.0)
+    assert core.derp_copies == {A: core.derp_address(PEER_KEY)}
+    core.set_derp_enabled(False, 7.1)
+    assert core.derp_copies == {}

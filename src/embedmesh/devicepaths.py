@@ -66,7 +66,7 @@ class DevicePaths:
         self.paths.remove_peer(node_key)
 
     def set_derp_enabled(self, enabled: bool, now: float) -> None:
-        self.paths.set_derp_enabled(enabled)
+        self.paths.set_derp_enabled(enabled, now)
         self._apply(now)
 
     # ------------------------------------------------------------------ inputs
@@ -100,8 +100,14 @@ class DevicePaths:
     # ------------------------------------------------------------------ outputs
 
     def datagrams_to_send(self) -> list[Datagram]:
-        """WireGuard's datagrams and the path layer's, each with its destination."""
+        """WireGuard's datagrams and the path layer's, each with its destination. A WireGuard
+        datagram to an untrusted best path goes to the peer's DERP address too
+        (:attr:`~embedmesh.paths.PathCore.derp_copies`); the receiver's replay window drops
+        whichever copy comes second."""
         datagrams = self.device.datagrams_to_send()
+        copies = self.paths.derp_copies
+        if copies and datagrams:
+            datagrams += [(data, copies[to]) for data, to in datagrams if to in copies]
         if self._out:
             out, self._out = self._out, []
             if datagrams:

@@ -42,6 +42,7 @@ from embedmesh.errors import (
     UpTimeoutError,
 )
 from embedmesh.hostport import join_host_port, split_host_port
+from embedmesh.netcheck import NetcheckCore, NetcheckReport, hostnames_to_resolve
 from embedmesh.netstack.interface import EchoReply
 from embedmesh.netstack.stack import Netstack
 from embedmesh.paths import NO_PATH, Path, PathCore, PathKind
@@ -49,6 +50,7 @@ from embedmesh.peers import rank_endpoints
 from embedmesh.runtime.dataplane import DataPlane
 from embedmesh.runtime.derplinks import DerpLinks, DerpServerAddress
 from embedmesh.runtime.links import Link, WireGuardLink
+from embedmesh.runtime.netcheck import NetcheckDriver, resolve_derp_hosts
 from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
@@ -74,6 +76,9 @@ TAILNET_MTU = 1280
 #: How long a node keeps trying to reach its coordination server when it starts (a server and a
 #: job started together: the server may need a few seconds).
 DEFAULT_CONTROL_TIMEOUT = 60.0
+#: Seconds between netchecks (plus up to 30 % jitter): magicsock re-STUNs every 20-26 s, which
+#: also keeps the NAT mapping of the WireGuard socket alive.
+NETCHECK_INTERVAL = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +119,17 @@ class PeerStatus:
     def path_text(self) -> str:
         """The path as ``tailscale status`` words it: ``direct 203.0.113.7:41641``,
         ``relay "nyc"`` or ``-``."""
-        if self.path == "direct" and isinstance(self.path_address, tuple):
-            return f"direct {join_host_port(*self.path_address)}"
-        if self.path == "derp":
-            return f'relay "{self.path_address}"'
-        return "-"
+        return describe_path(self.path, self.path_address)
+
+
+def describe_path(path: str, address: Sequence[object] | str | None) -> str:
+    """:attr:`PeerStatus.path_text` from its parts (also as they come back from JSON, where the
+    address is a list)."""
+    if path == "direct" and isinstance(address, list | tuple) and len(address) == 2:
+        return f"direct {join_host_port(str(address[0]), int(str(address[1])))}"
+    if path == "derp":
+        return f'relay "{address}"'
+    return "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,12 @@ class NodeStatus:
     control_connected: bool | None = None
     #: The URL to open to log the node in, while a Tailscale-protocol server waits for a login.
     auth_url: str = ""
+    #: In a tailnet: the home DERP region's code ("" before there is one), the endpoints the node
+    #: advertises ("ip:port": what STUN saw, then local addresses), and whether the last
+    #: netcheck got UDP answers (None: none ran yet).
+    home_derp: str = ""
+    endpoints: tuple[str, ...] = ()
+    udp: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +244,10 @@ class Node:
         self._derp_map: DerpMap | None = None
         self._derp_map_document: object | None = None
         self._derp_counters: Counter[str] = Counter()
+        #: Netcheck (tailnet mode): STUN from the WireGuard socket, every 20-26 s.
+        self._netcheck: NetcheckDriver | None = None
+        self._netcheck_report: NetcheckReport | None = None
+        self._netcheck_wake: anyio.Event | None = None
         self._state_dir = state_dir
         #: One running node per state folder (taken in start(), released in close()).
         self._lock = StateDirLock(state_dir) if state_dir is not None else None
@@ -524,6 +545,8 @@ class Node:
         self._derp = derp_links
         self._wireguard_link.derp_send = self._send_via_derp
         await self._task_group.start(derp_links.run)
+        self._wireguard_link.on_stun = self._on_stun
+        self._task_group.start_soon(self._netcheck_loop)
         await control.start()
         self._control = control
         if control.netmap is not None:
@@ -560,11 +583,65 @@ class Node:
         assert derp is not None and self._paths is not None
         derp.set_regions(regions)
         self._paths.set_derp_enabled(bool(regions), time.monotonic())
+        if self._netcheck_wake is not None:
+            self._netcheck_wake.set()  # a new map: measure its regions now
         if derp.home not in regions and regions:
             # Until netcheck measures the regions, the first one the map lists that may be a home.
             candidates = [r for r, reg in derp_map.regions.items() if r in regions and not reg.no_measure_no_home]
             self._set_home_derp(min(candidates or regions))
         self._dataplane.kick()
+
+    async def _netcheck_loop(self) -> None:
+        """Netcheck from the WireGuard socket, as magicsock re-STUNs: at start, when the DERP map
+        changes, and every 20-26 s; the report gives the node's public endpoints and home region."""
+        core: NetcheckCore | None = None
+        while True:
+            wake = self._netcheck_wake = anyio.Event()
+            derp_map = self._derp_map
+            if derp_map is not None and self._derp is not None:
+                if core is None or core.derp_map is not derp_map:
+                    core = NetcheckCore(
+                        derp_map, ipv4=self._underlay.has_ipv4, ipv6=self._underlay.has_ipv6
+                    )
+                    core.report = self._netcheck_report  # the hysteresis builds on the last one
+
+                async def send(datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+                    self._underlay.send(datagrams)
+
+                driver = self._netcheck = NetcheckDriver(core, send)
+                names = hostnames_to_resolve(derp_map)
+                resolved = await resolve_derp_hosts(names) if names else {}
+                try:
+                    report = await driver.check(
+                        self._netcheck_report, resolved=resolved, derp_activity=self._derp.activity()
+                    )
+                finally:
+                    self._netcheck = None
+                self._apply_netcheck(report)
+            with anyio.move_on_after(NETCHECK_INTERVAL * (1 + 0.3 * random.random())):
+                await wake.wait()
+
+    def _on_stun(self, data: bytes, source: tuple[str, int], now: float) -> None:
+        driver = self._netcheck
+        if driver is None or not driver.on_stun(data, source, now):
+            self._derp_counters["stun_unexpected"] += 1
+
+    def _apply_netcheck(self, report: NetcheckReport) -> None:
+        """Advertise what STUN saw (the public endpoints first, then the local ones, as Tailscale
+        orders them) and move home to the preferred region."""
+        self._netcheck_report = report
+        port = self._underlay.port
+        endpoints = list(dict.fromkeys([*report.endpoints(), *((h, port) for h in sorted(self._own_hosts))]))
+        changed = self._paths is not None and tuple(endpoints) != self._paths.paths.own_endpoints
+        if self._paths is not None:
+            self._paths.paths.own_endpoints = tuple(endpoints)
+        derp = self._derp
+        preferred = report.preferred_derp
+        if derp is not None and preferred and preferred != derp.home and preferred in derp.regions():
+            self._set_home_derp(preferred)  # reports the endpoints too
+            return
+        if changed:
+            self._report_endpoints()
 
     def _set_home_derp(self, region_id: int) -> None:
         derp = self._derp
@@ -799,6 +876,9 @@ class Node:
             state=self._netmap.state.value if self._netmap else "",
             control_connected=control.connected if control is not None else None,
             auth_url=control.auth_url if control is not None else "",
+            home_derp=self._derp_region_code(self._derp.home) if self._derp is not None and self._derp.home else "",
+            endpoints=tuple(join_host_port(h, p) for h, p in self._paths.paths.own_endpoints) if self._paths else (),
+            udp=self._netcheck_report.udp if self._netcheck_report is not None else None,
         )
 
     def _path_of(self, node_key: bytes, endpoint: tuple[str, int] | None, now: float) -> Path:

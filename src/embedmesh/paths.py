@@ -15,8 +15,11 @@ The rules are Go's, with its numbers:
 - A DERP path is named, for WireGuard, by a per-peer address on :data:`DERP_HOST` (the address
   Tailscale's magicsock uses for DERP too): :meth:`PathCore.derp_route` turns it back into the
   peer's node key and region, for the runtime that holds the DERP connections.
-- A path whose trust ran out is still used (Go keeps sending to it, and to DERP) while new pings
-  look for a better one; a ping to it that times out while it is untrusted drops it.
+- A path whose trust ran out is still used while new pings look for a better one, and its WireGuard
+  packets also go through DERP meanwhile (Go's addrForSendLocked: "send both to it and DERP"), so
+  a path that died while the peer was idle, or when a NAT rebooted, loses nothing:
+  :attr:`PathCore.derp_copies` names those endpoints. A ping to it that times out while it is
+  untrusted drops it.
 - While the peer has traffic (:meth:`PathCore.note_send` within :data:`SESSION_ACTIVE_TIMEOUT`), the
   best path is pinged every :data:`HEARTBEAT_INTERVAL`, and every candidate is pinged again
   (at most once per :data:`DISCO_PING_INTERVAL` each) when there is no trusted path, or every
@@ -207,6 +210,8 @@ class _Peer:
     #: The last round trip of a disco ping through DERP, and when discovery last went via DERP.
     derp_latency: float | None = None
     last_derp_discovery: float | None = None
+    #: The untrusted best path whose packets are also copied to DERP (a key of derp_copies).
+    copying: Endpoint | None = None
 
     @property
     def has_disco(self) -> bool:
@@ -292,6 +297,11 @@ class PathCore:
         self.derp_enabled = False
         #: This node's own endpoints (LAN and STUN-discovered), sent in CallMeMaybe.
         self.own_endpoints: tuple[Endpoint, ...] = ()
+        #: Direct endpoints whose WireGuard packets also go to DERP right now -> the DERP address
+        #: to send the copy to: the best path of a peer whose trust ran out (it may be dead), while
+        #: this node has DERP and the peer a home region. Whoever sends the device's datagrams
+        #: sends each one to such an endpoint twice (:class:`~embedmesh.devicepaths.DevicePaths`).
+        self.derp_copies: dict[Endpoint, Endpoint] = {}
         # DERP addresses: (DERP_HOST, slot), one slot per peer for as long as it is known.
         self._by_slot: dict[int, _Peer] = {}
         self._next_slot = 1
@@ -352,6 +362,7 @@ class PathCore:
             peer.candidates.setdefault(endpoint, _Candidate()).from_netmap = True
         self._prune(peer, now)
         self._announce(peer)
+        self._sync_copy(peer, now)
 
     def remove_peer(self, node_key: bytes) -> None:
         """Forget a peer and everything learnt about its paths."""
@@ -366,14 +377,20 @@ class PathCore:
         slot = peer.derp_address[1]
         if self._by_slot.get(slot) is peer:
             del self._by_slot[slot]
+        self._stop_copy(peer)
 
-    def set_derp_enabled(self, enabled: bool) -> None:
-        """Whether DERP can carry packets now (the node has a DERP map with regions)."""
+    def set_derp_enabled(self, enabled: bool, now: float | None = None) -> None:
+        """Whether DERP can carry packets now (the node has a DERP map with regions). With ``now``,
+        untrusted paths start being copied to DERP at once (else at the next timer)."""
         if enabled == self.derp_enabled:
             return
         self.derp_enabled = enabled
         for peer in self._peers.values():
             self._announce(peer)
+            if not enabled:
+                self._stop_copy(peer)
+            elif now is not None:
+                self._sync_copy(peer, now)
 
     def derp_route(self, endpoint: Endpoint) -> tuple[bytes, int] | None:
         """The (node key, home region) a DERP address of :meth:`send_path` stands for, or None."""
@@ -579,6 +596,7 @@ class PathCore:
             peer.best_latency = latency
             peer.trust_until = now + TRUST_UDP_ADDR_DURATION
         self._announce(peer)
+        self._sync_copy(peer, now)
 
     def _receive_call_me_maybe(self, peer: _Peer, message: disco.CallMeMaybe, now: float, out: list[Datagram]) -> None:
         self.counters["rx_call_me_maybe"] += 1
@@ -615,6 +633,11 @@ class PathCore:
             at_hb = peer.heartbeat_at
             if at_hb is not None and (deadline is None or at_hb < deadline):
                 deadline = at_hb
+            if peer.copying is None and peer.best is not None and self._can_copy(peer):
+                # When the trust runs out, packets start going to DERP as well.
+                at_trust = peer.trust_until
+                if deadline is None or at_trust < deadline:
+                    deadline = at_trust
         return deadline
 
     def handle_timeout(self, now: float) -> list[Datagram]:
@@ -627,6 +650,7 @@ class PathCore:
                 self.counters["ping_timeout"] += 1
                 if sent.to == peer.best and now > peer.trust_until:
                     self._clear_best(peer, now)
+            self._sync_copy(peer, now)
             at = peer.heartbeat_at
             if at is None or at > now:
                 continue
@@ -744,6 +768,28 @@ class PathCore:
         peer.best_latency = 0.0
         peer.trust_until = float("-inf")
         self._announce(peer)
+        self._stop_copy(peer)
+
+    def _can_copy(self, peer: _Peer) -> bool:
+        return self.derp_enabled and bool(peer.home_derp) and peer.box is not None
+
+    def _sync_copy(self, peer: _Peer, now: float) -> None:
+        """Copy the peer's packets to DERP exactly while its best path is untrusted (from the last
+        instant of trust on: handle_timeout runs at trust_until and must change something then)."""
+        want = peer.best if now >= peer.trust_until and self._can_copy(peer) else None
+        if want == peer.copying:
+            return
+        self._stop_copy(peer)
+        if want is not None:
+            peer.copying = want
+            self.derp_copies[want] = peer.derp_address
+            self.counters["derp_copy_start"] += 1
+
+    def _stop_copy(self, peer: _Peer) -> None:
+        if peer.copying is not None:
+            if self.derp_copies.get(peer.copying) == peer.derp_address:
+                del self.derp_copies[peer.copying]
+            peer.copying = None
 
     def _wg_only_path(self, peer: _Peer) -> Endpoint | None:
         if peer.roamed is not None:

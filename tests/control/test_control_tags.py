@@ -149,7 +149,7 @@ async def test_whois_and_status_show_only_granted_tags(tmp_path: Path) -> None:
             await web.up(timeout=10)
             await client.up(timeout=10)
             with anyio.fail_after(10):
-                while not client.status().peers or not client.status().peers[0].tags:
+                while not client.status().peers or not client.status().peers[0].tags or not web.status().peers:
                     await anyio.sleep(0.05)
             caller = web.whois(client.ips[0])
             assert caller is not None and caller.tags == ()

@@ -1,5 +1,6 @@
-"""The coordination server's embedded DERP relay: its certificate, its region in the map, and a
-client that checks the pinned certificate (HTTPS) or speaks plain HTTP on the same port."""
+"""The coordination server's embedded DERP relay: its certificate, its region in the map, a client
+that checks the pinned certificate (HTTPS) or speaks plain HTTP on the same port, and admission:
+only the tailnet's nodes are served unless verification is turned off."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from embedmesh.control.embeddedderp import (
     certificate_sha256,
     self_signed_certificate,
 )
+from embedmesh.control.messages import RegisterRequest
 from embedmesh.errors import ConfigError
 from embedmesh.tailscale import derp
 from embedmesh.tailscale.derpclient import DerpConnectError, connect_derp
@@ -50,12 +53,26 @@ def test_the_map_publishes_the_embedded_region(running: Any, tmp_path: Path) -> 
         assert stat.S_IMODE((tmp_path / "control" / name).stat().st_mode) == 0o600
 
 
+def _register(running: Any, *keys: NodePrivate) -> None:
+    """Make ``keys`` the node keys of registered nodes: the relay serves only the tailnet's nodes."""
+    coordinator = running.server.coordinator
+
+    def register() -> None:
+        _, auth = coordinator.create_auth_key(reusable=True, now=time.time())
+        for i, key in enumerate(keys):
+            request = RegisterRequest(key.public().raw, bytes([i + 1]) * 32, f"node{i}", auth_key=auth)
+            coordinator.register(bytes([i + 1]) * 32, request, time.time())
+
+    running.call(register)
+
+
 def test_clients_reach_it_over_pinned_https_and_plain_http(running: Any) -> None:
     relay = running.server.embedded_derp
     url = f"https://127.0.0.1:{relay.port}/derp"
+    a, b = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+    _register(running, a, b)
 
     async def main() -> None:
-        a, b = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
         async with (
             connect_derp(url, a, pinned_cert_sha256=relay.cert_sha256) as ca,
             connect_derp(f"http://127.0.0.1:{relay.port}/derp", b) as cb,
@@ -76,6 +93,35 @@ def test_clients_reach_it_over_pinned_https_and_plain_http(running: Any) -> None
                 pass
 
     anyio.run(main)
+
+
+def test_it_serves_only_the_tailnet_s_nodes(running: Any, tmp_path: Path) -> None:
+    relay = running.server.embedded_derp
+    member, stranger = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+    _register(running, member)
+    url = f"http://127.0.0.1:{relay.port}/derp"
+
+    async def main() -> None:
+        async with connect_derp(url, member):
+            pass
+        with pytest.raises(DerpConnectError):
+            async with connect_derp(url, stranger, timeout=5):
+                pass
+        assert relay.server.stats.refused == 1
+
+    anyio.run(main)
+    # Turned off, it serves anyone who reaches it.
+    open_relay = start_server(tmp_path / "open", derp_verify_clients=False)
+    try:
+        port = open_relay.server.embedded_derp.port
+
+        async def anyone() -> None:
+            async with connect_derp(f"http://127.0.0.1:{port}/derp", stranger):
+                pass
+
+        anyio.run(anyone)
+    finally:
+        open_relay.stop()
 
 
 def test_the_certificate_is_kept_and_renewed(tmp_path: Path) -> None:

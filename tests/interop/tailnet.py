@@ -68,6 +68,8 @@ class Host:
     ns: Namespace
     ip: str
     name: str
+    #: Its interface into the hub (for captures).
+    ifname: str = ""
 
 
 class TailnetRig:
@@ -92,7 +94,7 @@ class TailnetRig:
         ns.ip("route", "add", "default", "via", link.a.ip)
         # No IPv6 on the host: no router advertisements, no link-local candidates to chase.
         ns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
-        host = Host(ns, link.b.ip, name)
+        host = Host(ns, link.b.ip, name, link.b.ifname)
         self.hosts.append(host)
         if self._root_link is not None:
             self._route_from_root(host)
@@ -374,12 +376,12 @@ class Tailscaled:
         """`tailscale ping TARGET` (disco, stops at the first direct pong); its output."""
         return self.cli("ping", "--timeout=5s", "--c=20", *args, target, timeout=timeout).stdout
 
-    def ping_when_known(self, target: str, attempts: int = 40) -> str:
+    def ping_when_known(self, target: str, *args: str, attempts: int = 40) -> str:
         """`tailscale ping TARGET`, retried while tailscaled says "unknown peer": it puts a new
         peer into its engine a moment after its map has it."""
         for attempt in range(attempts):
             try:
-                return self.ping(target)
+                return self.ping(target, *args)
             except RigError as exc:
                 if "unknown peer" not in str(exc) or attempt == attempts - 1:
                     raise
@@ -489,53 +491,66 @@ async def _serving_node(
 class EmbedmeshControl:
     """`embedmesh control serve` (and a derper, in its DERP map) in a host of the rig."""
 
-    def __init__(self, tailnet: TailnetRig, bins: TailscaleBins, *flags: str) -> None:
+    def __init__(self, tailnet: TailnetRig, bins: TailscaleBins, *flags: str, relays: str = "both") -> None:
+        """``relays``: "both" (a derper as region 900 and the server's embedded relay, region
+        999), "derper" (the derper only: ``--no-derp``) or "embedded" (the embedded one only)."""
         tailnet.attach_root()  # the test process talks to the admin API
         host = tailnet.add_host("control")
+        self.host = host
         state = tailnet.state_dir("control")
         self.url = url = f"http://{host.ip}:8080"
-        # Tailscale's client reaches Running only with a live DERP connection or live peers, so
-        # the tailnet has a real derper (plain HTTP: the clients run with TS_DEBUG_USE_DERP_HTTP=1).
-        derp = host.ns.popen(
-            [
-                str(bins.derper),
-                "-a",
-                f"{host.ip}:3340",
-                "-http-port",
-                "-1",
-                "-stun-port",
-                "3478",
-                "-c",
-                str(state / "derper.json"),
-            ],
-            log_name="derper",
-            env=child_env(),
-        )
-        derp_map = state / "derp-map.json"
-        derp_map.write_text(
-            json.dumps(
-                {
-                    "Regions": {
-                        "900": {
-                            "RegionID": 900,
-                            "RegionCode": "test",
-                            "RegionName": "the test's derper",
-                            "Nodes": [
-                                {
-                                    "Name": "900a",
-                                    "RegionID": 900,
-                                    "HostName": host.ip,
-                                    "IPv4": host.ip,
-                                    "DERPPort": 3340,
-                                    "STUNPort": 3478,
-                                    "InsecureForTests": True,
-                                }
-                            ],
+        relay_flags: list[str] = []
+        derp: subprocess.Popen[Any] | None = None
+        if relays in ("both", "derper"):
+            # Tailscale's client reaches Running only with a live DERP connection or live peers,
+            # so the tailnet has a real derper (plain HTTP: the clients run with
+            # TS_DEBUG_USE_DERP_HTTP=1).
+            derp = host.ns.popen(
+                [
+                    str(bins.derper),
+                    "-a",
+                    f"{host.ip}:3340",
+                    "-http-port",
+                    "-1",
+                    "-stun-port",
+                    "3478",
+                    "-c",
+                    str(state / "derper.json"),
+                ],
+                log_name="derper",
+                env=child_env(),
+            )
+            derp_map = state / "derp-map.json"
+            derp_map.write_text(
+                json.dumps(
+                    {
+                        "Regions": {
+                            "900": {
+                                "RegionID": 900,
+                                "RegionCode": "test",
+                                "RegionName": "the test's derper",
+                                "Nodes": [
+                                    {
+                                        "Name": "900a",
+                                        "RegionID": 900,
+                                        "HostName": host.ip,
+                                        "IPv4": host.ip,
+                                        "DERPPort": 3340,
+                                        "STUNPort": 3478,
+                                        "InsecureForTests": True,
+                                    }
+                                ],
+                            }
                         }
                     }
-                }
+                )
             )
-        )
+            relay_flags += ["--derp-map", str(derp_map)]
+        if relays == "derper":
+            relay_flags.append("--no-derp")
+        else:
+            # The embedded relay (region 999) beside the derper, which has 3340.
+            relay_flags += ["--derp-port", "3341", "--stun-port", "3479"]
         server = host.ns.popen(
             [
                 sys.executable,
@@ -547,11 +562,7 @@ class EmbedmeshControl:
                 f"{host.ip}:8080",
                 "--state-dir",
                 str(state),
-                "--derp-map",
-                str(derp_map),
-                # The embedded relay (region 999) beside the derper, which has 3340.
-                "--derp-port",
-                "3341",
+                *relay_flags,
                 *flags,
             ],
             log_name="embedmesh-control",
@@ -559,7 +570,7 @@ class EmbedmeshControl:
         )
 
         def answering() -> bool:
-            if derp.poll() is not None:
+            if derp is not None and derp.poll() is not None:
                 raise RigError(f"derper exited with {derp.returncode}")
             if server.poll() is not None:
                 raise RigError(f"embedmesh control serve exited with {server.returncode}")

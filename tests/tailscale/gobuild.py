@@ -41,27 +41,33 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _source_hash() -> str:
+def _source_hash(tags: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
     for name in ("go.mod", "go.sum", "main.go"):
         digest.update(name.encode() + b"\0" + (PROGRAM_DIR / name).read_bytes() + b"\0")
+    if tags:  # only then, so the untagged binary keeps its name
+        digest.update(b"tags\0" + ",".join(tags).encode())
     return digest.hexdigest()[:16]
 
 
-def tsvectors() -> Path:
-    """The path of the built tsvectors binary (building it if needed), or skip/fail the test."""
+def tsvectors(tags: tuple[str, ...] = ()) -> Path:
+    """The path of the built tsvectors binary (building it if needed), or skip/fail the test.
+
+    ``tags`` are Go build tags, e.g. ``("ts_debug_websockets",)``: derphttp's WebSocket dialer,
+    which Tailscale compiles in only for browsers and with that tag.
+    """
     go = go_binary()
     if go is None:
         _skip_or_fail("Go is not installed: the Tailscale interop tests need it to build tsvectors")
         raise AssertionError("unreachable")
-    target = CACHE_DIR / f"tsvectors-{_source_hash()}"
+    target = CACHE_DIR / f"tsvectors-{_source_hash(tags)}"
     if target.exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + f".{os.getpid()}.tmp")
     env = dict(os.environ, GOFLAGS="-mod=readonly", CGO_ENABLED="0")
     result = subprocess.run(
-        ["nice", "-n", "19", go, "build", "-trimpath", "-o", str(partial), "."],
+        ["nice", "-n", "19", go, "build", "-trimpath", *([f"-tags={','.join(tags)}"] if tags else []), "-o", str(partial), "."],
         cwd=PROGRAM_DIR,
         env=env,
         capture_output=True,

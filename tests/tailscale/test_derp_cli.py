@@ -1,5 +1,6 @@
 """`embedmesh derp serve`: a real process serves DERP to our client, keeps its key in a 0600 file
-(derper's config format), and exits 0 on SIGTERM; bad flags are one line and a non-zero exit."""
+(derper's config format), and exits 0 on SIGTERM, after telling every client Restarting (TCP and
+WebSocket alike); bad flags are one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import sys
 from pathlib import Path
 
 import anyio
+import pytest
 
 from embedmesh.tailscale import derp
-from embedmesh.tailscale.derpclient import connect_derp
+from embedmesh.tailscale.derpclient import DerpConnectError, DerpConnectionClosed, connect_derp
 from embedmesh.tailscale.keys import NodePrivate
 
 
@@ -59,11 +61,98 @@ def test_derp_serve_relays_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_derp_serve_bad_flags_are_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", "127.0.0.1:1", "--tls-cert", str(tmp_path / "c.pem")],
-        capture_output=True,
+    for flags, message in [
+        (["--tls-cert", str(tmp_path / "c.pem")], "TLS needs both"),
+        (["--verify-client-url", "ftp://x/admit"], "give an http:// or https:// URL"),
+        (["--verify-client-url-fail-open"], "needs --verify-client-url"),
+        (["--per-client-rate-limit", "-5"], "per-client-rate-limit"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", "127.0.0.1:1", *flags],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_derp_serve_verify_client_url_fails_closed(tmp_path: Path) -> None:
+    # Nothing listens at the admission URL: every client is refused (derper's default is open).
+    dead, port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", f"127.0.0.1:{port}",
+            "--verify-client-url", f"http://127.0.0.1:{dead}/derp/admit",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=30,
     )
-    assert result.returncode != 0
-    assert "TLS needs both" in result.stderr and "Traceback" not in result.stderr
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("DERP server on ")
+
+        async def main() -> None:
+            with pytest.raises(DerpConnectError, match="login"):
+                async with connect_derp(f"http://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), timeout=8):
+                    pass
+
+        anyio.run(main)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigterm_tells_every_client_restarting_then_exits_cleanly(tmp_path: Path) -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", f"127.0.0.1:{port}",
+            "--restart-smear-ms", "800", "--restart-try-for-ms", "4000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("DERP server on ")
+        url = f"http://127.0.0.1:{port}/derp"
+
+        async def main() -> None:
+            keys = [NodePrivate.generate(os.urandom(32)) for _ in range(3)]
+            async with (
+                connect_derp(url, keys[0]) as a,
+                connect_derp(url, keys[1]) as b,
+                connect_derp(url, keys[2], websocket=True) as c,
+            ):
+                for client in (a, b, c):
+                    await client.ping()  # logged in and served
+                process.send_signal(signal.SIGTERM)
+                for client in (a, b, c):
+                    events = []
+                    with anyio.fail_after(10):
+                        try:
+                            while True:
+                                events.append(await client.receive())
+                        except DerpConnectionClosed:
+                            pass  # the server closed the connection after telling us
+                    (restarting,) = [e for e in events if isinstance(e, derp.Restarting)]
+                    assert restarting.try_for_ms == 4000 and 0 <= restarting.reconnect_in_ms <= 800
+                    assert isinstance(events[-1], derp.Restarting)  # nothing after it
+            # The listener is closed: nobody new gets in while the server stops.
+            with anyio.fail_after(10):
+                while process.poll() is None:
+                    await anyio.sleep(0.05)
+
+        anyio.run(main)
+        assert process.wait(10) == 0
+        stderr = process.stderr.read() if process.stderr else ""
+        assert "told 3 client(s) to reconnect" in stderr and "Traceback" not in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,12 +1,16 @@
 """Our DERP client against real DERP servers: Tailscale's ``derper`` (tailscale.com v1.102.5, on
-loopback, plain HTTP) and, with Tailscale's own derphttp client on the other end, our server."""
+loopback, plain HTTP; over TCP and over WebSocket) and, with Tailscale's own derphttp client on the
+other end, our server. derper with ``--verify-client-url`` asks embedmesh's control server
+(``/derp/admit``) and relays for its nodes only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +34,12 @@ def _free_port() -> int:
 
 @pytest.fixture
 def derper(tmp_path: Path) -> Iterator[tuple[str, NodePublic]]:
+    with run_derper(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def run_derper(tmp_path: Path, *flags: str) -> Iterator[tuple[str, NodePublic]]:
     binary = gopeers.require(gopeers.derper)
     key = NodePrivate.generate(os.urandom(32))
     config = tmp_path / "derper.json"
@@ -37,7 +47,7 @@ def derper(tmp_path: Path) -> Iterator[tuple[str, NodePublic]]:
     config.chmod(0o600)
     port = _free_port()
     process = subprocess.Popen(
-        [str(binary), "-a", f"127.0.0.1:{port}", "-http-port", "-1", "-stun=false", "-c", str(config)],
+        [str(binary), "-a", f"127.0.0.1:{port}", "-http-port", "-1", "-stun=false", "-c", str(config), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"},
@@ -125,3 +135,52 @@ def test_connect_errors_are_one_line() -> None:
                     pass
 
     anyio.run(main)
+
+
+def test_our_websocket_client_through_derper(derper: tuple[str, NodePublic]) -> None:
+    url, derper_key = derper
+
+    async def main() -> None:
+        async with (
+            connect_derp(url, NodePrivate.generate(os.urandom(32)), websocket=True) as ws,
+            connect_derp(url, NodePrivate.generate(os.urandom(32))) as tcp,
+        ):
+            assert ws.server_key == derper_key and ws.server_info is not None
+            big = os.urandom(64 << 10)
+            await ws.send(tcp.public_key, big)
+            with anyio.fail_after(10):
+                assert await anext(tcp.packets()) == (ws.public_key, big)
+            await tcp.send(ws.public_key, b"to the websocket")
+            with anyio.fail_after(10):
+                assert await anext(ws.packets()) == (tcp.public_key, b"to the websocket")
+            assert await ws.ping() < 5
+
+    anyio.run(main)
+
+
+def test_derper_admits_only_the_control_server_s_nodes(tmp_path: Path) -> None:
+    from embedmesh.control.messages import RegisterRequest
+    from embedmesh.control.server import ControlServer, ServerConfig
+
+    member, stranger = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+    with ControlServer(ServerConfig(state_dir=tmp_path / "control")).start_in_thread() as control:
+        coordinator = control.server.coordinator
+
+        def register() -> None:
+            _, key = coordinator.create_auth_key(now=time.time())
+            coordinator.register(b"m" * 32, RegisterRequest(member.public().raw, b"\x02" * 32, "member", auth_key=key), time.time())
+
+        control.call(register)
+        flags = ("-verify-client-url", f"{control.url}/derp/admit", "-verify-client-url-fail-open=false")
+        with run_derper(tmp_path, *flags) as (url, _):
+
+            async def main() -> None:
+                async with connect_derp(url, member) as client:
+                    await client.send(client.public_key, b"a member")
+                    with anyio.fail_after(10):
+                        assert await anext(client.packets()) == (member.public(), b"a member")
+                with pytest.raises(DerpConnectError):
+                    async with connect_derp(url, stranger, timeout=5):
+                        pass
+
+            anyio.run(main)

@@ -1,5 +1,7 @@
 """Tailscale's own DERP client (derphttp, tailscale.com v1.102.5, tsvectors ``derp-client``) against
-our DERP server: two Go clients relay packets through it, ping it, and hear PeerGone."""
+our DERP server: two Go clients relay packets through it, ping it, and hear PeerGone; the same over
+WebSocket (derphttp's dialer, compiled in with the ``ts_debug_websockets`` tag and switched on with
+``TS_DEBUG_DERP_WS_CLIENT``), beside a Go client on plain DERP."""
 
 from __future__ import annotations
 
@@ -59,9 +61,16 @@ async def _read_json(process: anyio.abc.Process, holder: GoDerpClient | None = N
     return json.loads(line)  # type: ignore[no-any-return]
 
 
+WEBSOCKET_TAGS = ("ts_debug_websockets",)
+
+
 @asynccontextmanager
-async def go_client(url: str) -> AsyncIterator[GoDerpClient]:
-    process = await anyio.open_process([str(tsvectors()), "derp-client", url])
+async def go_client(url: str, *, websocket: bool = False) -> AsyncIterator[GoDerpClient]:
+    if websocket:
+        env = dict(os.environ, TS_DEBUG_DERP_WS_CLIENT="true")
+        process = await anyio.open_process([str(tsvectors(WEBSOCKET_TAGS)), "derp-client", url], env=env)
+    else:
+        process = await anyio.open_process([str(tsvectors()), "derp-client", url])
     try:
         client = GoDerpClient(process, {"key": NodePublic.zero().to_text(), "server": NodePublic.zero().to_text()})
         with anyio.fail_after(20):
@@ -129,5 +138,36 @@ def test_go_client_hears_health_and_restarting() -> None:
             await server.restart_notice(reconnect_in_ms=250, try_for_ms=4000)
             restarting = await alice.event("restarting")
             assert (restarting["reconnect_ms"], restarting["try_ms"]) == (250, 4000)
+
+    anyio.run(main)
+
+
+def test_a_go_client_over_websocket_and_one_over_plain_derp() -> None:
+    tsvectors()
+    tsvectors(WEBSOCKET_TAGS)
+
+    async def main() -> None:
+        async with our_server() as server:
+            url = f"http://127.0.0.1:{server.port}/derp"
+            async with go_client(url, websocket=True) as alice, go_client(url) as bob:
+                await alice.event("serverinfo")
+                await bob.event("serverinfo")
+                assert server.stats.websocket == 1 and server.stats.accepted == 2
+                assert alice.server == server.public_key
+                big = os.urandom(64 << 10)
+                await alice.send(bob.key, big)
+                assert bytes.fromhex((await bob.event("packet"))["data"]) == big
+                # Go reads at most 32 KiB in one WebSocket message: a full packet comes in three.
+                await bob.send(alice.key, big[::-1])
+                assert bytes.fromhex((await alice.event("packet"))["data"]) == big[::-1]
+                await bob.send(alice.key, b"back over the websocket")
+                got = await alice.event("packet")
+                assert (NodePublic.from_text(got["src"]), bytes.fromhex(got["data"])) == (bob.key, b"back over the websocket")
+                await alice.command("ping")
+                await alice.event("pong")
+                # A graceful restart reaches the WebSocket client too.
+                await server.restart_notice(reconnect_in_ms=100, try_for_ms=3000)
+                restarting = await alice.event("restarting")
+                assert (restarting["reconnect_ms"], restarting["try_ms"]) == (100, 3000)
 
     anyio.run(main)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
+import pytest
 
-from embedmesh.tailscale import derp
-from embedmesh.tailscale.derpserver import DerpServer
+from embedmesh.control.embeddedderp import certificate_sha256, self_signed_certificate
+from embedmesh.tailscale import derp, derpserver
+from embedmesh.tailscale.derpclient import connect_derp
+from embedmesh.tailscale.derpserver import DerpServer, tls_context
 from embedmesh.tailscale.keys import NodePrivate
 
 
@@ -119,3 +124,69 @@ def test_a_slow_reader_does_not_stall_others_and_drops_are_counted() -> None:
             await stream.aclose()
 
     _run(body)
+
+
+def test_keepalives_and_the_write_timeout_come_from_one_ticker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(derp, "KEEPALIVE_INTERVAL", 0.2)
+    monkeypatch.setattr(derpserver, "KEEPALIVE_JITTER", 0.0)
+
+    async def main() -> None:
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), write_timeout=0.4)
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server.serve, "127.0.0.1", 0)
+            fast = UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n")
+            listener = derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key)
+            stalled = derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key)
+            sender = derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key)
+            streams = []
+            for conn in (listener, stalled, sender):
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+                await stream.send(fast + conn.data_to_send())
+                streams.append(stream)
+            streams[1].extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with anyio.fail_after(10):
+                while len(server.core) < 3:
+                    await anyio.sleep(0.01)
+                # A logged-in client hears KeepAlive every interval.
+                got: list[derp.ClientEvent] = []
+                while sum(isinstance(e, derp.KeepAlive) for e in got) < 2:
+                    got += listener.receive_data(await streams[0].receive())
+                # A client that stops reading: once one write to it hangs past the timeout, it is cut off.
+                while server.core.is_connected(stalled.public):
+                    for _ in range(20):
+                        sender.send_packet(stalled.public, bytes(60_000))
+                    await streams[2].send(sender.data_to_send())
+                    await anyio.sleep(0.05)
+            assert server.core.drops[derp.DropReason.WRITE_ERROR] >= 1
+            assert server.core.is_connected(listener.public)
+            for stream in streams:
+                await stream.aclose()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_https_and_wss_and_a_stalled_tls_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = self_signed_certificate(tmp_path, "127.0.0.1")
+    pin = certificate_sha256(cert)
+    monkeypatch.setattr(derpserver, "HANDSHAKE_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), ssl_context=tls_context(cert, key))
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server.serve, "127.0.0.1", 0)
+            with anyio.fail_after(10):
+                async with (
+                    connect_derp(f"https://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), pinned_cert_sha256=pin) as tls,
+                    connect_derp(f"wss://127.0.0.1:{port}/derp", NodePrivate.generate(os.urandom(32)), pinned_cert_sha256=pin) as wss,
+                ):
+                    await tls.send(wss.public_key, b"tls to wss")
+                    assert await anext(wss.packets()) == (tls.public_key, b"tls to wss")
+                assert server.stats.websocket == 1
+                # A client that opens TCP and never starts TLS is closed after the handshake timeout.
+                async with await anyio.connect_tcp("127.0.0.1", port) as idle:
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await idle.receive()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

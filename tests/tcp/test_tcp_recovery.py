@@ -100,3 +100,40 @@ def test_dsack_undoes_a_spurious_fast_retransmit() -> None:
     assert conn.stats.spurious_undos == 1  # type: ignore[attr-defined]
     assert conn.cwnd >= cwnd  # type: ignore[attr-defined]
     assert conn._dupthresh > 3  # type: ignore[attr-defined]
+
+
+def test_losses_after_a_spurious_timeout_are_fast_retransmitted() -> None:
+    """A path change (the NAT in front of us rebooted, the simulator found it): the ACKs of what
+    arrived were lost, and so was everything sent after them. The timeout's retransmission of
+    the first segment draws an ACK whose timestamp echo is older than it (the original arrived),
+    so the timeout is undone as spurious (RFC 4015) — but the data after the lost ACKs is still
+    missing, and SACKs of new data beyond it must start fast recovery then, not wait for the next
+    (backed-off) timeout: undoing the timeout ends its "recover" guard (RFC 6582) too."""
+    h = Harness(window_scaling=False)
+    conn, synack = h.accept(sack_permitted=True, timestamp=(1000, 0))
+    una = synack.seq + 1
+    conn.set_nodelay(True)  # type: ignore[attr-defined]
+    mss = conn.mss  # type: ignore[attr-defined]
+
+    def seg(i: int) -> int:
+        return (una + i * mss) & 0xFFFFFFFF
+
+    conn.send(b"\x01" * (8 * mss), now=1.0)  # type: ignore[attr-defined]
+    first = h.recv()
+    assert len(first) == 8 and first[0].timestamp is not None
+    original_tsval = first[3].timestamp[0]  # type: ignore[index]
+    # Segments 0-3 arrive (their ACKs are lost), 4-7 are lost. The timeout resends segment 0.
+    h.tick(2.5)
+    rxt = h.recv_one()
+    assert rxt.seq == seg(0)
+    # The peer already had it: its ACK covers 0-3 and echoes segment 3's (original) timestamp.
+    h.send(2.6, ACK, R1, seg(4), timestamp=(2000, original_tsval))
+    assert conn.stats.spurious_undos == 1  # type: ignore[attr-defined]
+    h.recv()  # the Eifel response: new data, not the rest of the go-back-N
+    conn.send(b"\x02" * (4 * mss), now=2.6)  # type: ignore[attr-defined]
+    h.recv()
+    # New data beyond the hole arrives: SACKs with the cumulative ACK stuck at segment 4.
+    for i, t in enumerate((2.7, 2.71, 2.72)):
+        h.send(t, ACK, R1, seg(4), timestamp=(2001 + i, original_tsval), sack_blocks=[(seg(8), seg(9 + i))])
+    out = h.recv()
+    assert seg(4) in [s.seq for s in out], "the hole waits for the next timeout"

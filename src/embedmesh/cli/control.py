@@ -149,6 +149,21 @@ def control() -> None:
     help="The name or address nodes reach the embedded relay at (default: the --listen host, or "
     "this machine's name when that is a wildcard). With --tls-cert it must be a name the certificate holds.",
 )
+@click.option(
+    "--derp-verify-clients/--no-derp-verify-clients",
+    default=True,
+    show_default=True,
+    help="The embedded relay serves only this tailnet's approved nodes (off: anyone who reaches it).",
+)
+@click.option(
+    "--stun-port",
+    type=click.IntRange(min=0, max=65535),
+    default=3478,
+    show_default=True,
+    help="UDP port of the STUN server beside the embedded relay (0: any); the default port, when "
+    "taken, is skipped with a warning.",
+)
+@click.option("--no-stun", is_flag=True, help="No STUN server beside the embedded relay.")
 def serve(
     listen: str,
     state_dir: Path,
@@ -165,6 +180,9 @@ def serve(
     embedded_derp: bool,
     derp_port: int,
     derp_host: str | None,
+    stun_port: int,
+    no_stun: bool,
+    derp_verify_clients: bool,
 ) -> None:
     """Run the coordination server in the foreground."""
     import anyio
@@ -197,6 +215,9 @@ def serve(
                 embedded_derp=embedded_derp,
                 derp_port=derp_port,
                 derp_host=derp_host,
+                stun_port=None if no_stun else stun_port,
+                stun_optional=stun_port == 3478,
+                derp_verify_clients=derp_verify_clients,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
             )
@@ -218,7 +239,10 @@ def serve(
                 click.echo(f"control server on {url} (key {server.public_key_b64})")
                 relay = server.embedded_derp
                 if relay is not None:
-                    click.echo(f"DERP relay (region 999 \"embedmesh\") on {join_host_port(relay.host, relay.port)}")
+                    stun = f", STUN on udp port {relay.stun_port}" if relay.stun_port > 0 else ", no STUN"
+                    click.echo(
+                        f"DERP relay (region 999 \"embedmesh\") on {join_host_port(relay.host, relay.port)}{stun}"
+                    )
                 click.echo(
                     f"state in {state_dir}; admin commands: embedmesh control ... --state-dir {state_dir}"
                 )

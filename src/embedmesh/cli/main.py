@@ -19,10 +19,11 @@ from embedmesh.hostport import join_host_port, split_host_port
 
 
 class _Commands(click.Group):
-    """The top-level group; `control` and `derp` are imported only when used, so other commands start fast."""
+    """The top-level group; `control`, `derp` and `netcheck` are imported only when used, so other
+    commands start fast."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "control", "derp"])
+        return sorted([*super().list_commands(ctx), "control", "derp", "netcheck"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "control":
@@ -33,6 +34,10 @@ class _Commands(click.Group):
             from embedmesh.cli.derp import derp
 
             return derp
+        if cmd_name == "netcheck":
+            from embedmesh.cli.netcheck import netcheck
+
+            return netcheck
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -465,6 +470,7 @@ def status(state_dir: Path, as_json: bool, wait: bool, timeout: float) -> None:
     from rich.table import Table
 
     from embedmesh.cli.lifecycle import read_status, wait_ready
+    from embedmesh.node import describe_path
 
     data = wait_ready(state_dir, timeout) if wait else read_status(state_dir)
     if as_json:
@@ -475,17 +481,16 @@ def status(state_dir: Path, as_json: bool, wait: bool, timeout: float) -> None:
     console = Console(width=None if sys.stdout.isatty() else 250)
     console.print(_status_header(data), highlight=False)
     table = Table()
-    for column in ("peer", "address", "online", "endpoint", "handshake", "rx", "tx"):
+    for column in ("peer", "address", "online", "path", "handshake", "rx", "tx"):
         table.add_column(column)
     for peer in sorted(data["peers"], key=lambda p: (p["name"] or "~", p["public_key"])):
         ago = peer["last_handshake_ago"]
-        endpoint = peer["endpoint"]
         table.add_row(
             # Static mode has no names: the key is the only thing that tells its peers apart.
             peer["name"] or f"key {peer['public_key'][:12]}…",
             "\n".join(peer["addresses"] or peer["allowed_ips"]),
             _online(peer["online"], peer["last_seen"]),
-            join_host_port(endpoint[0], endpoint[1]) if endpoint else "-",
+            describe_path(peer["path"], peer["path_address"]),
             "no handshake yet" if ago is None else f"{_ago(ago)} ago",
             str(peer["rx_bytes"]),
             str(peer["tx_bytes"]),

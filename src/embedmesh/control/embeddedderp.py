@@ -1,6 +1,7 @@
 """The coordination server's own DERP region, on by default (as headscale's embedded DERP).
 
-A tailnet needs at least one relay for nodes that cannot reach each other directly, and a
+A STUN server runs beside it (UDP, the map's ``STUNPort``), so nodes learn their public
+addresses from the same host. A tailnet needs at least one relay for nodes that cannot reach each other directly, and a
 self-hosted tailnet should not depend on anyone else's. So ``embedmesh control serve`` runs a DERP
 server in the same process and publishes it in every DERP map as region :data:`REGION_ID`
 (code ``embedmesh``), beside the regions of ``--derp-map``.
@@ -11,6 +12,10 @@ certificate for its host name or address (kept in the state directory, mode 0600
 the map as ``CertName: "sha256-raw:<hex>"``, which Tailscale's clients (and embedmesh's) check
 instead of a CA chain: the relay is authenticated by the map the Noise-protected control channel
 delivered. The same port also answers plain HTTP, for clients run with ``TS_DEBUG_USE_DERP_HTTP``.
+
+Admission ("verify clients", on by default): the control server hands the relay a hook that lets
+in only the node keys of its own approved, unexpired nodes (:func:`embedmesh.control.derpadmit.admits`),
+so the relay carries this tailnet's traffic and nobody else's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from cryptography.x509.oid import NameOID
 
 from embedmesh.control.store import create_private_file
 from embedmesh.errors import ConfigError
+from embedmesh.tailscale.derpadmit import Admit
 from embedmesh.tailscale.derpserver import DerpServer, load_or_create_server_key, tls_context
+from embedmesh.tailscale.stunserver import StunServer
 
 #: The region id and code of the embedded relay (headscale uses 999 for its own, too).
 REGION_ID = 999
@@ -116,15 +123,23 @@ class EmbeddedDerp:
     #: The pinned certificate's hash; None when the relay serves a CA-verifiable certificate.
     cert_sha256: str | None
     port: int = 0
-    #: The STUN port the map advertises (-1: none).
+    #: The STUN port the map advertises (-1: none) and its server.
     stun_port: int = -1
+    stun_server: StunServer | None = None
 
     @classmethod
     def create(
-        cls, state_dir: Path, host: str, *, tls_cert: Path | None = None, tls_key: Path | None = None
+        cls,
+        state_dir: Path,
+        host: str,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        admit: Admit | None = None,
     ) -> EmbeddedDerp:
         """A relay keyed from ``state_dir`` (``derp.key``, derper's format), serving ``tls_cert``
-        or a pinned self-signed certificate for ``host``."""
+        or a pinned self-signed certificate for ``host``; ``admit`` decides which clients it
+        serves (None: all)."""
         private = load_or_create_server_key(state_dir / KEY_FILE)
         pinned: str | None = None
         if tls_cert is None or tls_key is None:
@@ -134,7 +149,7 @@ class EmbeddedDerp:
             context: ssl.SSLContext = tls_context(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"the embedded DERP server cannot use {tls_cert}: {exc}") from exc
-        return cls(DerpServer(private, ssl_context=context, plain_http_too=True), host, pinned)
+        return cls(DerpServer(private, ssl_context=context, plain_http_too=True, admit=admit), host, pinned)
 
     def region_json(self) -> dict[str, Any]:
         """This relay as a DERPMap region (Tailscale's JSON)."""

@@ -10,6 +10,8 @@ Routes:
 * ``/register/<id>``: where an interactive login's URL points;
 * ``/admin/v1/...``: the admin API (bearer token from ``<state-dir>/admin-token``), see
   :mod:`embedmesh.control.admin`;
+* ``POST /derp/admit``: the DERP admission controller (``--verify-client-url``) for this tailnet's
+  nodes, see :mod:`embedmesh.control.derpadmit`;
 * ``GET /health``.
 
 Connections are limited before any of that (see :mod:`embedmesh.control.limits`): a first request
@@ -47,7 +49,7 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -58,6 +60,7 @@ from embedmesh.control.coordinator import (
     Coordinator,
     CoordinatorConfig,
 )
+from embedmesh.control.derpadmit import ADMIT_PATH, admit_endpoint, admits
 from embedmesh.control.embeddedderp import REGION_ID, EmbeddedDerp, map_host
 from embedmesh.control.errors import ControlError, StoreError
 from embedmesh.control.limits import (
@@ -69,14 +72,16 @@ from embedmesh.control.limits import (
 )
 from embedmesh.control.logins import PendingLogins
 from embedmesh.control.store import Store, create_private_file, prepare_state_dir
-from embedmesh.errors import ConfigError
+from embedmesh.errors import AddressInUseError, ConfigError
 from embedmesh.tailscale.controlhttp import (
     UPGRADE_PATH,
     UPGRADE_PROTOCOL,
     ControlHTTPError,
     check_upgrade_request,
 )
+from embedmesh.tailscale.keys import NodePublic
 from embedmesh.tailscale.noiseserver import Ts2021Protocol
+from embedmesh.tailscale.stunserver import StunServer
 from embedmesh.wireguard.crypto import generate_private_key, public_key
 
 logger = logging.getLogger("embedmesh.control.server")
@@ -114,6 +119,14 @@ class ServerConfig:
     #: (None: the listen address, or this machine's name when that is a wildcard).
     derp_port: int = 0
     derp_host: str | None = None
+    #: A STUN server beside the embedded relay, on this UDP port (0: any free port; None: none),
+    #: published as the region's STUNPort so nodes learn their public addresses.
+    stun_port: int | None = 0
+    #: When the STUN port is taken: warn and run without STUN (True) or fail (False).
+    stun_optional: bool = False
+    #: The embedded relay serves only this tailnet's approved, unexpired node keys ("verify
+    #: clients"); False: anyone who can reach it.
+    derp_verify_clients: bool = True
     #: Serve HTTPS with this certificate chain and key (PEM files); both or neither. Some clients
     #: always speak TLS to control (Noise protects the API over plain HTTP too).
     tls_cert: Path | None = None
@@ -175,6 +188,7 @@ class ControlServer:
                 Route("/health", self._health, methods=["GET"]),
                 Route("/register/{login_id}", self._login_page, methods=["GET"]),
                 Route(OLD_CONTROL_PATH, self._old_protocol, methods=["GET"]),
+                Route(ADMIT_PATH, self._derp_admit, methods=["POST"]),
                 *admin_routes(self),
             ],
             lifespan=self._lifespan,
@@ -285,6 +299,13 @@ class ControlServer:
         )
         return HTMLResponse(_page(f"Join the tailnet: {name}", body))
 
+    async def _derp_admit(self, request: Request) -> Response:
+        return await admit_endpoint(self.coordinator, request, time.time())
+
+    async def _derp_admits(self, node_key: NodePublic, source: tuple[str, int]) -> bool:
+        # The embedded relay runs on this loop, so it asks the coordinator directly.
+        return admits(self.coordinator, node_key.raw, time.time())
+
     async def _health(self, request: Request) -> JSONResponse:
         # Unauthenticated, so it says healthy or not and nothing else (no counts of nodes or
         # connections an outsider could watch); the admin API has the details.
@@ -359,8 +380,18 @@ class ControlServer:
                         map_host(bound_host, self.config.derp_host),
                         tls_cert=self.config.tls_cert,
                         tls_key=self.config.tls_key,
+                        admit=self._derp_admits if self.config.derp_verify_clients else None,
                     )
                     derp.port = await tg.start(derp.server.serve, bound_host, self.config.derp_port)
+                    if self.config.stun_port is not None:
+                        stun_server = StunServer()
+                        try:
+                            derp.stun_port = await tg.start(stun_server.serve, bound_host, self.config.stun_port)
+                            derp.stun_server = stun_server
+                        except AddressInUseError as exc:
+                            if not self.config.stun_optional:
+                                raise
+                            logger.warning("no STUN server beside the embedded DERP relay: %s", exc)
                     self.embedded_derp = derp
                     logger.info("embedded DERP server on %s port %d (region %d)", derp.host, derp.port, REGION_ID)
 

@@ -68,6 +68,8 @@ class _Region:
     running: bool = False
     connected: bool = False
     last_used: float = 0.0
+    #: When a frame last came from the region (netcheck keeps a home region that still relays).
+    last_rx: float = 0.0
     #: The server it is connected to (its URL), for the status.
     server: str = ""
 
@@ -128,6 +130,10 @@ class DerpLinks:
         if old is not None:
             old.wake.set()  # it may now idle out, and is no longer preferred
         self._start(self._home)
+
+    def activity(self) -> dict[int, float]:
+        """Region id -> when a frame last came from it (this object's clock), for netcheck."""
+        return {r.region_id: r.last_rx for r in self._regions.values() if r.last_rx}
 
     def regions(self) -> list[int]:
         return sorted(self._regions)
@@ -227,6 +233,7 @@ class DerpLinks:
                         try:
                             while True:
                                 event = await client.receive()
+                                region.last_rx = self._clock()
                                 if isinstance(event, derp.PacketReceived):
                                     self.counters["rx_packets"] += 1
                                     self._on_packet(event.src.raw, event.packet, region.region_id)

@@ -108,6 +108,14 @@ class UdpUnderlay:
             else:
                 self._v6 = sock
 
+    @property
+    def has_ipv4(self) -> bool:
+        return self._v4 is not None
+
+    @property
+    def has_ipv6(self) -> bool:
+        return self._v6 is not None
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()

@@ -829,6 +829,60 @@ class ServerConnection:
         return out
 
 
+# --- rate limits ----------------------------------------------------------------------------
+
+#: The smallest per-client receive burst: one full-size SendPacket frame (Go's
+#: ``minRateLimitTokenBucketSize``), so a legal frame always fits in the bucket.
+MIN_RATE_LIMIT_BURST = MAX_PACKET_SIZE + KEY_LEN
+
+
+class TokenBucket:
+    """A token bucket as Go's ``golang.org/x/time/rate.Limiter``, sans-IO (``now`` in seconds).
+
+    It starts full (``burst`` tokens) and refills at ``rate`` tokens per second. :meth:`reserve`
+    always takes its tokens, going into debt, and says how long to wait before acting (the reader
+    of a rate-limited client sleeps that long, which pushes back on the client through TCP);
+    :meth:`allow` takes them only when they are there (the listener closes a connection it may not
+    accept). ``rate`` may be ``math.inf`` (never limits).
+    """
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if not rate > 0 or not burst > 0:
+            raise ValueError("a token bucket needs a positive rate and burst")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None and now > self._stamp:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        if self._stamp is None or now > self._stamp:
+            self._stamp = now
+
+    def reserve(self, n: float, now: float) -> float:
+        """Take ``n`` tokens (at most ``burst`` are counted); returns the seconds to wait first (0: go on)."""
+        if self.rate == float("inf"):
+            return 0.0
+        self._refill(now)
+        self._tokens -= min(float(n), self.burst)
+        if self._tokens >= 0:
+            return 0.0
+        return -self._tokens / self.rate
+
+    def allow(self, now: float, n: float = 1.0) -> bool:
+        """Take ``n`` tokens if the bucket holds them; False (and nothing taken) otherwise."""
+        if self.rate == float("inf"):
+            return True
+        self._refill(now)
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
+
+
 # --- the relay core -------------------------------------------------------------------------
 
 
@@ -1036,6 +1090,7 @@ __all__ = [
     "KEEPALIVE_INTERVAL",
     "MAGIC",
     "MAX_PACKET_SIZE",
+    "MIN_RATE_LIMIT_BURST",
     "PROTOCOL_VERSION",
     "ClientAuthenticated",
     "ClientConnection",
@@ -1072,6 +1127,7 @@ __all__ = [
     "ServerInfoFrame",
     "ServerInfoReceived",
     "ServerKey",
+    "TokenBucket",
     "WatchConns",
     "encode_frame",
     "frame_header",

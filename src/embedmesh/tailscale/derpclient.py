@@ -9,6 +9,10 @@ node's private key. Packets go to peers by node key; what the server sends arriv
         event = await client.receive()        # PacketReceived(src, packet), PeerGone, Health, ...
         rtt = await client.ping()              # a round trip to the server, in seconds
 
+With ``websocket=True`` (or a ``ws://`` / ``wss://`` URL) the same DERP stream travels in the binary
+messages of a WebSocket (subprotocol ``derp``), as derphttp does in browsers and behind proxies that
+pass only WebSockets.
+
 A background task reads the connection: it answers the server's Pings at once and queues every
 other event for :meth:`DerpClient.receive` (up to :data:`EVENT_BACKLOG` of them; the reader waits
 for the application beyond that, so an application that stops reading stops the connection's
@@ -32,7 +36,7 @@ import h11
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from embedmesh.errors import EmbedmeshError
-from embedmesh.tailscale import derp
+from embedmesh.tailscale import derp, derpws
 from embedmesh.tailscale.keys import NodePrivate, NodePublic
 
 #: Events buffered for :meth:`DerpClient.receive` before the reader waits.
@@ -171,13 +175,11 @@ class DerpClient:
             self._events_in.close()
 
 
-async def _upgrade(stream: anyio.abc.ByteStream, host: str, path: str, url: str) -> bytes:
-    """Send the upgrade request, read the 101; returns the bytes that followed it."""
-    request = h11.Request(
-        method="GET",
-        target=path,
-        headers=[("Host", host), ("User-Agent", "embedmesh"), ("Upgrade", "DERP"), ("Connection", "Upgrade")],
-    )
+async def _upgrade(stream: anyio.abc.ByteStream, host: str, path: str, url: str, websocket_key: bytes | None = None) -> bytes:
+    """Send the upgrade request (to DERP, or to a WebSocket with ``websocket_key``), read the 101;
+    returns the bytes that followed it."""
+    upgrade = derpws.client_handshake_headers(websocket_key) if websocket_key is not None else [("Upgrade", "DERP"), ("Connection", "Upgrade")]
+    request = h11.Request(method="GET", target=path, headers=[("Host", host), ("User-Agent", "embedmesh"), *upgrade])
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
     data = client.send(request)
     assert data is not None
@@ -194,6 +196,11 @@ async def _upgrade(stream: anyio.abc.ByteStream, host: str, path: str, url: str)
                 client.receive_data(b"")
             continue
         if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+            if websocket_key is not None:
+                try:
+                    derpws.check_handshake_response(websocket_key, event.headers)
+                except derpws.WebSocketHandshakeError as exc:
+                    raise DerpConnectError(f"{url}: {exc}") from None
             return bytes(client.trailing_data[0])
         if isinstance(event, h11.Response | h11.InformationalResponse):
             raise DerpConnectError(f"{url} refused the DERP upgrade (HTTP {event.status_code}): check the URL (it ends in /derp)")
@@ -210,6 +217,7 @@ async def connect_derp(
     info: derp.ClientInfo | None = None,
     dial_host: str | None = None,
     pinned_cert_sha256: str | None = None,
+    websocket: bool = False,
 ) -> AsyncIterator[DerpClient]:
     """Connect to the DERP server at ``url`` (``http://`` or ``https://``, path default ``/derp``)
     and log in with ``private``; the connection closes when the block ends.
@@ -218,16 +226,19 @@ async def connect_derp(
     to that address instead of the URL's host (a DERP map's pinned IPv4/IPv6), while TLS and the
     Host header still name the URL's host. ``pinned_cert_sha256`` (hex) accepts exactly the server
     certificate with that SHA-256 instead of a CA-signed one (a DERP map's
-    ``CertName: "sha256-raw:<hex>"`` for a self-signed certificate, as Tailscale's client). Raises
+    ``CertName: "sha256-raw:<hex>"`` for a self-signed certificate, as Tailscale's client).
+    ``websocket`` carries DERP in a WebSocket (implied by a ``ws://`` or ``wss://`` URL). Raises
     :class:`DerpConnectError` (one line saying why) when the server cannot be reached, refuses
     the upgrade, or the login fails within ``timeout`` seconds.
     """
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
         raise DerpConnectError(f"{url} is not a DERP URL: use http://HOST[:PORT]/derp or https://HOST[:PORT]/derp")
+    websocket = websocket or parts.scheme in ("ws", "wss")
+    secure = parts.scheme in ("https", "wss")
     host = parts.hostname
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or (443 if secure else 80)
     except ValueError:
         raise DerpConnectError(f"{url} has a bad port") from None
     path = parts.path or "/derp"
@@ -239,7 +250,7 @@ async def connect_derp(
         raise DerpConnectError(f"cannot reach the DERP server {url}: {exc or 'timed out'}") from None
     try:
         with anyio.fail_after(timeout):
-            if parts.scheme == "https":
+            if secure:
                 if pinned_cert_sha256 is not None:
                     # The hash is the trust anchor: no CA chain or name to check.
                     context = ssl.create_default_context()
@@ -255,7 +266,11 @@ async def connect_derp(
                             f"the DERP server {url} presented a certificate that is not the one the DERP "
                             "map pins (CertName sha256-raw): refusing it"
                         )
-            rest = await _upgrade(stream, host_header, path, url)
+            websocket_key = os.urandom(16) if websocket else None
+            rest = await _upgrade(stream, host_header, path, url, websocket_key)
+            if websocket:
+                stream = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=True), rest)
+                rest = b""
             conn = derp.ClientConnection(private, os.urandom(derp.NONCE_LEN), info=info)
             client = DerpClient(stream, conn, url)
             events = conn.receive_data(rest)

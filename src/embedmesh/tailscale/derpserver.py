@@ -2,10 +2,13 @@
 
 It serves what Tailscale's ``derper`` serves for a client:
 
-* ``GET /derp`` with ``Upgrade: DERP`` (or ``websocket``, which is refused here with 426 for now:
-  the WebSocket transport is a later step) and ``Connection: Upgrade``: ``101 Switching Protocols``
+* ``GET /derp`` with ``Upgrade: DERP`` and ``Connection: Upgrade``: ``101 Switching Protocols``
   with ``Derp-Version`` and ``Derp-Public-Key``, or no answer at all when the client sent
   ``Derp-Fast-Start: 1``; then the DERP frames;
+* ``GET /derp`` with ``Upgrade: websocket`` and the subprotocol ``derp`` (browsers, and Go clients
+  built with WebSockets): a WebSocket whose binary messages carry the DERP frames
+  (:mod:`embedmesh.tailscale.derpws`). ``Upgrade: websocket`` without that subprotocol is served as
+  plain DERP, as Go does for very old clients that sent it;
 * ``/derp`` without an upgrade: 426 "DERP requires connection upgrade";
 * ``/derp/probe`` and ``/derp/latency-check``: 200 with ``Access-Control-Allow-Origin: *`` for GET
   and HEAD (405 otherwise), for clients that measure latency over HTTP;
@@ -17,6 +20,21 @@ Every authenticated connection has a reader (frames into the :class:`~embedmesh.
 and a writer (its queues out, a KeepAlive every 60 s plus jitter, as Go). A write that does not
 finish in :data:`WRITE_TIMEOUT` seconds ends that connection (derper's ``--tcp-write-timeout``), and
 the bounded queues drop the oldest packet first, so a slow client never stalls the others.
+
+Admission and limits, as derper's (all off by default, so a normal tailnet never meets them):
+
+* ``admit``: an async hook (node key, (host, port)) -> bool asked after a client's ClientInfo box
+  opened and before it gets any routing state; a refused client gets no ServerInfo, its connection
+  just closes (derper's ``verifyClient``). :func:`~embedmesh.tailscale.derpadmit.url_admitter` asks
+  a ``--verify-client-url`` admission controller;
+* ``rate_limit`` / ``rate_burst``: a token bucket per client on the bytes it sends (derper's
+  per-client receive rate limit): past it the server stops reading from that client until the
+  bucket refills, which slows the client down through TCP instead of dropping its packets;
+* ``accept_rate`` / ``accept_burst``: new connections per second; one over it is closed at once
+  (derper's ``--accept-connection-limit``).
+
+:meth:`DerpServer.shutdown` is the graceful restart: no new connections, a Restarting frame to
+every client, a moment for it to go out, then every connection closes.
 
 Usage::
 
@@ -30,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import ssl
@@ -42,10 +61,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import h11
-from anyio.streams.tls import TLSListener, TLSStream
+from anyio.streams.tls import TLSStream
 
 from embedmesh.errors import ConfigError, ListenError
-from embedmesh.tailscale import derp
+from embedmesh.tailscale import derp, derpws
+from embedmesh.tailscale.derpadmit import Admit
 from embedmesh.tailscale.keys import KeyFormatError, NodePrivate, NodePublic
 
 log = logging.getLogger(__name__)
@@ -54,6 +74,9 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds one write to a client may take before the connection is dropped (derper's default).
 WRITE_TIMEOUT = 2.0
+#: Up to this many seconds are added to each connection's keepalive interval (as Go), so that the
+#: keepalives of clients that connected together spread out.
+KEEPALIVE_JITTER = 5.0
 #: The largest HTTP request head read before the upgrade.
 MAX_REQUEST_HEAD = 16 << 10
 _CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + ".-_:")
@@ -63,9 +86,20 @@ _CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + ".-_:")
 class DerpStats:
     """Counters of a running server."""
 
+    #: Logged-in connections now.
     connections: int = 0
+    #: Connections that logged in and were admitted.
     accepted: int = 0
+    #: Connections whose login failed (garbage, a box that did not open, no login in time).
     rejected: int = 0
+    #: Logged-in clients the admission hook refused (or that it could not answer for).
+    refused: int = 0
+    #: Connections closed at once because they came faster than the accept limit.
+    accept_limited: int = 0
+    #: Times a client's reader paused for its receive rate limit (Go's ``rateLimitPerClientWaited``).
+    rate_limited: int = 0
+    #: WebSocket connections upgraded (Go's ``derp_websocket_accepts``).
+    websocket: int = 0
 
 
 def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
@@ -105,6 +139,11 @@ class DerpServer:
     apart by the first byte: a TLS handshake record starts with 0x16, an HTTP request with a
     letter), for clients run with ``TS_DEBUG_USE_DERP_HTTP``; ``queue_depth`` packets per client
     and class are buffered before head drop.
+
+    ``admit`` decides which logged-in clients may stay (default: all); ``rate_limit`` bytes per
+    second (0: none) with a burst of ``rate_burst`` bytes (at least one full packet) limits what
+    each client sends; ``accept_rate`` connections per second with a burst of ``accept_burst``
+    (default: one second's worth) limits new connections. See the module's description.
     """
 
     def __init__(
@@ -115,6 +154,11 @@ class DerpServer:
         plain_http_too: bool = False,
         queue_depth: int = derp.PER_CLIENT_SEND_QUEUE_DEPTH,
         write_timeout: float = WRITE_TIMEOUT,
+        admit: Admit | None = None,
+        rate_limit: float = 0,
+        rate_burst: float = 0,
+        accept_rate: float = math.inf,
+        accept_burst: float | None = None,
     ) -> None:
         self.private = private
         self.public_key: NodePublic = private.public()
@@ -123,9 +167,25 @@ class DerpServer:
         self.core = derp.RelayCore(queue_depth=queue_depth)
         self.stats = DerpStats()
         self.write_timeout = write_timeout
+        self.admit = admit
         self.port: int | None = None
         self._wake: dict[derp.RelayClient, anyio.Event] = {}
         self._streams: dict[derp.RelayClient, anyio.abc.ByteStream] = {}
+        self._buckets: dict[derp.RelayClient, derp.TokenBucket] = {}
+        #: Clients whose writer is in a write, and since when (for the write timeout).
+        self._sending: dict[derp.RelayClient, float] = {}
+        self._keepalive_due: dict[derp.RelayClient, float] = {}
+        self._scopes: dict[derp.RelayClient, anyio.CancelScope] = {}
+        self.rate_limit = 0.0
+        self.rate_burst = 0.0
+        self.update_rate_limits(rate_limit, rate_burst)
+        if not accept_rate > 0:
+            raise ValueError("accept_rate is a positive number of connections per second (math.inf: no limit)")
+        burst = accept_burst if accept_burst is not None else (math.inf if math.isinf(accept_rate) else max(1.0, accept_rate))
+        self._accept_bucket = None if math.isinf(accept_rate) else derp.TokenBucket(accept_rate, burst)
+        self._accepting: anyio.CancelScope | None = None
+        self._stop: anyio.Event | None = None
+        self._stopping = False
 
     async def serve(
         self,
@@ -137,29 +197,51 @@ class DerpServer:
         """Listen on ``host:port`` (0 picks a free port) and serve until cancelled.
 
         ``task_status.started`` reports the bound port. Raises
-        :class:`~embedmesh.errors.ListenError` when the port cannot be opened.
+        :class:`~embedmesh.errors.ListenError` when the port cannot be opened. Returns after
+        :meth:`shutdown` has closed every connection.
         """
         try:
             tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise ListenError.from_os_error(exc, host, port) from None
-        listener: anyio.abc.Listener[anyio.abc.ByteStream] = (
-            TLSListener(tcp, self.ssl_context, standard_compatible=False)
-            if self.ssl_context is not None and not self.plain_http_too
-            else tcp
-        )
-        async with listener:
-            self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
-            task_status.started(self.port)
-            await listener.serve(self._handle)
+        self._stop = anyio.Event()
+        async with anyio.create_task_group() as connections:
+            connections.start_soon(self._ticker)
+            with anyio.CancelScope() as accepting:
+                self._accepting = accepting
+                async with tcp:
+                    self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
+                    task_status.started(self.port)
+                    await tcp.serve(self._accept, task_group=connections)
+            # shutdown() closed the listener; the connections live until it has told them.
+            await self._stop.wait()
+            connections.cancel_scope.cancel()
 
-    async def _handle(self, stream: anyio.abc.ByteStream) -> None:
+    async def _accept(self, tcp: anyio.abc.SocketStream) -> None:
+        if self._accept_bucket is not None and not self._accept_bucket.allow(anyio.current_time()):
+            # derper accepts and closes at once rather than accepting slowly: the client hears
+            # "no" quickly and the backlog does not fill up.
+            self.stats.accept_limited += 1
+            await tcp.aclose()
+            return
+        await self._handle(tcp)
+
+    async def _handle(self, tcp: anyio.abc.ByteStream) -> None:
         try:
-            async with stream:
-                if self.ssl_context is not None and self.plain_http_too:
-                    stream = await self._sniff_tls(stream)
+            async with tcp:
+                stream = tcp
+                if self.ssl_context is not None:
+                    # The TLS handshake counts towards the client's 10 s: a client that stalls in
+                    # it holds nothing for long.
+                    with anyio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+                        if self.plain_http_too:
+                            stream = await self._sniff_tls(tcp)
+                        else:
+                            stream = await TLSStream.wrap(tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False)
+                    if scope.cancelled_caught:
+                        return
                 await self._serve_connection(stream)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ssl.SSLError):
+        except (OSError, TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ssl.SSLError):
             pass  # the client went away (or its TLS failed): nothing to answer
         except Exception:  # one bad connection must never take the listener down
             log.exception("DERP connection failed")
@@ -181,7 +263,20 @@ class DerpServer:
             request, rest = await self._read_request(stream)
         if scope.cancelled_caught or request is None:
             return
-        if not await self._route_http(stream, request):
+        upgrade = await self._route_http(stream, request)
+        if not upgrade:
+            return
+        if isinstance(upgrade, derpws.WebSocketAccept):
+            await stream.send(upgrade.response)
+            websocket = derpws.WebSocketStream(stream, derpws.WebSocketFraming(client=False), rest)
+            try:
+                if not upgrade.derp:
+                    websocket.framing.close(derpws.CloseReason.POLICY_VIOLATION, "client must speak the derp subprotocol")
+                    return
+                self.stats.websocket += 1
+                await self._run_derp(websocket, b"")
+            finally:
+                await websocket.aclose()
             return
         fast_start = _header(request, b"derp-fast-start") == b"1"
         if not fast_start:
@@ -220,8 +315,9 @@ class DerpServer:
                 return request, bytes(conn.trailing_data[0])
             return None, b""
 
-    async def _route_http(self, stream: anyio.abc.ByteStream, request: h11.Request) -> bool:
-        """Answer plain HTTP requests; True when the request is a DERP upgrade to serve."""
+    async def _route_http(self, stream: anyio.abc.ByteStream, request: h11.Request) -> bool | derpws.WebSocketAccept | None:
+        """Answer plain HTTP requests; True for a DERP upgrade to serve, the accepted handshake
+        for a DERP WebSocket, None when the request is answered."""
         path = request.target.split(b"?", 1)[0]
         method = request.method
         if path in (b"/derp/probe", b"/derp/latency-check"):
@@ -229,25 +325,34 @@ class DerpServer:
                 await _send_simple(stream, 200, b"", [(b"Access-Control-Allow-Origin", b"*")], head=method == b"HEAD")
             else:
                 await _send_simple(stream, 405, b"bogus probe method\n")
-            return False
+            return None
         if path == b"/generate_204":
             headers = [(b"Cache-Control", b"no-cache, no-store, must-revalidate, no-transform, max-age=0")]
             challenge = _header(request, b"x-tailscale-challenge")
             if challenge and len(challenge) <= 64 and all(chr(c) in _CHALLENGE_CHARS for c in challenge):
                 headers.append((b"X-Tailscale-Response", b"response " + challenge))
             await _send_simple(stream, 204, b"", headers)
-            return False
+            return None
         if path == b"/derp":
             upgrade = (_header(request, b"upgrade") or b"").lower()
-            if upgrade == b"derp":
+            offered = b"derp" in b",".join(value for key, value in request.headers if key == b"sec-websocket-protocol")
+            if upgrade == b"websocket" and offered:
+                # Go looks for "derp" anywhere in the header here, then lets the WebSocket library
+                # pick the subprotocol (and closes a socket that did not get it).
+                try:
+                    return derpws.accept_websocket(request.method, request.headers, request.http_version)
+                except derpws.WebSocketHandshakeError as exc:
+                    await _send_simple(stream, exc.status, str(exc).encode() + b"\n", exc.headers)
+                    return None
+            if upgrade in (b"derp", b"websocket"):
                 return True
             await _send_simple(stream, 426, b"DERP requires connection upgrade\n")
-            return False
+            return None
         if path == b"/":
             await _send_simple(stream, 200, b"embedmesh DERP server: this is a Tailscale DERP relay (GET /derp)\n")
-            return False
+            return None
         await _send_simple(stream, 404, b"not found\n")
-        return False
+        return None
 
     async def _run_derp(self, stream: anyio.abc.ByteStream, rest: bytes) -> None:
         conn = derp.ServerConnection(self.private, os.urandom(derp.NONCE_LEN))
@@ -273,14 +378,24 @@ class DerpServer:
         if auth is None:
             self.stats.rejected += 1
             return
+        if self.admit is not None and not self._is_mesh_peer(auth.info) and not await self._admitted(auth.key, stream):
+            # As derper: no ServerInfo, no routing state; the connection just closes.
+            self.stats.refused += 1
+            return
+        if self._stopping:
+            return
         client = self.core.register(auth.key, auth.info)
         self.stats.accepted += 1
         self.stats.connections += 1
         self._wake[client] = anyio.Event()
         self._streams[client] = stream
+        if self.rate_limit and not self._is_mesh_peer(auth.info):
+            self._buckets[client] = derp.TokenBucket(self.rate_limit, self.rate_burst)
+        self._keepalive_due[client] = anyio.current_time() + _keepalive_interval()
         try:
             await stream.send(conn.data_to_send())  # ServerInfo
             async with anyio.create_task_group() as tg:
+                self._scopes[client] = tg.cancel_scope
                 tg.start_soon(self._writer, client, stream, tg.cancel_scope)
                 while True:
                     try:
@@ -290,6 +405,8 @@ class DerpServer:
                         break
                     try:
                         data = await stream.receive()
+                        if self._buckets:
+                            await self._rate_limit(client, len(data))
                         events = conn.receive_data(data)
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
                         break
@@ -301,8 +418,53 @@ class DerpServer:
             self.stats.connections -= 1
             self._wake.pop(client, None)
             self._streams.pop(client, None)
+            self._buckets.pop(client, None)
+            self._keepalive_due.pop(client, None)
+            self._scopes.pop(client, None)
             for woken in self.core.unregister(client):
                 self._notify(woken)
+
+    def _is_mesh_peer(self, info: derp.ClientInfo) -> bool:
+        """Whether a client is a trusted mesh peer (exempt from admission and rate limits, as in
+        Go: the admission controller knows only tailnet nodes). No mesh key here yet: none is."""
+        return False
+
+    async def _admitted(self, key: NodePublic, stream: anyio.abc.ByteStream) -> bool:
+        assert self.admit is not None
+        remote = stream.extra(anyio.abc.SocketAttribute.remote_address, None)
+        source = (str(remote[0]), int(remote[1])) if isinstance(remote, tuple) else (str(remote or ""), 0)
+        try:
+            with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+                return bool(await self.admit(key, source))
+            log.info("DERP client %s refused: the admission check took over %g s", key.short_string(), HANDSHAKE_TIMEOUT)
+        except Exception:  # a broken hook fails closed
+            log.exception("DERP admission check of %s failed: refusing it", key.short_string())
+        return False
+
+    async def _rate_limit(self, client: derp.RelayClient, received: int) -> None:
+        # Go reserves each frame's length before reading its body; here each read's bytes (frame
+        # headers included), which paces the client the same way: while this reader sleeps the
+        # socket fills and TCP slows the client down.
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return
+        delay = bucket.reserve(received, anyio.current_time())
+        if delay > 0:
+            self.stats.rate_limited += 1
+            await anyio.sleep(delay)
+
+    def update_rate_limits(self, bytes_per_second: float, burst: float = 0) -> None:
+        """Set the per-client receive rate limit (0: none), for new and existing clients, as Go's
+        ``UpdateRateLimits``; a burst below one full packet (:data:`derp.MIN_RATE_LIMIT_BURST`) is raised to it."""
+        if bytes_per_second < 0 or burst < 0:
+            raise ValueError("rate limits are not negative")
+        self.rate_limit = float(bytes_per_second)
+        self.rate_burst = max(float(burst), derp.MIN_RATE_LIMIT_BURST) if bytes_per_second else 0.0
+        for client in list(self._wake):
+            if not self.rate_limit or self._is_mesh_peer(client.info):
+                self._buckets.pop(client, None)
+            else:
+                self._buckets[client] = derp.TokenBucket(self.rate_limit, self.rate_burst)
 
     def _handle_events(self, client: derp.RelayClient, events: list[derp.ServerEvent], now: float) -> None:
         for event in events:
@@ -329,40 +491,86 @@ class DerpServer:
             event.set()
 
     async def _writer(self, client: derp.RelayClient, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
-        interval = derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
-        deadline = anyio.current_time() + interval
+        # No timers here: keepalives and the write timeout come from _ticker, one task for all.
         try:
             while True:
                 wake = self._wake[client]
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                if not client.pending():
                     await wake.wait()
+                self._wake[client] = anyio.Event()
                 frames = client.take_frames()
-                if wake.is_set():
-                    self._wake[client] = anyio.Event()
-                if anyio.current_time() >= deadline:
-                    frames.append(derp.KeepAlive())
-                    deadline = anyio.current_time() + interval
                 if not frames:
                     continue
                 data = b"".join(derp.encode_frame(frame) for frame in frames)
-                with anyio.fail_after(self.write_timeout):
+                self._sending[client] = anyio.current_time()
+                try:
                     await stream.send(data)
-        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
+                finally:
+                    self._sending.pop(client, None)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             self.core.drops[derp.DropReason.WRITE_ERROR] += 1
         scope.cancel()
 
-    async def restart_notice(self, reconnect_in_ms: int = 0, try_for_ms: int = 5000) -> None:
-        """Tell every client the server is restarting (a Restarting frame), for a graceful restart."""
-        for client in list(self._wake):
-            client.control.append(derp.Restarting(reconnect_in_ms, try_for_ms))
+    async def _ticker(self) -> None:
+        """Every connection's KeepAlive (every 60 s plus jitter, as Go) and write timeout, checked
+        by one task: a timer per connection and per write would cost more than the writes."""
+        period = min(1.0, self.write_timeout / 4) if self.write_timeout > 0 else 1.0
+        while True:
+            await anyio.sleep(period)
+            now = anyio.current_time()
+            if self.write_timeout > 0:
+                for client, started in list(self._sending.items()):
+                    if now - started > self.write_timeout:
+                        # derper's --tcp-write-timeout: a client this slow loses its connection.
+                        self.core.drops[derp.DropReason.WRITE_ERROR] += 1
+                        self._sending.pop(client, None)
+                        scope = self._scopes.get(client)
+                        if scope is not None:
+                            scope.cancel()
+            for client, due in list(self._keepalive_due.items()):
+                if now >= due:
+                    client.control.append(derp.KeepAlive())
+                    self._keepalive_due[client] = now + _keepalive_interval()
+                    self._notify(client)
+
+    async def restart_notice(self, reconnect_in_ms: int = 0, try_for_ms: int = 5000, smear_ms: int = 0) -> list[derp.RelayClient]:
+        """Queue a Restarting frame for every client: reconnect after ``reconnect_in_ms`` plus a
+        random part of ``smear_ms`` (so that thousands of clients do not come back at once), and
+        keep trying for ``try_for_ms``. Returns the clients told (see :meth:`shutdown`)."""
+        clients = list(self._wake)
+        for client in clients:
+            smear = random.randint(0, smear_ms) if smear_ms > 0 else 0  # spreading load, not a secret
+            client.control.append(derp.Restarting(reconnect_in_ms + smear, try_for_ms))
             self._notify(client)
         await anyio.sleep(0)
+        return clients
+
+    async def shutdown(
+        self, *, reconnect_in_ms: int = 0, try_for_ms: int = 5000, smear_ms: int = 0, grace: float = WRITE_TIMEOUT
+    ) -> int:
+        """A graceful restart: stop accepting, send every client Restarting (as :meth:`restart_notice`),
+        wait up to ``grace`` seconds for those frames to be written, then close every connection;
+        :meth:`serve` returns. Returns how many clients were told."""
+        self._stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        clients = await self.restart_notice(reconnect_in_ms, try_for_ms, smear_ms)
+        with anyio.move_on_after(grace):
+            while any(not c.closed and (c.control or c in self._sending) for c in clients):
+                await anyio.sleep(0.01)
+        if self._stop is not None:
+            self._stop.set()
+        return len(clients)
 
     def set_health(self, problem: str) -> None:
         """Send a Health frame to every client (empty: healthy again)."""
         for client in list(self._wake):
             client.control.append(derp.Health(problem))
             self._notify(client)
+
+
+def _keepalive_interval() -> float:
+    return derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER)  # jitter, not a secret
 
 
 class _Prefixed(anyio.abc.ByteStream):

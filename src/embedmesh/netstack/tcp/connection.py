@@ -1061,9 +1061,10 @@ class TcpConnection:
         cc.cwnd = max(cc.cwnd, cwnd)
         cc.ssthresh = max(cc.ssthresh, ssthresh)
         self.stats.spurious_undos += 1
-        if self._in_recovery:
-            self._in_recovery = False
-            self._recover = self.snd_una
+        self._in_recovery = False
+        # The episode is over, so is its guard against a second fast retransmit (RFC 6582 "recover",
+        # set by a timeout too): data lost after the spurious one is found by SACKs at once.
+        self._recover = self.snd_una
         if self.snd_nxt < self.snd_max:
             # Eifel response (RFC 4015): stop the go-back-N, the data is not lost.
             self.snd_nxt = self.snd_max
