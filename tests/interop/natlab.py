@@ -494,24 +494,29 @@ DERPER_LISTEN = f"{SERVER_IPS[1]}:80"
 STUN_PORT = 3478
 DERP_REGION = 900
 DERP_REGION_CODE = "lab"
-DERP_SERVERS = ("embedmesh", "derper")
+DERP_SERVERS = ("embedmesh", "derper", "embedded")
 
 
-def derp_map(derp: str) -> dict[str, Any]:
-    """The lab's DERP map: one region, served by embedmesh's DERP server or by Tailscale's derper.
+def derp_map(derp: str) -> dict[str, Any] | None:
+    """The lab's DERP map (one region, 900 "lab") for ``--derp-map``; None for "embedded", whose
+    region the control server publishes itself.
 
-    derper serves STUN on 203.0.113.2:3478 in both cases; with embedmesh's server (which has no
-    STUN yet) that derper is a STUN-only node of the region, so netcheck finds each node's public
-    address either way.
+    ``embedmesh``: `embedmesh derp serve` on 203.0.113.1:443 with its STUN server on :3478, and
+    derper's STUN on 203.0.113.2:3478 as a STUN-only node of the region (netcheck learns whether a
+    NAT's mapping varies by destination only from two STUN addresses). ``derper``: derper on
+    203.0.113.2:80, its STUN on :3478. ``embedded``: the control server's own relay on
+    203.0.113.1:443 and its STUN on :3478 (region 999).
     """
     if derp not in DERP_SERVERS:
         raise ValueError(f"derp must be one of {DERP_SERVERS}")
+    if derp == "embedded":
+        return None
     stun_ip = SERVER_IPS[1]
     if derp == "embedmesh":
         host, port = EMBEDMESH_DERP_LISTEN.split(":")
         nodes = [
             {"Name": "900a", "RegionID": DERP_REGION, "HostName": host, "IPv4": host,
-             "DERPPort": int(port), "STUNPort": -1, "InsecureForTests": True},
+             "DERPPort": int(port), "STUNPort": STUN_PORT, "InsecureForTests": True},
             {"Name": "900s", "RegionID": DERP_REGION, "HostName": stun_ip, "IPv4": stun_ip,
              "STUNPort": STUN_PORT, "STUNOnly": True, "InsecureForTests": True},
         ]  # fmt: skip
@@ -555,8 +560,9 @@ def _log_text(proc: subprocess.Popen[Any]) -> str:
 
 
 class LabTailnet:
-    """``embedmesh control serve`` on the lab's internet, with a DERP region (embedmesh's DERP
-    server or derper) and STUN; tailscaled and embedmesh nodes on lab hosts join it."""
+    """``embedmesh control serve`` on the lab's internet, with a DERP region and STUN (see
+    :func:`derp_map` for the three ``derp`` choices); tailscaled and embedmesh nodes on lab hosts
+    join it."""
 
     def __init__(self, lab: NatLab, bins: Any, derp: str = "embedmesh") -> None:
         import tailnet as _tailnet
@@ -571,8 +577,9 @@ class LabTailnet:
         self.url = f"http://{CONTROL_LISTEN}"
         env = _tailnet.child_env()
         self.processes: dict[str, subprocess.Popen[Any]] = {}
-        # derper always runs: the STUN server of the region, and its DERP server when derp="derper".
-        if bins is not None:  # (None: embedmesh nodes only, no STUN; for trying the rig without Go)
+        if derp in ("embedmesh", "derper"):
+            if bins is None:
+                raise RigError("the lab's derper (STUN, or the relay) needs the Tailscale binaries")
             self.processes["derper"] = lab.inet.popen(
                 [str(bins.derper), "-a", DERPER_LISTEN, "-http-port", "-1", "-stun-port", str(STUN_PORT),
                  "-c", str(state / "derper.json")],
@@ -581,28 +588,31 @@ class LabTailnet:
         if derp == "embedmesh":
             self.processes["derp"] = lab.inet.popen(
                 [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", EMBEDMESH_DERP_LISTEN,
-                 "--key-file", str(state / "embedmesh-derp.json")],
+                 "--key-file", str(state / "embedmesh-derp.json"), "--stun-port", str(STUN_PORT)],
                 log_name="embedmesh-derp", env=env,
             )  # fmt: skip
-        map_file = state / "derp-map.json"
-        map_file.write_text(json.dumps(derp_map(derp), indent=1))
-        self.processes["control"] = lab.inet.popen(
-            [sys.executable, "-m", "embedmesh.cli.main", "control", "serve", "--listen", CONTROL_LISTEN,
-             "--state-dir", str(state), "--derp-map", str(map_file),
-             # only the lab's region: the embedded relay would be a second one, on a port
-             # that "udp-blocked" routers do not let out
-             "--no-derp"],
-            log_name="embedmesh-control", env=env,
-        )  # fmt: skip
+        serve = [sys.executable, "-m", "embedmesh.cli.main", "control", "serve", "--listen", CONTROL_LISTEN,
+                 "--state-dir", str(state)]  # fmt: skip
+        the_map = derp_map(derp)
+        if the_map is None:
+            host, port = EMBEDMESH_DERP_LISTEN.split(":")
+            serve += ["--derp-port", port, "--derp-host", host, "--stun-port", str(STUN_PORT)]
+        else:
+            map_file = state / "derp-map.json"
+            map_file.write_text(json.dumps(the_map, indent=1))
+            # Only the lab's region: the embedded relay would be a second one, on a port that
+            # "udp-blocked" routers do not let out.
+            serve += ["--derp-map", str(map_file), "--no-derp"]
+        self.processes["control"] = lab.inet.popen(serve, log_name="embedmesh-control", env=env)
         self._wait_ready()
         self._key: str | None = None
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         checks = [("control", CONTROL_LISTEN, "/health")]
-        if self.derp == "embedmesh":
-            checks.append(("derp", EMBEDMESH_DERP_LISTEN, "/derp/probe"))
-        else:
+        if self.derp == "derper":
             checks.append(("derper", DERPER_LISTEN, "/derp/probe"))
+        else:  # embedmesh's relay, standalone or embedded in the control server
+            checks.append(("derp", EMBEDMESH_DERP_LISTEN, "/derp/probe"))
 
         def ready() -> bool:
             for name, proc in self.processes.items():
