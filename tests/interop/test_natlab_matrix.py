@@ -163,26 +163,8 @@ INTROS[TITLE_EM_TS] = (
 )
 INTROS[TITLE_EM_EM] = "Both sides are embedmesh nodes (`embedmesh up`)."
 
-#: What embedmesh nodes still lack for a direct path behind a NAT (see the xfail marks).
-NO_STUN = (
-    "embedmesh nodes advertise only their local addresses: Node sends no STUN binding requests "
-    "yet (issue 10, 'STUN and netcheck'), so a peer has no public endpoint of a node behind a "
-    "NAT to punch to; only peer-reflexive discovery can still find a direct path"
-)
 
-
-def _embedmesh_cases(both_embedmesh: bool) -> list[Any]:
-    cases = []
-    for kind_a, kind_b in PAIRS:
-        marks = []
-        behind_nat = kind_a != "none" or (both_embedmesh and kind_b != "none")
-        if expected_path(kind_a, kind_b) == "direct" and behind_nat:
-            marks.append(pytest.mark.xfail(reason=NO_STUN, strict=False))
-        cases.append(pytest.param(kind_a, kind_b, marks=marks, id=f"{kind_a}__{kind_b}"))
-    return cases
-
-
-@pytest.mark.parametrize(("kind_a", "kind_b"), _embedmesh_cases(both_embedmesh=False))
+@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
 def test_embedmesh_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
     natnet.start_embedmesh()
     a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.tailscaled[f"b-{kind_b}"]
@@ -194,7 +176,7 @@ def test_embedmesh_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> Non
         _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
 
 
-@pytest.mark.parametrize(("kind_a", "kind_b"), _embedmesh_cases(both_embedmesh=True))
+@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
 def test_embedmesh_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
     natnet.start_embedmesh()
     a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.embedmesh[f"b-{kind_b}"]

@@ -6,9 +6,8 @@ test builds its own pair of hosts, ``p`` and ``q``, and nodes on them, so no tes
 another's NAT state or path history. Every test runs with tailscaled on both hosts (that proves
 the rig against Tailscale's own client) and with embedmesh nodes (`embedmesh up`). Topologies:
 ``nat`` puts each host behind its own ``eim-apdf`` router (home routers: endpoint-independent
-mapping, address-and-port-dependent filtering); ``public`` makes ``p`` a public host, which an
-embedmesh node without STUN can still reach directly (its peer learns the NATed side's address
-from its disco ping).
+mapping, address-and-port-dependent filtering); ``public`` (bulk transfer only) makes ``p`` a
+public host, so the direct path dies another way.
 
 * Bulk transfer: ``p`` sends a paced, deterministic byte stream to ``q``'s sink. It starts on
   DERP (a firewall rule on a router drops UDP between the two, STUN still works), the rule goes
@@ -60,12 +59,6 @@ from netns import RigError, wait_for
 pytestmark = pytest.mark.interop
 
 IMPLS = ("tailscaled", "embedmesh")
-
-
-NO_STUN_UPGRADE = (
-    "both hosts are behind NATs and embedmesh nodes advertise only their local addresses (Node "
-    "sends no STUN binding requests yet, issue 10 'STUN and netcheck'): no direct path to upgrade to"
-)
 
 
 @dataclass
@@ -162,9 +155,7 @@ def _sink_done(host: LabHost, after: int) -> dict[str, Any] | None:
 
 CASES = [
     pytest.param("tailscaled", "nat", id="tailscaled-nat"),
-    pytest.param(
-        "embedmesh", "nat", id="embedmesh-nat", marks=pytest.mark.xfail(reason=NO_STUN_UPGRADE, strict=False)
-    ),
+    pytest.param("embedmesh", "nat", id="embedmesh-nat"),
     pytest.param("embedmesh", "public", id="embedmesh-public"),
 ]
 
@@ -231,7 +222,7 @@ def test_bulk_transfer_survives_relay_to_direct_and_back(
     assert done["bytes"] == total and done["sha256"] == expected, done
 
 
-@pytest.mark.parametrize(("impl", "topology"), CASES)
+@pytest.mark.parametrize(("impl", "topology"), [(impl, "nat") for impl in IMPLS])
 def test_keepalives_hold_a_direct_path_through_a_30s_nat(
     pathslab: PathsLab, impl: str, topology: str
 ) -> None:
