@@ -127,11 +127,13 @@ def table(measurements: list[Measurement]) -> str:
     return "\n".join([TABLE_HEADER, *(m.row() for m in measurements)])
 
 
-def write_results(doc: Path, title: str, intro: str, measurements: list[Measurement]) -> None:
-    """Put ``### title`` (intro, then the table) into the doc's "NAT lab results" section,
-    replacing an older subsection of that title; every other part of the file stays."""
+def write_results(doc: Path, title: str, intro: str, measurements: list[Measurement] | str) -> None:
+    """Put ``### title`` (intro, then the table: of measurements, or given as Markdown) into the
+    doc's "NAT lab results" section, replacing an older subsection of that title; every other
+    part of the file stays."""
     text = doc.read_text() if doc.exists() else "# NAT traversal\n"
-    block = f"### {title}\n\n{intro.strip()}\n\n{table(measurements)}\n"
+    body = measurements if isinstance(measurements, str) else table(measurements)
+    block = f"### {title}\n\n{intro.strip()}\n\n{body}\n"
     if RESULTS_SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{RESULTS_SECTION}\n\n{RESULTS_INTRO}\n\n{block}"
         doc.write_text(text)

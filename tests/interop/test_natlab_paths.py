@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import natmatrix
 import pytest
 from natlab import (
     EMBEDMESH_DERP_LISTEN,
@@ -108,6 +111,31 @@ class PathsLab:
         return "\n".join(parts)
 
 
+#: One line per passed test for the docs: (test, implementation, topology, what was measured).
+RESULTS: list[tuple[str, str, str, str]] = []
+TITLE = "Path changes, keepalives and ciphertext"
+INTRO = """\
+`tests/interop/test_natlab_paths.py`: a fresh pair of hosts per test (``nat``: each behind its own
+`eim-apdf` router; ``public``: the sender is a public host), control and `embedmesh derp serve`
+on the lab's internet. The bulk transfer is 2 MiB at 128 KiB/s through the sender's SOCKS5
+proxy into the receiver's sink; it starts on DERP (a firewall rule drops UDP between the two),
+upgrades when the rule goes, and falls back when the NAT mapping is flushed and the direct path
+is dead (``nat``: the sender's router comes back symmetric; ``public``: the receiver's router
+comes back blocking UDP). Timings are from the change to the node's status showing the new path."""
+
+
+def _report() -> None:
+    if not RESULTS:
+        return
+    rows = ["| test | node | topology | result |", "|---|---|---|---|"]
+    rows += [f"| {t} | {impl} | {topo} | {what} |" for t, impl, topo, what in RESULTS]
+    text = "\n".join(rows)
+    print(f"\n{TITLE}\n{text}")
+    doc = os.environ.get(natmatrix.DOC_ENV)
+    if doc:
+        natmatrix.write_results(Path(doc), TITLE, INTRO, text)
+
+
 @pytest.fixture(scope="module")
 def pathslab(tailscale_bins: Any) -> Iterator[PathsLab]:
     skip_unless_natlab()
@@ -120,6 +148,7 @@ def pathslab(tailscale_bins: Any) -> Iterator[PathsLab]:
             for pair in state.pairs:
                 pair.a.close()  # type: ignore[attr-defined]
                 pair.b.close()  # type: ignore[attr-defined]
+            _report()
 
 
 def _wait_path(a: LabPeer, b: LabPeer, kind: str, timeout: float, what: str) -> float:
@@ -220,6 +249,7 @@ def test_bulk_transfer_survives_relay_to_direct_and_back(
     print(f"{impl} ({topology}): {total} bytes byte-exact; {timings}; all in {done['t']:.1f} s")
     assert sent and sent[-1]["sha256"] == expected
     assert done["bytes"] == total and done["sha256"] == expected, done
+    RESULTS.append(("bulk transfer DERP → direct → DERP", impl, topology, f"byte-exact; {timings}"))
 
 
 @pytest.mark.parametrize(("impl", "topology"), [(impl, "nat") for impl in IMPLS])
@@ -273,10 +303,12 @@ def test_keepalives_hold_a_direct_path_through_a_30s_nat(
         assert control_gone_at is not None and 25 <= control_gone_at <= 35, control_gone_at
         result = a.echo(b)
         assert a.path_to(b).kind == "direct" and a.path_to(b).address == direct
-        print(
-            f"{impl} ({topology}): 40 s silent, path stayed direct ({direct}); the control flow "
-            f"expired after {control_gone_at:.0f} s; echo after the silence {result['ttfb_s'] * 1000:.1f} ms"
+        what = (
+            f"40 s silent, path stayed direct ({direct}); the control flow expired after "
+            f"{control_gone_at:.0f} s; echo after the silence {result['ttfb_s'] * 1000:.1f} ms"
         )
+        print(f"{impl} ({topology}): {what}")
+        RESULTS.append(("keepalives through a 30-s NAT", impl, topology, what))
     except (RigError, AssertionError):
         print(pathslab.logs(pair))
         raise
