@@ -232,7 +232,7 @@ def test_stun_from_the_wireguard_socket_finds_a_direct_path(
             assert status.endpoints == (f"127.0.0.1:{db.listen_port}",)
             assert relay.stun_server.counters["success"] > 0
             # The control server passed the endpoint on: the peer's map has it.
-            await _wait_for(lambda: web.netmap.peer_by_name("db").endpoints)
+            await _wait_for(lambda: (p := web.netmap.peer_by_name("db")) is not None and p.endpoints)
             assert await db.ping("web", timeout=10) > 0
             await _wait_for(lambda: db.status().peers[0].path == "direct", timeout=15)
             assert db.status().peers[0].path_address == ("127.0.0.1", web.listen_port)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from embedmesh.wireguard.timers import (
+    HURRY_MIN_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_HANDSHAKE_ATTEMPTS,
     REJECT_AFTER_TIME,
@@ -129,3 +132,22 @@ def test_a_hurried_handshake_goes_out_at_once_instead_of_at_the_retransmit_timer
     # With a session up, hurrying does nothing.
     p.a.device.hurry_handshake(peer, p.net.now)
     assert p.a.device.counters["handshake_hurried"] == 1
+
+
+def test_a_hurried_handshake_right_after_an_initiation_waits_its_interval() -> None:
+    """A second initiation within the peer's flood guard would be dropped, and it would discard
+    the first one's state while the answer may still come: hurrying that early resends only once
+    the last initiation is HURRY_MIN_INTERVAL old (found by the simulator: seed 110)."""
+    p = make_pair()
+    peer = p.a.device.peers[p.b.public_key]
+    del p.net.hosts[B_EP]
+    p.ping(p.a, 1)
+    p.net.run(0.001)
+    sent_at = peer.last_initiation_sent
+    p.net.attach(B_EP, p.b)
+    p.a.device.hurry_handshake(peer, sent_at + 0.02)
+    assert p.a.device.counters["tx_initiation"] == 1  # not at once
+    assert peer.retransmit_handshake_at == pytest.approx(sent_at + HURRY_MIN_INTERVAL)
+    p.net.run(HURRY_MIN_INTERVAL + 0.5)
+    assert p.a.device.counters["tx_initiation"] == 2
+    assert p.replies(p.a) == {1} and p.net.now < REKEY_TIMEOUT

@@ -43,6 +43,7 @@ from embedmesh.wireguard.messages import (
 from embedmesh.wireguard.noise import InitiatorState, PeerKeys, StaticIdentity
 from embedmesh.wireguard.peer import Peer
 from embedmesh.wireguard.timers import (
+    HURRY_MIN_INTERVAL,
     INITIATION_MIN_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_HANDSHAKE_ATTEMPTS,
@@ -577,10 +578,14 @@ class WireGuardDevice:
             return
         if peer.handshake is None and peer.retransmit_handshake_at is None:
             return
-        if now - peer.last_initiation_sent < INITIATION_MIN_INTERVAL:
-            # Two initiations within the timestamp's 16-ms whitening would make the peer drop the
-            # second as a replay: send it a moment later, from the retransmit timer.
-            peer.retransmit_handshake_at = peer.last_initiation_sent + INITIATION_MIN_INTERVAL
+        if now - peer.last_initiation_sent < HURRY_MIN_INTERVAL:
+            # Not at once after the last initiation: the peer's flood guard (one per 20 ms, and
+            # timestamps whitened to 16 ms) would drop a second one that close, with any jitter,
+            # and a new initiation discards the last one's state, so the answer to it that may
+            # still be on its way would be refused. Send it from the retransmit timer instead.
+            at = peer.last_initiation_sent + HURRY_MIN_INTERVAL
+            if peer.retransmit_handshake_at is None or peer.retransmit_handshake_at > at:
+                peer.retransmit_handshake_at = at
             return
         peer.handshake_attempts += 1
         self._counts["handshake_hurried"] += 1

@@ -16,5 +16,9 @@ KEEPALIVE_TIMEOUT = 10.0
 MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
 #: The responder-side flood guard: at most one initiation per peer in this interval (wireguard-go).
 INITIATION_MIN_INTERVAL = 1.0 / 50.0
+#: A hurried initiation (a new path to the peer) waits until the last one is this old: well past
+#: the peer's flood guard with jitter, and long enough that the last one's answer came if it
+#: could (a new initiation discards the state that answer needs).
+HURRY_MIN_INTERVAL = 0.25
 #: Packets waiting for a handshake, per peer; the oldest give way (wireguard-go keeps 1,024).
 MAX_STAGED_PACKETS = 1024
