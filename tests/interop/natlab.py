@@ -38,8 +38,9 @@ kinds ``none`` and ``double``):
     endpoint-independent mapping, address-and-port-dependent filtering: plain conntrack
     masquerade, the usual home router.
 ``symmetric``
-    endpoint-dependent mapping (``masquerade fully-random``: a random external port for every
-    new 5-tuple) with address-and-port-dependent filtering.
+    endpoint-dependent mapping for UDP (``masquerade fully-random``: a random external port for
+    every new 5-tuple) with address-and-port-dependent filtering. TCP keeps plain masquerade, so
+    a conntrack flush (``set_kind``) does not reset the host's open TCP connections.
 ``udp-blocked``
     only TCP to ports 80 and 443 (and ICMP) leaves the LAN; all UDP is dropped.
 
@@ -132,11 +133,14 @@ def ruleset(kind: str) -> str:
             '    iifname "wan" meta l4proto udp dnat ip to udp dport map @eif_owner',
             "  }",
         ]
-    masquerade = "masquerade fully-random" if kind == "symmetric" else "masquerade"
+    lines += ["  chain outbound_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
+    if kind == "symmetric":
+        # Endpoint-dependent for UDP only. TCP keeps its port: after a conntrack flush, a TCP
+        # flow's next segment is picked up again (nf_conntrack_tcp_loose) and must keep its
+        # external port, or every open connection (DERP, control) of the host would be reset.
+        lines.append('    oifname "wan" meta l4proto udp masquerade fully-random')
     lines += [
-        "  chain outbound_nat {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        f'    oifname "wan" {masquerade}',
+        '    oifname "wan" masquerade',
         "  }",
         "  chain forward {",
         "    type filter hook forward priority filter; policy drop;",
