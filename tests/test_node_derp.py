@@ -3,10 +3,11 @@ path when one appears (a coordination server, a DERP server and nodes on loopbac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,18 @@ def _no_direct_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Node, "_advertised_hosts", lambda self: set())
 
 
+@contextlib.asynccontextmanager
+async def _web_and_db(url: str, key: str) -> AsyncIterator[tuple[Node, Node]]:
+    """Two nodes on loopback, up in the tailnet."""
+    async with (
+        Node(hostname="web", control_url=url, auth_key=key, listen_host="127.0.0.1") as web,
+        Node(hostname="db", control_url=url, auth_key=key, listen_host="127.0.0.1") as db,
+    ):
+        await web.up(timeout=10)
+        await db.up(timeout=10)
+        yield web, db
+
+
 async def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not predicate():
@@ -95,12 +108,7 @@ def test_nodes_without_a_direct_path_talk_through_a_derp_map_relay(
         server = DerpServer(NodePrivate.generate(os.urandom(32)))
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, "127.0.0.1", derp_port)
-            async with (
-                Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
-                Node(hostname="db", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as db,
-            ):
-                await web.up(timeout=10)
-                await db.up(timeout=10)
+            async with _web_and_db(running.url, key) as (web, db):
                 await _wait_for(lambda: db.status().peers and web.status().peers)
                 assert await db.ping("web", timeout=10) > 0
                 (peer,) = db.status().peers
@@ -146,12 +154,7 @@ def test_nodes_relay_through_the_embedded_derp_server(
     assert region["Nodes"][0]["CertName"] == f"sha256-raw:{relay.cert_sha256}"
 
     async def main() -> None:
-        async with (
-            Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
-            Node(hostname="db", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as db,
-        ):
-            await web.up(timeout=10)
-            await db.up(timeout=10)
+        async with _web_and_db(running.url, key) as (web, db):
             await _wait_for(lambda: db.status().peers and web.status().peers)
             assert await db.ping("web", timeout=10) > 0
             (peer,) = db.status().peers
@@ -184,12 +187,7 @@ def test_a_relayed_peer_upgrades_to_a_direct_path(
     hidden.add("db")
 
     async def main() -> None:
-        async with (
-            Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
-            Node(hostname="db", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as db,
-        ):
-            await web.up(timeout=10)
-            await db.up(timeout=10)
+        async with _web_and_db(running.url, key) as (web, db):
             await _wait_for(lambda: db.status().peers and web.status().peers)
             assert await db.ping("web", timeout=10) > 0
             await _wait_for(lambda: web.status().peers[0].path == "direct", timeout=15)
@@ -215,12 +213,7 @@ def test_stun_from_the_wireguard_socket_finds_a_direct_path(
     relay = running.server.embedded_derp
 
     async def main() -> None:
-        async with (
-            Node(hostname="web", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as web,
-            Node(hostname="db", control_url=running.url, auth_key=key, listen_host="127.0.0.1") as db,
-        ):
-            await web.up(timeout=10)
-            await db.up(timeout=10)
+        async with _web_and_db(running.url, key) as (web, db):
             await _wait_for(lambda: db.status().udp is not None and web.status().udp is not None)
             status = db.status()
             assert status.udp is with_stun and status.home_derp == "embedmesh"

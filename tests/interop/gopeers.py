@@ -390,6 +390,35 @@ def derper() -> Path:
     return bundle("tailscale") / "derper"
 
 
+
+@contextlib.contextmanager
+def running_derper(binary: Path, config: Path, http_port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Tailscale's derper serving plain HTTP on 127.0.0.1:``http_port`` (its key in ``config``,
+    derper's format) with ``extra`` flags, until the block ends."""
+    process = subprocess.Popen(
+        [str(binary), "-a", f"127.0.0.1:{http_port}", "-http-port", "-1", "-c", str(config), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"},
+    )
+    try:
+        import socket
+
+        for _ in range(200):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", http_port)) == 0:
+                    break
+            assert process.poll() is None, process.stderr.read() if process.stderr else b""
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
 def headscale_config(
     folder: Path,
     *,

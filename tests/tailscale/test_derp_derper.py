@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,27 +45,8 @@ def run_derper(tmp_path: Path, *flags: str) -> Iterator[tuple[str, NodePublic]]:
     config.write_text(json.dumps({"PrivateKey": key.to_text()}))
     config.chmod(0o600)
     port = _free_port()
-    process = subprocess.Popen(
-        [str(binary), "-a", f"127.0.0.1:{port}", "-http-port", "-1", "-stun=false", "-c", str(config), *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"},
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert process.poll() is None, process.stderr.read() if process.stderr else b""
-            anyio.run(anyio.sleep, 0.05)
+    with gopeers.running_derper(binary, config, port, "-stun=false", *flags):
         yield f"http://127.0.0.1:{port}/derp", key.public()
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_our_clients_relay_through_derper(derper: tuple[str, NodePublic]) -> None:

@@ -145,37 +145,8 @@ def derper(tmp_path: Path) -> Iterator[tuple[int, int]]:
     config.write_text(json.dumps({"PrivateKey": NodePrivate.generate(os.urandom(32)).to_text()}))
     config.chmod(0o600)
     http_port, stun_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
-    process = subprocess.Popen(
-        [
-            str(binary),
-            "-a",
-            f"127.0.0.1:{http_port}",
-            "-http-port",
-            "-1",
-            "-stun-port",
-            str(stun_port),
-            "-c",
-            str(config),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"},
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", http_port)) == 0:
-                    break
-            assert process.poll() is None, process.stderr.read() if process.stderr else b""
-            anyio.run(anyio.sleep, 0.05)
+    with gopeers.running_derper(binary, config, http_port, "-stun-port", str(stun_port)):
         yield http_port, stun_port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _ask(port: int, request: bytes, timeout: float) -> bytes | None:
