@@ -127,14 +127,35 @@ def table(measurements: list[Measurement]) -> str:
     return "\n".join([TABLE_HEADER, *(m.row() for m in measurements)])
 
 
-def write_results(doc: Path, title: str, intro: str, measurements: list[Measurement] | str) -> None:
+def _merge_rows(old_block: str, new_table: str, key_columns: int) -> str:
+    """new_table, plus the rows of the table in old_block whose key (the first key_columns
+    cells) new_table lacks, in their old order: a partial run updates its rows and keeps the rest."""
+
+    def rows(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
+
+    def key(row: str) -> tuple[str, ...]:
+        return tuple(c.strip() for c in row.strip("|").split("|")[:key_columns])
+
+    new_rows = rows(new_table)
+    header, fresh = new_rows[0], {key(r): r for r in new_rows[1:]}
+    old_rows = [r for r in rows(old_block) if r != header]
+    merged = [fresh.pop(key(r), r) for r in old_rows] + list(fresh.values())
+    separator = next(ln for ln in new_table.splitlines() if ln.startswith("|---"))
+    return "\n".join([header, separator, *merged])
+
+
+def write_results(
+    doc: Path, title: str, intro: str, measurements: list[Measurement] | str, *, key_columns: int = 1
+) -> None:
     """Put ``### title`` (intro, then the table: of measurements, or given as Markdown) into the
-    doc's "NAT lab results" section, replacing an older subsection of that title; every other
-    part of the file stays."""
+    doc's "NAT lab results" section. An older subsection of that title is replaced, keeping the
+    rows of its table that this run did not measure (rows match on their first key_columns
+    cells); every other part of the file stays."""
     text = doc.read_text() if doc.exists() else "# NAT traversal\n"
     body = measurements if isinstance(measurements, str) else table(measurements)
-    block = f"### {title}\n\n{intro.strip()}\n\n{body}\n"
     if RESULTS_SECTION not in text:
+        block = f"### {title}\n\n{intro.strip()}\n\n{body}\n"
         text = text.rstrip("\n") + f"\n\n{RESULTS_SECTION}\n\n{RESULTS_INTRO}\n\n{block}"
         doc.write_text(text)
         return
@@ -147,8 +168,11 @@ def write_results(doc: Path, title: str, intro: str, measurements: list[Measurem
         s = section.index(heading)
         nxt = section.find("\n### ", s + len(heading))
         e = len(section) if nxt < 0 else nxt + 1
+        body = _merge_rows(section[s:e], body, key_columns)
+        block = f"### {title}\n\n{intro.strip()}\n\n{body}\n"
         section = section[:s] + block + ("\n" if nxt >= 0 else "") + section[e:]
     else:
+        block = f"### {title}\n\n{intro.strip()}\n\n{body}\n"
         section = section.rstrip("\n") + "\n\n" + block
     if after >= 0 and not section.endswith("\n\n"):
         section = section.rstrip("\n") + "\n\n"
@@ -156,11 +180,19 @@ def write_results(doc: Path, title: str, intro: str, measurements: list[Measurem
 
 
 RESULTS_INTRO = """\
-Measured by `tests/interop/test_natlab_matrix.py` in the NAT lab of `tests/interop/natlab.py`
+Measured by the `tests/interop/test_natlab_*.py` tests in the NAT lab of `tests/interop/natlab.py`
 (network namespaces, nftables NATs; control, DERP and STUN on the lab's "internet"). Expected
 paths are the matrix the shared lab measured with its prototype (`natmatrix.expected_path`).
 Time to first byte: from the first TCP connect through A's SOCKS5 proxy to the first byte of
 B's echo (the connection starts on DERP whenever there is no proven direct path yet). Time to
-direct: from that same connect until A's status shows a direct path to B. Numbers are from one
-run on a 2-core VM: read them as orders of magnitude. Regenerate with
-`EMBEDMESH_NATLAB_DOC=docs/nat-traversal.md` set."""
+direct: from that same connect until A's (then B's) status shows a direct path. Numbers are from
+one run on a 2-core VM: read them as orders of magnitude. Regenerate with
+`EMBEDMESH_NATLAB_DOC=docs/nat-traversal.md` set (a partial run updates only its own rows).
+
+Reading them: every pair goes direct exactly where the prototype found a direct path, through
+DERP everywhere else, for tailscaled and embedmesh nodes alike. A time to direct of about 5.4 s
+on one side only (the other side ~0.15 s) shows up when B's router filters by address and port
+and a tailscaled takes part: A's first ping to B's public endpoint is dropped by B's NAT, B
+(told by a CallMeMaybe over DERP) pings A and is direct at once, and A pings B's endpoint again
+only after the 5-s discovery interval (magicsock's `discoPingInterval`). The bytes travel over
+DERP meanwhile. Pairs of two embedmesh nodes showed no such wait."""

@@ -104,7 +104,9 @@ def report() -> None:
 TITLE_TS = "tailscaled ↔ tailscaled (DERP: embedmesh derp serve)"
 INTROS = {
     TITLE_TS: "tailscaled v1.102.5 on both sides, userspace networking, joined to `embedmesh control "
-    "serve`; the relay is `embedmesh derp serve`, STUN is derper's.",
+    "serve`; the relay is `embedmesh derp serve` on 203.0.113.1:443 (plain HTTP, clients with "
+    "TS_DEBUG_USE_DERP_HTTP=1) with its STUN server on :3478, and derper's STUN on 203.0.113.2:3478 "
+    "is the region's second STUN address.",
 }
 
 
