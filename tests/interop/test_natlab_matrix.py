@@ -70,7 +70,7 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def natnet(tailscale_bins: Any) -> Iterator[Lab]:
+def natnet(tailscale_bins: Any, _swept: None) -> Iterator[Lab]:
     skip_unless_natlab()
     with NatLab() as lab:
         net = LabTailnet(lab, tailscale_bins, derp="embedmesh")

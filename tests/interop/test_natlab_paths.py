@@ -137,7 +137,7 @@ def _report() -> None:
 
 
 @pytest.fixture(scope="module")
-def pathslab(tailscale_bins: Any) -> Iterator[PathsLab]:
+def pathslab(tailscale_bins: Any, _swept: None) -> Iterator[PathsLab]:
     skip_unless_natlab()
     with NatLab() as lab:
         net = LabTailnet(lab, tailscale_bins, derp="embedmesh")

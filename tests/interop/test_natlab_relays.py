@@ -44,7 +44,9 @@ class RelayLab:
 
 
 @pytest.fixture(scope="module", params=RELAYS, ids=[r for r, _ in RELAYS])
-def relaylab(request: pytest.FixtureRequest, tailscale_bins: Any) -> Iterator[tuple[RelayLab, str, str]]:
+def relaylab(
+    request: pytest.FixtureRequest, tailscale_bins: Any, _swept: None
+) -> Iterator[tuple[RelayLab, str, str]]:
     skip_unless_natlab()
     relay, code = request.param
     with NatLab() as lab:

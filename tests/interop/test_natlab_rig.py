@@ -29,7 +29,7 @@ TARGETS = [f"{S1}:3478", f"{S2}:3478", f"{S1}:3479"]
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[NatLab]:
+def lab(_swept: None) -> Iterator[NatLab]:
     skip_unless_natlab()
     with NatLab() as lab:
         reflector = lab.inet.popen(
