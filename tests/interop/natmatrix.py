@@ -21,7 +21,9 @@ second echo after discovery's 5-s retry interval so a late hole punch still gets
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,38 @@ def measure(
     else:
         got = f"{path_a.kind}/{path_b.kind}"
     return Measurement(pair, expected, got, float(first["ttfb_s"]), to_direct, to_direct_b, path_a, path_b)
+
+
+def measure_all(
+    pairs: Sequence[tuple[LabPeer, LabPeer, str, str]], *, workers: int = 4
+) -> list[Measurement | BaseException]:
+    """:func:`measure` for every (a, b, pair, expected), ``workers`` at a time, never two at once
+    on one node (a pair's timing must not include another pair's traffic on the same node, and
+    a node's local API client is not shared between threads). Results in the order given; a pair
+    that raised gives its exception."""
+    results: list[Measurement | BaseException | None] = [None] * len(pairs)
+    pending = list(range(len(pairs)))
+    busy: set[int] = set()
+    running: dict[concurrent.futures.Future[Measurement], int] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            for index in list(pending):
+                if len(running) >= workers:
+                    break
+                a, b, name, expected = pairs[index]
+                if id(a) in busy or id(b) in busy:
+                    continue
+                pending.remove(index)
+                busy.update((id(a), id(b)))
+                running[pool.submit(measure, a, b, name, expected)] = index
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                index = running.pop(future)
+                a, b, _name, _expected = pairs[index]
+                busy.difference_update((id(a), id(b)))
+                error = future.exception()
+                results[index] = error if error is not None else future.result()
+    return [r for r in results if r is not None]
 
 
 RESULTS_SECTION = "## NAT lab results"

@@ -8,9 +8,9 @@ each kind, ``c-<kind>`` beside ``a-<kind>`` behind the same NAT (hairpin). Each 
 tailscaled (v1.102.5, userspace networking) and, for the embedmesh cases, `embedmesh up`; both
 serve a TCP echo on port 7000 and a sink on 7001 of the host's loopback to the tailnet.
 
-Pairs run one after the other with short timeouts (natmatrix.measure); the time to first byte
-and time to direct of each pair are printed, and written into docs/nat-traversal.md when
-EMBEDMESH_NATLAB_DOC names it.
+The pairs of one combination run four at a time, never two at once on one node
+(natmatrix.measure_all), with short timeouts; the time to first byte and time to direct of each
+pair are printed, and written into docs/nat-traversal.md when EMBEDMESH_NATLAB_DOC names it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import natmatrix
 import pytest
 from natlab import KINDS, LabEmbedmesh, LabHost, LabTailnet, LabTailscaled, NatLab, skip_unless_natlab
-from natmatrix import Measurement, expected_path, measure
+from natmatrix import Measurement, expected_path, measure, measure_all
 
 pytestmark = pytest.mark.interop
 
@@ -133,15 +133,31 @@ def _check_over_tcp(natnet: Lab, host_name: str) -> None:
     assert any(dport == 443 for _src, _sport, _dst, dport in tcp), tcp
 
 
-@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
-def test_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
-    a, b = natnet.tailscaled[f"a-{kind_a}"], natnet.tailscaled[f"b-{kind_b}"]
-    expected = expected_path(kind_a, kind_b)
-    m = measure(a, b, f"{kind_a} / {kind_b}", expected)
-    _record(TITLE_TS, m)
-    assert m.got == expected, natnet.logs(a.name, b.name)
-    if "udp-blocked" in (kind_a, kind_b):
-        _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
+def _matrix(natnet: Lab, title: str, side_a: dict[str, Any], side_b: dict[str, Any]) -> None:
+    """Every pair of NAT kinds, A on ``side_a``'s node behind kind_a and B on ``side_b``'s behind
+    kind_b: each connects, and goes direct exactly where the lab's matrix says."""
+    pairs = [
+        (side_a[f"a-{ka}"], side_b[f"b-{kb}"], f"{ka} / {kb}", expected_path(ka, kb)) for ka, kb in PAIRS
+    ]
+    failures = []
+    for (a, b, name, expected), (ka, kb), m in zip(pairs, PAIRS, measure_all(pairs), strict=True):
+        host_a, host_b = a.host.name, b.host.name
+        if isinstance(m, BaseException):
+            failures.append(f"{name}: {m!r}\n{natnet.logs(host_a, host_b)}")
+            continue
+        _record(title, m, natnet, host_a, host_b)
+        if m.got != expected:
+            failures.append(f"{name}: expected {expected}, got {m.got}\n{natnet.logs(host_a, host_b)}")
+        elif "udp-blocked" in (ka, kb):
+            try:
+                _check_over_tcp(natnet, host_a if ka == "udp-blocked" else host_b)
+            except AssertionError as exc:
+                failures.append(f"{name}: behind udp-blocked: {exc}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_tailscaled_pairs(natnet: Lab) -> None:
+    _matrix(natnet, TITLE_TS, natnet.tailscaled, natnet.tailscaled)
 
 
 @pytest.mark.parametrize("kind", HAIRPIN_KINDS)
@@ -166,28 +182,14 @@ INTROS[TITLE_EM_TS] = (
 INTROS[TITLE_EM_EM] = "Both sides are embedmesh nodes (`embedmesh up`)."
 
 
-@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
-def test_embedmesh_tailscaled_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
+def test_embedmesh_tailscaled_pairs(natnet: Lab) -> None:
     natnet.start_embedmesh()
-    a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.tailscaled[f"b-{kind_b}"]
-    expected = expected_path(kind_a, kind_b)
-    m = measure(a, b, f"{kind_a} / {kind_b}", expected)
-    _record(TITLE_EM_TS, m, natnet, a.host.name, b.name)
-    assert m.got == expected, natnet.logs(a.host.name, b.name)
-    if "udp-blocked" in (kind_a, kind_b):
-        _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
+    _matrix(natnet, TITLE_EM_TS, natnet.embedmesh, natnet.tailscaled)
 
 
-@pytest.mark.parametrize(("kind_a", "kind_b"), PAIRS, ids=[f"{a}__{b}" for a, b in PAIRS])
-def test_embedmesh_pair(natnet: Lab, kind_a: str, kind_b: str) -> None:
+def test_embedmesh_pairs(natnet: Lab) -> None:
     natnet.start_embedmesh()
-    a, b = natnet.embedmesh[f"a-{kind_a}"], natnet.embedmesh[f"b-{kind_b}"]
-    expected = expected_path(kind_a, kind_b)
-    m = measure(a, b, f"{kind_a} / {kind_b}", expected)
-    _record(TITLE_EM_EM, m, natnet, a.host.name, b.host.name)
-    assert m.got == expected, natnet.logs(a.host.name, b.host.name)
-    if "udp-blocked" in (kind_a, kind_b):
-        _check_over_tcp(natnet, a.host.name if kind_a == "udp-blocked" else b.host.name)
+    _matrix(natnet, TITLE_EM_EM, natnet.embedmesh, natnet.embedmesh)
 
 
 @pytest.mark.parametrize("kind", HAIRPIN_KINDS)
