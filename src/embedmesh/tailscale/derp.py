@@ -32,7 +32,9 @@ front, as Go's ``key.NodePrivate.SealTo``. Unknown frame types are skipped, as G
 
 :class:`ClientConnection` and :class:`ServerConnection` take bytes in and give events and bytes out;
 :class:`RelayCore` holds the routing state of a server (which connection holds which key, duplicate
-connections, per-client send queues with head drop, PeerGone notifications). Randomness (nonces,
+connections, per-client send queues with head drop, PeerGone notifications) and of a meshed region
+(mesh peers that watch the connections, keys on other servers and the :class:`MeshForwarder` that
+carries packets there). Randomness (nonces,
 keepalive jitter) and the time (``now``, seconds) are arguments; nothing here reads a clock.
 Parsers raise only :class:`DerpError`, a :class:`~embedmesh.errors.ParseError`.
 """
@@ -40,6 +42,7 @@ Parsers raise only :class:`DerpError`, a :class:`~embedmesh.errors.ParseError`.
 from __future__ import annotations
 
 import enum
+import hmac
 import ipaddress
 import json
 import struct
@@ -79,6 +82,11 @@ MAX_PING_LEN = 1000
 KEEPALIVE_INTERVAL = 60.0
 #: Packets buffered per client and per class (disco, other) before head drop (Go's default).
 PER_CLIENT_SEND_QUEUE_DEPTH = 32
+#: ForwardPacket frames buffered per mesh peer before head drop (Go writes them synchronously; a
+#: bounded queue keeps one slow mesh link from stalling the readers of every client).
+MESH_FORWARD_QUEUE_DEPTH = 512
+#: The length of a DERP mesh key (derper's ``--mesh-psk-file``: 64 hex digits).
+MESH_KEY_LEN = 32
 #: The HTTP header a client sends to skip the server's 101 response.
 FAST_START_HEADER = "Derp-Fast-Start"
 BOX_OVERHEAD = 16
@@ -497,6 +505,25 @@ def open_box(private: NodePrivate, peer: NodePublic, sealed: bytes) -> bytes:
         raise DerpError("DERP box did not open") from None
 
 
+def parse_mesh_key(text: str | bytes) -> bytes:
+    """A DERP mesh key as derper reads ``--mesh-psk-file``: 64 hex digits, whitespace around them
+    trimmed. Raises ValueError (one line) for anything else, and for the all-zero key (Go's
+    "no mesh key").
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    text = text.strip()
+    if len(text) != 2 * MESH_KEY_LEN:
+        raise ValueError(f"a DERP mesh key is {2 * MESH_KEY_LEN} hex digits, not {len(text)} characters")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"a DERP mesh key is {2 * MESH_KEY_LEN} hex digits") from None
+    if not any(key):
+        raise ValueError("the all-zero DERP mesh key means no mesh key: make one with `openssl rand -hex 32`")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
     """What a client says about itself at login (Go's ``derp.ClientInfo``)."""
@@ -748,6 +775,11 @@ class ClientConnection:
         self._require_key()
         self._out += encode_frame(ClosePeer(key))
 
+    def send_encoded(self, frames: bytes) -> None:
+        """Queue whole frames encoded elsewhere (a relay's batched ForwardPackets)."""
+        self._require_key()
+        self._out += frames
+
     def _require_key(self) -> None:
         if self.server_key is None:
             raise ValueError("the DERP server's key is not known yet")
@@ -851,6 +883,10 @@ class RelayClient:
     key: NodePublic
     info: ClientInfo
     preferred: bool = False
+    #: The client's address as the server saw it (sent to mesh watchers in PeerPresent).
+    remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None
+    #: Whether it logged in with the server's mesh key (may WatchConns, ForwardPacket, ClosePeer).
+    can_mesh: bool = False
     #: Frames waiting for this connection's writer: packets (disco and other apart), PeerGone, Pong.
     packets: deque[RecvPacket] = field(default_factory=deque)
     disco: deque[RecvPacket] = field(default_factory=deque)
@@ -876,6 +912,42 @@ class RelayClient:
         self.packets.clear()
         return frames
 
+    def present_flags(self) -> int:
+        """The PeerPresent flags watchers hear for this connection (Go's ``presentFlags``)."""
+        flags = 0
+        if self.info.is_prober:
+            flags |= PeerPresentFlags.PROBER
+        if self.can_mesh:
+            flags |= PeerPresentFlags.MESH_PEER
+        return flags or PeerPresentFlags.REGULAR
+
+    def present_frame(self) -> PeerPresent:
+        """The PeerPresent frame announcing this connection to a watcher (always the full form)."""
+        ip, port = self.remote if self.remote is not None else (ipaddress.IPv6Address(0), 0)
+        return PeerPresent(self.key, ip, port, self.present_flags())
+
+
+class MeshForwarder:
+    """Another server of the region, as the core sees it: the ForwardPacket frames (wire bytes)
+    waiting for the mesh link that carries them there. Identity is the object; one per live link.
+    """
+
+    __slots__ = ("closed", "name", "queue")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: deque[bytes] = deque()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"MeshForwarder({self.name!r})"
+
+    def take_data(self) -> bytes:
+        """Every queued ForwardPacket frame, as bytes to write to the other server (and forget)."""
+        data = b"".join(self.queue)
+        self.queue.clear()
+        return data
+
 
 @dataclass
 class _KeySet:
@@ -893,14 +965,43 @@ class RelayCore:
     it, so the runtime wakes its writer). Duplicate connections for one key follow Go's default
     policy ("last writer is active"): the newest connection receives until another one of the set
     sends a frame (:meth:`note_activity`). Drops are counted in :attr:`drops` by reason.
+
+    Meshed regions: with ``mesh_key`` (32 bytes) a client that logs in with the same key is a mesh
+    peer (another server of the region, or a trusted client). It may watch the connections
+    (:meth:`add_watcher`: a PeerPresent for every client now and later, a PeerGone when a key's
+    last connection leaves), forward packets (:meth:`forward`) and close a key's connections
+    (:meth:`close_peer`). Keys connected to other servers are learned from their watch
+    connections: :meth:`add_forwarder` / :meth:`remove_forwarder` tie a key to a
+    :class:`MeshForwarder`, and a packet for a key that is not here but has one is queued there as
+    a ForwardPacket. A key is in the region while it is connected here or has a forwarder; when it
+    leaves the region, whoever received from it hears PeerGone.
     """
 
-    def __init__(self, *, queue_depth: int = PER_CLIENT_SEND_QUEUE_DEPTH) -> None:
+    def __init__(
+        self,
+        *,
+        queue_depth: int = PER_CLIENT_SEND_QUEUE_DEPTH,
+        mesh_key: bytes | None = None,
+        server_key: NodePublic | None = None,
+        forward_queue_depth: int = MESH_FORWARD_QUEUE_DEPTH,
+    ) -> None:
+        if mesh_key is not None and len(mesh_key) != MESH_KEY_LEN:
+            raise ValueError(f"a DERP mesh key is {MESH_KEY_LEN} bytes")
         self.queue_depth = queue_depth
+        self.forward_queue_depth = forward_queue_depth
+        # An all-zero key is Go's "no mesh key": nobody may mesh with it.
+        self.mesh_key = mesh_key if mesh_key is not None and any(mesh_key) else None
+        self.server_key = server_key
         self._keys: dict[NodePublic, _KeySet] = {}
         self._gone_watchers: dict[NodePublic, set[RelayClient]] = {}
+        #: Mesh peers that sent WatchConns.
+        self.watchers: set[RelayClient] = set()
+        #: Keys on other servers: their forwarders, the first one preferred (Go's multiForwarder).
+        self._forwarders: dict[NodePublic, list[MeshForwarder]] = {}
         self.drops: dict[DropReason, int] = {reason: 0 for reason in DropReason}
         self.packets_relayed = 0
+        self.packets_forwarded_out = 0
+        self.packets_forwarded_in = 0
 
     def __len__(self) -> int:
         return sum(len(s.conns) for s in self._keys.values())
@@ -909,9 +1010,23 @@ class RelayCore:
         """Whether ``key`` has at least one connection."""
         return key in self._keys
 
-    def register(self, key: NodePublic, info: ClientInfo) -> RelayClient:
-        """Add an authenticated connection; a second one for the same key becomes the active one."""
-        client = RelayClient(key, info)
+    def is_mesh_key(self, mesh_key: bytes | None) -> bool:
+        """Whether ``mesh_key`` (from a ClientInfo) is this server's mesh key (compared in constant time)."""
+        if self.mesh_key is None or mesh_key is None or len(mesh_key) != MESH_KEY_LEN:
+            return False
+        return hmac.compare_digest(mesh_key, self.mesh_key)
+
+    def register(
+        self,
+        key: NodePublic,
+        info: ClientInfo,
+        remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None,
+    ) -> RelayClient:
+        """Add an authenticated connection; a second one for the same key becomes the active one.
+
+        Every watcher hears a PeerPresent for it (wake the writers of :attr:`watchers`).
+        """
+        client = RelayClient(key, info, remote=remote, can_mesh=self.is_mesh_key(info.mesh_key))
         current = self._keys.get(key)
         if current is None:
             self._keys[key] = _KeySet([client], client)
@@ -922,11 +1037,16 @@ class RelayCore:
             current.last = client
             current.history.append(client)
             current.active = client
+        # Go announces every connection (duplicates too) and only the last disconnection.
+        present = client.present_frame()
+        for watcher in self.watchers:
+            watcher.control.append(present)
         return client
 
     def unregister(self, client: RelayClient) -> list[RelayClient]:
         """Remove a connection. Returns the connections that got a PeerGone (wake their writers)."""
         client.closed = True
+        self.watchers.discard(client)
         for src in client.saw_src:
             watchers = self._gone_watchers.get(src)
             if watchers is not None:
@@ -939,13 +1059,15 @@ class RelayCore:
         current.conns.remove(client)
         if not current.conns:
             del self._keys[client.key]
-            # The key left this server: everyone who received from it hears so (Go's peerGone).
             woken = []
-            for watcher in self._gone_watchers.pop(client.key, set()):
-                if not watcher.closed:
-                    watcher.saw_src.discard(client.key)
-                    watcher.control.append(PeerGone(client.key, PeerGoneReason.DISCONNECTED))
-                    woken.append(watcher)
+            gone = PeerGone(client.key, PeerGoneReason.DISCONNECTED)
+            for watcher in self.watchers:
+                watcher.control.append(gone)
+                woken.append(watcher)
+            # The key left this server; unless another server of the region has it, it left the
+            # region, and everyone who received from it hears so (Go's peerGone).
+            if client.key not in self._forwarders:
+                woken += self._note_gone_from_region(client.key)
             return woken
         if current.last is client:
             current.last = None
@@ -961,6 +1083,15 @@ class RelayCore:
             current.last, current.history = None, []
         return []
 
+    def _note_gone_from_region(self, key: NodePublic) -> list[RelayClient]:
+        woken = []
+        for watcher in self._gone_watchers.pop(key, set()):
+            if not watcher.closed:
+                watcher.saw_src.discard(key)
+                watcher.control.append(PeerGone(key, PeerGoneReason.DISCONNECTED))
+                woken.append(watcher)
+        return woken
+
     def note_activity(self, client: RelayClient) -> None:
         """``client`` sent a frame: among duplicates the last writer becomes the active one."""
         current = self._keys.get(client.key)
@@ -971,11 +1102,13 @@ class RelayCore:
         if not current.history or current.history[-1] is not client:
             current.history.append(client)
 
-    def route(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
-        """Queue ``packet`` from ``src`` to ``dst``; returns the connection whose writer to wake.
+    def route(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | MeshForwarder | None:
+        """Queue ``packet`` from ``src`` to ``dst``; returns the connection (or the mesh forwarder)
+        whose writer to wake.
 
-        An unknown destination is a drop; for a disco packet the sender also hears PeerGone
-        (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
+        A key connected here gets a RecvPacket; a key connected only to another server of the
+        region is forwarded there. An unknown destination is a drop; for a disco packet the sender
+        also hears PeerGone (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
         """
         current = self._keys.get(dst)
         target = current.active if current is not None else None
@@ -983,12 +1116,49 @@ class RelayCore:
             if current is not None and len(current.conns) > 1:
                 self._drop(DropReason.DUP_CLIENT)
                 return None
+            forwarders = self._forwarders.get(dst)
+            if forwarders:
+                return self._forward_out(forwarders[0], src.key, dst, packet)
             self._drop(DropReason.UNKNOWN_DEST)
-            if looks_like_disco(packet) and self._take_gone_token(src, now):
-                src.control.append(PeerGone(dst, PeerGoneReason.NOT_HERE))
-                return src
-            return None
+            return self._not_here(src, dst, packet, now)
         return self.deliver(target, src.key, packet)
+
+    def _not_here(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
+        if looks_like_disco(packet) and self._take_gone_token(src, now):
+            src.control.append(PeerGone(dst, PeerGoneReason.NOT_HERE))
+            return src
+        return None
+
+    def _forward_out(self, fwd: MeshForwarder, src: NodePublic, dst: NodePublic, packet: bytes) -> MeshForwarder | None:
+        if fwd.closed:
+            self._drop(DropReason.GONE_DISCONNECTED)
+            return None
+        if len(fwd.queue) >= self.forward_queue_depth:
+            fwd.queue.popleft()
+            self._drop(DropReason.QUEUE_HEAD)
+        fwd.queue.append(encode_frame(ForwardPacket(src, dst, packet)))
+        self.packets_forwarded_out += 1
+        return fwd
+
+    def forward(self, client: RelayClient, src: NodePublic, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
+        """A ForwardPacket from the mesh peer ``client``: deliver ``packet`` from ``src`` to ``dst``
+        if it is connected here (never forwarded again). Returns the connection to wake.
+
+        Raises :class:`DerpError` when ``client`` has no mesh key (Go ends that connection).
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP ForwardPacket from a client without the mesh key")
+        self.packets_forwarded_in += 1
+        current = self._keys.get(dst)
+        target = current.active if current is not None else None
+        if target is None:
+            if current is not None and len(current.conns) > 1:
+                self._drop(DropReason.DUP_CLIENT)
+                return None
+            self._drop(DropReason.UNKNOWN_DEST_ON_FWD)
+            # Go answers the mesh peer (not the original sender) with PeerGone(not here).
+            return self._not_here(client, dst, packet, now)
+        return self.deliver(target, src, packet)
 
     def deliver(self, target: RelayClient, src: NodePublic, packet: bytes) -> RelayClient | None:
         """Queue ``packet`` from ``src`` on ``target``, dropping the oldest when its queue is full."""
@@ -1017,6 +1187,74 @@ class RelayCore:
         current = self._keys.get(key)
         return list(current.conns) if current is not None else []
 
+    def add_watcher(self, client: RelayClient) -> bool:
+        """WatchConns from ``client``: queue a PeerPresent for every connected key now, and keep it
+        informed. Returns whether anything was queued (wake its writer).
+
+        A server that meshes with itself is ignored (Go's ``addWatcher``). Raises
+        :class:`DerpError` when ``client`` has no mesh key.
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP WatchConns from a client without the mesh key")
+        if self.server_key is not None and client.key == self.server_key:
+            return False
+        if client in self.watchers:
+            return False
+        for current in self._keys.values():
+            if current.active is not None:
+                client.control.append(current.active.present_frame())
+        self.watchers.add(client)
+        return bool(client.control)
+
+    def close_peer(self, client: RelayClient, key: NodePublic) -> list[RelayClient]:
+        """ClosePeer from ``client``: the connections of ``key`` to close (the runtime closes them).
+
+        Raises :class:`DerpError` when ``client`` has no mesh key.
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP ClosePeer from a client without the mesh key")
+        return self.connections(key)
+
+    def add_forwarder(self, key: NodePublic, fwd: MeshForwarder) -> None:
+        """Another server of the region says ``key`` is connected there (its PeerPresent)."""
+        forwarders = self._forwarders.setdefault(key, [])
+        if fwd not in forwarders:
+            forwarders.append(fwd)
+
+    def remove_forwarder(self, key: NodePublic, fwd: MeshForwarder) -> list[RelayClient]:
+        """``key`` left the server behind ``fwd`` (its PeerGone). Returns the connections that got a
+        PeerGone because ``key`` is now gone from the region (wake their writers).
+        """
+        forwarders = self._forwarders.get(key)
+        if forwarders is None or fwd not in forwarders:
+            return []  # a duplicate or stale PeerGone (a client moving between servers): harmless
+        forwarders.remove(fwd)
+        if forwarders:
+            return []
+        del self._forwarders[key]
+        if key in self._keys:
+            return []
+        return self._note_gone_from_region(key)
+
+    def drop_forwarder(self, fwd: MeshForwarder) -> list[RelayClient]:
+        """The mesh link behind ``fwd`` broke: forget every key it carried (Go's watch loop removes
+        them all on a reconnect). Returns the connections that got a PeerGone.
+        """
+        fwd.closed = True
+        fwd.queue.clear()
+        woken: list[RelayClient] = []
+        for key in [k for k, fwds in self._forwarders.items() if fwd in fwds]:
+            woken += self.remove_forwarder(key, fwd)
+        return woken
+
+    def forwarders(self, key: NodePublic) -> list[MeshForwarder]:
+        """The mesh forwarders that carry ``key`` (the first one is used)."""
+        return list(self._forwarders.get(key, ()))
+
+    def in_region(self, key: NodePublic) -> bool:
+        """Whether ``key`` is connected here or to another server of the region."""
+        return key in self._keys or key in self._forwarders
+
     def _drop(self, reason: DropReason) -> None:
         self.drops[reason] += 1
 
@@ -1036,6 +1274,8 @@ __all__ = [
     "KEEPALIVE_INTERVAL",
     "MAGIC",
     "MAX_PACKET_SIZE",
+    "MESH_FORWARD_QUEUE_DEPTH",
+    "MESH_KEY_LEN",
     "PROTOCOL_VERSION",
     "ClientAuthenticated",
     "ClientConnection",
@@ -1052,6 +1292,7 @@ __all__ = [
     "FrameType",
     "Health",
     "KeepAlive",
+    "MeshForwarder",
     "NotePreferred",
     "PacketReceived",
     "PeerGone",
@@ -1078,6 +1319,7 @@ __all__ = [
     "looks_like_disco",
     "open_box",
     "parse_client_frame",
+    "parse_mesh_key",
     "parse_server_frame",
     "seal",
 ]

@@ -82,6 +82,31 @@ class DerpClient:
         self._conn.send_packet(dst, packet)
         await self._flush()
 
+    async def watch_conns(self) -> None:
+        """Ask for a PeerPresent of every client of the server, now and later, and a PeerGone when
+        one leaves (mesh peers only: the server ends the connection of a client without the mesh key).
+        """
+        self._conn.watch_conns()
+        await self._flush()
+
+    async def forward(self, src: NodePublic, dst: NodePublic, packet: bytes) -> None:
+        """Hand the server ``packet`` from ``src`` (a client of another server of the region) for its
+        client ``dst``: a ForwardPacket (mesh peers only).
+        """
+        self._conn.forward_packet(src, dst, packet)
+        await self._flush()
+
+    async def close_peer(self, key: NodePublic) -> None:
+        """Ask the server to close every connection of ``key`` (mesh peers only)."""
+        self._conn.close_peer(key)
+        await self._flush()
+
+    async def send_frames(self, frames: bytes) -> None:
+        """Write whole, already encoded DERP frames (for a relay that batches ForwardPackets)."""
+        if frames:
+            self._conn.send_encoded(frames)
+            await self._flush()
+
     async def note_preferred(self, preferred: bool = True) -> None:
         """Tell the server whether it is this node's home DERP server."""
         self._conn.note_preferred(preferred)
@@ -201,11 +226,14 @@ async def connect_derp(
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 10.0,
     info: derp.ClientInfo | None = None,
+    dial_host: str | None = None,
 ) -> AsyncIterator[DerpClient]:
     """Connect to the DERP server at ``url`` (``http://`` or ``https://``, path default ``/derp``)
     and log in with ``private``; the connection closes when the block ends.
 
-    ``ssl_context`` verifies an https server (default: the system's CAs). Raises
+    ``ssl_context`` verifies an https server (default: the system's CAs). ``dial_host`` connects
+    there instead of the URL's host (which still names the server for TLS and HTTP), as derper's
+    ``--mesh-with host/dialhost``. Raises
     :class:`DerpConnectError` (one line saying why) when the server cannot be reached, refuses
     the upgrade, or the login fails within ``timeout`` seconds.
     """
@@ -221,7 +249,7 @@ async def connect_derp(
     host_header = parts.netloc.rpartition("@")[2]
     try:
         with anyio.fail_after(timeout):
-            stream: anyio.abc.ByteStream = await anyio.connect_tcp(host, port)
+            stream: anyio.abc.ByteStream = await anyio.connect_tcp(dial_host or host, port)
     except (OSError, TimeoutError) as exc:
         raise DerpConnectError(f"cannot reach the DERP server {url}: {exc or 'timed out'}") from None
     try:

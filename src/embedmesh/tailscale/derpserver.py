@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ from anyio.streams.tls import TLSListener
 
 from embedmesh.errors import ConfigError, ListenError
 from embedmesh.tailscale import derp
+from embedmesh.tailscale.derpmesh import RETRY_INTERVAL, MeshLink, MeshPeer
 from embedmesh.tailscale.keys import NodePrivate, NodePublic
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds one write to a client may take before the connection is dropped (derper's default).
 WRITE_TIMEOUT = 2.0
+#: The same for a mesh peer (Go's ``privilegedWriteTimeout``).
+MESH_WRITE_TIMEOUT = 30.0
 #: The largest HTTP request head read before the upgrade.
 MAX_REQUEST_HEAD = 16 << 10
 _CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + ".-_:")
@@ -77,6 +81,11 @@ def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ss
 class DerpServer:
     """A DERP relay. ``private`` is its node key (clients see the public half); ``ssl_context``
     makes it serve HTTPS; ``queue_depth`` packets per client and class are buffered before head drop.
+
+    Meshed regions (see :mod:`embedmesh.tailscale.derpmesh`): with ``mesh_key`` (the region's 32
+    bytes) clients that log in with it are mesh peers, and ``mesh_with`` (or :meth:`add_mesh_peer`)
+    names the other servers of the region, each reached over a :class:`~embedmesh.tailscale.derpmesh.MeshLink`
+    (``mesh_ssl_context`` verifies those that serve HTTPS; default: the system's CAs).
     """
 
     def __init__(
@@ -86,16 +95,41 @@ class DerpServer:
         ssl_context: ssl.SSLContext | None = None,
         queue_depth: int = derp.PER_CLIENT_SEND_QUEUE_DEPTH,
         write_timeout: float = WRITE_TIMEOUT,
+        mesh_key: bytes | None = None,
+        mesh_with: list[MeshPeer] | tuple[MeshPeer, ...] = (),
+        mesh_ssl_context: ssl.SSLContext | None = None,
+        mesh_retry_interval: float = RETRY_INTERVAL,
     ) -> None:
         self.private = private
         self.public_key: NodePublic = private.public()
         self.ssl_context = ssl_context
-        self.core = derp.RelayCore(queue_depth=queue_depth)
+        self.core = derp.RelayCore(queue_depth=queue_depth, mesh_key=mesh_key, server_key=self.public_key)
         self.stats = DerpStats()
         self.write_timeout = write_timeout
         self.port: int | None = None
-        self._wake: dict[derp.RelayClient, anyio.Event] = {}
+        self._wake: dict[derp.RelayClient | derp.MeshForwarder, anyio.Event] = {}
         self._streams: dict[derp.RelayClient, anyio.abc.ByteStream] = {}
+        self._scopes: dict[derp.RelayClient, anyio.CancelScope] = {}
+        self.mesh_ssl_context = mesh_ssl_context
+        self.mesh_retry_interval = mesh_retry_interval
+        #: The links to the other servers of the region.
+        self.mesh_links: list[MeshLink] = []
+        self._mesh_tg: anyio.abc.TaskGroup | None = None
+        for peer in mesh_with:
+            self.add_mesh_peer(peer)
+
+    def add_mesh_peer(self, peer: MeshPeer) -> MeshLink:
+        """Mesh with another server of the region (at once when serving, else when :meth:`serve` starts).
+
+        Raises ConfigError when this server has no mesh key.
+        """
+        if self.core.mesh_key is None:
+            raise ConfigError("meshing with other DERP servers needs the region's mesh key (--mesh-key-file)")
+        link = MeshLink(self, peer, ssl_context=self.mesh_ssl_context, retry_interval=self.mesh_retry_interval)
+        self.mesh_links.append(link)
+        if self._mesh_tg is not None:
+            self._mesh_tg.start_soon(link.run)
+        return link
 
     async def serve(
         self,
@@ -116,10 +150,16 @@ class DerpServer:
         listener: anyio.abc.Listener[anyio.abc.ByteStream] = (
             TLSListener(tcp, self.ssl_context, standard_compatible=False) if self.ssl_context is not None else tcp
         )
-        async with listener:
+        async with listener, anyio.create_task_group() as mesh:
             self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
+            for link in self.mesh_links:
+                mesh.start_soon(link.run)
+            self._mesh_tg = mesh
             task_status.started(self.port)
-            await listener.serve(self._handle)
+            try:
+                await listener.serve(self._handle)
+            finally:
+                self._mesh_tg = None
 
     async def _handle(self, stream: anyio.abc.ByteStream) -> None:
         try:
@@ -227,14 +267,17 @@ class DerpServer:
         if auth is None:
             self.stats.rejected += 1
             return
-        client = self.core.register(auth.key, auth.info)
+        client = self.core.register(auth.key, auth.info, _remote_address(stream))
         self.stats.accepted += 1
         self.stats.connections += 1
         self._wake[client] = anyio.Event()
         self._streams[client] = stream
+        for watcher in self.core.watchers:
+            self._notify(watcher)  # its PeerPresent
         try:
             await stream.send(conn.data_to_send())  # ServerInfo
             async with anyio.create_task_group() as tg:
+                self._scopes[client] = tg.cancel_scope
                 tg.start_soon(self._writer, client, stream, tg.cancel_scope)
                 while True:
                     try:
@@ -255,6 +298,7 @@ class DerpServer:
             self.stats.connections -= 1
             self._wake.pop(client, None)
             self._streams.pop(client, None)
+            self._scopes.pop(client, None)
             for woken in self.core.unregister(client):
                 self._notify(woken)
 
@@ -272,18 +316,30 @@ class DerpServer:
                     self._notify(client)
             elif isinstance(event, derp.NotePreferred):
                 client.preferred = event.preferred
-            else:
-                # WatchConns, ClosePeer and ForwardPacket need the mesh key, which this server has
-                # none of yet: Go ends the connection ("insufficient permissions").
-                raise derp.DerpError("a DERP mesh frame from a client without the mesh key")
+            # The mesh frames: the core raises DerpError for a client without the mesh key, and
+            # the connection ends, as Go's "insufficient permissions".
+            elif isinstance(event, derp.ForwardPacket):
+                target = self.core.forward(client, event.src, event.dst, event.packet, now)
+                if target is not None:
+                    self._notify(target)
+            elif isinstance(event, derp.WatchConns):
+                if self.core.add_watcher(client):
+                    self._notify(client)
+            elif isinstance(event, derp.ClosePeer):
+                for victim in self.core.close_peer(client, event.key):
+                    log.info("DERP mesh peer %s closes %s", client.key.short_string(), event.key.short_string())
+                    scope = self._scopes.get(victim)
+                    if scope is not None:
+                        scope.cancel()
 
-    def _notify(self, client: derp.RelayClient) -> None:
+    def _notify(self, client: derp.RelayClient | derp.MeshForwarder) -> None:
         event = self._wake.get(client)
         if event is not None:
             event.set()
 
     async def _writer(self, client: derp.RelayClient, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         interval = derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
+        write_timeout = MESH_WRITE_TIMEOUT if client.can_mesh else self.write_timeout
         deadline = anyio.current_time() + interval
         try:
             while True:
@@ -299,7 +355,7 @@ class DerpServer:
                 if not frames:
                     continue
                 data = b"".join(derp.encode_frame(frame) for frame in frames)
-                with anyio.fail_after(self.write_timeout):
+                with anyio.fail_after(write_timeout):
                     await stream.send(data)
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             self.core.drops[derp.DropReason.WRITE_ERROR] += 1
@@ -307,16 +363,27 @@ class DerpServer:
 
     async def restart_notice(self, reconnect_in_ms: int = 0, try_for_ms: int = 5000) -> None:
         """Tell every client the server is restarting (a Restarting frame), for a graceful restart."""
-        for client in list(self._wake):
+        for client in list(self._streams):
             client.control.append(derp.Restarting(reconnect_in_ms, try_for_ms))
             self._notify(client)
         await anyio.sleep(0)
 
     def set_health(self, problem: str) -> None:
         """Send a Health frame to every client (empty: healthy again)."""
-        for client in list(self._wake):
+        for client in list(self._streams):
             client.control.append(derp.Health(problem))
             self._notify(client)
+
+
+def _remote_address(stream: anyio.abc.ByteStream) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """The client's IP and port (for PeerPresent), when the stream is a socket."""
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        if isinstance(address, tuple):
+            return ipaddress.ip_address(address[0]), int(address[1])
+    except (anyio.TypedAttributeLookupError, ValueError):
+        pass
+    return None
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -348,4 +415,4 @@ async def _send_simple(
         await stream.send(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body))
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "WRITE_TIMEOUT", "DerpServer", "DerpStats", "tls_context"]
+__all__ = ["HANDSHAKE_TIMEOUT", "MESH_WRITE_TIMEOUT", "WRITE_TIMEOUT", "DerpServer", "DerpStats", "tls_context"]
