@@ -150,6 +150,12 @@ class DerpClient:
             if isinstance(event, derp.PacketReceived):
                 yield event.src, event.packet
 
+    async def aclose(self) -> None:
+        """Close the connection now (the ``connect_derp`` block may go on; :meth:`receive` then
+        raises :class:`DerpConnectionClosed`)."""
+        self._closed_reason = self._closed_reason or f"the DERP connection to {self.url} was closed"
+        await self._stream.aclose()
+
     async def _flush(self) -> None:
         data = self._conn.data_to_send()
         if not data:
