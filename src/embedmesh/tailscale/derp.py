@@ -286,9 +286,13 @@ Frame: TypeAlias = (
 )
 
 
+_HEADER = struct.Struct(">BI")
+_U32 = struct.Struct(">I")
+
+
 def frame_header(frame_type: int, length: int) -> bytes:
     """The 5-byte header of a frame."""
-    return struct.pack(">BI", frame_type, length)
+    return _HEADER.pack(frame_type, length)
 
 
 def _frame(frame_type: FrameType, payload: bytes) -> bytes:
@@ -454,27 +458,35 @@ class FrameReader:
     """Splits a byte stream into ``(type, payload)`` frames; a frame longer than ``max_frame`` raises.
 
     Memory stays bounded: at most one frame of ``max_frame`` bytes (plus the header) is buffered.
+    A read is split with offsets and the unfinished tail kept once per read (never a shift of the
+    buffer per frame).
     """
 
     __slots__ = ("_buffer", "max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buffer = bytearray()
+        self._buffer = b""
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[int, bytes]]:
         """Add ``data``; yield every complete frame. Raises :class:`DerpError` for an oversized frame."""
-        self._buffer += data
-        while len(self._buffer) >= FRAME_HEADER_LEN:
-            frame_type, length = struct.unpack_from(">BI", self._buffer)
-            if length > self.max_frame:
-                raise DerpError(f"DERP frame of {length} bytes is over the {self.max_frame}-byte limit")
-            end = FRAME_HEADER_LEN + length
-            if len(self._buffer) < end:
-                return
-            payload = bytes(self._buffer[FRAME_HEADER_LEN:end])
-            del self._buffer[:end]
-            yield frame_type, payload
+        buf = self._buffer + data if self._buffer else bytes(data)
+        self._buffer = b""
+        pos, n = 0, len(buf)
+        try:
+            while n - pos >= FRAME_HEADER_LEN:
+                frame_type = buf[pos]
+                (length,) = _U32.unpack_from(buf, pos + 1)
+                if length > self.max_frame:
+                    raise DerpError(f"DERP frame of {length} bytes is over the {self.max_frame}-byte limit")
+                end = pos + FRAME_HEADER_LEN + length
+                if end > n:
+                    break
+                payload = buf[pos + FRAME_HEADER_LEN : end]
+                pos = end
+                yield frame_type, payload
+        finally:
+            self._buffer = buf[pos:] if pos < n else b""
 
     @property
     def buffered(self) -> int:
@@ -854,6 +866,112 @@ class ServerConnection:
         self._out += encode_frame(ServerInfoFrame(seal(self.private, key, self._server_info.to_json(), self._nonce)))
         return ClientAuthenticated(key, info)
 
+    def relay_data(
+        self, data: bytes | bytearray | memoryview, core: RelayCore, client: RelayClient, now: float
+    ) -> tuple[list[ServerEvent], set[RelayClient | MeshForwarder]]:
+        """The per-packet path of a server: split ``data`` from the authenticated ``client`` into
+        frames and route every SendPacket (and a mesh peer's ForwardPacket) through ``core`` on
+        the spot. Returns the other frames as events, and the connections and mesh forwarders that
+        got something queued (wake their writers once each).
+
+        Same checks as :meth:`receive_data` (:class:`DerpError` closes the connection); the packets
+        are sliced out of the read and queued as RecvPacket wire bytes, with no frame objects or
+        key objects in between.
+        """
+        if self.client_key is None:
+            raise DerpError("a DERP client must log in first")
+        reader = self._reader
+        buf = reader._buffer + data if reader._buffer else bytes(data)
+        reader._buffer = b""
+        view = memoryview(buf)
+        n = len(buf)
+        pos = 0
+        events: list[ServerEvent] = []
+        woken: set[RelayClient | MeshForwarder] = set()
+        keys = core._keys
+        forwarders = core._forwarders
+        depth = core.queue_depth
+        drops = core.drops
+        max_frame = reader.max_frame
+        src_raw = client.raw
+        can_mesh = client.can_mesh
+        unpack = _U32.unpack_from
+        header = _HEADER.pack
+        startswith = buf.startswith
+        relayed = forwarded_in = 0
+        last: RelayClient | None = None
+        try:
+            while n - pos >= FRAME_HEADER_LEN:
+                frame_type = buf[pos]
+                (length,) = unpack(buf, pos + 1)
+                if length > max_frame:
+                    raise DerpError(f"DERP frame of {length} bytes is over the {max_frame}-byte limit")
+                end = pos + FRAME_HEADER_LEN + length
+                if end > n:
+                    break
+                if frame_type == FrameType.SEND_PACKET:
+                    if length < KEY_LEN:
+                        raise DerpError("short DERP SendPacket frame")
+                    at = pos + FRAME_HEADER_LEN + KEY_LEN
+                    src = src_raw
+                    dst = buf[pos + FRAME_HEADER_LEN : at]
+                elif frame_type == FrameType.FORWARD_PACKET and can_mesh:
+                    if length < 2 * KEY_LEN:
+                        raise DerpError("short DERP ForwardPacket frame")
+                    at = pos + FRAME_HEADER_LEN + 2 * KEY_LEN
+                    src = buf[pos + FRAME_HEADER_LEN : at - KEY_LEN]
+                    dst = buf[at - KEY_LEN : at]
+                    forwarded_in += 1
+                else:
+                    frame = parse_client_frame(frame_type, buf[pos + FRAME_HEADER_LEN : end])
+                    if frame is not None:
+                        events.append(frame)  # type: ignore[arg-type]
+                    pos = end
+                    continue
+                size = end - at
+                if size > MAX_PACKET_SIZE:
+                    raise DerpError("DERP packet longer than 64 KiB")
+                current = keys.get(dst)
+                target = current.active if current is not None else None
+                if target is not None and not target.closed:
+                    # The common case, inline: a RecvPacket for a connection of this server.
+                    if size >= _DISCO_WRAPPER_LEN and startswith(_DISCO_MAGIC, at):
+                        queue = target.disco
+                    else:
+                        queue = target.packets
+                    if len(queue) >= depth:
+                        queue.popleft()
+                        drops[DropReason.QUEUE_HEAD] += 1
+                    queue.append(b"".join((header(FrameType.RECV_PACKET, KEY_LEN + size), src, view[at:end])))
+                    if src not in target.saw_src:
+                        core._saw(target, src)
+                    relayed += 1
+                    if target is not last:
+                        woken.add(target)
+                        last = target
+                elif frame_type == FrameType.SEND_PACKET:
+                    fwds = forwarders.get(dst) if current is None else None
+                    woke: RelayClient | MeshForwarder | None
+                    if fwds:
+                        woke = core._forward_out(fwds[0], src, dst, view[at:end])
+                    else:
+                        woke = core._route(client, dst, buf[at:end], now)
+                    if woke is not None:
+                        woken.add(woke)
+                else:
+                    forwarded_in -= 1  # _forward_in counts it
+                    woke = core._forward_in(client, src, dst, buf[at:end], now)
+                    if woke is not None:
+                        woken.add(woke)
+                pos = end
+        finally:
+            reader._buffer = buf[pos:] if pos < n else b""
+            core.packets_relayed += relayed
+            core.packets_forwarded_in += forwarded_in
+            if pos:
+                core.note_activity(client)
+        return events, woken
+
     def data_to_send(self) -> bytes:
         """Bytes to write to the client (and forget)."""
         out = bytes(self._out)
@@ -887,30 +1005,60 @@ class RelayClient:
     remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None
     #: Whether it logged in with the server's mesh key (may WatchConns, ForwardPacket, ClosePeer).
     can_mesh: bool = False
-    #: Frames waiting for this connection's writer: packets (disco and other apart), PeerGone, Pong.
-    packets: deque[RecvPacket] = field(default_factory=deque)
-    disco: deque[RecvPacket] = field(default_factory=deque)
+    #: Frames waiting for this connection's writer: RecvPacket frames as wire bytes (disco and
+    #: other apart, each bounded), and control frames (PeerGone, Pong, PeerPresent, ...).
+    packets: deque[bytes] = field(default_factory=deque)
+    disco: deque[bytes] = field(default_factory=deque)
     control: deque[Frame] = field(default_factory=deque)
-    #: Sources this client received from: it hears PeerGone when one leaves.
-    saw_src: set[NodePublic] = field(default_factory=set)
+    #: Sources (raw keys) this client received from: it hears PeerGone when one leaves the region.
+    saw_src: set[bytes] = field(default_factory=set)
     #: The PeerGone-NotHere token bucket (3 burst, 1 per second, as Go).
     gone_tokens: float = 3.0
     gone_refilled: float | None = None
     closed: bool = False
+    #: ``key.raw``, the routing tables' key (a bytes hash is C; NodePublic's is Python).
+    raw: bytes = field(init=False, repr=False)
+    #: The connections of this key (several while the key is connected more than once).
+    keyset: _KeySet | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.raw = self.key.raw
 
     def pending(self) -> bool:
         """Whether the writer has frames to send."""
         return bool(self.control or self.disco or self.packets)
 
     def take_frames(self) -> list[Frame]:
-        """Every queued frame, control frames first (Go's send loop serves them as they come)."""
+        """Every queued frame, decoded, control frames first (for tests and tools; the writer
+        uses :meth:`take_data`)."""
         frames: list[Frame] = list(self.control)
         self.control.clear()
-        frames += self.disco
-        self.disco.clear()
-        frames += self.packets
-        self.packets.clear()
+        for queue in (self.disco, self.packets):
+            for wire in queue:
+                frame = parse_server_frame(wire[0], wire[FRAME_HEADER_LEN:])
+                assert frame is not None
+                frames.append(frame)
+            queue.clear()
         return frames
+
+    def take_data(self) -> bytes:
+        """Every queued frame as bytes to write to the client (and forget): control frames first
+        (Go's send loop serves them as they come), then disco, then the other packets."""
+        if self.control:
+            parts = [encode_frame(frame) for frame in self.control]
+            self.control.clear()
+        else:
+            parts = []
+        if self.disco:
+            parts += self.disco
+            self.disco.clear()
+        if not parts:
+            data = b"".join(self.packets)
+        else:
+            parts += self.packets
+            data = b"".join(parts)
+        self.packets.clear()
+        return data
 
     def present_flags(self) -> int:
         """The PeerPresent flags watchers hear for this connection (Go's ``presentFlags``)."""
@@ -949,7 +1097,7 @@ class MeshForwarder:
         return data
 
 
-@dataclass
+@dataclass(eq=False)
 class _KeySet:
     conns: list[RelayClient]
     active: RelayClient | None
@@ -962,9 +1110,11 @@ class RelayCore:
 
     Connections join with :meth:`register` after they authenticated and leave with
     :meth:`unregister`. :meth:`route` queues a packet on the destination's connection (and returns
-    it, so the runtime wakes its writer). Duplicate connections for one key follow Go's default
-    policy ("last writer is active"): the newest connection receives until another one of the set
-    sends a frame (:meth:`note_activity`). Drops are counted in :attr:`drops` by reason.
+    it, so the runtime wakes its writer); :meth:`ServerConnection.relay_data` does the same for a
+    whole read of a client's stream at once (the per-packet path of a server). Duplicate
+    connections for one key follow Go's default policy ("last writer is active"): the newest
+    connection receives until another one of the set sends a frame (:meth:`note_activity`). Drops
+    are counted in :attr:`drops` by reason.
 
     Meshed regions: with ``mesh_key`` (32 bytes) a client that logs in with the same key is a mesh
     peer (another server of the region, or a trusted client). It may watch the connections
@@ -975,6 +1125,8 @@ class RelayCore:
     :class:`MeshForwarder`, and a packet for a key that is not here but has one is queued there as
     a ForwardPacket. A key is in the region while it is connected here or has a forwarder; when it
     leaves the region, whoever received from it hears PeerGone.
+
+    The tables are keyed by the raw 32 key bytes: the per-packet lookups hash bytes, in C.
     """
 
     def __init__(
@@ -992,12 +1144,12 @@ class RelayCore:
         # An all-zero key is Go's "no mesh key": nobody may mesh with it.
         self.mesh_key = mesh_key if mesh_key is not None and any(mesh_key) else None
         self.server_key = server_key
-        self._keys: dict[NodePublic, _KeySet] = {}
-        self._gone_watchers: dict[NodePublic, set[RelayClient]] = {}
+        self._keys: dict[bytes, _KeySet] = {}
+        self._gone_watchers: dict[bytes, set[RelayClient]] = {}
         #: Mesh peers that sent WatchConns.
         self.watchers: set[RelayClient] = set()
         #: Keys on other servers: their forwarders, the first one preferred (Go's multiForwarder).
-        self._forwarders: dict[NodePublic, list[MeshForwarder]] = {}
+        self._forwarders: dict[bytes, list[MeshForwarder]] = {}
         self.drops: dict[DropReason, int] = {reason: 0 for reason in DropReason}
         self.packets_relayed = 0
         self.packets_forwarded_out = 0
@@ -1008,7 +1160,7 @@ class RelayCore:
 
     def is_connected(self, key: NodePublic) -> bool:
         """Whether ``key`` has at least one connection."""
-        return key in self._keys
+        return key.raw in self._keys
 
     def is_mesh_key(self, mesh_key: bytes | None) -> bool:
         """Whether ``mesh_key`` (from a ClientInfo) is this server's mesh key (compared in constant time)."""
@@ -1027,9 +1179,9 @@ class RelayCore:
         Every watcher hears a PeerPresent for it (wake the writers of :attr:`watchers`).
         """
         client = RelayClient(key, info, remote=remote, can_mesh=self.is_mesh_key(info.mesh_key))
-        current = self._keys.get(key)
+        current = self._keys.get(client.raw)
         if current is None:
-            self._keys[key] = _KeySet([client], client)
+            current = self._keys[client.raw] = _KeySet([client], client)
         else:
             if len(current.conns) == 1:
                 current.history = [current.conns[0]]
@@ -1037,6 +1189,7 @@ class RelayCore:
             current.last = client
             current.history.append(client)
             current.active = client
+        client.keyset = current
         # Go announces every connection (duplicates too) and only the last disconnection.
         present = client.present_frame()
         for watcher in self.watchers:
@@ -1053,12 +1206,12 @@ class RelayCore:
                 watchers.discard(client)
                 if not watchers:
                     del self._gone_watchers[src]
-        current = self._keys.get(client.key)
+        current = self._keys.get(client.raw)
         if current is None or client not in current.conns:
             return []
         current.conns.remove(client)
         if not current.conns:
-            del self._keys[client.key]
+            del self._keys[client.raw]
             woken = []
             gone = PeerGone(client.key, PeerGoneReason.DISCONNECTED)
             for watcher in self.watchers:
@@ -1066,8 +1219,8 @@ class RelayCore:
                 woken.append(watcher)
             # The key left this server; unless another server of the region has it, it left the
             # region, and everyone who received from it hears so (Go's peerGone).
-            if client.key not in self._forwarders:
-                woken += self._note_gone_from_region(client.key)
+            if client.raw not in self._forwarders:
+                woken += self._note_gone_from_region(client.raw)
             return woken
         if current.last is client:
             current.last = None
@@ -1083,18 +1236,19 @@ class RelayCore:
             current.last, current.history = None, []
         return []
 
-    def _note_gone_from_region(self, key: NodePublic) -> list[RelayClient]:
+    def _note_gone_from_region(self, raw: bytes) -> list[RelayClient]:
         woken = []
-        for watcher in self._gone_watchers.pop(key, set()):
+        key = NodePublic(raw)
+        for watcher in self._gone_watchers.pop(raw, set()):
             if not watcher.closed:
-                watcher.saw_src.discard(key)
+                watcher.saw_src.discard(raw)
                 watcher.control.append(PeerGone(key, PeerGoneReason.DISCONNECTED))
                 woken.append(watcher)
         return woken
 
     def note_activity(self, client: RelayClient) -> None:
         """``client`` sent a frame: among duplicates the last writer becomes the active one."""
-        current = self._keys.get(client.key)
+        current = client.keyset
         if current is None or len(current.conns) < 2 or client not in current.conns:
             return
         current.last = client
@@ -1110,6 +1264,9 @@ class RelayCore:
         region is forwarded there. An unknown destination is a drop; for a disco packet the sender
         also hears PeerGone (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
         """
+        return self._route(src, dst.raw, packet, now)
+
+    def _route(self, src: RelayClient, dst: bytes, packet: bytes, now: float) -> RelayClient | MeshForwarder | None:
         current = self._keys.get(dst)
         target = current.active if current is not None else None
         if target is None:
@@ -1118,25 +1275,27 @@ class RelayCore:
                 return None
             forwarders = self._forwarders.get(dst)
             if forwarders:
-                return self._forward_out(forwarders[0], src.key, dst, packet)
+                return self._forward_out(forwarders[0], src.raw, dst, packet)
             self._drop(DropReason.UNKNOWN_DEST)
             return self._not_here(src, dst, packet, now)
-        return self.deliver(target, src.key, packet)
+        return self._deliver(target, src.raw, packet)
 
-    def _not_here(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
+    def _not_here(self, src: RelayClient, dst: bytes, packet: bytes, now: float) -> RelayClient | None:
         if looks_like_disco(packet) and self._take_gone_token(src, now):
-            src.control.append(PeerGone(dst, PeerGoneReason.NOT_HERE))
+            src.control.append(PeerGone(NodePublic(dst), PeerGoneReason.NOT_HERE))
             return src
         return None
 
-    def _forward_out(self, fwd: MeshForwarder, src: NodePublic, dst: NodePublic, packet: bytes) -> MeshForwarder | None:
+    def _forward_out(self, fwd: MeshForwarder, src: bytes, dst: bytes, packet: bytes | memoryview) -> MeshForwarder | None:
         if fwd.closed:
             self._drop(DropReason.GONE_DISCONNECTED)
             return None
+        if len(packet) > MAX_PACKET_SIZE:
+            raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
         if len(fwd.queue) >= self.forward_queue_depth:
             fwd.queue.popleft()
             self._drop(DropReason.QUEUE_HEAD)
-        fwd.queue.append(encode_frame(ForwardPacket(src, dst, packet)))
+        fwd.queue.append(b"".join((frame_header(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)), src, dst, packet)))
         self.packets_forwarded_out += 1
         return fwd
 
@@ -1148,6 +1307,9 @@ class RelayCore:
         """
         if not client.can_mesh:
             raise DerpError("a DERP ForwardPacket from a client without the mesh key")
+        return self._forward_in(client, src.raw, dst.raw, packet, now)
+
+    def _forward_in(self, client: RelayClient, src: bytes, dst: bytes, packet: bytes, now: float) -> RelayClient | None:
         self.packets_forwarded_in += 1
         current = self._keys.get(dst)
         target = current.active if current is not None else None
@@ -1158,33 +1320,44 @@ class RelayCore:
             self._drop(DropReason.UNKNOWN_DEST_ON_FWD)
             # Go answers the mesh peer (not the original sender) with PeerGone(not here).
             return self._not_here(client, dst, packet, now)
-        return self.deliver(target, src, packet)
+        return self._deliver(target, src, packet)
 
     def deliver(self, target: RelayClient, src: NodePublic, packet: bytes) -> RelayClient | None:
         """Queue ``packet`` from ``src`` on ``target``, dropping the oldest when its queue is full."""
+        return self._deliver(target, src.raw, packet)
+
+    def _deliver(self, target: RelayClient, src: bytes, packet: bytes | memoryview) -> RelayClient | None:
         if target.closed:
             self._drop(DropReason.GONE_DISCONNECTED)
             return None
+        if len(packet) > MAX_PACKET_SIZE:
+            raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
         queue = target.disco if looks_like_disco(packet) else target.packets
         if len(queue) >= self.queue_depth:
             # Go drops from the head to keep the freshest packets.
             queue.popleft()
             self._drop(DropReason.QUEUE_HEAD)
-        queue.append(RecvPacket(src, packet))
+        queue.append(b"".join((frame_header(FrameType.RECV_PACKET, KEY_LEN + len(packet)), src, packet)))
         if src not in target.saw_src:
-            target.saw_src.add(src)
-            self._gone_watchers.setdefault(src, set()).add(target)
+            self._saw(target, src)
         self.packets_relayed += 1
         return target
 
+    def _saw(self, target: RelayClient, src: bytes) -> None:
+        target.saw_src.add(src)
+        watchers = self._gone_watchers.get(src)
+        if watchers is None:
+            watchers = self._gone_watchers[src] = set()
+        watchers.add(target)
+
     def lookup(self, key: NodePublic) -> RelayClient | None:
         """The active connection of ``key``."""
-        current = self._keys.get(key)
+        current = self._keys.get(key.raw)
         return current.active if current is not None else None
 
     def connections(self, key: NodePublic) -> list[RelayClient]:
         """Every connection of ``key``."""
-        current = self._keys.get(key)
+        current = self._keys.get(key.raw)
         return list(current.conns) if current is not None else []
 
     def add_watcher(self, client: RelayClient) -> bool:
@@ -1217,7 +1390,7 @@ class RelayCore:
 
     def add_forwarder(self, key: NodePublic, fwd: MeshForwarder) -> None:
         """Another server of the region says ``key`` is connected there (its PeerPresent)."""
-        forwarders = self._forwarders.setdefault(key, [])
+        forwarders = self._forwarders.setdefault(key.raw, [])
         if fwd not in forwarders:
             forwarders.append(fwd)
 
@@ -1225,16 +1398,19 @@ class RelayCore:
         """``key`` left the server behind ``fwd`` (its PeerGone). Returns the connections that got a
         PeerGone because ``key`` is now gone from the region (wake their writers).
         """
-        forwarders = self._forwarders.get(key)
+        return self._remove_forwarder(key.raw, fwd)
+
+    def _remove_forwarder(self, raw: bytes, fwd: MeshForwarder) -> list[RelayClient]:
+        forwarders = self._forwarders.get(raw)
         if forwarders is None or fwd not in forwarders:
             return []  # a duplicate or stale PeerGone (a client moving between servers): harmless
         forwarders.remove(fwd)
         if forwarders:
             return []
-        del self._forwarders[key]
-        if key in self._keys:
+        del self._forwarders[raw]
+        if raw in self._keys:
             return []
-        return self._note_gone_from_region(key)
+        return self._note_gone_from_region(raw)
 
     def drop_forwarder(self, fwd: MeshForwarder) -> list[RelayClient]:
         """The mesh link behind ``fwd`` broke: forget every key it carried (Go's watch loop removes
@@ -1243,17 +1419,17 @@ class RelayCore:
         fwd.closed = True
         fwd.queue.clear()
         woken: list[RelayClient] = []
-        for key in [k for k, fwds in self._forwarders.items() if fwd in fwds]:
-            woken += self.remove_forwarder(key, fwd)
+        for raw in [k for k, fwds in self._forwarders.items() if fwd in fwds]:
+            woken += self._remove_forwarder(raw, fwd)
         return woken
 
     def forwarders(self, key: NodePublic) -> list[MeshForwarder]:
         """The mesh forwarders that carry ``key`` (the first one is used)."""
-        return list(self._forwarders.get(key, ()))
+        return list(self._forwarders.get(key.raw, ()))
 
     def in_region(self, key: NodePublic) -> bool:
         """Whether ``key`` is connected here or to another server of the region."""
-        return key in self._keys or key in self._forwarders
+        return key.raw in self._keys or key.raw in self._forwarders
 
     def _drop(self, reason: DropReason) -> None:
         self.drops[reason] += 1

@@ -54,6 +54,9 @@ HANDSHAKE_TIMEOUT = 10.0
 WRITE_TIMEOUT = 2.0
 #: The same for a mesh peer (Go's ``privilegedWriteTimeout``).
 MESH_WRITE_TIMEOUT = 30.0
+#: Bytes asked of a stream per read: all a socket has (asyncio reads up to 256 KiB at once), so
+#: anyio never splits a chunk (which copies its rest).
+READ_SIZE = 1 << 20
 #: The largest HTTP request head read before the upgrade.
 MAX_REQUEST_HEAD = 16 << 10
 _CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + ".-_:")
@@ -286,21 +289,23 @@ class DerpServer:
                         log.info("DERP client %s: %s", auth.key.short_string(), exc)
                         break
                     try:
-                        data = await stream.receive()
-                        events = conn.receive_data(data)
+                        data = await stream.receive(READ_SIZE)
+                        events, woken = conn.relay_data(data, self.core, client, anyio.current_time())
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
                         break
                     except derp.DerpError as exc:
                         log.info("DERP client %s: %s", auth.key.short_string(), exc)
                         break
+                    for target in woken:
+                        self._notify(target)
                 tg.cancel_scope.cancel()
         finally:
             self.stats.connections -= 1
             self._wake.pop(client, None)
             self._streams.pop(client, None)
             self._scopes.pop(client, None)
-            for woken in self.core.unregister(client):
-                self._notify(woken)
+            for gone in self.core.unregister(client):
+                self._notify(gone)
 
     def _handle_events(self, client: derp.RelayClient, events: list[derp.ServerEvent], now: float) -> None:
         for event in events:
@@ -346,15 +351,14 @@ class DerpServer:
                 wake = self._wake[client]
                 with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await wake.wait()
-                frames = client.take_frames()
                 if wake.is_set():
                     self._wake[client] = anyio.Event()
                 if anyio.current_time() >= deadline:
-                    frames.append(derp.KeepAlive())
+                    client.control.append(derp.KeepAlive())
                     deadline = anyio.current_time() + interval
-                if not frames:
+                data = client.take_data()
+                if not data:
                     continue
-                data = b"".join(derp.encode_frame(frame) for frame in frames)
                 with anyio.fail_after(write_timeout):
                     await stream.send(data)
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
