@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import anyio
@@ -21,6 +21,16 @@ from embedmesh.tailscale.keys import NodePrivate, NodePublic
 
 MESH_KEY = os.urandom(32)
 RETRY = 0.1  # seconds between a mesh link's attempts (derper's 5 s would make the tests slow)
+#: How the servers of a region serve their connections: all from asyncio protocol callbacks, or
+#: every other one with anyio streams and writer tasks (set per test by the fixture below).
+MIXED = [False]
+
+
+@pytest.fixture(autouse=True, params=["protocols", "mixed"])
+def serving(request: pytest.FixtureRequest) -> Iterator[None]:
+    MIXED[0] = request.param == "mixed"
+    yield
+    MIXED[0] = False
 
 
 def _free_port() -> int:
@@ -48,7 +58,8 @@ class Running:
     async def start(self) -> DerpServer:
         # Every server names the whole region, itself included, as derper deployments do.
         peers = [MeshPeer(f"http://127.0.0.1:{port}/derp") for port in self.ports]
-        self.server = DerpServer(self.private, mesh_key=MESH_KEY, mesh_with=peers, mesh_retry_interval=RETRY)
+        fast_path = not (MIXED[0] and self.index % 2)
+        self.server = DerpServer(self.private, mesh_key=MESH_KEY, mesh_with=peers, mesh_retry_interval=RETRY, fast_path=fast_path)
         self._scope = anyio.CancelScope()
         started = anyio.Event()
 
@@ -110,12 +121,12 @@ async def _packet(client: DerpClient, src: NodePublic, data: bytes) -> list[derp
             skipped.append(event)
 
 
-def _run(body: Callable[[], Awaitable[None]]) -> None:
+def _run(body: Callable[[], Awaitable[None]], backend: str = "asyncio") -> None:
     async def main() -> None:
         with anyio.fail_after(60):
             await body()
 
-    anyio.run(main)
+    anyio.run(main, backend=backend)
 
 
 def test_three_meshed_servers_relay_between_their_clients_both_ways() -> None:
@@ -275,3 +286,21 @@ def test_mesh_frames_need_the_mesh_key_and_close_peer_closes() -> None:
                             pass
 
     _run(body)
+
+
+def test_a_region_on_trio(serving: None) -> None:
+    """Off asyncio the servers serve with anyio streams; meshing and relaying work the same."""
+
+    async def body() -> None:
+        async with region(2) as servers:
+            await _meshed(servers)
+            keys = [NodePrivate.generate(os.urandom(32)) for _ in range(2)]
+            async with connect_derp(servers[0].url, keys[0]) as alice, connect_derp(servers[1].url, keys[1]) as bob:
+                await _knows(servers[0], bob.public_key)
+                await _knows(servers[1], alice.public_key)
+                await alice.send(bob.public_key, b"over trio")
+                await _packet(bob, alice.public_key, b"over trio")
+                await bob.send(alice.public_key, b"and back")
+                await _packet(alice, bob.public_key, b"and back")
+
+    _run(body, backend="trio")

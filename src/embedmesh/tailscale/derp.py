@@ -939,7 +939,7 @@ class ServerConnection:
                         queue = target.disco
                     else:
                         queue = target.packets
-                    if len(queue) >= depth:
+                    if len(queue) >= depth and not target.writable:
                         queue.popleft()
                         drops[DropReason.QUEUE_HEAD] += 1
                     queue.append(b"".join((header(FrameType.RECV_PACKET, KEY_LEN + size), src, view[at:end])))
@@ -1016,6 +1016,11 @@ class RelayClient:
     gone_tokens: float = 3.0
     gone_refilled: float | None = None
     closed: bool = False
+    #: Set by a runtime that writes this connection's queues at the end of every read and whose
+    #: socket is keeping up: the per-class bound (protection against a client that does not
+    #: read) then does not apply within a read, or a read of 33 packets for one client would drop
+    #: one before anything could be written. It applies again while the writes are backed up.
+    writable: bool = False
     #: ``key.raw``, the routing tables' key (a bytes hash is C; NodePublic's is Python).
     raw: bytes = field(init=False, repr=False)
     #: The connections of this key (several while the key is connected more than once).
@@ -1333,7 +1338,7 @@ class RelayCore:
         if len(packet) > MAX_PACKET_SIZE:
             raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
         queue = target.disco if looks_like_disco(packet) else target.packets
-        if len(queue) >= self.queue_depth:
+        if len(queue) >= self.queue_depth and not target.writable:
             # Go drops from the head to keep the freshest packets.
             queue.popleft()
             self._drop(DropReason.QUEUE_HEAD)

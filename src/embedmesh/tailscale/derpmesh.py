@@ -198,6 +198,7 @@ class MeshLink:
         try:
             while True:
                 wake = wakes[fwd]
+                assert isinstance(wake, anyio.Event)
                 await wake.wait()
                 wakes[fwd] = anyio.Event()
                 data = fwd.take_data()

@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -43,6 +44,7 @@ from anyio.streams.tls import TLSListener
 
 from embedmesh.errors import ConfigError, ListenError
 from embedmesh.tailscale import derp
+from embedmesh.tailscale.derpasyncio import DerpProtocol, FastRelay, ProtocolStream
 from embedmesh.tailscale.derpmesh import RETRY_INTERVAL, MeshLink, MeshPeer
 from embedmesh.tailscale.keys import NodePrivate, NodePublic
 
@@ -89,6 +91,10 @@ class DerpServer:
     bytes) clients that log in with it are mesh peers, and ``mesh_with`` (or :meth:`add_mesh_peer`)
     names the other servers of the region, each reached over a :class:`~embedmesh.tailscale.derpmesh.MeshLink`
     (``mesh_ssl_context`` verifies those that serve HTTPS; default: the system's CAs).
+
+    On asyncio the connections are served from protocol callbacks (:mod:`embedmesh.tailscale.derpasyncio`:
+    each read routed at once, each destination written once per read); ``fast_path=False`` (and
+    any other backend) serves them with anyio streams, a reader and a writer task each.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class DerpServer:
         mesh_with: list[MeshPeer] | tuple[MeshPeer, ...] = (),
         mesh_ssl_context: ssl.SSLContext | None = None,
         mesh_retry_interval: float = RETRY_INTERVAL,
+        fast_path: bool = True,
     ) -> None:
         self.private = private
         self.public_key: NodePublic = private.public()
@@ -110,7 +117,8 @@ class DerpServer:
         self.stats = DerpStats()
         self.write_timeout = write_timeout
         self.port: int | None = None
-        self._wake: dict[derp.RelayClient | derp.MeshForwarder, anyio.Event] = {}
+        self.fast_path = fast_path
+        self._wake: dict[derp.RelayClient | derp.MeshForwarder, anyio.Event | FastRelay] = {}
         self._streams: dict[derp.RelayClient, anyio.abc.ByteStream] = {}
         self._scopes: dict[derp.RelayClient, anyio.CancelScope] = {}
         self.mesh_ssl_context = mesh_ssl_context
@@ -150,6 +158,9 @@ class DerpServer:
             tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise ListenError.from_os_error(exc, host, port) from None
+        if self.fast_path and _running_asyncio():
+            await self._serve_asyncio(tcp, task_status)
+            return
         listener: anyio.abc.Listener[anyio.abc.ByteStream] = (
             TLSListener(tcp, self.ssl_context, standard_compatible=False) if self.ssl_context is not None else tcp
         )
@@ -163,6 +174,41 @@ class DerpServer:
                 await listener.serve(self._handle)
             finally:
                 self._mesh_tg = None
+
+    async def _serve_asyncio(self, tcp: anyio.abc.Listener[anyio.abc.SocketStream], task_status: anyio.abc.TaskStatus[int]) -> None:
+        """Accept with asyncio's own servers on the sockets anyio bound (one per address)."""
+        loop = asyncio.get_running_loop()
+        listeners = getattr(tcp, "listeners", [tcp])
+        sockets = [listener.extra(anyio.abc.SocketAttribute.raw_socket) for listener in listeners]
+        servers: list[asyncio.Server] = []
+        async with anyio.create_task_group() as connections, anyio.create_task_group() as mesh:
+
+            def on_connection(stream: ProtocolStream) -> None:
+                connections.start_soon(self._handle, stream)
+
+            try:
+                for sock in sockets:
+                    servers.append(
+                        await loop.create_server(
+                            lambda: DerpProtocol(on_connection),
+                            sock=sock,
+                            ssl=self.ssl_context,
+                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context is not None else None,
+                        )
+                    )
+                self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
+                for link in self.mesh_links:
+                    mesh.start_soon(link.run)
+                self._mesh_tg = mesh
+                task_status.started(self.port)
+                await anyio.sleep_forever()
+            finally:
+                self._mesh_tg = None
+                for server in servers:
+                    server.close()
+
+    def _write_timeout_for(self, client: derp.RelayClient) -> float:
+        return MESH_WRITE_TIMEOUT if client.can_mesh else self.write_timeout
 
     async def _handle(self, stream: anyio.abc.ByteStream) -> None:
         try:
@@ -279,6 +325,11 @@ class DerpServer:
             self._notify(watcher)  # its PeerPresent
         try:
             await stream.send(conn.data_to_send())  # ServerInfo
+            if isinstance(stream, ProtocolStream):
+                with anyio.CancelScope() as scope:
+                    self._scopes[client] = scope
+                    await stream.relay(self, client, conn, events)
+                return
             async with anyio.create_task_group() as tg:
                 self._scopes[client] = tg.cancel_scope
                 tg.start_soon(self._writer, client, stream, tg.cancel_scope)
@@ -338,17 +389,20 @@ class DerpServer:
                         scope.cancel()
 
     def _notify(self, client: derp.RelayClient | derp.MeshForwarder) -> None:
-        event = self._wake.get(client)
-        if event is not None:
-            event.set()
+        # An anyio Event wakes a writer task; a FastRelay writes at once.
+        waker = self._wake.get(client)
+        if waker is not None:
+            waker.set()
 
     async def _writer(self, client: derp.RelayClient, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         interval = derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
-        write_timeout = MESH_WRITE_TIMEOUT if client.can_mesh else self.write_timeout
+        write_timeout = self._write_timeout_for(client)
         deadline = anyio.current_time() + interval
+        client.writable = True
         try:
             while True:
                 wake = self._wake[client]
+                assert isinstance(wake, anyio.Event)
                 with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await wake.wait()
                 if wake.is_set():
@@ -359,10 +413,16 @@ class DerpServer:
                 data = client.take_data()
                 if not data:
                     continue
+                # While a write is under way the queues are bounded; while this task waits for
+                # work it takes everything a read queued (see RelayClient.writable).
+                client.writable = False
                 with anyio.fail_after(write_timeout):
                     await stream.send(data)
+                client.writable = True
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             self.core.drops[derp.DropReason.WRITE_ERROR] += 1
+        finally:
+            client.writable = False
         scope.cancel()
 
     async def restart_notice(self, reconnect_in_ms: int = 0, try_for_ms: int = 5000) -> None:
@@ -377,6 +437,14 @@ class DerpServer:
         for client in list(self._streams):
             client.control.append(derp.Health(problem))
             self._notify(client)
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False  # trio, or another backend
+    return True
 
 
 def _remote_address(stream: anyio.abc.ByteStream) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
