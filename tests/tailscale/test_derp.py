@@ -274,7 +274,7 @@ def test_relay_data_routes_as_receive_data_and_route_do(sent: list[derp.Frame], 
         chunk = wire[i : i + piece]
         events, targets = fast_conn.relay_data(chunk, fast_core, fast_me, now=0.0)
         fast_events += events
-        woken |= targets
+        woken.update(targets)
         for event in ref_conn.receive_data(chunk):
             if isinstance(event, derp.SendPacket):
                 ref_core.route(ref_me, event.dst, event.packet, now=0.0)

@@ -93,6 +93,12 @@ BOX_OVERHEAD = 16
 
 _DISCO_MAGIC = "TS💬".encode()
 _DISCO_WRAPPER_LEN = len(_DISCO_MAGIC) + KEY_LEN + NONCE_LEN
+# Plain ints for the per-packet path (an IntEnum member costs an attribute lookup and a slower ==).
+_SEND_PACKET = 0x04
+_FORWARD_PACKET = 0x0A
+_RECV_PACKET_TYPE = b"\x05"
+_MAX_SEND_LEN = KEY_LEN + MAX_PACKET_SIZE
+_DISCO_SEND_LEN = KEY_LEN + _DISCO_WRAPPER_LEN
 
 
 class DerpError(TailscaleProtocolError):
@@ -868,107 +874,82 @@ class ServerConnection:
 
     def relay_data(
         self, data: bytes | bytearray | memoryview, core: RelayCore, client: RelayClient, now: float
-    ) -> tuple[list[ServerEvent], set[RelayClient | MeshForwarder]]:
+    ) -> tuple[list[ServerEvent], list[RelayClient | MeshForwarder]]:
         """The per-packet path of a server: split ``data`` from the authenticated ``client`` into
         frames and route every SendPacket (and a mesh peer's ForwardPacket) through ``core`` on
         the spot. Returns the other frames as events, and the connections and mesh forwarders that
-        got something queued (wake their writers once each).
+        got something queued (wake their writers; an entry may repeat).
 
-        Same checks as :meth:`receive_data` (:class:`DerpError` closes the connection); the packets
-        are sliced out of the read and queued as RecvPacket wire bytes, with no frame objects or
-        key objects in between.
+        Same checks as :meth:`receive_data` (:class:`DerpError` closes the connection). A packet
+        for a connection of this server costs a dict lookup by the raw key bytes and one join of
+        slices of the read into its RecvPacket frame (a SendPacket's length field is the
+        RecvPacket's: the source key takes the destination key's place); no frame or key objects.
         """
         if self.client_key is None:
             raise DerpError("a DERP client must log in first")
         reader = self._reader
-        buf = reader._buffer + data if reader._buffer else bytes(data)
-        reader._buffer = b""
-        view = memoryview(buf)
+        tail = reader._buffer
+        buf = tail + data if tail else bytes(data)
         n = len(buf)
         pos = 0
         events: list[ServerEvent] = []
-        woken: set[RelayClient | MeshForwarder] = set()
+        woken: list[RelayClient | MeshForwarder] = []
         keys = core._keys
-        forwarders = core._forwarders
         depth = core.queue_depth
-        drops = core.drops
         max_frame = reader.max_frame
         src_raw = client.raw
-        can_mesh = client.can_mesh
-        unpack = _U32.unpack_from
-        header = _HEADER.pack
-        startswith = buf.startswith
-        relayed = forwarded_in = 0
+        join = b"".join
+        unpack = _HEADER.unpack_from
+        relayed = 0
         last: RelayClient | None = None
         try:
-            while n - pos >= FRAME_HEADER_LEN:
-                frame_type = buf[pos]
-                (length,) = unpack(buf, pos + 1)
+            while pos + FRAME_HEADER_LEN <= n:
+                frame_type, length = unpack(buf, pos)
                 if length > max_frame:
                     raise DerpError(f"DERP frame of {length} bytes is over the {max_frame}-byte limit")
                 end = pos + FRAME_HEADER_LEN + length
                 if end > n:
                     break
-                if frame_type == FrameType.SEND_PACKET:
-                    if length < KEY_LEN:
-                        raise DerpError("short DERP SendPacket frame")
+                if frame_type == _SEND_PACKET and KEY_LEN <= length <= _MAX_SEND_LEN:
                     at = pos + FRAME_HEADER_LEN + KEY_LEN
-                    src = src_raw
-                    dst = buf[pos + FRAME_HEADER_LEN : at]
-                elif frame_type == FrameType.FORWARD_PACKET and can_mesh:
-                    if length < 2 * KEY_LEN:
-                        raise DerpError("short DERP ForwardPacket frame")
+                    current = keys.get(buf[pos + FRAME_HEADER_LEN : at])
+                    target = current.active if current is not None else None
+                    if target is not None and not target.closed:
+                        # The common case, inline: a RecvPacket for a connection of this server.
+                        if length >= _DISCO_SEND_LEN and buf.startswith(_DISCO_MAGIC, at):
+                            queue = target.disco
+                        else:
+                            queue = target.packets
+                        if not target.writable and len(queue) >= depth:
+                            queue.popleft()
+                            core.drops[DropReason.QUEUE_HEAD] += 1
+                        queue.append(join((_RECV_PACKET_TYPE, buf[pos + 1 : pos + FRAME_HEADER_LEN], src_raw, buf[at:end])))
+                        if src_raw not in target.saw_src:
+                            core._saw(target, src_raw)
+                        relayed += 1
+                        if target is not last:
+                            woken.append(target)
+                            last = target
+                    else:
+                        woke = core._route(client, buf[pos + FRAME_HEADER_LEN : at], buf[at:end], now)
+                        if woke is not None:
+                            woken.append(woke)
+                elif frame_type == _FORWARD_PACKET and client.can_mesh and length >= 2 * KEY_LEN:
                     at = pos + FRAME_HEADER_LEN + 2 * KEY_LEN
-                    src = buf[pos + FRAME_HEADER_LEN : at - KEY_LEN]
-                    dst = buf[at - KEY_LEN : at]
-                    forwarded_in += 1
+                    woke = core._forward_in(client, buf[pos + FRAME_HEADER_LEN : at - KEY_LEN], buf[at - KEY_LEN : at], buf[at:end], now)
+                    if woke is not None:
+                        woken.append(woke)
                 else:
+                    # Everything else, and every malformed packet frame (parse_client_frame says why).
                     frame = parse_client_frame(frame_type, buf[pos + FRAME_HEADER_LEN : end])
                     if frame is not None:
                         events.append(frame)  # type: ignore[arg-type]
-                    pos = end
-                    continue
-                size = end - at
-                if size > MAX_PACKET_SIZE:
-                    raise DerpError("DERP packet longer than 64 KiB")
-                current = keys.get(dst)
-                target = current.active if current is not None else None
-                if target is not None and not target.closed:
-                    # The common case, inline: a RecvPacket for a connection of this server.
-                    if size >= _DISCO_WRAPPER_LEN and startswith(_DISCO_MAGIC, at):
-                        queue = target.disco
-                    else:
-                        queue = target.packets
-                    if len(queue) >= depth and not target.writable:
-                        queue.popleft()
-                        drops[DropReason.QUEUE_HEAD] += 1
-                    queue.append(b"".join((header(FrameType.RECV_PACKET, KEY_LEN + size), src, view[at:end])))
-                    if src not in target.saw_src:
-                        core._saw(target, src)
-                    relayed += 1
-                    if target is not last:
-                        woken.add(target)
-                        last = target
-                elif frame_type == FrameType.SEND_PACKET:
-                    fwds = forwarders.get(dst) if current is None else None
-                    woke: RelayClient | MeshForwarder | None
-                    if fwds:
-                        woke = core._forward_out(fwds[0], src, dst, view[at:end])
-                    else:
-                        woke = core._route(client, dst, buf[at:end], now)
-                    if woke is not None:
-                        woken.add(woke)
-                else:
-                    forwarded_in -= 1  # _forward_in counts it
-                    woke = core._forward_in(client, src, dst, buf[at:end], now)
-                    if woke is not None:
-                        woken.add(woke)
                 pos = end
         finally:
             reader._buffer = buf[pos:] if pos < n else b""
             core.packets_relayed += relayed
-            core.packets_forwarded_in += forwarded_in
-            if pos:
+            keyset = client.keyset
+            if pos and keyset is not None and len(keyset.conns) > 1:
                 core.note_activity(client)
         return events, woken
 
@@ -1049,11 +1030,12 @@ class RelayClient:
     def take_data(self) -> bytes:
         """Every queued frame as bytes to write to the client (and forget): control frames first
         (Go's send loop serves them as they come), then disco, then the other packets."""
-        if self.control:
-            parts = [encode_frame(frame) for frame in self.control]
-            self.control.clear()
-        else:
-            parts = []
+        if not self.control and not self.disco:
+            data = b"".join(self.packets)  # the common case; one packet is returned as it is
+            self.packets.clear()
+            return data
+        parts = [encode_frame(frame) for frame in self.control]
+        self.control.clear()
         if self.disco:
             parts += self.disco
             self.disco.clear()

@@ -26,7 +26,7 @@ import random
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -64,8 +64,9 @@ class DerpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (asyncio's, or another loop's such as uvloop's, which does not
+        # subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio sets TCP_NODELAY only on sockets whose proto field says TCP, and anyio's
@@ -124,6 +125,9 @@ class DerpProtocol(asyncio.Protocol):
     def start_relay(self, relay: FastRelay) -> None:
         """Every read goes to ``relay`` from now on, starting with what is buffered."""
         self.relay = relay
+        # The transport calls protocol.data_received per read: an instance attribute that is the
+        # relay's feed saves a call per read (the method above stays for the handshake).
+        self.data_received = relay.feed  # type: ignore[method-assign]
         if self.reading_paused and self.transport is not None:
             self.transport.resume_reading()
             self.reading_paused = False
@@ -220,6 +224,13 @@ class FastRelay:
         self._keepalive_interval = derp.KEEPALIVE_INTERVAL + random.uniform(0, 5)  # jitter, not a secret
         self._keepalive: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
+        # Bound once: these run per read and per write.
+        self._take_data = client.take_data
+        self._write = self.transport.write
+        self._relay_data = conn.relay_data
+        self._core = server.core
+        self._wakers = server._wake
+        self._time = self.loop.time
 
     async def run(self, events: list[derp.ServerEvent]) -> None:
         server = self.server
@@ -238,6 +249,7 @@ class FastRelay:
                 await self._done.wait()
         finally:
             self.protocol.relay = None
+            self.protocol.__dict__.pop("data_received", None)
             self._close()
             self.transport.abort()
 
@@ -247,17 +259,18 @@ class FastRelay:
         """One read of the client's stream (``data_received``)."""
         if self.closed:
             return
-        server = self.server
-        now = self.loop.time()
+        now = self._time()
         try:
-            events, woken = self.conn.relay_data(data, server.core, self.client, now)
+            events, woken = self._relay_data(data, self._core, self.client, now)
         except derp.DerpError as exc:
             log.info("DERP client %s: %s", self.client.key.short_string(), exc)
             self._close()
             return
-        notify = server._notify
+        wakers = self._wakers
         for target in woken:
-            notify(target)
+            waker = wakers.get(target)  # as DerpServer._notify, inline: this runs per read
+            if waker is not None:
+                waker.set()
         if events:
             self._handle(events, now)
 
@@ -278,9 +291,9 @@ class FastRelay:
         above its high-water mark they stay queued, and the queues drop from the head."""
         if self.paused or self.closed:
             return
-        data = self.client.take_data()
+        data = self._take_data()
         if data:
-            self.transport.write(data)
+            self._write(data)
 
     def pause_writing(self) -> None:
         self.paused = True
