@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -16,7 +18,7 @@ import pytest
 from embedmesh.tailscale import derp
 from embedmesh.tailscale.derpclient import DerpClient, DerpConnectionClosed, connect_derp
 from embedmesh.tailscale.derpmesh import MeshPeer
-from embedmesh.tailscale.derpserver import DerpServer
+from embedmesh.tailscale.derpserver import DerpServer, tls_context
 from embedmesh.tailscale.keys import NodePrivate, NodePublic
 
 MESH_KEY = os.urandom(32)
@@ -304,3 +306,78 @@ def test_a_region_on_trio(serving: None) -> None:
                 await _packet(alice, bob.public_key, b"and back")
 
     _run(body, backend="trio")
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "embedmesh test DERP region")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(private, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "derp.crt", folder / "derp.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_a_region_over_tls(tmp_path: Path, serving: None) -> None:
+    """Servers that serve HTTPS mesh over HTTPS (derper's default), clients connect with TLS."""
+    cert, key = _self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+
+    async def body() -> None:
+        ports = [_free_port(), _free_port()]
+        peers = [MeshPeer(f"https://127.0.0.1:{port}/derp") for port in ports]
+        servers = [
+            DerpServer(
+                NodePrivate.generate(os.urandom(32)),
+                ssl_context=tls_context(cert, key),
+                mesh_key=MESH_KEY,
+                mesh_with=peers,
+                mesh_ssl_context=trust,
+                mesh_retry_interval=RETRY,
+                fast_path=not (MIXED[0] and i % 2),
+            )
+            for i in range(2)
+        ]
+        async with anyio.create_task_group() as tg:
+            for server, port in zip(servers, ports, strict=True):
+                await tg.start(server.serve, "127.0.0.1", port)
+            for server in servers:
+                for link in server.mesh_links:
+                    await _until(lambda link=link: link.self_connect or link.forwarder is not None, "TLS mesh link")
+            urls = [peer.url for peer in peers]
+            keys = [NodePrivate.generate(os.urandom(32)) for _ in range(2)]
+            async with (
+                connect_derp(urls[0], keys[0], ssl_context=trust) as alice,
+                connect_derp(urls[1], keys[1], ssl_context=trust) as bob,
+            ):
+                await _until(lambda: servers[0].core.in_region(bob.public_key), "bob known to server 0")
+                await _until(lambda: servers[1].core.in_region(alice.public_key), "alice known to server 1")
+                data = os.urandom(derp.MAX_PACKET_SIZE)
+                await alice.send(bob.public_key, data)
+                await _packet(bob, alice.public_key, data)
+                await bob.send(alice.public_key, b"back over TLS")
+                await _packet(alice, bob.public_key, b"back over TLS")
+            tg.cancel_scope.cancel()
+
+    _run(body)
