@@ -4,7 +4,8 @@ The first byte picks the mode, the second the piece size the stream is fed in:
 
 * 0: the rest is what a client sends to a fresh server connection (before login);
 * 1: the rest follows a real login on a server connection (frames of an authenticated client),
-  and every SendPacket is routed through a relay core with a second client;
+  and every SendPacket is routed through a relay core with a second client; the server's fused
+  per-packet path (``relay_data``) must queue the same and refuse the same;
 * 2: the rest is what a server sends to a fresh client connection;
 * 3: the rest is what a logged-in client receives;
 * 4: the rest is ClientInfo JSON;
@@ -73,6 +74,7 @@ def TestOneInput(data: bytes) -> None:
                     assert reparsed == event
             assert len(peer.packets) <= 4 and len(peer.disco) <= 4
             core.unregister(me)
+            _relay_matches(body, piece)
         elif mode == 2:
             _feed(derp.ClientConnection(CLIENT, NONCE), body, piece)
         elif mode == 3:
@@ -90,6 +92,35 @@ def TestOneInput(data: bytes) -> None:
             _config(body)
     except ParseError:
         pass
+
+
+def _relay_matches(body: bytes, piece: int) -> None:
+    """The server's per-packet path (relay_data) queues what receive_data + route queue, and
+    refuses the same streams."""
+    cores = []
+    for fast in (True, False):
+        server, _ = _login()
+        core = derp.RelayCore(queue_depth=4)
+        assert server.client_key is not None
+        me = core.register(server.client_key, derp.ClientInfo())
+        peer = core.register(OTHER.public(), derp.ClientInfo())
+        failed = False
+        try:
+            for i in range(0, len(body), piece):
+                chunk = body[i : i + piece]
+                if fast:
+                    server.relay_data(chunk, core, me, now=0.0)
+                    continue
+                for event in server.receive_data(chunk):
+                    if isinstance(event, derp.SendPacket):
+                        core.route(me, event.dst, event.packet, now=0.0)
+        except ParseError:
+            failed = True
+        cores.append((failed, list(peer.packets), list(peer.disco), list(me.control), core.drops))
+    assert cores[0][0] == cores[1][0]
+    # After a refusal the two differ by design: relay_data has routed the packets of the read
+    # before the bad frame, receive_data returned nothing of it.
+    assert cores[0][0] or cores[0] == cores[1]
 
 
 def _mesh_peer(body: bytes, piece: int) -> None:

@@ -184,7 +184,10 @@ class DerpServer:
         async with anyio.create_task_group() as connections, anyio.create_task_group() as mesh:
 
             def on_connection(stream: ProtocolStream) -> None:
-                connections.start_soon(self._handle, stream)
+                try:
+                    connections.start_soon(self._handle, stream)
+                except RuntimeError:  # accepted while the server shuts down
+                    stream.transport.abort()
 
             try:
                 for sock in sockets:
