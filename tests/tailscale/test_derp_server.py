@@ -21,9 +21,9 @@ def fast_path(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-def _run(body: Callable[[DerpServer], Awaitable[None]], fast_path: bool = True) -> None:
+def _run(body: Callable[[DerpServer], Awaitable[None]], fast_path: bool = True, write_timeout: float = 2.0) -> None:
     async def main() -> None:
-        server = DerpServer(NodePrivate.generate(os.urandom(32)), fast_path=fast_path)
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), fast_path=fast_path, write_timeout=write_timeout)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, "127.0.0.1", 0)
             with anyio.fail_after(10):
@@ -159,3 +159,30 @@ def test_a_burst_larger_than_the_queue_reaches_a_client_that_reads(fast_path: bo
             await stream.aclose()
 
     _run(body, fast_path)
+
+
+def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeout(fast_path: bool) -> None:
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        conns = [derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key) for _ in range(2)]
+        streams = []
+        for conn in conns:
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            await stream.send(UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n") + conn.data_to_send())
+            streams.append(stream)
+        while len(server.core) < 2:
+            await anyio.sleep(0.01)
+        sender, stuck = conns
+        # The stuck client never reads: its socket fills, its writes back up, then it is cut off.
+        with anyio.fail_after(8):
+            while server.core.is_connected(stuck.public):
+                for _ in range(20):
+                    sender.send_packet(stuck.public, bytes(60_000))
+                await streams[0].send(sender.data_to_send())
+                await anyio.sleep(0.02)
+        assert server.core.drops[derp.DropReason.WRITE_ERROR] == 1
+        assert server.core.is_connected(sender.public)
+        for stream in streams:
+            await stream.aclose()
+
+    _run(body, fast_path, write_timeout=0.5)
