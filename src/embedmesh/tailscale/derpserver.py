@@ -589,11 +589,12 @@ class DerpServer:
         # A read may hold many frames (up to READ_SIZE) and the bucket counts at most a burst per
         # reservation: take it a burst at a time (Go reserves per frame, each within the burst);
         # the bucket's debt after the last says how long to wait for all of it.
-        delay = bucket.reserve(min(received, bucket.burst), now)
-        received -= bucket.burst
-        while received > 0:
-            delay = bucket.reserve(min(received, bucket.burst), now)
-            received -= bucket.burst
+        left = float(received)
+        delay = bucket.reserve(min(left, bucket.burst), now)
+        left -= bucket.burst
+        while left > 0:
+            delay = bucket.reserve(min(left, bucket.burst), now)
+            left -= bucket.burst
         if delay > 0:
             self.stats.rate_limited += 1
         return delay
