@@ -302,15 +302,16 @@ class DerpServer:
         # the first bytes and wraps the stream (served by the reader and writer tasks).
         context = self.ssl_context if not self.plain_http_too else None
         servers: list[asyncio.Server] = []
+        # The protocols' callbacks run outside any task, where anyio cannot tell which loop it is
+        # on (a loop not started by anyio.run, such as the control server's): they only queue
+        # the connection, and this task starts its handler.
+        accepted: asyncio.Queue[ProtocolStream] = asyncio.Queue()
 
         def on_connection(stream: ProtocolStream) -> None:
             if self._stopping:
                 stream.transport.abort()
-                return
-            try:
-                connections.start_soon(self._accept, stream)
-            except RuntimeError:  # accepted while the server shuts down
-                stream.transport.abort()
+            else:
+                accepted.put_nowait(stream)
 
         try:
             for sock in sockets:
@@ -323,10 +324,13 @@ class DerpServer:
                     )
                 )
             self._started(tcp, connections, task_status)
-            await anyio.sleep_forever()
+            while True:
+                connections.start_soon(self._accept, await accepted.get())
         finally:
             for server in servers:
                 server.close()
+            while not accepted.empty():  # accepted while the server shuts down
+                accepted.get_nowait().transport.abort()
 
     async def _accept(self, tcp: anyio.abc.ByteStream) -> None:
         if self._accept_bucket is not None and not self._accept_bucket.allow(anyio.current_time()):
