@@ -231,3 +231,81 @@ def test_garbage_raises_only_parse_errors(data: bytes, logged_in: bool) -> None:
         pass
     if not logged_in:
         assert server.client_key is None or data.startswith(b"\x02")
+
+
+CAROL = NodePrivate.generate(bytes(range(5, 37)))
+MESH = bytes(range(7, 39))
+relay_frames = st.one_of(
+    st.builds(derp.SendPacket, st.sampled_from([BOB.public(), CAROL.public(), SERVER.public()]), st.binary(max_size=90)),
+    st.builds(derp.SendPacket, st.sampled_from([BOB.public(), SERVER.public()]), st.just(DISCO)),
+    st.builds(derp.ForwardPacket, st.sampled_from([ALICE.public(), CAROL.public()]), st.sampled_from([BOB.public(), CAROL.public()]), st.binary(max_size=90)),
+    st.builds(derp.Ping, st.binary(min_size=8, max_size=8)),
+    st.builds(derp.NotePreferred, st.booleans()),
+    st.just(derp.WatchConns()),
+)
+
+
+def _relay_setup(mesh: bool) -> tuple[derp.ServerConnection, derp.RelayCore, derp.RelayClient, derp.RelayClient, derp.MeshForwarder]:
+    server = derp.ServerConnection(SERVER, bytes(24))
+    client = derp.ClientConnection(ALICE, NONCE, info=derp.ClientInfo(mesh_key=MESH if mesh else None))
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    core = derp.RelayCore(queue_depth=3, mesh_key=MESH, forward_queue_depth=3)
+    assert server.client_info is not None
+    me = core.register(ALICE.public(), server.client_info)
+    bob = core.register(BOB.public(), derp.ClientInfo())
+    fwd = derp.MeshForwarder("elsewhere")
+    core.add_forwarder(CAROL.public(), fwd)
+    return server, core, me, bob, fwd
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(relay_frames, max_size=12), st.integers(1, 40), st.booleans())
+def test_relay_data_routes_as_receive_data_and_route_do(sent: list[derp.Frame], piece: int, mesh: bool) -> None:
+    """The fused per-packet path gives the same queues, drops, forwards and leftover events as
+    parsing frame by frame and routing each packet through the core."""
+    wire = b"".join(derp.encode_frame(f) for f in sent)
+    fast_conn, fast_core, fast_me, fast_bob, fast_fwd = _relay_setup(mesh)
+    ref_conn, ref_core, ref_me, ref_bob, ref_fwd = _relay_setup(mesh)
+    fast_events: list[derp.ServerEvent] = []
+    ref_events: list[derp.ServerEvent] = []
+    woken: set[object] = set()
+    for i in range(0, len(wire), piece):
+        chunk = wire[i : i + piece]
+        events, targets = fast_conn.relay_data(chunk, fast_core, fast_me, now=0.0)
+        fast_events += events
+        woken.update(targets)
+        for event in ref_conn.receive_data(chunk):
+            if isinstance(event, derp.SendPacket):
+                ref_core.route(ref_me, event.dst, event.packet, now=0.0)
+            elif isinstance(event, derp.ForwardPacket) and ref_me.can_mesh:
+                ref_core.forward(ref_me, event.src, event.dst, event.packet, now=0.0)
+            else:
+                ref_events.append(event)
+    assert fast_events == ref_events
+    for fast, ref in ((fast_me, ref_me), (fast_bob, ref_bob)):
+        assert (list(fast.packets), list(fast.disco), list(fast.control)) == (list(ref.packets), list(ref.disco), list(ref.control))
+        assert fast.saw_src == ref.saw_src
+        assert (fast in woken) == fast.pending()
+    assert list(fast_fwd.queue) == list(ref_fwd.queue) and (fast_fwd in woken) == bool(fast_fwd.queue)
+    assert fast_core.drops == ref_core.drops
+    assert (fast_core.packets_relayed, fast_core.packets_forwarded_in, fast_core.packets_forwarded_out) == (
+        ref_core.packets_relayed,
+        ref_core.packets_forwarded_in,
+        ref_core.packets_forwarded_out,
+    )
+
+
+def test_relay_data_refuses_what_receive_data_refuses() -> None:
+    for bad in (
+        derp.frame_header(derp.FrameType.SEND_PACKET, 31) + bytes(31),
+        derp.frame_header(derp.FrameType.SEND_PACKET, derp.MAX_SERVER_FRAME + 1),
+        derp.frame_header(derp.FrameType.FORWARD_PACKET, 63) + bytes(63),
+        derp.frame_header(derp.FrameType.PING, 7) + bytes(7),
+    ):
+        for mesh in (False, True):
+            conn, core, me, _, _ = _relay_setup(mesh)
+            with pytest.raises(derp.DerpError):
+                conn.relay_data(bad, core, me, now=0.0)
+    with pytest.raises(derp.DerpError):
+        derp.ServerConnection(SERVER, bytes(24)).relay_data(b"", derp.RelayCore(), derp.RelayCore().register(BOB.public(), derp.ClientInfo()), 0.0)

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import anyio
 import pytest
+from click.testing import CliRunner
 
+from embedmesh.cli.main import main
 from embedmesh.tailscale import derp
-from embedmesh.tailscale.derpclient import DerpConnectError, DerpConnectionClosed, connect_derp
+from embedmesh.tailscale.derpclient import DerpClient, DerpConnectError, DerpConnectionClosed, connect_derp
 from embedmesh.tailscale.keys import NodePrivate
+
+SERVE = [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve"]
 
 
 def _free_port() -> int:
@@ -156,3 +160,73 @@ def test_sigterm_tells_every_client_restarting_then_exits_cleanly(tmp_path: Path
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def _resend_until_received(sender: DerpClient, receiver: DerpClient, data: bytes) -> None:
+    with anyio.fail_after(20):
+        while True:
+            await sender.send(receiver.public_key, data)
+            with anyio.move_on_after(0.2):
+                while (await receiver.receive()) != derp.PacketReceived(sender.public_key, data):
+                    pass
+                return
+
+
+def test_two_derp_serve_processes_mesh_with_each_other(tmp_path: Path) -> None:
+    mesh_key = tmp_path / "mesh.key"
+    mesh_key.write_text(os.urandom(32).hex() + "\n")
+    ports = [_free_port(), _free_port()]
+    region = ",".join(f"127.0.0.1:{port}" for port in ports)  # each server finds itself in the list
+    processes = [
+        subprocess.Popen(
+            [*SERVE, "--listen", f"127.0.0.1:{port}", "--mesh-with", region, "--mesh-key-file", str(mesh_key)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for port in ports
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("DERP server on http://127.0.0.1:")
+
+        async def main() -> None:
+            alice_key, bob_key = NodePrivate.generate(os.urandom(32)), NodePrivate.generate(os.urandom(32))
+            async with (
+                connect_derp(f"http://127.0.0.1:{ports[0]}/derp", alice_key) as alice,
+                connect_derp(f"http://127.0.0.1:{ports[1]}/derp", bob_key) as bob,
+            ):
+                # A server's link to the other retries every 5 s (derper's interval) until the other
+                # listens, so each direction gets resent until it arrives.
+                for sender, receiver in ((alice, bob), (bob, alice)):
+                    await _resend_until_received(sender, receiver, b"through the mesh")
+
+        anyio.run(main)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
+            assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_derp_serve_mesh_flags_are_checked(tmp_path: Path) -> None:
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("not hex")
+    zero_key = tmp_path / "zero.key"
+    zero_key.write_text("00" * 32)
+    for flags, message in [
+        (["--mesh-with", "127.0.0.1:2"], "needs the region's mesh key"),
+        (["--mesh-key-file", str(bad_key)], "64 hex digits"),
+        (["--mesh-key-file", str(zero_key)], "all-zero"),
+        (["--mesh-key-file", str(tmp_path / "missing.key")], "cannot read the mesh key file"),
+        (["--mesh-with", "a:b:c"], "--mesh-with"),
+    ]:
+        result = CliRunner().invoke(main, ["derp", "serve", "--listen", "127.0.0.1:1", *flags])
+        assert result.exit_code == 1, (flags, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (flags, result.stderr)

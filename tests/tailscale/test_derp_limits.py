@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embedmesh.tailscale import derp
-from embedmesh.tailscale.derpclient import connect_derp
+from embedmesh.tailscale.derpclient import DerpConnectError, connect_derp
 from embedmesh.tailscale.derpserver import DerpServer
 from embedmesh.tailscale.keys import NodePrivate
 
@@ -53,9 +53,14 @@ def test_token_bucket_never_lets_more_through_than_rate_and_burst(rate: float, b
         assert allowed <= burst + rate * now + 1e-6 * (allowed + 1)
 
 
-def test_a_client_past_its_rate_limit_is_read_slower_and_others_are_not() -> None:
+@pytest.fixture(params=[True, False], ids=["protocols", "streams"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_a_client_past_its_rate_limit_is_read_slower_and_others_are_not(fast_path: bool) -> None:
     rate = 400_000  # bytes per second
-    server = DerpServer(NodePrivate.generate(os.urandom(32)), rate_limit=rate, rate_burst=1)
+    server = DerpServer(NodePrivate.generate(os.urandom(32)), rate_limit=rate, rate_burst=1, fast_path=fast_path)
     assert server.rate_burst == derp.MIN_RATE_LIMIT_BURST  # at least one full packet
 
     async def main() -> None:
@@ -99,6 +104,52 @@ def test_a_client_past_its_rate_limit_is_read_slower_and_others_are_not() -> Non
                         await heavy.send(sink.public_key, packet)
                 assert server.stats.rate_limited == waits
                 assert time.monotonic() - start < elapsed
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_mesh_peers_skip_admission_and_the_rate_limit(fast_path: bool) -> None:
+    """As in Go: a client with the region's mesh key (another server) is neither asked about nor
+    paced; everyone else is."""
+    mesh_key = os.urandom(32)
+    asked: list[str] = []
+
+    async def refuse_all(key: object, source: tuple[str, int]) -> bool:
+        asked.append(str(key))
+        return False
+
+    rate = 100_000
+    server = DerpServer(
+        NodePrivate.generate(os.urandom(32)), mesh_key=mesh_key, admit=refuse_all, rate_limit=rate, fast_path=fast_path
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server.serve, "127.0.0.1", 0)
+            url = f"http://127.0.0.1:{port}/derp"
+            with pytest.raises(DerpConnectError):
+                async with connect_derp(url, NodePrivate.generate(os.urandom(32)), timeout=5):
+                    pass
+            assert len(asked) == 1 and server.stats.refused == 1
+            info = derp.ClientInfo(mesh_key=mesh_key)
+            async with (
+                connect_derp(url, NodePrivate.generate(os.urandom(32)), info=info) as peer,
+                connect_derp(url, NodePrivate.generate(os.urandom(32)), info=info) as other,
+            ):
+                assert len(asked) == 1  # never asked about mesh peers
+                packet = bytes(20_000)
+                start = time.monotonic()
+                for _ in range(30):  # 600 kB: 5 s at the limit, were it applied
+                    await peer.send(other.public_key, packet)
+                got = 0
+                with anyio.fail_after(10):
+                    async for _, data in other.packets():
+                        got += len(data)
+                        if got >= 30 * len(packet):
+                            break
+                assert time.monotonic() - start < 3
+                assert server.stats.rate_limited == 0
             tg.cancel_scope.cancel()
 
     anyio.run(main)

@@ -1,4 +1,6 @@
-"""Our DERP server's HTTP side and its handling of hostile connections, over real loopback sockets."""
+"""Our DERP server's HTTP side and its handling of hostile connections, over real loopback sockets,
+on both of its ways to serve a connection (asyncio protocol callbacks, and anyio streams with a
+writer task each)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,14 @@ from embedmesh.tailscale.derpserver import DerpServer, tls_context
 from embedmesh.tailscale.keys import NodePrivate
 
 
-def _run(body: Callable[[DerpServer], Awaitable[None]]) -> None:
+@pytest.fixture(params=[True, False], ids=["protocols", "streams"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def _run(body: Callable[[DerpServer], Awaitable[None]], fast_path: bool = True, write_timeout: float = 2.0) -> None:
     async def main() -> None:
-        server = DerpServer(NodePrivate.generate(os.urandom(32)))
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), fast_path=fast_path, write_timeout=write_timeout)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, "127.0.0.1", 0)
             with anyio.fail_after(10):
@@ -41,7 +48,7 @@ async def _exchange(port: int, request: bytes) -> bytes:
             return data
 
 
-def test_probe_generate_204_and_upgrade_required() -> None:
+def test_probe_generate_204_and_upgrade_required(fast_path: bool) -> None:
     async def body(server: DerpServer) -> None:
         assert server.port is not None
         probe = await _exchange(server.port, b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -59,13 +66,13 @@ def test_probe_generate_204_and_upgrade_required() -> None:
         assert (await _exchange(server.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
         assert (await _exchange(server.port, b"\x16\x03\x01garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
 
-    _run(body)
+    _run(body, fast_path)
 
 
 UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
 
 
-def test_upgrade_answers_101_with_the_key_and_garbage_gets_no_routing_state() -> None:
+def test_upgrade_answers_101_with_the_key_and_garbage_gets_no_routing_state(fast_path: bool) -> None:
     async def body(server: DerpServer) -> None:
         assert server.port is not None
         # Garbage instead of a ClientInfo: the connection ends, nothing is registered.
@@ -90,10 +97,10 @@ def test_upgrade_answers_101_with_the_key_and_garbage_gets_no_routing_state() ->
         while len(server.core):
             await anyio.sleep(0.01)
 
-    _run(body)
+    _run(body, fast_path)
 
 
-def test_a_slow_reader_does_not_stall_others_and_drops_are_counted() -> None:
+def test_a_slow_reader_does_not_stall_others_and_drops_are_counted(fast_path: bool) -> None:
     async def body(server: DerpServer) -> None:
         assert server.port is not None
         keys = [NodePrivate.generate(os.urandom(32)) for _ in range(3)]
@@ -123,15 +130,15 @@ def test_a_slow_reader_does_not_stall_others_and_drops_are_counted() -> None:
         for stream in streams:
             await stream.aclose()
 
-    _run(body)
+    _run(body, fast_path)
 
 
-def test_keepalives_and_the_write_timeout_come_from_one_ticker(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keepalives_and_the_write_timeout_come_from_one_ticker(monkeypatch: pytest.MonkeyPatch, fast_path: bool) -> None:
     monkeypatch.setattr(derp, "KEEPALIVE_INTERVAL", 0.2)
     monkeypatch.setattr(derpserver, "KEEPALIVE_JITTER", 0.0)
 
     async def main() -> None:
-        server = DerpServer(NodePrivate.generate(os.urandom(32)), write_timeout=0.4)
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), write_timeout=0.4, fast_path=fast_path)
         async with anyio.create_task_group() as tg:
             port = await tg.start(server.serve, "127.0.0.1", 0)
             fast = UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n")
@@ -166,13 +173,13 @@ def test_keepalives_and_the_write_timeout_come_from_one_ticker(monkeypatch: pyte
     anyio.run(main)
 
 
-def test_https_and_wss_and_a_stalled_tls_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_https_and_wss_and_a_stalled_tls_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_path: bool) -> None:
     cert, key = self_signed_certificate(tmp_path, "127.0.0.1")
     pin = certificate_sha256(cert)
     monkeypatch.setattr(derpserver, "HANDSHAKE_TIMEOUT", 0.5)
 
     async def main() -> None:
-        server = DerpServer(NodePrivate.generate(os.urandom(32)), ssl_context=tls_context(cert, key))
+        server = DerpServer(NodePrivate.generate(os.urandom(32)), ssl_context=tls_context(cert, key), fast_path=fast_path)
         async with anyio.create_task_group() as tg:
             port = await tg.start(server.serve, "127.0.0.1", 0)
             with anyio.fail_after(10):
@@ -190,3 +197,62 @@ def test_https_and_wss_and_a_stalled_tls_handshake(tmp_path: Path, monkeypatch: 
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def test_a_burst_larger_than_the_queue_reaches_a_client_that_reads(fast_path: bool) -> None:
+    """200 packets in one write (far more than the 32 a queue holds) all arrive: the queue bound
+    is for a client that does not keep up, not for one read of a sender."""
+
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        keys = [NodePrivate.generate(os.urandom(32)) for _ in range(2)]
+        conns = [derp.ClientConnection(key, os.urandom(24), server_key=server.public_key) for key in keys]
+        streams = []
+        for conn in conns:
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            await stream.send(UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n") + conn.data_to_send())
+            streams.append(stream)
+        while len(server.core) < 2:
+            await anyio.sleep(0.01)
+        sender, receiver = conns
+        for i in range(200):
+            sender.send_packet(receiver.public, i.to_bytes(2, "big") + bytes(1278))
+        await streams[0].send(sender.data_to_send())
+        got: list[int] = []
+        while len(got) < 200:
+            for event in receiver.receive_data(await streams[1].receive()):
+                if isinstance(event, derp.PacketReceived):
+                    got.append(int.from_bytes(event.packet[:2], "big"))
+        assert got == list(range(200))
+        assert server.core.drops[derp.DropReason.QUEUE_HEAD] == 0
+        for stream in streams:
+            await stream.aclose()
+
+    _run(body, fast_path)
+
+
+def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeout(fast_path: bool) -> None:
+    async def body(server: DerpServer) -> None:
+        assert server.port is not None
+        conns = [derp.ClientConnection(NodePrivate.generate(os.urandom(32)), os.urandom(24), server_key=server.public_key) for _ in range(2)]
+        streams = []
+        for conn in conns:
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            await stream.send(UPGRADE.replace(b"\r\n\r\n", b"\r\nDerp-Fast-Start: 1\r\n\r\n") + conn.data_to_send())
+            streams.append(stream)
+        while len(server.core) < 2:
+            await anyio.sleep(0.01)
+        sender, stuck = conns
+        # The stuck client never reads: its socket fills, its writes back up, then it is cut off.
+        with anyio.fail_after(8):
+            while server.core.is_connected(stuck.public):
+                for _ in range(20):
+                    sender.send_packet(stuck.public, bytes(60_000))
+                await streams[0].send(sender.data_to_send())
+                await anyio.sleep(0.02)
+        assert server.core.drops[derp.DropReason.WRITE_ERROR] == 1
+        assert server.core.is_connected(sender.public)
+        for stream in streams:
+            await stream.aclose()
+
+    _run(body, fast_path, write_timeout=0.5)

@@ -18,6 +18,17 @@ def derp() -> None:
     """DERP relays: Tailscale's relay protocol for nodes that cannot reach each other directly."""
 
 
+def _read_mesh_key(path: Path) -> bytes:
+    from embedmesh.tailscale.derp import parse_mesh_key
+
+    try:
+        return parse_mesh_key(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the mesh key file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 @derp.command("serve")
 @click.option("--listen", default="127.0.0.1:3340", show_default=True, help="HOST:PORT to serve DERP on.")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS with this PEM certificate chain (with --tls-key).")
@@ -26,6 +37,20 @@ def derp() -> None:
     "--key-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="The server's DERP key, as derper's config file; created (mode 0600) if missing. Default: a new key each start.",
+)
+@click.option(
+    "--mesh-with",
+    default="",
+    metavar="HOST:PORT,...",
+    help="The other DERP servers of this region, comma-separated (derper's --mesh-with: HOST[:PORT][/DIALHOST], "
+    "HTTPS when this server serves TLS, else HTTP; or http(s):// URLs). This server's own address may be in the list.",
+)
+@click.option(
+    "--mesh-key-file",
+    "--mesh-psk-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The region's mesh key: a file holding 64 hex digits (derper's --mesh-psk-file). Servers and trusted "
+    "clients that log in with it may watch the connections and forward packets.",
 )
 @click.option(
     "--stun/--no-stun",
@@ -107,6 +132,8 @@ def serve(
     accept_connection_burst: float | None,
     restart_smear_ms: int,
     restart_try_for_ms: int,
+    mesh_with: str,
+    mesh_key_file: Path | None,
 ) -> None:
     """Run a DERP relay server (and a STUN server beside it) until interrupted (Ctrl-C or SIGTERM).
 
@@ -117,6 +144,7 @@ def serve(
 
     from embedmesh.errors import AddressInUseError
     from embedmesh.tailscale.derpadmit import url_admitter
+    from embedmesh.tailscale.derpmesh import parse_mesh_with
     from embedmesh.tailscale.derpserver import DerpServer, load_or_create_server_key, tls_context
     from embedmesh.tailscale.stunserver import DEFAULT_PORT, StunServer
 
@@ -133,6 +161,13 @@ def serve(
     if verify_client_url_fail_open and verify_client_url is None:
         raise ConfigError("--verify-client-url-fail-open needs --verify-client-url")
     context = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    mesh_key = _read_mesh_key(mesh_key_file) if mesh_key_file is not None else None
+    try:
+        peers = parse_mesh_with(mesh_with, tls=context is not None)
+    except ValueError as exc:
+        raise ConfigError(f"--mesh-with: {exc}") from None
+    if peers and mesh_key is None:
+        raise ConfigError("--mesh-with needs the region's mesh key: give --mesh-key-file")
     server = DerpServer(
         load_or_create_server_key(key_file),
         ssl_context=context,
@@ -141,6 +176,8 @@ def serve(
         rate_burst=per_client_rate_burst,
         accept_rate=accept_connection_limit,
         accept_burst=accept_connection_burst,
+        mesh_key=mesh_key,
+        mesh_with=peers,
     )
 
     async def main() -> None:

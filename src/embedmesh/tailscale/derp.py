@@ -32,7 +32,9 @@ front, as Go's ``key.NodePrivate.SealTo``. Unknown frame types are skipped, as G
 
 :class:`ClientConnection` and :class:`ServerConnection` take bytes in and give events and bytes out;
 :class:`RelayCore` holds the routing state of a server (which connection holds which key, duplicate
-connections, per-client send queues with head drop, PeerGone notifications). Randomness (nonces,
+connections, per-client send queues with head drop, PeerGone notifications) and of a meshed region
+(mesh peers that watch the connections, keys on other servers and the :class:`MeshForwarder` that
+carries packets there). Randomness (nonces,
 keepalive jitter) and the time (``now``, seconds) are arguments; nothing here reads a clock.
 Parsers raise only :class:`DerpError`, a :class:`~embedmesh.errors.ParseError`.
 """
@@ -40,6 +42,7 @@ Parsers raise only :class:`DerpError`, a :class:`~embedmesh.errors.ParseError`.
 from __future__ import annotations
 
 import enum
+import hmac
 import ipaddress
 import json
 import struct
@@ -79,12 +82,23 @@ MAX_PING_LEN = 1000
 KEEPALIVE_INTERVAL = 60.0
 #: Packets buffered per client and per class (disco, other) before head drop (Go's default).
 PER_CLIENT_SEND_QUEUE_DEPTH = 32
+#: ForwardPacket frames buffered per mesh peer before head drop (Go writes them synchronously; a
+#: bounded queue keeps one slow mesh link from stalling the readers of every client).
+MESH_FORWARD_QUEUE_DEPTH = 512
+#: The length of a DERP mesh key (derper's ``--mesh-psk-file``: 64 hex digits).
+MESH_KEY_LEN = 32
 #: The HTTP header a client sends to skip the server's 101 response.
 FAST_START_HEADER = "Derp-Fast-Start"
 BOX_OVERHEAD = 16
 
 _DISCO_MAGIC = "TS💬".encode()
 _DISCO_WRAPPER_LEN = len(_DISCO_MAGIC) + KEY_LEN + NONCE_LEN
+# Plain ints for the per-packet path (an IntEnum member costs an attribute lookup and a slower ==).
+_SEND_PACKET = 0x04
+_FORWARD_PACKET = 0x0A
+_RECV_PACKET_TYPE = b"\x05"
+_MAX_SEND_LEN = KEY_LEN + MAX_PACKET_SIZE
+_DISCO_SEND_LEN = KEY_LEN + _DISCO_WRAPPER_LEN
 
 
 class DerpError(TailscaleProtocolError):
@@ -278,9 +292,13 @@ Frame: TypeAlias = (
 )
 
 
+_HEADER = struct.Struct(">BI")
+_U32 = struct.Struct(">I")
+
+
 def frame_header(frame_type: int, length: int) -> bytes:
     """The 5-byte header of a frame."""
-    return struct.pack(">BI", frame_type, length)
+    return _HEADER.pack(frame_type, length)
 
 
 def _frame(frame_type: FrameType, payload: bytes) -> bytes:
@@ -446,27 +464,35 @@ class FrameReader:
     """Splits a byte stream into ``(type, payload)`` frames; a frame longer than ``max_frame`` raises.
 
     Memory stays bounded: at most one frame of ``max_frame`` bytes (plus the header) is buffered.
+    A read is split with offsets and the unfinished tail kept once per read (never a shift of the
+    buffer per frame).
     """
 
     __slots__ = ("_buffer", "max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buffer = bytearray()
+        self._buffer = b""
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[int, bytes]]:
         """Add ``data``; yield every complete frame. Raises :class:`DerpError` for an oversized frame."""
-        self._buffer += data
-        while len(self._buffer) >= FRAME_HEADER_LEN:
-            frame_type, length = struct.unpack_from(">BI", self._buffer)
-            if length > self.max_frame:
-                raise DerpError(f"DERP frame of {length} bytes is over the {self.max_frame}-byte limit")
-            end = FRAME_HEADER_LEN + length
-            if len(self._buffer) < end:
-                return
-            payload = bytes(self._buffer[FRAME_HEADER_LEN:end])
-            del self._buffer[:end]
-            yield frame_type, payload
+        buf = self._buffer + data if self._buffer else bytes(data)
+        self._buffer = b""
+        pos, n = 0, len(buf)
+        try:
+            while n - pos >= FRAME_HEADER_LEN:
+                frame_type = buf[pos]
+                (length,) = _U32.unpack_from(buf, pos + 1)
+                if length > self.max_frame:
+                    raise DerpError(f"DERP frame of {length} bytes is over the {self.max_frame}-byte limit")
+                end = pos + FRAME_HEADER_LEN + length
+                if end > n:
+                    break
+                payload = buf[pos + FRAME_HEADER_LEN : end]
+                pos = end
+                yield frame_type, payload
+        finally:
+            self._buffer = buf[pos:] if pos < n else b""
 
     @property
     def buffered(self) -> int:
@@ -495,6 +521,25 @@ def open_box(private: NodePrivate, peer: NodePublic, sealed: bytes) -> bytes:
         return bytes(nacl.bindings.crypto_box_open(sealed[NONCE_LEN:], sealed[:NONCE_LEN], peer.raw, private.raw))
     except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError):
         raise DerpError("DERP box did not open") from None
+
+
+def parse_mesh_key(text: str | bytes) -> bytes:
+    """A DERP mesh key as derper reads ``--mesh-psk-file``: 64 hex digits, whitespace around them
+    trimmed. Raises ValueError (one line) for anything else, and for the all-zero key (Go's
+    "no mesh key").
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    text = text.strip()
+    if len(text) != 2 * MESH_KEY_LEN:
+        raise ValueError(f"a DERP mesh key is {2 * MESH_KEY_LEN} hex digits, not {len(text)} characters")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"a DERP mesh key is {2 * MESH_KEY_LEN} hex digits") from None
+    if not any(key):
+        raise ValueError("the all-zero DERP mesh key means no mesh key: make one with `openssl rand -hex 32`")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,6 +793,11 @@ class ClientConnection:
         self._require_key()
         self._out += encode_frame(ClosePeer(key))
 
+    def send_encoded(self, frames: bytes) -> None:
+        """Queue whole frames encoded elsewhere (a relay's batched ForwardPackets)."""
+        self._require_key()
+        self._out += frames
+
     def _require_key(self) -> None:
         if self.server_key is None:
             raise ValueError("the DERP server's key is not known yet")
@@ -821,6 +871,87 @@ class ServerConnection:
         self._reader.max_frame = MAX_SERVER_FRAME
         self._out += encode_frame(ServerInfoFrame(seal(self.private, key, self._server_info.to_json(), self._nonce)))
         return ClientAuthenticated(key, info)
+
+    def relay_data(
+        self, data: bytes | bytearray | memoryview, core: RelayCore, client: RelayClient, now: float
+    ) -> tuple[list[ServerEvent], list[RelayClient | MeshForwarder]]:
+        """The per-packet path of a server: split ``data`` from the authenticated ``client`` into
+        frames and route every SendPacket (and a mesh peer's ForwardPacket) through ``core`` on
+        the spot. Returns the other frames as events, and the connections and mesh forwarders that
+        got something queued (wake their writers; an entry may repeat).
+
+        Same checks as :meth:`receive_data` (:class:`DerpError` closes the connection). A packet
+        for a connection of this server costs a dict lookup by the raw key bytes and one join of
+        slices of the read into its RecvPacket frame (a SendPacket's length field is the
+        RecvPacket's: the source key takes the destination key's place); no frame or key objects.
+        """
+        if self.client_key is None:
+            raise DerpError("a DERP client must log in first")
+        reader = self._reader
+        tail = reader._buffer
+        buf = tail + data if tail else bytes(data)
+        n = len(buf)
+        pos = 0
+        events: list[ServerEvent] = []
+        woken: list[RelayClient | MeshForwarder] = []
+        keys = core._keys
+        depth = core.queue_depth
+        max_frame = reader.max_frame
+        src_raw = client.raw
+        join = b"".join
+        unpack = _HEADER.unpack_from
+        relayed = 0
+        last: RelayClient | None = None
+        try:
+            while pos + FRAME_HEADER_LEN <= n:
+                frame_type, length = unpack(buf, pos)
+                if length > max_frame:
+                    raise DerpError(f"DERP frame of {length} bytes is over the {max_frame}-byte limit")
+                end = pos + FRAME_HEADER_LEN + length
+                if end > n:
+                    break
+                if frame_type == _SEND_PACKET and KEY_LEN <= length <= _MAX_SEND_LEN:
+                    at = pos + FRAME_HEADER_LEN + KEY_LEN
+                    current = keys.get(buf[pos + FRAME_HEADER_LEN : at])
+                    target = current.active if current is not None else None
+                    if target is not None and not target.closed:
+                        # The common case, inline: a RecvPacket for a connection of this server.
+                        if length >= _DISCO_SEND_LEN and buf.startswith(_DISCO_MAGIC, at):
+                            queue = target.disco
+                        else:
+                            queue = target.packets
+                        if not target.writable and len(queue) >= depth:
+                            queue.popleft()
+                            core.drops[DropReason.QUEUE_HEAD] += 1
+                        queue.append(join((_RECV_PACKET_TYPE, buf[pos + 1 : pos + FRAME_HEADER_LEN], src_raw, buf[at:end])))
+                        if src_raw not in target.saw_src:
+                            core._saw(target, src_raw)
+                        relayed += 1
+                        if target is not last:
+                            woken.append(target)
+                            last = target
+                    else:
+                        woke = core._route(client, buf[pos + FRAME_HEADER_LEN : at], buf[at:end], now)
+                        if woke is not None:
+                            woken.append(woke)
+                elif frame_type == _FORWARD_PACKET and client.can_mesh and length >= 2 * KEY_LEN:
+                    at = pos + FRAME_HEADER_LEN + 2 * KEY_LEN
+                    woke = core._forward_in(client, buf[pos + FRAME_HEADER_LEN : at - KEY_LEN], buf[at - KEY_LEN : at], buf[at:end], now)
+                    if woke is not None:
+                        woken.append(woke)
+                else:
+                    # Everything else, and every malformed packet frame (parse_client_frame says why).
+                    frame = parse_client_frame(frame_type, buf[pos + FRAME_HEADER_LEN : end])
+                    if frame is not None:
+                        events.append(frame)  # type: ignore[arg-type]
+                pos = end
+        finally:
+            reader._buffer = buf[pos:] if pos < n else b""
+            core.packets_relayed += relayed
+            keyset = client.keyset
+            if pos and keyset is not None and len(keyset.conns) > 1:
+                core.note_activity(client)
+        return events, woken
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the client (and forget)."""
@@ -905,33 +1036,109 @@ class RelayClient:
     key: NodePublic
     info: ClientInfo
     preferred: bool = False
-    #: Frames waiting for this connection's writer: packets (disco and other apart), PeerGone, Pong.
-    packets: deque[RecvPacket] = field(default_factory=deque)
-    disco: deque[RecvPacket] = field(default_factory=deque)
+    #: The client's address as the server saw it (sent to mesh watchers in PeerPresent).
+    remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None
+    #: Whether it logged in with the server's mesh key (may WatchConns, ForwardPacket, ClosePeer).
+    can_mesh: bool = False
+    #: Frames waiting for this connection's writer: RecvPacket frames as wire bytes (disco and
+    #: other apart, each bounded), and control frames (PeerGone, Pong, PeerPresent, ...).
+    packets: deque[bytes] = field(default_factory=deque)
+    disco: deque[bytes] = field(default_factory=deque)
     control: deque[Frame] = field(default_factory=deque)
-    #: Sources this client received from: it hears PeerGone when one leaves.
-    saw_src: set[NodePublic] = field(default_factory=set)
+    #: Sources (raw keys) this client received from: it hears PeerGone when one leaves the region.
+    saw_src: set[bytes] = field(default_factory=set)
     #: The PeerGone-NotHere token bucket (3 burst, 1 per second, as Go).
     gone_tokens: float = 3.0
     gone_refilled: float | None = None
     closed: bool = False
+    #: Set by a runtime that writes this connection's queues at the end of every read and whose
+    #: socket is keeping up: the per-class bound (protection against a client that does not
+    #: read) then does not apply within a read, or a read of 33 packets for one client would drop
+    #: one before anything could be written. It applies again while the writes are backed up.
+    writable: bool = False
+    #: ``key.raw``, the routing tables' key (a bytes hash is C; NodePublic's is Python).
+    raw: bytes = field(init=False, repr=False)
+    #: The connections of this key (several while the key is connected more than once).
+    keyset: _KeySet | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.raw = self.key.raw
 
     def pending(self) -> bool:
         """Whether the writer has frames to send."""
         return bool(self.control or self.disco or self.packets)
 
     def take_frames(self) -> list[Frame]:
-        """Every queued frame, control frames first (Go's send loop serves them as they come)."""
+        """Every queued frame, decoded, control frames first (for tests and tools; the writer
+        uses :meth:`take_data`)."""
         frames: list[Frame] = list(self.control)
         self.control.clear()
-        frames += self.disco
-        self.disco.clear()
-        frames += self.packets
-        self.packets.clear()
+        for queue in (self.disco, self.packets):
+            for wire in queue:
+                frame = parse_server_frame(wire[0], wire[FRAME_HEADER_LEN:])
+                assert frame is not None
+                frames.append(frame)
+            queue.clear()
         return frames
 
+    def take_data(self) -> bytes:
+        """Every queued frame as bytes to write to the client (and forget): control frames first
+        (Go's send loop serves them as they come), then disco, then the other packets."""
+        if not self.control and not self.disco:
+            data = b"".join(self.packets)  # the common case; one packet is returned as it is
+            self.packets.clear()
+            return data
+        parts = [encode_frame(frame) for frame in self.control]
+        self.control.clear()
+        if self.disco:
+            parts += self.disco
+            self.disco.clear()
+        if not parts:
+            data = b"".join(self.packets)
+        else:
+            parts += self.packets
+            data = b"".join(parts)
+        self.packets.clear()
+        return data
 
-@dataclass
+    def present_flags(self) -> int:
+        """The PeerPresent flags watchers hear for this connection (Go's ``presentFlags``)."""
+        flags = 0
+        if self.info.is_prober:
+            flags |= PeerPresentFlags.PROBER
+        if self.can_mesh:
+            flags |= PeerPresentFlags.MESH_PEER
+        return flags or PeerPresentFlags.REGULAR
+
+    def present_frame(self) -> PeerPresent:
+        """The PeerPresent frame announcing this connection to a watcher (always the full form)."""
+        ip, port = self.remote if self.remote is not None else (ipaddress.IPv6Address(0), 0)
+        return PeerPresent(self.key, ip, port, self.present_flags())
+
+
+class MeshForwarder:
+    """Another server of the region, as the core sees it: the ForwardPacket frames (wire bytes)
+    waiting for the mesh link that carries them there. Identity is the object; one per live link.
+    """
+
+    __slots__ = ("closed", "name", "queue")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: deque[bytes] = deque()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"MeshForwarder({self.name!r})"
+
+    def take_data(self) -> bytes:
+        """Every queued ForwardPacket frame, as bytes to write to the other server (and forget)."""
+        data = b"".join(self.queue)
+        self.queue.clear()
+        return data
+
+
+@dataclass(eq=False)
 class _KeySet:
     conns: list[RelayClient]
     active: RelayClient | None
@@ -944,31 +1151,78 @@ class RelayCore:
 
     Connections join with :meth:`register` after they authenticated and leave with
     :meth:`unregister`. :meth:`route` queues a packet on the destination's connection (and returns
-    it, so the runtime wakes its writer). Duplicate connections for one key follow Go's default
-    policy ("last writer is active"): the newest connection receives until another one of the set
-    sends a frame (:meth:`note_activity`). Drops are counted in :attr:`drops` by reason.
+    it, so the runtime wakes its writer); :meth:`ServerConnection.relay_data` does the same for a
+    whole read of a client's stream at once (the per-packet path of a server). Duplicate
+    connections for one key follow Go's default policy ("last writer is active"): the newest
+    connection receives until another one of the set sends a frame (:meth:`note_activity`). Drops
+    are counted in :attr:`drops` by reason.
+
+    Meshed regions: with ``mesh_key`` (32 bytes) a client that logs in with the same key is a mesh
+    peer (another server of the region, or a trusted client). It may watch the connections
+    (:meth:`add_watcher`: a PeerPresent for every client now and later, a PeerGone when a key's
+    last connection leaves), forward packets (:meth:`forward`) and close a key's connections
+    (:meth:`close_peer`). Keys connected to other servers are learned from their watch
+    connections: :meth:`add_forwarder` / :meth:`remove_forwarder` tie a key to a
+    :class:`MeshForwarder`, and a packet for a key that is not here but has one is queued there as
+    a ForwardPacket. A key is in the region while it is connected here or has a forwarder; when it
+    leaves the region, whoever received from it hears PeerGone.
+
+    The tables are keyed by the raw 32 key bytes: the per-packet lookups hash bytes, in C.
     """
 
-    def __init__(self, *, queue_depth: int = PER_CLIENT_SEND_QUEUE_DEPTH) -> None:
+    def __init__(
+        self,
+        *,
+        queue_depth: int = PER_CLIENT_SEND_QUEUE_DEPTH,
+        mesh_key: bytes | None = None,
+        server_key: NodePublic | None = None,
+        forward_queue_depth: int = MESH_FORWARD_QUEUE_DEPTH,
+    ) -> None:
+        if mesh_key is not None and len(mesh_key) != MESH_KEY_LEN:
+            raise ValueError(f"a DERP mesh key is {MESH_KEY_LEN} bytes")
         self.queue_depth = queue_depth
-        self._keys: dict[NodePublic, _KeySet] = {}
-        self._gone_watchers: dict[NodePublic, set[RelayClient]] = {}
+        self.forward_queue_depth = forward_queue_depth
+        # An all-zero key is Go's "no mesh key": nobody may mesh with it.
+        self.mesh_key = mesh_key if mesh_key is not None and any(mesh_key) else None
+        self.server_key = server_key
+        self._keys: dict[bytes, _KeySet] = {}
+        self._gone_watchers: dict[bytes, set[RelayClient]] = {}
+        #: Mesh peers that sent WatchConns.
+        self.watchers: set[RelayClient] = set()
+        #: Keys on other servers: their forwarders, the first one preferred (Go's multiForwarder).
+        self._forwarders: dict[bytes, list[MeshForwarder]] = {}
         self.drops: dict[DropReason, int] = {reason: 0 for reason in DropReason}
         self.packets_relayed = 0
+        self.packets_forwarded_out = 0
+        self.packets_forwarded_in = 0
 
     def __len__(self) -> int:
         return sum(len(s.conns) for s in self._keys.values())
 
     def is_connected(self, key: NodePublic) -> bool:
         """Whether ``key`` has at least one connection."""
-        return key in self._keys
+        return key.raw in self._keys
 
-    def register(self, key: NodePublic, info: ClientInfo) -> RelayClient:
-        """Add an authenticated connection; a second one for the same key becomes the active one."""
-        client = RelayClient(key, info)
-        current = self._keys.get(key)
+    def is_mesh_key(self, mesh_key: bytes | None) -> bool:
+        """Whether ``mesh_key`` (from a ClientInfo) is this server's mesh key (compared in constant time)."""
+        if self.mesh_key is None or mesh_key is None or len(mesh_key) != MESH_KEY_LEN:
+            return False
+        return hmac.compare_digest(mesh_key, self.mesh_key)
+
+    def register(
+        self,
+        key: NodePublic,
+        info: ClientInfo,
+        remote: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None,
+    ) -> RelayClient:
+        """Add an authenticated connection; a second one for the same key becomes the active one.
+
+        Every watcher hears a PeerPresent for it (wake the writers of :attr:`watchers`).
+        """
+        client = RelayClient(key, info, remote=remote, can_mesh=self.is_mesh_key(info.mesh_key))
+        current = self._keys.get(client.raw)
         if current is None:
-            self._keys[key] = _KeySet([client], client)
+            current = self._keys[client.raw] = _KeySet([client], client)
         else:
             if len(current.conns) == 1:
                 current.history = [current.conns[0]]
@@ -976,30 +1230,38 @@ class RelayCore:
             current.last = client
             current.history.append(client)
             current.active = client
+        client.keyset = current
+        # Go announces every connection (duplicates too) and only the last disconnection.
+        present = client.present_frame()
+        for watcher in self.watchers:
+            watcher.control.append(present)
         return client
 
     def unregister(self, client: RelayClient) -> list[RelayClient]:
         """Remove a connection. Returns the connections that got a PeerGone (wake their writers)."""
         client.closed = True
+        self.watchers.discard(client)
         for src in client.saw_src:
             watchers = self._gone_watchers.get(src)
             if watchers is not None:
                 watchers.discard(client)
                 if not watchers:
                     del self._gone_watchers[src]
-        current = self._keys.get(client.key)
+        current = self._keys.get(client.raw)
         if current is None or client not in current.conns:
             return []
         current.conns.remove(client)
         if not current.conns:
-            del self._keys[client.key]
-            # The key left this server: everyone who received from it hears so (Go's peerGone).
+            del self._keys[client.raw]
             woken = []
-            for watcher in self._gone_watchers.pop(client.key, set()):
-                if not watcher.closed:
-                    watcher.saw_src.discard(client.key)
-                    watcher.control.append(PeerGone(client.key, PeerGoneReason.DISCONNECTED))
-                    woken.append(watcher)
+            gone = PeerGone(client.key, PeerGoneReason.DISCONNECTED)
+            for watcher in self.watchers:
+                watcher.control.append(gone)
+                woken.append(watcher)
+            # The key left this server; unless another server of the region has it, it left the
+            # region, and everyone who received from it hears so (Go's peerGone).
+            if client.raw not in self._forwarders:
+                woken += self._note_gone_from_region(client.raw)
             return woken
         if current.last is client:
             current.last = None
@@ -1015,9 +1277,19 @@ class RelayCore:
             current.last, current.history = None, []
         return []
 
+    def _note_gone_from_region(self, raw: bytes) -> list[RelayClient]:
+        woken = []
+        key = NodePublic(raw)
+        for watcher in self._gone_watchers.pop(raw, set()):
+            if not watcher.closed:
+                watcher.saw_src.discard(raw)
+                watcher.control.append(PeerGone(key, PeerGoneReason.DISCONNECTED))
+                woken.append(watcher)
+        return woken
+
     def note_activity(self, client: RelayClient) -> None:
         """``client`` sent a frame: among duplicates the last writer becomes the active one."""
-        current = self._keys.get(client.key)
+        current = client.keyset
         if current is None or len(current.conns) < 2 or client not in current.conns:
             return
         current.last = client
@@ -1025,51 +1297,180 @@ class RelayCore:
         if not current.history or current.history[-1] is not client:
             current.history.append(client)
 
-    def route(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
-        """Queue ``packet`` from ``src`` to ``dst``; returns the connection whose writer to wake.
+    def route(self, src: RelayClient, dst: NodePublic, packet: bytes, now: float) -> RelayClient | MeshForwarder | None:
+        """Queue ``packet`` from ``src`` to ``dst``; returns the connection (or the mesh forwarder)
+        whose writer to wake.
 
-        An unknown destination is a drop; for a disco packet the sender also hears PeerGone
-        (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
+        A key connected here gets a RecvPacket; a key connected only to another server of the
+        region is forwarded there. An unknown destination is a drop; for a disco packet the sender
+        also hears PeerGone (NotHere), at most 3 at once and 1 per second, as Go rate-limits it.
         """
+        return self._route(src, dst.raw, packet, now)
+
+    def _route(self, src: RelayClient, dst: bytes, packet: bytes, now: float) -> RelayClient | MeshForwarder | None:
         current = self._keys.get(dst)
         target = current.active if current is not None else None
         if target is None:
             if current is not None and len(current.conns) > 1:
                 self._drop(DropReason.DUP_CLIENT)
                 return None
+            forwarders = self._forwarders.get(dst)
+            if forwarders:
+                return self._forward_out(forwarders[0], src.raw, dst, packet)
             self._drop(DropReason.UNKNOWN_DEST)
-            if looks_like_disco(packet) and self._take_gone_token(src, now):
-                src.control.append(PeerGone(dst, PeerGoneReason.NOT_HERE))
-                return src
+            return self._not_here(src, dst, packet, now)
+        return self._deliver(target, src.raw, packet)
+
+    def _not_here(self, src: RelayClient, dst: bytes, packet: bytes, now: float) -> RelayClient | None:
+        if looks_like_disco(packet) and self._take_gone_token(src, now):
+            src.control.append(PeerGone(NodePublic(dst), PeerGoneReason.NOT_HERE))
+            return src
+        return None
+
+    def _forward_out(self, fwd: MeshForwarder, src: bytes, dst: bytes, packet: bytes | memoryview) -> MeshForwarder | None:
+        if fwd.closed:
+            self._drop(DropReason.GONE_DISCONNECTED)
             return None
-        return self.deliver(target, src.key, packet)
+        if len(packet) > MAX_PACKET_SIZE:
+            raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
+        if len(fwd.queue) >= self.forward_queue_depth:
+            fwd.queue.popleft()
+            self._drop(DropReason.QUEUE_HEAD)
+        fwd.queue.append(b"".join((frame_header(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)), src, dst, packet)))
+        self.packets_forwarded_out += 1
+        return fwd
+
+    def forward(self, client: RelayClient, src: NodePublic, dst: NodePublic, packet: bytes, now: float) -> RelayClient | None:
+        """A ForwardPacket from the mesh peer ``client``: deliver ``packet`` from ``src`` to ``dst``
+        if it is connected here (never forwarded again). Returns the connection to wake.
+
+        Raises :class:`DerpError` when ``client`` has no mesh key (Go ends that connection).
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP ForwardPacket from a client without the mesh key")
+        return self._forward_in(client, src.raw, dst.raw, packet, now)
+
+    def _forward_in(self, client: RelayClient, src: bytes, dst: bytes, packet: bytes, now: float) -> RelayClient | None:
+        self.packets_forwarded_in += 1
+        current = self._keys.get(dst)
+        target = current.active if current is not None else None
+        if target is None:
+            if current is not None and len(current.conns) > 1:
+                self._drop(DropReason.DUP_CLIENT)
+                return None
+            self._drop(DropReason.UNKNOWN_DEST_ON_FWD)
+            # Go answers the mesh peer (not the original sender) with PeerGone(not here).
+            return self._not_here(client, dst, packet, now)
+        return self._deliver(target, src, packet)
 
     def deliver(self, target: RelayClient, src: NodePublic, packet: bytes) -> RelayClient | None:
         """Queue ``packet`` from ``src`` on ``target``, dropping the oldest when its queue is full."""
+        return self._deliver(target, src.raw, packet)
+
+    def _deliver(self, target: RelayClient, src: bytes, packet: bytes | memoryview) -> RelayClient | None:
         if target.closed:
             self._drop(DropReason.GONE_DISCONNECTED)
             return None
+        if len(packet) > MAX_PACKET_SIZE:
+            raise ValueError(f"a DERP packet is at most {MAX_PACKET_SIZE} bytes, not {len(packet)}")
         queue = target.disco if looks_like_disco(packet) else target.packets
-        if len(queue) >= self.queue_depth:
+        if len(queue) >= self.queue_depth and not target.writable:
             # Go drops from the head to keep the freshest packets.
             queue.popleft()
             self._drop(DropReason.QUEUE_HEAD)
-        queue.append(RecvPacket(src, packet))
+        queue.append(b"".join((frame_header(FrameType.RECV_PACKET, KEY_LEN + len(packet)), src, packet)))
         if src not in target.saw_src:
-            target.saw_src.add(src)
-            self._gone_watchers.setdefault(src, set()).add(target)
+            self._saw(target, src)
         self.packets_relayed += 1
         return target
 
+    def _saw(self, target: RelayClient, src: bytes) -> None:
+        target.saw_src.add(src)
+        watchers = self._gone_watchers.get(src)
+        if watchers is None:
+            watchers = self._gone_watchers[src] = set()
+        watchers.add(target)
+
     def lookup(self, key: NodePublic) -> RelayClient | None:
         """The active connection of ``key``."""
-        current = self._keys.get(key)
+        current = self._keys.get(key.raw)
         return current.active if current is not None else None
 
     def connections(self, key: NodePublic) -> list[RelayClient]:
         """Every connection of ``key``."""
-        current = self._keys.get(key)
+        current = self._keys.get(key.raw)
         return list(current.conns) if current is not None else []
+
+    def add_watcher(self, client: RelayClient) -> bool:
+        """WatchConns from ``client``: queue a PeerPresent for every connected key now, and keep it
+        informed. Returns whether anything was queued (wake its writer).
+
+        A server that meshes with itself is ignored (Go's ``addWatcher``). Raises
+        :class:`DerpError` when ``client`` has no mesh key.
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP WatchConns from a client without the mesh key")
+        if self.server_key is not None and client.key == self.server_key:
+            return False
+        if client in self.watchers:
+            return False
+        for current in self._keys.values():
+            if current.active is not None:
+                client.control.append(current.active.present_frame())
+        self.watchers.add(client)
+        return bool(client.control)
+
+    def close_peer(self, client: RelayClient, key: NodePublic) -> list[RelayClient]:
+        """ClosePeer from ``client``: the connections of ``key`` to close (the runtime closes them).
+
+        Raises :class:`DerpError` when ``client`` has no mesh key.
+        """
+        if not client.can_mesh:
+            raise DerpError("a DERP ClosePeer from a client without the mesh key")
+        return self.connections(key)
+
+    def add_forwarder(self, key: NodePublic, fwd: MeshForwarder) -> None:
+        """Another server of the region says ``key`` is connected there (its PeerPresent)."""
+        forwarders = self._forwarders.setdefault(key.raw, [])
+        if fwd not in forwarders:
+            forwarders.append(fwd)
+
+    def remove_forwarder(self, key: NodePublic, fwd: MeshForwarder) -> list[RelayClient]:
+        """``key`` left the server behind ``fwd`` (its PeerGone). Returns the connections that got a
+        PeerGone because ``key`` is now gone from the region (wake their writers).
+        """
+        return self._remove_forwarder(key.raw, fwd)
+
+    def _remove_forwarder(self, raw: bytes, fwd: MeshForwarder) -> list[RelayClient]:
+        forwarders = self._forwarders.get(raw)
+        if forwarders is None or fwd not in forwarders:
+            return []  # a duplicate or stale PeerGone (a client moving between servers): harmless
+        forwarders.remove(fwd)
+        if forwarders:
+            return []
+        del self._forwarders[raw]
+        if raw in self._keys:
+            return []
+        return self._note_gone_from_region(raw)
+
+    def drop_forwarder(self, fwd: MeshForwarder) -> list[RelayClient]:
+        """The mesh link behind ``fwd`` broke: forget every key it carried (Go's watch loop removes
+        them all on a reconnect). Returns the connections that got a PeerGone.
+        """
+        fwd.closed = True
+        fwd.queue.clear()
+        woken: list[RelayClient] = []
+        for raw in [k for k, fwds in self._forwarders.items() if fwd in fwds]:
+            woken += self._remove_forwarder(raw, fwd)
+        return woken
+
+    def forwarders(self, key: NodePublic) -> list[MeshForwarder]:
+        """The mesh forwarders that carry ``key`` (the first one is used)."""
+        return list(self._forwarders.get(key.raw, ()))
+
+    def in_region(self, key: NodePublic) -> bool:
+        """Whether ``key`` is connected here or to another server of the region."""
+        return key.raw in self._keys or key.raw in self._forwarders
 
     def _drop(self, reason: DropReason) -> None:
         self.drops[reason] += 1
@@ -1090,6 +1491,8 @@ __all__ = [
     "KEEPALIVE_INTERVAL",
     "MAGIC",
     "MAX_PACKET_SIZE",
+    "MESH_FORWARD_QUEUE_DEPTH",
+    "MESH_KEY_LEN",
     "MIN_RATE_LIMIT_BURST",
     "PROTOCOL_VERSION",
     "ClientAuthenticated",
@@ -1107,6 +1510,7 @@ __all__ = [
     "FrameType",
     "Health",
     "KeepAlive",
+    "MeshForwarder",
     "NotePreferred",
     "PacketReceived",
     "PeerGone",
@@ -1134,6 +1538,7 @@ __all__ = [
     "looks_like_disco",
     "open_box",
     "parse_client_frame",
+    "parse_mesh_key",
     "parse_server_frame",
     "seal",
 ]

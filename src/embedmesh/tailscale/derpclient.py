@@ -93,6 +93,31 @@ class DerpClient:
             self._conn.send_packet(dst, packet)
         await self._flush()
 
+    async def watch_conns(self) -> None:
+        """Ask for a PeerPresent of every client of the server, now and later, and a PeerGone when
+        one leaves (mesh peers only: the server ends the connection of a client without the mesh key).
+        """
+        self._conn.watch_conns()
+        await self._flush()
+
+    async def forward(self, src: NodePublic, dst: NodePublic, packet: bytes) -> None:
+        """Hand the server ``packet`` from ``src`` (a client of another server of the region) for its
+        client ``dst``: a ForwardPacket (mesh peers only).
+        """
+        self._conn.forward_packet(src, dst, packet)
+        await self._flush()
+
+    async def close_peer(self, key: NodePublic) -> None:
+        """Ask the server to close every connection of ``key`` (mesh peers only)."""
+        self._conn.close_peer(key)
+        await self._flush()
+
+    async def send_frames(self, frames: bytes) -> None:
+        """Write whole, already encoded DERP frames (for a relay that batches ForwardPackets)."""
+        if frames:
+            self._conn.send_encoded(frames)
+            await self._flush()
+
     async def note_preferred(self, preferred: bool = True) -> None:
         """Tell the server whether it is this node's home DERP server."""
         self._conn.note_preferred(preferred)
@@ -135,6 +160,12 @@ class DerpClient:
                 return
             if isinstance(event, derp.PacketReceived):
                 yield event.src, event.packet
+
+    async def aclose(self) -> None:
+        """Close the connection now (the ``connect_derp`` block may go on; :meth:`receive` then
+        raises :class:`DerpConnectionClosed`)."""
+        self._closed_reason = self._closed_reason or f"the DERP connection to {self.url} was closed"
+        await self._stream.aclose()
 
     async def _flush(self) -> None:
         data = self._conn.data_to_send()
@@ -223,8 +254,9 @@ async def connect_derp(
     and log in with ``private``; the connection closes when the block ends.
 
     ``ssl_context`` verifies an https server (default: the system's CAs). ``dial_host`` connects
-    to that address instead of the URL's host (a DERP map's pinned IPv4/IPv6), while TLS and the
-    Host header still name the URL's host. ``pinned_cert_sha256`` (hex) accepts exactly the server
+    to that address instead of the URL's host (a DERP map's pinned IPv4/IPv6, or derper's
+    ``--mesh-with host/dialhost``), while TLS and the Host header still name the URL's host.
+    ``pinned_cert_sha256`` (hex) accepts exactly the server
     certificate with that SHA-256 instead of a CA-signed one (a DERP map's
     ``CertName: "sha256-raw:<hex>"`` for a self-signed certificate, as Tailscale's client).
     ``websocket`` carries DERP in a WebSocket (implied by a ``ws://`` or ``wss://`` URL). Raises

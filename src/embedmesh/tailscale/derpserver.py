@@ -16,10 +16,21 @@ It serves what Tailscale's ``derper`` serves for a client:
   ``X-Tailscale-Response: response <challenge>``;
 * ``/``: a short page saying what this is; anything else 404.
 
-Every authenticated connection has a reader (frames into the :class:`~embedmesh.tailscale.derp.RelayCore`)
-and a writer (its queues out, a KeepAlive every 60 s plus jitter, as Go). A write that does not
-finish in :data:`WRITE_TIMEOUT` seconds ends that connection (derper's ``--tcp-write-timeout``), and
-the bounded queues drop the oldest packet first, so a slow client never stalls the others.
+Every authenticated connection's reads go through
+:meth:`~embedmesh.tailscale.derp.ServerConnection.relay_data` (each packet routed through the
+:class:`~embedmesh.tailscale.derp.RelayCore` as the read is split) and its queues out to it. On
+asyncio a plain-TCP or loop-TLS connection is served from protocol callbacks
+(:mod:`embedmesh.tailscale.derpasyncio`); any other stream (WebSocket, TLS after plain-HTTP
+sniffing, other backends) by a reader and a writer task. One ticker task sends every connection
+a KeepAlive every 60 s plus jitter (as Go) and ends any connection whose write has not finished
+in :data:`WRITE_TIMEOUT` seconds (derper's ``--tcp-write-timeout``; :data:`MESH_WRITE_TIMEOUT`
+for a mesh peer); the bounded queues drop the oldest packet first, so a slow client never stalls
+the others.
+
+Meshed regions (:mod:`embedmesh.tailscale.derpmesh`): with a ``mesh_key`` the clients that log in
+with it are mesh peers (WatchConns, ForwardPacket, ClosePeer; exempt from admission and rate
+limits, as in Go), and ``mesh_with`` names the other servers of the region, each reached over a
+:class:`~embedmesh.tailscale.derpmesh.MeshLink` that runs beside the connections.
 
 Admission and limits, as derper's (all off by default, so a normal tailnet never meets them):
 
@@ -46,6 +57,8 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -66,6 +79,8 @@ from anyio.streams.tls import TLSStream
 from embedmesh.errors import ConfigError, ListenError
 from embedmesh.tailscale import derp, derpws
 from embedmesh.tailscale.derpadmit import Admit
+from embedmesh.tailscale.derpasyncio import DerpProtocol, FastRelay, ProtocolStream
+from embedmesh.tailscale.derpmesh import RETRY_INTERVAL, MeshLink, MeshPeer
 from embedmesh.tailscale.keys import KeyFormatError, NodePrivate, NodePublic
 
 log = logging.getLogger(__name__)
@@ -74,6 +89,11 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds one write to a client may take before the connection is dropped (derper's default).
 WRITE_TIMEOUT = 2.0
+#: The same for a mesh peer (Go's ``privilegedWriteTimeout``).
+MESH_WRITE_TIMEOUT = 30.0
+#: Bytes asked of a stream per read: all a socket has (asyncio reads up to 256 KiB at once), so
+#: anyio never splits a chunk (which copies its rest).
+READ_SIZE = 1 << 20
 #: Up to this many seconds are added to each connection's keepalive interval (as Go), so that the
 #: keepalives of clients that connected together spread out.
 KEEPALIVE_JITTER = 5.0
@@ -144,6 +164,15 @@ class DerpServer:
     second (0: none) with a burst of ``rate_burst`` bytes (at least one full packet) limits what
     each client sends; ``accept_rate`` connections per second with a burst of ``accept_burst``
     (default: one second's worth) limits new connections. See the module's description.
+
+    Meshed regions (see :mod:`embedmesh.tailscale.derpmesh`): with ``mesh_key`` (the region's 32
+    bytes) clients that log in with it are mesh peers, and ``mesh_with`` (or :meth:`add_mesh_peer`)
+    names the other servers of the region, each reached over a :class:`~embedmesh.tailscale.derpmesh.MeshLink`
+    (``mesh_ssl_context`` verifies those that serve HTTPS; default: the system's CAs).
+
+    On asyncio the connections are served from protocol callbacks (:mod:`embedmesh.tailscale.derpasyncio`:
+    each read routed at once, each destination written once per read); ``fast_path=False`` (and
+    any other backend) serves them with anyio streams, a reader and a writer task each.
     """
 
     def __init__(
@@ -159,20 +188,29 @@ class DerpServer:
         rate_burst: float = 0,
         accept_rate: float = math.inf,
         accept_burst: float | None = None,
+        mesh_key: bytes | None = None,
+        mesh_with: list[MeshPeer] | tuple[MeshPeer, ...] = (),
+        mesh_ssl_context: ssl.SSLContext | None = None,
+        mesh_retry_interval: float = RETRY_INTERVAL,
+        fast_path: bool = True,
     ) -> None:
         self.private = private
         self.public_key: NodePublic = private.public()
         self.ssl_context = ssl_context
         self.plain_http_too = plain_http_too
-        self.core = derp.RelayCore(queue_depth=queue_depth)
+        self.core = derp.RelayCore(queue_depth=queue_depth, mesh_key=mesh_key, server_key=self.public_key)
         self.stats = DerpStats()
         self.write_timeout = write_timeout
         self.admit = admit
         self.port: int | None = None
-        self._wake: dict[derp.RelayClient, anyio.Event] = {}
+        self.fast_path = fast_path
+        #: What wakes each connection's writer (an anyio Event for a writer task; a FastRelay
+        #: writes at once) and each mesh link's.
+        self._wake: dict[derp.RelayClient | derp.MeshForwarder, anyio.Event | FastRelay] = {}
         self._streams: dict[derp.RelayClient, anyio.abc.ByteStream] = {}
         self._buckets: dict[derp.RelayClient, derp.TokenBucket] = {}
-        #: Clients whose writer is in a write, and since when (for the write timeout).
+        #: Clients whose writer is in a write (or, on the asyncio path, whose transport is above
+        #: its high-water mark), and since when (for the write timeout).
         self._sending: dict[derp.RelayClient, float] = {}
         self._keepalive_due: dict[derp.RelayClient, float] = {}
         self._scopes: dict[derp.RelayClient, anyio.CancelScope] = {}
@@ -186,6 +224,27 @@ class DerpServer:
         self._accepting: anyio.CancelScope | None = None
         self._stop: anyio.Event | None = None
         self._stopping = False
+        self.mesh_ssl_context = mesh_ssl_context
+        self.mesh_retry_interval = mesh_retry_interval
+        #: The links to the other servers of the region.
+        self.mesh_links: list[MeshLink] = []
+        #: The task group of the connections, the ticker and the mesh links, while serving.
+        self._connections: anyio.abc.TaskGroup | None = None
+        for peer in mesh_with:
+            self.add_mesh_peer(peer)
+
+    def add_mesh_peer(self, peer: MeshPeer) -> MeshLink:
+        """Mesh with another server of the region (at once when serving, else when :meth:`serve` starts).
+
+        Raises ConfigError when this server has no mesh key.
+        """
+        if self.core.mesh_key is None:
+            raise ConfigError("meshing with other DERP servers needs the region's mesh key (--mesh-key-file)")
+        link = MeshLink(self, peer, ssl_context=self.mesh_ssl_context, retry_interval=self.mesh_retry_interval)
+        self.mesh_links.append(link)
+        if self._connections is not None:
+            self._connections.start_soon(link.run)
+        return link
 
     async def serve(
         self,
@@ -205,19 +264,75 @@ class DerpServer:
         except OSError as exc:
             raise ListenError.from_os_error(exc, host, port) from None
         self._stop = anyio.Event()
-        async with anyio.create_task_group() as connections:
-            connections.start_soon(self._ticker)
-            with anyio.CancelScope() as accepting:
-                self._accepting = accepting
-                async with tcp:
-                    self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
-                    task_status.started(self.port)
-                    await tcp.serve(self._accept, task_group=connections)
-            # shutdown() closed the listener; the connections live until it has told them.
-            await self._stop.wait()
-            connections.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as connections:
+                connections.start_soon(self._ticker)
+                with anyio.CancelScope() as accepting:
+                    self._accepting = accepting
+                    if self.fast_path and _running_asyncio():
+                        await self._serve_asyncio(tcp, connections, task_status)
+                    else:
+                        async with tcp:
+                            self._started(tcp, connections, task_status)
+                            await tcp.serve(self._accept, task_group=connections)
+                # shutdown() closed the listener; the connections (and the mesh links) live until
+                # it has told them.
+                await self._stop.wait()
+                connections.cancel_scope.cancel()
+        finally:
+            self._connections = None
 
-    async def _accept(self, tcp: anyio.abc.SocketStream) -> None:
+    def _started(
+        self, tcp: anyio.abc.Listener[anyio.abc.SocketStream], connections: anyio.abc.TaskGroup, task_status: anyio.abc.TaskStatus[int]
+    ) -> None:
+        self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
+        self._connections = connections
+        for link in self.mesh_links:
+            connections.start_soon(link.run)
+        task_status.started(self.port)
+
+    async def _serve_asyncio(
+        self, tcp: anyio.abc.Listener[anyio.abc.SocketStream], connections: anyio.abc.TaskGroup, task_status: anyio.abc.TaskStatus[int]
+    ) -> None:
+        """Accept with asyncio's own servers on the sockets anyio bound (one per address), until cancelled."""
+        loop = asyncio.get_running_loop()
+        listeners = getattr(tcp, "listeners", [tcp])
+        sockets = [listener.extra(anyio.abc.SocketAttribute.raw_socket) for listener in listeners]
+        # asyncio runs TLS itself, except when plain HTTP shares the port: then _handle looks at
+        # the first bytes and wraps the stream (served by the reader and writer tasks).
+        context = self.ssl_context if not self.plain_http_too else None
+        servers: list[asyncio.Server] = []
+        # The protocols' callbacks run outside any task, where anyio cannot tell which loop it is
+        # on (a loop not started by anyio.run, such as the control server's): they only queue
+        # the connection, and this task starts its handler.
+        accepted: asyncio.Queue[ProtocolStream] = asyncio.Queue()
+
+        def on_connection(stream: ProtocolStream) -> None:
+            if self._stopping:
+                stream.transport.abort()
+            else:
+                accepted.put_nowait(stream)
+
+        try:
+            for sock in sockets:
+                servers.append(
+                    await loop.create_server(
+                        lambda: DerpProtocol(on_connection),
+                        sock=sock,
+                        ssl=context,
+                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
+                    )
+                )
+            self._started(tcp, connections, task_status)
+            while True:
+                connections.start_soon(self._accept, await accepted.get())
+        finally:
+            for server in servers:
+                server.close()
+            while not accepted.empty():  # accepted while the server shuts down
+                accepted.get_nowait().transport.abort()
+
+    async def _accept(self, tcp: anyio.abc.ByteStream) -> None:
         if self._accept_bucket is not None and not self._accept_bucket.allow(anyio.current_time()):
             # derper accepts and closes at once rather than accepting slowly: the client hears
             # "no" quickly and the backlog does not fill up.
@@ -230,7 +345,7 @@ class DerpServer:
         try:
             async with tcp:
                 stream = tcp
-                if self.ssl_context is not None:
+                if self.ssl_context is not None and not _tls_by_loop(tcp):
                     # The TLS handshake counts towards the client's 10 s: a client that stalls in
                     # it holds nothing for long.
                     with anyio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
@@ -384,16 +499,25 @@ class DerpServer:
             return
         if self._stopping:
             return
-        client = self.core.register(auth.key, auth.info)
+        client = self.core.register(auth.key, auth.info, _remote_address(stream))
         self.stats.accepted += 1
         self.stats.connections += 1
         self._wake[client] = anyio.Event()
         self._streams[client] = stream
-        if self.rate_limit and not self._is_mesh_peer(auth.info):
+        if self.rate_limit and not self._is_mesh_peer(client):
             self._buckets[client] = derp.TokenBucket(self.rate_limit, self.rate_burst)
         self._keepalive_due[client] = anyio.current_time() + _keepalive_interval()
+        for watcher in self.core.watchers:
+            self._notify(watcher)  # its PeerPresent
         try:
             await stream.send(conn.data_to_send())  # ServerInfo
+            if isinstance(stream, ProtocolStream):
+                # asyncio: the protocol's callbacks serve it (reads, rate limit, writes) until
+                # it ends or this scope is cancelled (write timeout, ClosePeer, shutdown).
+                with anyio.CancelScope() as scope:
+                    self._scopes[client] = scope
+                    await stream.relay(self, client, conn, events)
+                return
             async with anyio.create_task_group() as tg:
                 self._scopes[client] = tg.cancel_scope
                 tg.start_soon(self._writer, client, stream, tg.cancel_scope)
@@ -404,15 +528,17 @@ class DerpServer:
                         log.info("DERP client %s: %s", auth.key.short_string(), exc)
                         break
                     try:
-                        data = await stream.receive()
+                        data = await stream.receive(READ_SIZE)
                         if self._buckets:
                             await self._rate_limit(client, len(data))
-                        events = conn.receive_data(data)
+                        events, woken = conn.relay_data(data, self.core, client, anyio.current_time())
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
                         break
                     except derp.DerpError as exc:
                         log.info("DERP client %s: %s", auth.key.short_string(), exc)
                         break
+                    for target in woken:
+                        self._notify(target)
                 tg.cancel_scope.cancel()
         finally:
             self.stats.connections -= 1
@@ -420,14 +546,22 @@ class DerpServer:
             self._streams.pop(client, None)
             self._buckets.pop(client, None)
             self._keepalive_due.pop(client, None)
+            self._sending.pop(client, None)
             self._scopes.pop(client, None)
-            for woken in self.core.unregister(client):
-                self._notify(woken)
+            for gone in self.core.unregister(client):
+                self._notify(gone)
 
-    def _is_mesh_peer(self, info: derp.ClientInfo) -> bool:
+    def _is_mesh_peer(self, who: derp.RelayClient | derp.ClientInfo) -> bool:
         """Whether a client is a trusted mesh peer (exempt from admission and rate limits, as in
-        Go: the admission controller knows only tailnet nodes). No mesh key here yet: none is."""
-        return False
+        Go: the admission controller knows only tailnet nodes): a registered client's ``can_mesh``,
+        or, before it is registered, whether its ClientInfo carries this server's mesh key (the
+        same check the core makes for ``can_mesh``)."""
+        if isinstance(who, derp.RelayClient):
+            return who.can_mesh
+        return self.core.is_mesh_key(who.mesh_key)
+
+    def _write_timeout_for(self, client: derp.RelayClient) -> float:
+        return MESH_WRITE_TIMEOUT if client.can_mesh else self.write_timeout
 
     async def _admitted(self, key: NodePublic, stream: anyio.abc.ByteStream) -> bool:
         assert self.admit is not None
@@ -445,13 +579,29 @@ class DerpServer:
         # Go reserves each frame's length before reading its body; here each read's bytes (frame
         # headers included), which paces the client the same way: while this reader sleeps the
         # socket fills and TCP slows the client down.
+        delay = self._rate_delay(client, received, anyio.current_time())
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    def _rate_delay(self, client: derp.RelayClient, received: int, now: float) -> float:
+        """Take a read's bytes from ``client``'s bucket: the seconds to stop reading it before
+        handling them (0: go on). The asyncio path pauses the transport that long instead of
+        sleeping (see :class:`~embedmesh.tailscale.derpasyncio.FastRelay`)."""
         bucket = self._buckets.get(client)
         if bucket is None:
-            return
-        delay = bucket.reserve(received, anyio.current_time())
+            return 0.0
+        # A read may hold many frames (up to READ_SIZE) and the bucket counts at most a burst per
+        # reservation: take it a burst at a time (Go reserves per frame, each within the burst);
+        # the bucket's debt after the last says how long to wait for all of it.
+        left = float(received)
+        delay = bucket.reserve(min(left, bucket.burst), now)
+        left -= bucket.burst
+        while left > 0:
+            delay = bucket.reserve(min(left, bucket.burst), now)
+            left -= bucket.burst
         if delay > 0:
             self.stats.rate_limited += 1
-            await anyio.sleep(delay)
+        return delay
 
     def update_rate_limits(self, bytes_per_second: float, burst: float = 0) -> None:
         """Set the per-client receive rate limit (0: none), for new and existing clients, as Go's
@@ -460,8 +610,8 @@ class DerpServer:
             raise ValueError("rate limits are not negative")
         self.rate_limit = float(bytes_per_second)
         self.rate_burst = max(float(burst), derp.MIN_RATE_LIMIT_BURST) if bytes_per_second else 0.0
-        for client in list(self._wake):
-            if not self.rate_limit or self._is_mesh_peer(client.info):
+        for client in list(self._streams):
+            if not self.rate_limit or self._is_mesh_peer(client):
                 self._buckets.pop(client, None)
             else:
                 self._buckets[client] = derp.TokenBucket(self.rate_limit, self.rate_burst)
@@ -480,47 +630,67 @@ class DerpServer:
                     self._notify(client)
             elif isinstance(event, derp.NotePreferred):
                 client.preferred = event.preferred
-            else:
-                # WatchConns, ClosePeer and ForwardPacket need the mesh key, which this server has
-                # none of yet: Go ends the connection ("insufficient permissions").
-                raise derp.DerpError("a DERP mesh frame from a client without the mesh key")
+            # The mesh frames: the core raises DerpError for a client without the mesh key, and
+            # the connection ends, as Go's "insufficient permissions".
+            elif isinstance(event, derp.ForwardPacket):
+                target = self.core.forward(client, event.src, event.dst, event.packet, now)
+                if target is not None:
+                    self._notify(target)
+            elif isinstance(event, derp.WatchConns):
+                if self.core.add_watcher(client):
+                    self._notify(client)
+            elif isinstance(event, derp.ClosePeer):
+                for victim in self.core.close_peer(client, event.key):
+                    log.info("DERP mesh peer %s closes %s", client.key.short_string(), event.key.short_string())
+                    scope = self._scopes.get(victim)
+                    if scope is not None:
+                        scope.cancel()
 
-    def _notify(self, client: derp.RelayClient) -> None:
-        event = self._wake.get(client)
-        if event is not None:
-            event.set()
+    def _notify(self, client: derp.RelayClient | derp.MeshForwarder) -> None:
+        # An anyio Event wakes a writer task; a FastRelay writes at once.
+        waker = self._wake.get(client)
+        if waker is not None:
+            waker.set()
 
     async def _writer(self, client: derp.RelayClient, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         # No timers here: keepalives and the write timeout come from _ticker, one task for all.
+        client.writable = True
         try:
             while True:
                 wake = self._wake[client]
+                assert isinstance(wake, anyio.Event)
                 if not client.pending():
                     await wake.wait()
                 self._wake[client] = anyio.Event()
-                frames = client.take_frames()
-                if not frames:
+                data = client.take_data()
+                if not data:
                     continue
-                data = b"".join(derp.encode_frame(frame) for frame in frames)
+                # While a write is under way the queues are bounded; while this task waits for
+                # work it takes everything a read queued (see RelayClient.writable).
+                client.writable = False
                 self._sending[client] = anyio.current_time()
                 try:
                     await stream.send(data)
                 finally:
                     self._sending.pop(client, None)
+                client.writable = True
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             self.core.drops[derp.DropReason.WRITE_ERROR] += 1
+        finally:
+            client.writable = False
         scope.cancel()
 
     async def _ticker(self) -> None:
-        """Every connection's KeepAlive (every 60 s plus jitter, as Go) and write timeout, checked
-        by one task: a timer per connection and per write would cost more than the writes."""
+        """Every connection's KeepAlive (every 60 s plus jitter, as Go) and write timeout
+        (:data:`MESH_WRITE_TIMEOUT` for a mesh peer), checked by one task: a timer per connection
+        and per write would cost more than the writes."""
         period = min(1.0, self.write_timeout / 4) if self.write_timeout > 0 else 1.0
         while True:
             await anyio.sleep(period)
             now = anyio.current_time()
             if self.write_timeout > 0:
                 for client, started in list(self._sending.items()):
-                    if now - started > self.write_timeout:
+                    if now - started > self._write_timeout_for(client):
                         # derper's --tcp-write-timeout: a client this slow loses its connection.
                         self.core.drops[derp.DropReason.WRITE_ERROR] += 1
                         self._sending.pop(client, None)
@@ -537,7 +707,7 @@ class DerpServer:
         """Queue a Restarting frame for every client: reconnect after ``reconnect_in_ms`` plus a
         random part of ``smear_ms`` (so that thousands of clients do not come back at once), and
         keep trying for ``try_for_ms``. Returns the clients told (see :meth:`shutdown`)."""
-        clients = list(self._wake)
+        clients = list(self._streams)
         for client in clients:
             smear = random.randint(0, smear_ms) if smear_ms > 0 else 0  # spreading load, not a secret
             client.control.append(derp.Restarting(reconnect_in_ms + smear, try_for_ms))
@@ -564,13 +734,37 @@ class DerpServer:
 
     def set_health(self, problem: str) -> None:
         """Send a Health frame to every client (empty: healthy again)."""
-        for client in list(self._wake):
+        for client in list(self._streams):
             client.control.append(derp.Health(problem))
             self._notify(client)
 
 
 def _keepalive_interval() -> float:
     return derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER)  # jitter, not a secret
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False  # trio, or another backend
+    return True
+
+
+def _tls_by_loop(stream: anyio.abc.ByteStream) -> bool:
+    """Whether asyncio already ran TLS on this accepted connection (its server had the context)."""
+    return isinstance(stream, ProtocolStream) and stream.transport.get_extra_info("sslcontext") is not None
+
+
+def _remote_address(stream: anyio.abc.ByteStream) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """The client's IP and port (for PeerPresent), when the stream is a socket."""
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        if isinstance(address, tuple):
+            return ipaddress.ip_address(address[0]), int(address[1])
+    except (anyio.TypedAttributeLookupError, ValueError):
+        pass
+    return None
 
 
 class _Prefixed(anyio.abc.ByteStream):
@@ -630,4 +824,12 @@ async def _send_simple(
         await stream.send(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body))
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "WRITE_TIMEOUT", "DerpServer", "DerpStats", "tls_context"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "MESH_WRITE_TIMEOUT",
+    "WRITE_TIMEOUT",
+    "DerpServer",
+    "DerpStats",
+    "load_or_create_server_key",
+    "tls_context",
+]
