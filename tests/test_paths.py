@@ -12,6 +12,7 @@ from embedmesh.paths import (
     DISCO_PING_INTERVAL,
     HEARTBEAT_INTERVAL,
     NO_PATH,
+    PING_BACK_INTERVAL,
     PING_TIMEOUT,
     SESSION_ACTIVE_TIMEOUT,
     TRUST_UDP_ADDR_DURATION,
@@ -134,6 +135,21 @@ def test_a_ping_is_answered_with_the_observed_source_and_pinged_back() -> None:
     # Its pong proves the peer-reflexive path.
     core.receive_disco(peer.answer(back[0], ("192.0.2.1", 1)), source, 1.2)
     assert core.send_path(PEER_KEY, 1.2) == source
+
+
+def test_a_ping_from_an_address_we_pinged_unanswered_is_pinged_back_at_once() -> None:
+    """Our ping to the peer's endpoint was dropped by its address-and-port-dependent NAT; then
+    the peer's ping arrives from that endpoint (its NAT now has a mapping for us): we ping back
+    now, not 5 s later, unless ours went out within PING_BACK_INTERVAL."""
+    core, peer = setup(endpoints=(A,))
+    assert pings_to(core.note_send(PEER_KEY, 1.0), A)  # our discovery ping, dropped by its NAT
+    out = core.receive_disco(peer.ping(b"\x06" * 12), A, 1.0 + PING_BACK_INTERVAL / 2)
+    assert not [d for d, to in out if to == A and isinstance(peer.box.open(d), disco.Ping)]
+    out = core.receive_disco(peer.ping(b"\x07" * 12), A, 1.5)
+    back = [d for d, to in out if to == A and isinstance(peer.box.open(d), disco.Ping)]
+    assert len(back) == 1
+    core.receive_disco(peer.answer(back[0], ("192.0.2.1", 1)), A, 1.52)
+    assert core.send_path(PEER_KEY, 1.52) == A
 
 
 def test_ping_timeout_drops_an_untrusted_best_path() -> None:

@@ -37,8 +37,10 @@ disco: for them the path is WireGuard's own rule, the source of the last authent
 (:meth:`PathCore.note_wireguard`), and before any, their first listed endpoint.
 
 One addition to Go: an authentic ping from a peer we hold no trusted path to is answered with a
-pong and also with a ping of our own to its source (once per :data:`DISCO_PING_INTERVAL`), so
-both sides prove a path in one round trip without a DERP CallMeMaybe.
+pong and also with a ping of our own to its source (unless ours went there within
+:data:`PING_BACK_INTERVAL`, even if that one went unanswered: the peer's ping shows its NAT now
+lets ours in), so both sides prove a path in one round trip without a DERP CallMeMaybe, and a
+node behind an address-and-port-dependent NAT's peer does not wait for the 5-s interval.
 
 Inputs carry ``now`` (seconds, monotonic) and the constructor takes the randomness (TxIDs, box
 nonces); nothing here reads a clock or touches a socket. Outputs: the datagrams each call returns,
@@ -85,6 +87,9 @@ DISCO_PING_INTERVAL = 5.0
 #: The ping interval instead, while a peer with traffic has no path at all (no direct path and no
 #: DERP): its packets wait, and a first ping may have reached the peer before the peer knew us.
 NO_PATH_PING_INTERVAL = 1.0
+#: A peer's ping from an address we have no trusted path to is answered with a ping of ours too,
+#: unless ours went there less than this ago (then its pong is likely on the way).
+PING_BACK_INTERVAL = 0.25
 #: Candidates kept per peer beyond the network map's (Go prunes above 100).
 MAX_CANDIDATES = 100
 #: Pings in flight per peer (several per candidate at most; a bound for hostile maps).
@@ -566,7 +571,12 @@ class PathCore:
             self._events.append(PingReceived(peer.node_key, source))
             candidate = peer.candidates.get(source)
             if candidate is not None and (peer.best is None or now > peer.trust_until):
-                self._maybe_ping(peer, source, candidate, now, PingPurpose.DISCOVERY, out)
+                # Its ping got through, so its NAT now lets ours in: ping back even if ours to
+                # this address went unanswered a moment ago (an address-and-port-dependent NAT
+                # dropped it), rather than after the 5-s discovery interval.
+                last = candidate.last_ping
+                if last is None or now - last >= PING_BACK_INTERVAL:
+                    self._send_ping(peer, source, candidate, now, PingPurpose.DISCOVERY, out)
 
     def _receive_pong(self, sharing: list[_Peer], pong: disco.Pong, source: Endpoint, now: float, via_derp: bool) -> None:
         for peer in sharing:
