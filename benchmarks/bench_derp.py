@@ -93,7 +93,8 @@ def start_server(kind: str, workdir: Path, *, mesh_key: Path | None = None, mesh
     port = port or free_port()
     if kind == "embedmesh":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-        argv = [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", f"127.0.0.1:{port}"]
+        # --no-stun: derp serve runs STUN on 3478 by default, which two servers (--mesh) cannot share.
+        argv = [sys.executable, "-m", "embedmesh.cli.main", "derp", "serve", "--listen", f"127.0.0.1:{port}", "--no-stun"]
         if mesh_key is not None:
             argv += ["--mesh-key-file", str(mesh_key), "--mesh-with", mesh_with]
     else:
@@ -173,8 +174,7 @@ def profile(workdir: Path, out: Path, seconds: float) -> None:
     try:
         starts: list[object] = []
         spy = subprocess.Popen(
-            ["py-spy", "record", "--format", "raw", "-o", str(out), "-r", "200", "-d", str(int(seconds) + 2)]
-            + ["-p", str(server.proc.pid)],
+            ["py-spy", "record", "--format", "raw", "-o", str(out), "-r", "200", "-d", str(int(seconds) + 2), "-p", str(server.proc.pid)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
