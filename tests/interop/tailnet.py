@@ -131,11 +131,14 @@ class TailnetRig:
         hs.start()
         return hs
 
-    def tailscaled(self, bins: TailscaleBins, name: str, host: Host | None = None) -> Tailscaled:
+    def tailscaled(
+        self, bins: TailscaleBins, name: str, host: Host | None = None, *, derp_tls: bool = False
+    ) -> Tailscaled:
         """Start tailscaled (userspace networking, a SOCKS5 server on 127.0.0.1:1055 of its
-        namespace, UDP port 41641) in a host of its own; wait until its socket answers."""
+        namespace, UDP port 41641) in a host of its own; wait until its socket answers.
+        ``derp_tls``: DERP over TLS, as by default (the rig's derper speaks plain HTTP)."""
         host = host or self.add_host(name)
-        ts = Tailscaled(self, bins, name, host)
+        ts = Tailscaled(self, bins, name, host, derp_tls=derp_tls)
         ts.start()
         return ts
 
@@ -257,11 +260,13 @@ class Tailscaled:
     socks5_port = 1055
     udp_port = 41641
 
-    def __init__(self, trig: TailnetRig, bins: TailscaleBins, name: str, host: Host) -> None:
+    def __init__(self, trig: TailnetRig, bins: TailscaleBins, name: str, host: Host, *, derp_tls: bool = False) -> None:
         self.trig = trig
         self.bins = bins
         self.name = name
         self.host = host
+        #: Speak TLS to DERP as Tailscale's clients do by default (no TS_DEBUG_USE_DERP_HTTP).
+        self.derp_tls = derp_tls
         self.dir = trig.state_dir(f"tailscaled-{name}")
         self.socket = self.dir / "tailscaled.sock"
         self.process: subprocess.Popen[Any] | None = None
@@ -276,7 +281,10 @@ class Tailscaled:
             f"--socks5-server=127.0.0.1:{self.socks5_port}",
             "--no-logs-no-support",
         ]
-        self.process = self.host.ns.popen(argv, log_name=f"tailscaled-{self.name}", env=child_env())
+        env = child_env()
+        if self.derp_tls:
+            env.pop("TS_DEBUG_USE_DERP_HTTP", None)
+        self.process = self.host.ns.popen(argv, log_name=f"tailscaled-{self.name}", env=env)
         process = self.process
 
         def answering() -> bool:

@@ -36,7 +36,11 @@ async def _secret(request: Request) -> PlainTextResponse:
     return PlainTextResponse(SECRET.decode() * 4)
 
 
-@pytest.mark.parametrize(("relays", "region"), [("embedded", "embedmesh"), ("derper", "test")])
+@pytest.mark.parametrize(
+    ("relays", "region", "tls"),
+    [("embedded", "embedmesh", True), ("embedded", "embedmesh", False), ("derper", "test", False)],
+    ids=["embedded-tls", "embedded-http", "derper-http"],
+)
 def test_tailscaled_and_a_node_talk_only_through_a_relay(
     tailnet: TailnetRig,
     tailscale_bins: TailscaleBins,
@@ -44,15 +48,21 @@ def test_tailscaled_and_a_node_talk_only_through_a_relay(
     monkeypatch: pytest.MonkeyPatch,
     relays: str,
     region: str,
+    tls: bool,
 ) -> None:
+    """With ``tls`` both sides speak TLS to the embedded relay, as by default, and check its
+    self-signed certificate against the map's ``CertName: "sha256-raw:<hex>"`` pin (tailscaled
+    with Go's SetConfigExpectedCertHash); otherwise plain HTTP (the rig's derper speaks only that;
+    the embedded relay answers both on one port)."""
     started = time.monotonic()
-    # The rig's derper speaks plain HTTP; the Node follows Tailscale's knob, as tailscaled does
-    # (the embedded relay answers both on one port).
-    monkeypatch.setenv("TS_DEBUG_USE_DERP_HTTP", "1")
+    if tls:
+        monkeypatch.delenv("TS_DEBUG_USE_DERP_HTTP", raising=False)
+    else:
+        monkeypatch.setenv("TS_DEBUG_USE_DERP_HTTP", "1")
     root_ip = tailnet.attach_root()
     control = EmbedmeshControl(tailnet, tailscale_bins, relays=relays)
     key = control.key(reusable=True)
-    ts = tailnet.tailscaled(tailscale_bins, "ts-a")
+    ts = tailnet.tailscaled(tailscale_bins, "ts-a", derp_tls=tls)
     for chain, flag in (("OUTPUT", "-d"), ("INPUT", "-s")):
         ts.host.ns.run(["iptables", "-I", chain, "-p", "udp", flag, root_ip, "-j", "DROP"])
     ts.up(control.url, key)
