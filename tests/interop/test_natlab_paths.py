@@ -183,10 +183,11 @@ def _sink_done(host: LabHost, after: int) -> dict[str, Any] | None:
     return done[-1] if len(done) > after else None
 
 
+# (An embedmesh node on a public address beside one behind a NAT is left to the simulator, which
+# runs every such pair in milliseconds: the suite's time goes to the NAT cases.)
 CASES = [
     pytest.param("tailscaled", "nat", id="tailscaled-nat"),
     pytest.param("embedmesh", "nat", id="embedmesh-nat"),
-    pytest.param("embedmesh", "public", id="embedmesh-public"),
 ]
 
 
@@ -257,7 +258,9 @@ def test_bulk_transfer_survives_relay_to_direct_and_back(
     RESULTS.append(("bulk transfer DERP → direct → DERP", impl, topology, f"byte-exact; {timings}"))
 
 
-@pytest.mark.parametrize(("impl", "topology"), [(impl, "nat") for impl in IMPLS])
+# embedmesh only: the test checks the rig itself (a one-off UDP flow from the same host expires
+# at 30 s), and tailscaled's heartbeats are Go's, which embedmesh's follow.
+@pytest.mark.parametrize(("impl", "topology"), [("embedmesh", "nat")])
 def test_keepalives_hold_a_direct_path_through_a_30s_nat(
     pathslab: PathsLab, impl: str, topology: str
 ) -> None:
