@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import socket
-import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -57,6 +56,7 @@ from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
 from embedmesh.tailscale import disco
 from embedmesh.tailscale.client import TailscaleControlClient
+from embedmesh.tailscale.derpclient import derp_tls_context
 from embedmesh.tailscale.derpmap import DerpMap, parse_derp_map
 from embedmesh.tailscale.keys import DiscoPrivate, NodePrivate, NodePublic
 from embedmesh.wireguard.crypto import public_key as derive_public_key
@@ -570,8 +570,8 @@ class Node:
             servers = [
                 DerpServerAddress(
                     node.derp_url(),
-                    _insecure_tls() if node.insecure_for_tests else None,
-                    dial_host=node.dial_host() if node.dial_host() != node.host_name else None,
+                    derp_tls_context(insecure=True) if node.insecure_for_tests else None,
+                    dial_host=node.dial_host(),
                     pinned_cert_sha256=node.pinned_cert_sha256,
                 )
                 for node in region.nodes
@@ -1143,14 +1143,6 @@ class Node:
             event = waiter[0]
             assert isinstance(event, anyio.Event)
             event.set()
-
-
-def _insecure_tls() -> ssl.SSLContext:
-    """TLS that does not verify the server: for DERP nodes the map marks InsecureForTests."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:

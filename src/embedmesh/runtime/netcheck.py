@@ -13,7 +13,6 @@ A node does not use this: it drives the core from its WireGuard socket (see :mod
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import ssl
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 import h11
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.streams.tls import TLSStream
 
 from embedmesh.netcheck import (
     ENOUGH_REGIONS,
@@ -36,6 +35,7 @@ from embedmesh.netcheck import (
     stun_target,
 )
 from embedmesh.tailscale import stun
+from embedmesh.tailscale.derpclient import derp_tls_context, has_pinned_certificate
 from embedmesh.tailscale.derpmap import DerpMap, DerpNode, DerpRegion
 
 logger = logging.getLogger(__name__)
@@ -101,16 +101,6 @@ async def _open(version: int, host: str, port: int) -> anyio.abc.UDPSocket | Non
         return None
 
 
-def _tls_context(node: DerpNode, ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
-    if node.insecure_for_tests or node.pinned_cert_sha256 is not None:
-        # InsecureForTests: no check at all; a pinned certificate: its hash is checked instead.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl_context if ssl_context is not None else ssl.create_default_context()
-
-
 async def measure_https_latency(
     node: DerpNode, *, timeout: float = HTTPS_TIMEOUT, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[float, str]:
@@ -127,14 +117,13 @@ async def measure_https_latency(
         try:
             address = str(tcp.extra(anyio.abc.SocketAttribute.remote_address)[0])
             if parts.scheme == "https":
-                stream = await TLSStream.wrap(
-                    tcp, hostname=host, ssl_context=_tls_context(node, ssl_context), standard_compatible=False
+                context = derp_tls_context(
+                    ssl_context, insecure=node.insecure_for_tests, pinned_cert_sha256=node.pinned_cert_sha256
                 )
-                pinned = node.pinned_cert_sha256
-                if pinned is not None:
-                    der = stream.extra(TLSAttribute.peer_certificate_binary, None)
-                    if der is None or hashlib.sha256(der).hexdigest() != pinned:
-                        raise OSError(f"{host} presented a certificate the DERP map does not pin")
+                tls = await TLSStream.wrap(tcp, hostname=host, ssl_context=context, standard_compatible=False)
+                stream = tls
+                if not has_pinned_certificate(tls, node.pinned_cert_sha256):
+                    raise OSError(f"{host} presented a certificate the DERP map does not pin")
             client = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE)
             request = client.send(
                 h11.Request(

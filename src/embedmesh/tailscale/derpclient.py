@@ -238,6 +238,29 @@ async def _upgrade(stream: anyio.abc.ByteStream, host: str, path: str, url: str,
         raise DerpConnectError(f"{url} closed the connection during the DERP upgrade")
 
 
+def derp_tls_context(
+    ssl_context: ssl.SSLContext | None = None, *, insecure: bool = False, pinned_cert_sha256: str | None = None
+) -> ssl.SSLContext:
+    """The TLS context for a DERP node as Tailscale's client chooses it: ``ssl_context`` (default:
+    the system's CAs), or no verification at all for a node marked ``InsecureForTests``
+    (``insecure``) or pinned by ``CertName: "sha256-raw:<hex>"`` (then the hash is the trust anchor:
+    check it with :func:`has_pinned_certificate` after the handshake)."""
+    if insecure or pinned_cert_sha256 is not None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl_context if ssl_context is not None else ssl.create_default_context()
+
+
+def has_pinned_certificate(stream: TLSStream, pinned_cert_sha256: str | None) -> bool:
+    """Whether the server's certificate is the pinned one (True when nothing is pinned)."""
+    if pinned_cert_sha256 is None:
+        return True
+    der = stream.extra(TLSAttribute.peer_certificate_binary, None)
+    return der is not None and hashlib.sha256(der).hexdigest() == pinned_cert_sha256.lower()
+
+
 @asynccontextmanager
 async def connect_derp(
     url: str,
@@ -283,21 +306,13 @@ async def connect_derp(
     try:
         with anyio.fail_after(timeout):
             if secure:
-                if pinned_cert_sha256 is not None:
-                    # The hash is the trust anchor: no CA chain or name to check.
-                    context = ssl.create_default_context()
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                else:
-                    context = ssl_context if ssl_context is not None else ssl.create_default_context()
+                context = derp_tls_context(ssl_context, pinned_cert_sha256=pinned_cert_sha256)
                 stream = await TLSStream.wrap(stream, hostname=host, ssl_context=context, standard_compatible=False)
-                if pinned_cert_sha256 is not None:
-                    der = stream.extra(TLSAttribute.peer_certificate_binary, None)
-                    if der is None or hashlib.sha256(der).hexdigest() != pinned_cert_sha256.lower():
-                        raise DerpConnectError(
-                            f"the DERP server {url} presented a certificate that is not the one the DERP "
-                            "map pins (CertName sha256-raw): refusing it"
-                        )
+                if not has_pinned_certificate(stream, pinned_cert_sha256):
+                    raise DerpConnectError(
+                        f"the DERP server {url} presented a certificate that is not the one the DERP "
+                        "map pins (CertName sha256-raw): refusing it"
+                    )
             websocket_key = os.urandom(16) if websocket else None
             rest = await _upgrade(stream, host_header, path, url, websocket_key)
             if websocket:

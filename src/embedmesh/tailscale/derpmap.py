@@ -28,7 +28,7 @@ from typing import Any
 
 from embedmesh.errors import ConfigError
 from embedmesh.tailscale.errors import TailscaleProtocolError
-from embedmesh.tailscale.gojson import GoObject
+from embedmesh.tailscale.gojson import GoObject, fold
 
 #: Tailscale's environment knob for plain-HTTP DERP (tests and labs).
 DERP_HTTP_ENV = "TS_DEBUG_USE_DERP_HTTP"
@@ -164,27 +164,20 @@ class DerpMap:
             out["OmitDefaultRegions"] = True
         return out
 
-    def merged(self, other: DerpMap) -> DerpMap:
-        """This map with ``other``'s regions added (``other`` wins on a shared region id)."""
-        return DerpMap({**self.regions, **other.regions}, self.omit_default_regions or other.omit_default_regions)
-
 
 def _mapping(value: object) -> Mapping[str, Any] | None:
-    """A JSON object as a mapping: a plain dict (a file) or a GoObject (a network map)."""
+    """A JSON object keyed as Go's ``encoding/json`` matches fields (folded case, the last
+    duplicate winning): a GoObject (a network map) already is; a plain dict (a file) is folded."""
     if isinstance(value, GoObject):
         return dict(value.items())
-    return value if isinstance(value, Mapping) else None
+    if isinstance(value, Mapping):
+        return {fold(k) if isinstance(k, str) else k: v for k, v in value.items()}
+    return None
 
 
 def _get(obj: Mapping[str, Any], key: str, kind: type, default: Any, what: str) -> Any:
-    # Go's encoding/json matches field names case-insensitively.
-    value = obj.get(key)
-    if value is None:
-        lowered = key.lower()
-        for k, v in obj.items():
-            if isinstance(k, str) and k.lower() == lowered:
-                value = v
-                break
+    """Field ``key`` of a :func:`_mapping`, of type ``kind`` (``default`` when absent or null)."""
+    value = obj.get(fold(key))
     if value is None:
         return default
     if kind is Mapping:
