@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 
 from embedmesh.paths import Datagram, Endpoint, PathChanged, PathCore, PingReceived
+from embedmesh.tailscale import disco
 from embedmesh.wireguard.device import WireGuardDevice
 from embedmesh.wireguard.peer import Peer
 
@@ -79,6 +80,21 @@ class DevicePaths:
         if out:
             self._out += out
         self._apply(now)
+
+    def receive_relayed(self, payload: bytes, src_key: bytes, now: float) -> bytes | None:
+        """A packet a DERP server relayed from the node ``src_key``: disco (which then counts as
+        having come through DERP, as a CallMeMaybe must) or WireGuard, from that peer's DERP
+        address. Returns the IP packet WireGuard decrypted, if any; None also for a sender that
+        is no peer (counted as ``path_drop_derp_unknown_peer``)."""
+        source = self.paths.derp_address(src_key)
+        if source is None:
+            self.paths.counters["drop_derp_unknown_peer"] += 1
+            return None
+        if disco.classify(payload) is disco.PacketKind.DISCO:
+            self.receive_disco(payload, source, now, via_derp=True)
+            return None
+        self.paths.counters["rx_derp_wireguard"] += 1
+        return self.device.receive_datagram(payload, source, now)
 
     def handle_timeout(self, now: float) -> None:
         """Fire the device's and the path layer's timers."""

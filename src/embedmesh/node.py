@@ -54,7 +54,6 @@ from embedmesh.runtime.underlay import UdpUnderlay
 from embedmesh.sockets import SocketLayer, TcpListener, TcpStream, UdpSocket
 from embedmesh.state import NodeKeys, load_or_create_keys, resolve_auth_key
 from embedmesh.statelock import StateDirLock
-from embedmesh.tailscale import disco
 from embedmesh.tailscale.client import TailscaleControlClient
 from embedmesh.tailscale.derpclient import derp_tls_context
 from embedmesh.tailscale.derpmap import DerpMap, parse_derp_map
@@ -674,20 +673,13 @@ class Node:
         """A packet a DERP server relayed from the node ``src``: disco, or WireGuard."""
         paths = self._paths
         assert paths is not None
-        source = paths.paths.derp_address(src)
-        if source is None:
-            self._derp_counters["drop_unknown_sender"] += 1
-            return
         now = time.monotonic()
         stack = self._stack
         stack.begin_batch()
         try:
-            if disco.classify(payload) is disco.PacketKind.DISCO:
-                paths.receive_disco(payload, source, now, via_derp=True)
-            else:
-                packet = self._device.receive_datagram(payload, source, now)
-                if packet is not None:
-                    stack.receive(packet, now)
+            packet = paths.receive_relayed(payload, src, now)
+            if packet is not None:
+                stack.receive(packet, now)
         finally:
             stack.end_batch(now)
         self._dataplane.kick()

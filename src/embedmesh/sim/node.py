@@ -268,16 +268,10 @@ class SimTailnetNode(SimNode):
         """A packet DERP delivered from the node with key ``src_key`` (through our home region)."""
         self.now = now
         self._derp_activity[self.home_derp] = now
-        source = self.core.derp_address(src_key)
-        if source is None:
-            self.counters["drop_derp_unknown_peer"] += 1
-            return
         self.counters["rx_derp"] += 1
-        if disco.classify(payload) is disco.PacketKind.DISCO:
-            self.paths.receive_disco(payload, source, now, via_derp=True)
-        else:
-            self.counters["rx_derp_wireguard"] += 1
-            self._deliver(self.device.receive_datagram(payload, source, now), now)
+        relayed = self.core.counters["rx_derp_wireguard"]
+        self._deliver(self.paths.receive_relayed(payload, src_key, now), now)
+        self.counters["rx_derp_wireguard"] += self.core.counters["rx_derp_wireguard"] - relayed
         self._note_paths(now)
 
     def _deliver(self, packet: bytes | None, now: float) -> None:
